@@ -1,0 +1,1 @@
+"""Execution engines: the only package that imports ray, petsc4py or mpi4py. Thin wiring only."""

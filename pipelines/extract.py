@@ -1,0 +1,162 @@
+"""Extract stage: image shards -> pooled CNN features -> whitened descriptor shards.
+
+`features/part-*.parquet` holds the raw pooled, L2-normalised vectors (one shard per image shard,
+written atomically as each completes, skipped on rerun); `descriptors/part-*.parquet` holds the
+final vectors after whitening learned on the database (`whitening.npz`), and `manifest.json`
+records backbone, weights hash, pooling, sizes, whitening and dimension.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from retrieval.whitening import Whitening, l2_normalize, learn_pca_whitening
+
+from .config import ExtractConfig, params_hash
+from .descriptors import load_descriptors, write_descriptors
+from .extractor import DescriptorExtractor
+from .shards import list_shards, read_json, read_table, shard_done, write_bytes, write_json
+
+log = logging.getLogger(__name__)
+ShardResult = tuple[Path, np.ndarray, np.ndarray]
+
+
+def _feature_params(cfg: ExtractConfig) -> str:
+    keys = ("backbone", "weights", "pooling", "gem_p", "max_side")
+    return params_hash({k: getattr(cfg, k) for k in keys})
+
+
+def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
+    """In-process reference engine: one extractor, shards in order."""
+    extractor = make_extractor()
+    for p in shards:
+        t = read_table(p, ["id", "image"] + (["bbox"] if with_boxes else []))
+        ids = t.column("id").to_numpy().astype(np.int64)
+        boxes = t.column("bbox").to_pylist() if with_boxes else None
+        imgs = t.column("image").to_pylist()
+        vecs = []
+        for i in range(0, len(imgs), cfg.batch_size):
+            vecs.append(extractor(imgs[i : i + cfg.batch_size], boxes[i : i + cfg.batch_size] if boxes else None))
+            progress(len(vecs[-1]))
+        yield p, ids, (np.concatenate(vecs) if vecs else np.zeros((0, extractor.dim), np.float32))
+
+
+def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
+    from cluster.ray_extract import extract_shards_ray
+
+    yield from extract_shards_ray(
+        shards,
+        make_extractor,
+        actors=cfg.actors,
+        num_cpus=cfg.actor_num_cpus,
+        batch_size=cfg.batch_size,
+        with_boxes=with_boxes,
+        progress=progress,
+    )
+
+
+ENGINES = {"local": local_engine, "ray": ray_engine}
+
+
+def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, with_boxes: bool = False) -> dict:
+    """Raw pooled features for every image shard not already done; returns a summary."""
+    if cfg.engine not in ENGINES:
+        raise ValueError(f"extract: unknown engine {cfg.engine!r}; known: {sorted(ENGINES)}")
+    shards = list_shards(images_dir)
+    if not shards:
+        raise FileNotFoundError(f"extract: no image shards in {images_dir}; run `retrieval ingest` first")
+    fdir = out_dir / "features"
+    phash = _feature_params(cfg)
+    todo = [p for p in shards if not shard_done(fdir / p.name, params=f"{phash}:{p.name}")]
+    log.info("extract: %d of %d shards to do (engine=%s)", len(todo), len(shards), cfg.engine)
+    total = sum(read_table(p, ["id"]).num_rows for p in todo)
+    t0 = time.perf_counter()
+    make = functools.partial(DescriptorExtractor, cfg)
+    with tqdm(total=total, desc="extract", unit="img") as bar:
+        for path, ids, vecs in ENGINES[cfg.engine](todo, make, with_boxes=with_boxes, progress=bar.update, cfg=cfg):
+            keys = read_table(path, ["key"]).column("key").to_pylist()
+            src_ids = read_table(path, ["id"]).column("id").to_numpy()
+            if not np.array_equal(np.sort(src_ids), ids):
+                raise RuntimeError(f"extract: ids returned for {path.name} do not match the shard")
+            key_of = dict(zip(src_ids.tolist(), keys))
+            write_descriptors(fdir / path.name, ids, [key_of[i] for i in ids.tolist()], vecs, params=f"{phash}:{path.name}")
+    dt = time.perf_counter() - t0
+    for stale in list_shards(fdir):
+        if stale.name not in {p.name for p in shards}:
+            stale.unlink()
+    log.info("extract: %d images in %.1f s (%.1f img/s)", total, dt, total / dt if dt > 0 and total else 0.0)
+    return {"images": total, "seconds": dt, "params": phash}
+
+
+def save_whitening(w: Whitening, path: Path, *, params: dict) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, kind=np.array(w.kind), mean=w.mean, proj=w.proj, params=np.array(repr(params)))
+    write_bytes(buf.getvalue(), path)
+
+
+def load_whitening(path: Path) -> Whitening:
+    with np.load(path, allow_pickle=False) as z:
+        return Whitening(mean=z["mean"], proj=z["proj"], kind=str(z["kind"]))
+
+
+def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whitening | None = None, learn: bool = True) -> dict:
+    """features -> descriptors: learn (database) or apply (queries) whitening, L2, write shards."""
+    ids, keys, F = load_descriptors(out_dir / "features")
+    wpath = out_dir / "whitening.npz"
+    if cfg.whitening == "pca" and whitening is None and learn:
+        whitening = learn_pca_whitening(F, dim=cfg.whitening_dim, shrinkage=cfg.whitening_shrinkage)
+        save_whitening(whitening, wpath, params={"dim": cfg.whitening_dim, "shrinkage": cfg.whitening_shrinkage})
+        log.info("extract: PCA-whitening learned on %d descriptors: %d -> %d dims", len(ids), F.shape[1], whitening.dim)
+    elif cfg.whitening not in ("pca", "none"):
+        raise ValueError(f"extract: unknown whitening {cfg.whitening!r}; expected 'pca' or 'none'")
+    X = whitening.apply(F) if (whitening is not None and cfg.whitening == "pca") else l2_normalize(F)
+    whash = hashlib.sha256(X.tobytes()).hexdigest()[:16]
+    ddir = out_dir / "descriptors"
+    for stale in list_shards(ddir):
+        stale.unlink()
+    # one descriptor shard per feature shard, same id ranges
+    for p in list_shards(out_dir / "features"):
+        sid = read_table(p, ["id"]).column("id").to_numpy()
+        if sid.size == 0:
+            continue
+        sel = np.searchsorted(ids, sid)
+        write_descriptors(ddir / p.name, ids[sel], [keys[i] for i in sel], X[sel], params=whash)
+    manifest = {
+        "format_version": 1,
+        "n": int(len(ids)),
+        "dim": int(X.shape[1]),
+        "feature_dim": int(F.shape[1]),
+        "backbone": cfg.backbone,
+        "weights": cfg.weights,
+        "pooling": cfg.pooling,
+        "gem_p": cfg.gem_p,
+        "max_side": cfg.max_side,
+        "scales": [1.0],
+        "whitening": cfg.whitening if whitening is not None else "none",
+        "whitening_dim": whitening.dim if whitening is not None else None,
+        "descriptors_sha256_16": whash,
+    }
+    try:
+        from .models import resolve_weights, file_sha256
+
+        manifest["weights_sha256"] = file_sha256(resolve_weights(cfg.weights))
+    except Exception:  # the weights were needed to get here; a hash failure is not fatal
+        pass
+    write_json(manifest, out_dir / "manifest.json")
+    return manifest
+
+
+def run_extract(out_dir: Path, cfg: ExtractConfig, *, with_boxes: bool = False, whitening: Whitening | None = None, learn: bool = True) -> dict:
+    """Full extract stage on `out_dir/images` (database: learn whitening; queries: apply it)."""
+    summary = extract_features(out_dir / "images", out_dir, cfg, with_boxes=with_boxes)
+    summary["manifest"] = finalize_descriptors(out_dir, cfg, whitening=whitening, learn=learn)
+    return summary

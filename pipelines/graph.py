@@ -1,0 +1,83 @@
+"""Graph stage: descriptors -> normalised reciprocal kNN graph W stored as CSR row blocks."""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from retrieval.graph import build_graph
+
+from .config import GraphConfig, params_hash
+from .descriptors import load_descriptors
+from .shards import read_json, write_bytes, write_json
+
+log = logging.getLogger(__name__)
+
+
+def write_graph(W: sp.csr_matrix, folder: Path, *, block_rows: int, manifest: dict) -> None:
+    """Row blocks `block-XXXXX.npz` (indptr, indices, data, row_start, n) then `manifest.json`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("block-*.npz"):
+        old.unlink()
+    n = W.shape[0]
+    blocks = []
+    for b, start in enumerate(range(0, n, block_rows)):
+        stop = min(start + block_rows, n)
+        blk = W[start:stop]
+        buf = io.BytesIO()
+        np.savez(buf, indptr=blk.indptr.astype(np.int64), indices=blk.indices.astype(np.int64), data=blk.data.astype(np.float32),
+                 row_start=np.int64(start), n=np.int64(n))
+        name = f"block-{b:05d}.npz"
+        write_bytes(buf.getvalue(), folder / name)
+        blocks.append({"file": name, "row_start": start, "row_stop": stop, "nnz": int(blk.nnz)})
+    write_json({**manifest, "blocks": blocks}, folder / "manifest.json")
+
+
+def read_graph_block(path: Path) -> tuple[int, sp.csr_matrix]:
+    """One row block: (row_start, (rows, n) CSR)."""
+    with np.load(path, allow_pickle=False) as z:
+        indptr, n = z["indptr"], int(z["n"])
+        return int(z["row_start"]), sp.csr_matrix((z["data"], z["indices"], indptr), shape=(len(indptr) - 1, n))
+
+
+def load_graph(folder: Path) -> tuple[sp.csr_matrix, dict]:
+    """Whole W (n, n) float32 CSR from its row blocks, and the manifest."""
+    manifest = read_json(folder / "manifest.json")
+    blocks = [read_graph_block(folder / b["file"]) for b in manifest["blocks"]]
+    W = sp.vstack([m for _, m in sorted(blocks, key=lambda t: t[0])], format="csr")
+    if W.shape != (manifest["n"], manifest["n"]) or W.nnz != manifest["nnz"]:
+        raise ValueError(f"graph in {folder} does not match its manifest (shape {W.shape}, nnz {W.nnz})")
+    return W, manifest
+
+
+def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:
+    """Build the graph of `run_dir/descriptors` into `run_dir/graph`; skipped when up to date."""
+    desc_manifest = read_json(run_dir / "manifest.json")
+    phash = params_hash({"cfg": cfg, "descriptors": desc_manifest.get("descriptors_sha256_16")})
+    gdir = run_dir / "graph"
+    if (gdir / "manifest.json").is_file() and read_json(gdir / "manifest.json").get("params") == phash:
+        log.info("graph: up to date, skipping")
+        return read_json(gdir / "manifest.json")
+    ids, _, X = load_descriptors(run_dir / "descriptors")
+    t0 = time.perf_counter()
+    W, stats = build_graph(X, k=cfg.k, gamma=cfg.gamma, reciprocal=cfg.reciprocal)
+    dt = time.perf_counter() - t0
+    manifest = {
+        "format_version": 1,
+        "n": stats.n,
+        "k": cfg.k,
+        "gamma": cfg.gamma,
+        "reciprocal": cfg.reciprocal,
+        "nnz": stats.nnz,
+        "isolated": stats.isolated,
+        "degree": {"min": stats.degree_min, "mean": stats.degree_mean, "max": stats.degree_max},
+        "seconds": dt,
+        "params": phash,
+    }
+    write_graph(W, gdir, block_rows=cfg.block_rows, manifest=manifest)
+    log.info("graph: n=%d k=%d nnz=%d isolated=%d in %.2f s", stats.n, cfg.k, stats.nnz, stats.isolated, dt)
+    return manifest

@@ -1,0 +1,182 @@
+"""Ingest: images (folder, list of paths, or Parquet with bytes) -> Parquet shards with stable ids.
+
+Output: `images/part-*.parquet` with `id` int64 (dense, in sorted key order over accepted images),
+`key` string, `image` binary (the original encoded bytes), `width`/`height` int32 and, for query
+sets, `bbox` (x0, y0, x1, y1); `rejects.parquet` with `key` and `reason` for every input that
+could not be decoded. Shards are processed in order so ids stay dense; finished shards are
+skipped on rerun.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from .config import IngestConfig, params_hash
+from .shards import list_shards, read_table, shard_done, shard_name, write_json, write_table
+
+log = logging.getLogger(__name__)
+
+IMAGE_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("key", pa.string()),
+        ("image", pa.binary()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("bbox", pa.list_(pa.float32(), 4)),
+    ]
+)
+REJECT_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string())])
+
+
+class IngestError(ValueError):
+    """The input collection cannot be ingested at all (missing, empty, unsupported)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input item: a key and either a file path or the encoded bytes."""
+
+    key: str
+    path: str | None = None
+    data: bytes | None = None
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        return Path(self.path).read_bytes()
+
+
+def list_sources(spec: str | Path, cfg: IngestConfig) -> list[Source]:
+    """Enumerate inputs from a folder (recursive), a .txt list of paths, or a Parquet file.
+
+    Keys are paths relative to the folder (or as listed); the result is sorted by key.
+    """
+    p = Path(spec)
+    if not p.exists():
+        raise IngestError(f"ingest: input {p} does not exist")
+    exts = {e.lower() for e in cfg.extensions}
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")]
+        skipped = [f for f in files if f.suffix.lower() not in exts]
+        if skipped:
+            log.info("ingest: %d files without an image extension are recorded as rejects", len(skipped))
+        out = [Source(str(f.relative_to(p)), path=str(f)) for f in files]
+    elif p.suffix == ".parquet":
+        t = pq.read_table(p)
+        missing = {"key", "image"} - set(t.column_names)
+        if missing:
+            raise IngestError(f"ingest: {p} lacks column(s) {sorted(missing)}; expected `key` and `image` (bytes)")
+        out = [Source(k, data=b) for k, b in zip(t.column("key").to_pylist(), t.column("image").to_pylist())]
+    elif p.suffix in (".txt", ".lst", ".list"):
+        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        out = [Source(ln, path=str((p.parent / ln) if not Path(ln).is_absolute() else ln)) for ln in lines]
+    else:
+        raise IngestError(f"ingest: {p} is neither a folder, a .txt list nor a .parquet file")
+    if not out:
+        raise IngestError(f"ingest: no input files found in {p}")
+    keys = [s.key for s in out]
+    if len(set(keys)) != len(keys):
+        raise IngestError(f"ingest: duplicate keys in {p}")
+    return sorted(out, key=lambda s: s.key)
+
+
+def validate_image(data: bytes, *, max_pixels: int) -> tuple[int, int]:
+    """Fully decode encoded image bytes; return (width, height) or raise ValueError with a reason."""
+    if not data:
+        raise ValueError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ValueError(f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+                im.load()  # decodes everything: catches truncated files
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise ValueError("not an image (unidentified format)") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"corrupt or truncated image: {e}") from None
+    if w < 8 or h < 8:
+        raise ValueError(f"image too small: {w}x{h}")
+    return w, h
+
+
+def ingest(
+    spec: str | Path,
+    out_dir: str | Path,
+    cfg: IngestConfig,
+    *,
+    boxes: dict[str, Iterable[float]] | None = None,
+) -> dict:
+    """Ingest a collection into `out_dir/images` and `out_dir/rejects.parquet`.
+
+    Args:
+        boxes: optional key -> (x0, y0, x1, y1) query boxes stored in the `bbox` column.
+    Returns: summary dict (images, rejects, shards), also written to `out_dir/ingest.json`.
+    """
+    out_dir = Path(out_dir)
+    sources = list_sources(spec, cfg)
+    exts = {e.lower() for e in cfg.extensions}
+    phash = params_hash({"cfg": cfg, "keys": [s.key for s in sources], "boxes": boxes or {}})
+    img_dir, rej_dir = out_dir / "images", out_dir / "rejects"
+    chunks = [sources[i : i + cfg.shard_size] for i in range(0, len(sources), cfg.shard_size)]
+    next_id = 0
+    n_img = n_rej = 0
+    for si, chunk in enumerate(tqdm(chunks, desc="ingest", unit="shard")):
+        path, rpath = img_dir / shard_name(si), rej_dir / shard_name(si)
+        shard_params = f"{phash}:{si}:{next_id}"
+        if shard_done(path, params=shard_params) and shard_done(rpath, params=shard_params):
+            n = pq.read_metadata(path).num_rows
+            log.debug("ingest: shard %d done (%d images), skipping", si, n)
+            next_id += n
+            n_img += n
+            n_rej += pq.read_metadata(rpath).num_rows
+            continue
+        rows = {k: [] for k in IMAGE_SCHEMA.names}
+        rejects = {"key": [], "reason": []}
+        for src in chunk:
+            try:
+                if src.path is not None and Path(src.path).suffix.lower() not in exts:
+                    raise ValueError(f"unsupported extension {Path(src.path).suffix!r}")
+                data = src.read()
+                w, h = validate_image(data, max_pixels=cfg.max_pixels)
+            except (ValueError, OSError) as e:
+                rejects["key"].append(src.key)
+                rejects["reason"].append(str(e))
+                continue
+            rows["id"].append(next_id)
+            rows["key"].append(src.key)
+            rows["image"].append(data)
+            rows["width"].append(w)
+            rows["height"].append(h)
+            rows["bbox"].append([float(v) for v in boxes[src.key]] if boxes and src.key in boxes else None)
+            next_id += 1
+        write_table(pa.table(rows, schema=IMAGE_SCHEMA), path, params=shard_params)
+        write_table(pa.table(rejects, schema=REJECT_SCHEMA), rpath, params=shard_params)
+        n_img += len(rows["id"])
+        n_rej += len(rejects["key"])
+    # drop shards of an earlier, larger ingest into the same folder
+    for stale in list_shards(img_dir)[len(chunks) :] + list_shards(rej_dir)[len(chunks) :]:
+        stale.unlink()
+    all_rejects = pa.concat_tables([read_table(p) for p in list_shards(rej_dir)]) if chunks else pa.table({}, schema=REJECT_SCHEMA)
+    write_table(all_rejects.replace_schema_metadata(None), out_dir / "rejects.parquet", params=phash)
+    for key, reason in zip(all_rejects.column("key").to_pylist()[:20], all_rejects.column("reason").to_pylist()[:20]):
+        log.warning("ingest: rejected %s: %s", key, reason)
+    summary = {"images": n_img, "rejects": n_rej, "shards": len(chunks), "source": str(spec), "params": phash}
+    if n_img == 0:
+        raise IngestError(f"ingest: none of the {len(sources)} inputs in {spec} is a readable image (see {out_dir / 'rejects.parquet'})")
+    write_json(summary, out_dir / "ingest.json")
+    log.info("ingest: %d images in %d shards, %d rejects -> %s", n_img, len(chunks), n_rej, img_dir)
+    return summary

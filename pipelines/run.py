@@ -1,0 +1,116 @@
+"""`retrieval run`: benchmark (optional) -> ingest -> extract -> graph -> query -> evaluate -> report."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .config import RunConfig, config_to_dict
+from .shards import write_json
+
+log = logging.getLogger(__name__)
+
+
+def resolve_dataset(cfg: RunConfig, run_dir: Path) -> None:
+    """Fill cfg.dataset from the synthetic benchmark when it is enabled (building it if needed)."""
+    if cfg.benchmark.enabled:
+        from .benchmark import build_benchmark
+
+        bdir = run_dir / "benchmark"
+        build_benchmark(cfg.benchmark, bdir)
+        cfg.dataset.database = str(bdir / "db")
+        cfg.dataset.queries = str(bdir / "queries")
+        cfg.dataset.gnd = str(bdir / "gnd.json")
+    if not cfg.dataset.database:
+        raise ValueError("config: set [dataset].database (or enable [benchmark])")
+
+
+def query_boxes(cfg: RunConfig) -> dict | None:
+    """Query key -> bbox from the ground truth, matched by file stem."""
+    if not cfg.dataset.gnd or not cfg.dataset.queries:
+        return None
+    from .groundtruth import read_ground_truth
+    from .ingest import list_sources
+
+    gt = read_ground_truth(cfg.dataset.gnd)
+    by_stem = {Path(q).with_suffix("").as_posix(): g.get("bbx") for q, g in zip(gt.qimlist, gt.gnd)}
+    out = {}
+    for s in list_sources(cfg.dataset.queries, cfg.ingest):
+        box = by_stem.get(Path(s.key).with_suffix("").as_posix())
+        if box is not None:
+            out[s.key] = box
+    return out
+
+
+def stage_ingest(cfg: RunConfig, run_dir: Path) -> dict:
+    from .ingest import ingest
+
+    resolve_dataset(cfg, run_dir)
+    out = {"database": ingest(cfg.dataset.database, run_dir, cfg.ingest)}
+    if cfg.dataset.queries:
+        out["queries"] = ingest(cfg.dataset.queries, run_dir / "queries", cfg.ingest, boxes=query_boxes(cfg))
+    return out
+
+
+def stage_extract(cfg: RunConfig, run_dir: Path) -> dict:
+    from .extract import load_whitening, run_extract
+
+    if cfg.extract.engine == "ray":
+        from cluster.ray_runtime import init_ray
+
+        init_ray(cfg.ray_address)
+    out = {"database": run_extract(run_dir, cfg.extract, learn=True)}
+    if (run_dir / "queries" / "images").is_dir():
+        w = load_whitening(run_dir / "whitening.npz") if cfg.extract.whitening == "pca" else None
+        out["queries"] = run_extract(run_dir / "queries", cfg.extract, with_boxes=True, whitening=w, learn=False)
+    return out
+
+
+def stage_graph(cfg: RunConfig, run_dir: Path) -> dict:
+    from .graph import run_graph
+
+    return run_graph(run_dir, cfg.graph)
+
+
+def stage_query(cfg: RunConfig, run_dir: Path) -> dict:
+    from .query import run_query
+
+    return run_query(run_dir, run_dir / "queries", cfg.query)
+
+
+def stage_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
+    from .descriptors import load_descriptors
+    from .evaluate import format_table, run_evaluate
+    from .groundtruth import read_ground_truth
+    from .report import write_report
+
+    resolve_dataset(cfg, run_dir)
+    if not cfg.dataset.gnd:
+        raise ValueError("config: evaluation needs [dataset].gnd (or an enabled [benchmark])")
+    _, db_keys, _ = load_descriptors(run_dir / "descriptors")
+    metrics = run_evaluate(run_dir, Path(cfg.dataset.gnd), cfg.evaluate, db_keys=db_keys)
+    report = write_report(run_dir, metrics, read_ground_truth(cfg.dataset.gnd), db_keys=db_keys, query_dir=run_dir / "queries",
+                          n_queries=cfg.evaluate.report_queries, topk=cfg.evaluate.report_topk)
+    log.info("evaluate: mAP (%%)\n%s", format_table(metrics))
+    return {"metrics": metrics, "report": str(report)}
+
+
+STAGES = {"ingest": stage_ingest, "extract": stage_extract, "graph": stage_graph, "query": stage_query, "evaluate": stage_evaluate}
+
+
+def run_stages(cfg: RunConfig, stages: list[str]) -> dict:
+    """Run the named stages in order on cfg.out; saves the resolved config and per-stage timings."""
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolve_dataset(cfg, run_dir) if "ingest" in stages or "evaluate" in stages else None
+    write_json(config_to_dict(cfg), run_dir / "config.resolved.json")
+    timings, results = {}, {}
+    for s in stages:
+        t0 = time.perf_counter()
+        log.info("== stage %s ==", s)
+        results[s] = STAGES[s](cfg, run_dir)
+        timings[s] = round(time.perf_counter() - t0, 2)
+        log.info("stage %s done in %.1f s", s, timings[s])
+    write_json(timings, run_dir / f"timings.{'-'.join(stages) if len(stages) < len(STAGES) else 'run'}.json")
+    results["timings"] = timings
+    return results

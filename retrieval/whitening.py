@@ -1,0 +1,55 @@
+"""PCA-whitening learned on descriptors (Jegou & Chum, ECCV 2012), applied as x -> P (x - m)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """Affine whitening: `mean` (d,) float64, `proj` (d_out, d) float64. Apply then L2-normalise."""
+
+    mean: np.ndarray
+    proj: np.ndarray
+    kind: str = "pca"
+
+    @property
+    def dim(self) -> int:
+        return int(self.proj.shape[0])
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        """(n, d) float -> (n, d_out) float32, L2-normalised rows."""
+        X = np.asarray(X, dtype=np.float64)
+        if X.shape[1] != self.proj.shape[1]:
+            raise ValueError(f"whitening expects d={self.proj.shape[1]}, got {X.shape[1]}")
+        return l2_normalize((X - self.mean) @ self.proj.T)
+
+
+def l2_normalize(X: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows of (n, d) scaled to unit L2 norm, returned as float32."""
+    X = np.asarray(X, dtype=np.float64)
+    return (X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), eps)).astype(np.float32)
+
+
+def learn_pca_whitening(X: np.ndarray, *, dim: int | None = None, shrinkage: float = 0.0) -> Whitening:
+    """PCA-whitening from (n, d) training descriptors.
+
+    P = diag(lambda + s)^-1/2 U^T restricted to the top `dim` components, where (lambda, U) are the
+    eigenpairs of the covariance and s = shrinkage * mean(lambda) regularises small eigenvalues
+    (shrinkage = 0 gives exact whitening: P C P^T = I on the training set).
+    """
+    X = np.asarray(X, dtype=np.float64)
+    n, d = X.shape
+    mean = X.mean(axis=0)
+    Xc = X - mean
+    C = Xc.T @ Xc / max(n - 1, 1)
+    lam, U = np.linalg.eigh(C)
+    order = np.argsort(lam)[::-1]
+    lam, U = lam[order], U[:, order]
+    rank = int((lam > lam[0] * 1e-9).sum())
+    dim = min(dim or d, rank)
+    lam, U = lam[:dim], U[:, :dim]
+    s = shrinkage * lam.mean()
+    proj = (U / np.sqrt(lam + s)).T
+    return Whitening(mean=mean, proj=proj, kind="pca")
