@@ -68,7 +68,7 @@ def extract_shards_ray(
         return
     num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     columns = ["id", "image"] + (["bbox"] if with_boxes else [])
-    ds = ray.data.read_parquet([str(by_name[n]) for n in expected], columns=columns, include_paths=True)
+    ds = ray.data.read_parquet([str(by_name[n]) for n in expected], include_paths=True).select_columns(columns + ["path"])
     ds = map_batches_actor_pool(
         ds, _EmbedActor, constructor_args=(make_extractor,), actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, batch_size=batch_size
     )

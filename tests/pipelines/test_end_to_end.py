@@ -1,0 +1,117 @@
+"""The whole pipeline on a tiny synthetic benchmark: engines agree, crashes resume, outputs are complete."""
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.descriptors import load_descriptors
+from pipelines.run import run_stages
+from tests.conftest import tiny_run_config
+
+STAGES = ["ingest", "extract", "graph", "query", "evaluate"]
+
+
+def _cfg(tmp_path, tiny_benchmark, name, engine="local"):
+    out = tmp_path / name
+    out.mkdir()
+    shutil.copytree(tiny_benchmark, out / "benchmark")  # the benchmark is complete: not rebuilt
+    return tiny_run_config(out, engine=engine)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, tiny_benchmark):
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = _cfg(tmp, tiny_benchmark, "local")
+    res = run_stages(cfg, STAGES)
+    return cfg, res
+
+
+def test_pipeline_outputs(local_run):
+    cfg, res = local_run
+    from pathlib import Path
+
+    out = Path(cfg.out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"knn", "aqe", "diffusion"}
+    for m in metrics.values():
+        assert set(m) == {"E", "M", "H"} and all(0 <= v <= 100 for v in m.values())
+    html = (out / "report.html").read_text()
+    assert "data:image/jpeg;base64" in html and "diffusion" in html
+    assert (out / "config.resolved.json").is_file() and (out / "whitening.npz").is_file()
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["dim"] == 16 and man["weights_sha256"].startswith("579344248a93")
+    ids, keys, X = load_descriptors(out / "descriptors")
+    assert X.shape == (len(ids), 16)
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1, atol=1e-5)
+    gman = json.loads((out / "graph" / "manifest.json").read_text())
+    assert gman["n"] == len(ids) and gman["k"] == 5
+    ranks = pq.read_table(out / "ranks" / "diffusion.parquet").to_pydict()
+    assert all(sorted(r) == list(range(len(ids))) for r in ranks["ids"])  # full permutation
+    assert all(ranks["converged"])
+
+
+def test_ray_extraction_equals_in_process(ray_session, local_run, tmp_path, tiny_benchmark):
+    cfg_local, _ = local_run
+    cfg = _cfg(tmp_path, tiny_benchmark, "ray", engine="ray")
+    run_stages(cfg, ["ingest", "extract"])
+    from pathlib import Path
+
+    for sub in ("", "queries"):
+        a = load_descriptors(Path(cfg_local.out) / sub / "features")
+        b = load_descriptors(Path(cfg.out) / sub / "features")
+        np.testing.assert_array_equal(a[0], b[0])
+        assert a[1] == b[1]
+        np.testing.assert_allclose(a[2], b[2], atol=1e-5)
+
+
+def test_extract_crash_resumes_without_recomputing(local_run, tmp_path, tiny_benchmark, monkeypatch):
+    import pipelines.extract as ex
+
+    cfg_local, _ = local_run
+    cfg = _cfg(tmp_path, tiny_benchmark, "crash")
+    run_stages(cfg, ["ingest"])
+    real = ex.write_descriptors
+    n = {"calls": 0}
+
+    def crash_after_two(*a, **k):
+        n["calls"] += 1
+        if n["calls"] == 3:
+            raise RuntimeError("injected crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "write_descriptors", crash_after_two)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_stages(cfg, ["extract"])
+    monkeypatch.setattr(ex, "write_descriptors", real)
+    from pathlib import Path
+
+    out = Path(cfg.out)
+    done = sorted(p.name for p in (out / "features").glob("part-*.parquet"))
+    assert len(done) == 2
+    total = sum(pq.read_metadata(p).num_rows for p in (out / "images").glob("part-*.parquet"))
+    res = run_stages(cfg, ["extract", "graph", "query", "evaluate"])
+    db = res["extract"]["database"]
+    assert db["images"] == total - 2 * cfg.ingest.shard_size  # finished shards were skipped
+    ref = Path(cfg_local.out)
+    for sub in ("features", "descriptors"):
+        a, b = load_descriptors(ref / sub), load_descriptors(out / sub)
+        np.testing.assert_allclose(a[2], b[2], atol=1e-6)
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((ref / "metrics.json").read_text())
+    # a full rerun recomputes nothing
+    res = run_stages(cfg, ["extract"])
+    assert res["extract"]["database"]["images"] == 0
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path, capsys):
+    from pipelines.cli import main
+
+    p = tmp_path / "bad.toml"
+    p.write_text("[extract]\nbackbone = 3\n")
+    assert main(["run", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "extract.backbone must be str" in err and "Traceback" not in err
+    p.write_text(f'out = "{tmp_path / "o"}"\n[dataset]\ndatabase = "{tmp_path / "nothing"}"\n')
+    assert main(["ingest", str(p)]) == 2
+    assert "does not exist" in capsys.readouterr().err

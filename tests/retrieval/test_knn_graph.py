@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from retrieval.graph import affinity_from_knn, build_graph, normalize_symmetric
+from retrieval.knn import knn_search, knn_search_numpy
+from retrieval.whitening import l2_normalize
+
+
+def _data(rng, n=300, d=16):
+    return l2_normalize(rng.normal(size=(n, d)))
+
+
+def test_faiss_knn_matches_numpy(rng):
+    X = _data(rng)
+    Q = _data(rng, 20)
+    D, I = knn_search(Q, X, 10)
+    Dr, Ir = knn_search_numpy(Q, X, 10)
+    np.testing.assert_allclose(D, Dr, atol=1e-5)
+    # ties are practically absent on continuous data: ids must agree exactly
+    np.testing.assert_array_equal(I, Ir)
+
+
+def test_knn_refuses_nan_and_dim_mismatch(rng):
+    X = _data(rng)
+    bad = X.copy()
+    bad[3, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        knn_search(X[:2], bad, 3)
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        knn_search(X[:2, :8], X, 3)
+
+
+def _dense_reference(X, k, gamma):
+    """Reciprocal kNN affinity and normalisation with dense numpy loops."""
+    n = X.shape[0]
+    S = X @ X.T
+    nn = [set(np.argsort(-S[i], kind="stable")[: k + 1]) - {i} for i in range(n)]
+    A = np.zeros((n, n))
+    for i in range(n):
+        for j in nn[i]:
+            if i in nn[j]:
+                A[i, j] = max(S[i, j], 0) ** gamma
+    d = A.sum(1)
+    inv = np.where(d > 0, 1 / np.sqrt(np.where(d > 0, d, 1)), 0)
+    return A, inv[:, None] * A * inv[None, :]
+
+
+def test_graph_matches_dense_reference(rng):
+    X = _data(rng, 120, 8)
+    W, stats = build_graph(X, k=6, gamma=3.0)
+    A_ref, W_ref = _dense_reference(X, 6, 3.0)
+    np.testing.assert_allclose(W.toarray(), W_ref, atol=1e-5)
+    assert stats.nnz == int((A_ref > 0).sum())
+
+
+def test_graph_properties(rng):
+    X = _data(rng, 200, 8)
+    W, stats = build_graph(X, k=10)
+    Wd = W.toarray()
+    np.testing.assert_allclose(Wd, Wd.T, atol=1e-6)  # reciprocal -> symmetric
+    assert np.all(np.diag(Wd) == 0)
+    assert np.all(Wd >= 0)
+    # symmetric normalisation: spectral radius <= 1
+    assert np.max(np.abs(np.linalg.eigvalsh(Wd.astype(np.float64)))) <= 1 + 1e-5
+
+
+def test_isolated_nodes_are_not_divided_by_zero():
+    # node 2 lists 0 and 1, but they prefer each other and node 3: no mutual edge for 2
+    D = np.array([[1, 0.9, 0.5], [1, 0.9, 0.5], [1, 0.2, 0.1], [1, 0.8, 0.7]], dtype=np.float32)
+    I = np.array([[0, 1, 3], [1, 0, 3], [2, 0, 1], [3, 0, 1]])
+    A = affinity_from_knn(D, I, gamma=1.0)
+    W, deg = normalize_symmetric(A)
+    assert deg[2] == 0
+    assert np.isfinite(W.data).all()
+    assert W[2].nnz == 0 and W[:, 2].nnz == 0
+
+
+def test_non_reciprocal_symmetrises_by_max(rng):
+    X = _data(rng, 50, 4)
+    D, I = knn_search(X, X, 6)
+    A = affinity_from_knn(D, I, gamma=1.0, reciprocal=False)
+    Ar = affinity_from_knn(D, I, gamma=1.0, reciprocal=True)
+    assert sp.csr_matrix(A - A.T).count_nonzero() == 0
+    assert A.nnz >= Ar.nnz
