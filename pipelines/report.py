@@ -36,6 +36,26 @@ def _images_by_key(folder: Path, keys: set[str]) -> dict[str, tuple[bytes, list 
     return out
 
 
+def choose_queries(qkeys: list[str], aps: dict[str, list[float]], methods: tuple[str, ...], n: int) -> list[str]:
+    """Queries worth showing: largest AP change between the first and last method, then the worst."""
+    have = [m for m in methods if m in aps]
+    if len(have) < 2:
+        step = max(1, len(qkeys) // max(n, 1))
+        return qkeys[::step][:n]
+    a, b = np.nan_to_num(np.asarray(aps[have[0]])), np.nan_to_num(np.asarray(aps[have[-1]]))
+    chosen: list[int] = []
+    for i in np.argsort(-np.abs(b - a), kind="stable"):
+        if len(chosen) >= (n + 1) // 2:
+            break
+        chosen.append(int(i))
+    for i in np.argsort(b, kind="stable"):
+        if len(chosen) >= n:
+            break
+        if int(i) not in chosen:
+            chosen.append(int(i))
+    return [qkeys[i] for i in chosen]
+
+
 def write_report(
     run_dir: Path,
     metrics: dict,
@@ -46,9 +66,14 @@ def write_report(
     n_queries: int = 6,
     topk: int = 10,
     methods: tuple[str, ...] = ("knn", "diffusion"),
+    aps: dict[str, list[float]] | None = None,
     extra_html: str = "",
 ) -> Path:
-    """Write `run_dir/report.html` (self-contained: thumbnails are embedded)."""
+    """Write `run_dir/report.html` (self-contained: thumbnails are embedded).
+
+    `aps` (method -> per-query AP in %, queries in rank-file order) picks the example queries:
+    half where the methods differ most, half where the last method does worst.
+    """
     ranks = {}
     for m in methods:
         p = run_dir / "ranks" / f"{m}.parquet"
@@ -57,8 +82,7 @@ def write_report(
             ranks[m] = (t.column("query").to_pylist(), [np.asarray(r[:topk]) for r in t.column("ids").to_pylist()])
     first = next(iter(ranks.values()), ([], []))
     qkeys = first[0]
-    step = max(1, len(qkeys) // max(n_queries, 1))
-    chosen = qkeys[::step][:n_queries]
+    chosen = choose_queries(qkeys, aps or {}, methods, n_queries)
     want_db = {db_keys[i] for m in ranks.values() for q, r in zip(*m) if q in chosen for i in r}
     db_imgs = _images_by_key(run_dir / "images", want_db)
     q_imgs = _images_by_key(query_dir / "images", set(chosen))
@@ -93,7 +117,9 @@ def write_report(
         if q not in q_imgs:
             continue
         data, box = q_imgs[q]
-        parts.append(f"<h3>{html.escape(q)}</h3><div><img class='q' src='{_thumb(data, bbox=box)}' title='{html.escape(q)}'></div>")
+        qi = qkeys.index(q)
+        ap_txt = ", ".join(f"{m} {aps[m][qi]:.1f}" for m in ranks if aps and m in aps)
+        parts.append(f"<h3>{html.escape(q)}</h3><p>AP (%): {ap_txt}</p><div><img class='q' src='{_thumb(data, bbox=box)}' title='{html.escape(q)}'></div>")
         for m, (mq, mr) in ranks.items():
             r = mr[mq.index(q)]
             cells = []

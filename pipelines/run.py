@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from .config import RunConfig, config_to_dict
-from .shards import write_json
+from .shards import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,11 @@ def stage_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
         raise ValueError("config: evaluation needs [dataset].gnd (or an enabled [benchmark])")
     _, db_keys, _ = load_descriptors(run_dir / "descriptors")
     metrics = run_evaluate(run_dir, Path(cfg.dataset.gnd), cfg.evaluate, db_keys=db_keys)
+    detail = read_json(run_dir / "evaluation.json")["methods"]
+    proto = "M" if "M" in next(iter(detail.values())) else "classic"
+    aps = {m: d[proto]["aps"] for m, d in detail.items()}
     report = write_report(run_dir, metrics, read_ground_truth(cfg.dataset.gnd), db_keys=db_keys, query_dir=run_dir / "queries",
-                          n_queries=cfg.evaluate.report_queries, topk=cfg.evaluate.report_topk)
+                          n_queries=cfg.evaluate.report_queries, topk=cfg.evaluate.report_topk, aps=aps)
     log.info("evaluate: mAP (%%)\n%s", format_table(metrics))
     return {"metrics": metrics, "report": str(report)}
 
