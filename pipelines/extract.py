@@ -22,7 +22,7 @@ from retrieval.whitening import Whitening, l2_normalize, learn_pca_whitening
 from .config import ExtractConfig, params_hash
 from .descriptors import load_descriptors, write_descriptors
 from .extractor import DescriptorExtractor
-from .shards import list_shards, read_json, read_table, shard_done, write_bytes, write_json
+from .shards import list_shards, read_table, shard_done, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 ShardResult = tuple[Path, np.ndarray, np.ndarray]
@@ -69,6 +69,14 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
     """Raw pooled features for every image shard not already done; returns a summary."""
     if cfg.engine not in ENGINES:
         raise ValueError(f"extract: unknown engine {cfg.engine!r}; known: {sorted(ENGINES)}")
+    # fail fast in the driver, before any worker starts, on weights that are missing or unreadable
+    from retrieval.efficientnet_lite import LITE_PARAMS
+
+    from .models import WeightsError, resolve_weights
+
+    if cfg.backbone not in LITE_PARAMS:
+        raise WeightsError(f"unknown backbone {cfg.backbone!r}; available: {sorted(LITE_PARAMS)}")
+    resolve_weights(cfg.weights)
     shards = list_shards(images_dir)
     if not shards:
         raise FileNotFoundError(f"extract: no image shards in {images_dir}; run `retrieval ingest` first")

