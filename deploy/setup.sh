@@ -40,6 +40,8 @@ if [ "$want_petsc" = 1 ]; then
     $PIP install 'cython<3' 'setuptools<70' wheel
     PETSC_DIR=/usr/lib/petsc PETSC_ARCH= $PIP install --no-build-isolation 'petsc4py>=3.18,<3.19'
     $PIP install --no-build-isolation 'mpi4py>=3.1,<5'
+    # the old setuptools was needed only to build petsc4py 3.18; torch wants a current one
+    $PIP install 'setuptools>=77'
   fi
 fi
 log "ready: $VENV"

@@ -38,6 +38,19 @@ def to_rgb_float(img: np.ndarray) -> np.ndarray:
     return np.clip(a[..., :3], 0.0, 1.0)
 
 
+def _estimate_projective(src: np.ndarray, dst: np.ndarray) -> sktf.ProjectiveTransform:
+    """Homography src -> dst (the one wrapper over scikit-image's estimate API, which changed in 0.26)."""
+    if hasattr(sktf.ProjectiveTransform, "from_estimate"):
+        H = sktf.ProjectiveTransform.from_estimate(src, dst)
+        ok = bool(H)
+    else:
+        H = sktf.ProjectiveTransform()
+        ok = H.estimate(src, dst)
+    if not ok:
+        raise RuntimeError("degenerate view homography")
+    return H
+
+
 def _quad_area(q: np.ndarray) -> float:
     x, y = q[:, 0], q[:, 1]
     return 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
@@ -91,9 +104,7 @@ def make_view(
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     dst = rect @ rot.T + [cx, cy]
     dst += rng.normal(0.0, 0.02 + 0.12 * d, size=(4, 2)) * [s * lw, s * lh]  # perspective
-    H = sktf.ProjectiveTransform()
-    if not H.estimate(src, dst):
-        raise RuntimeError("degenerate view homography")
+    H = _estimate_projective(src, dst)
     fg = sktf.warp(landmark, H.inverse, output_shape=(h, w), order=1, cval=0.0)
     mask = sktf.warp(np.ones((lh, lw)), H.inverse, output_shape=(h, w), order=0, cval=0.0) > 0.5
     img = background(clutter, (h, w), rng)

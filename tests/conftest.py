@@ -10,6 +10,8 @@ import pytest
 from pipelines.config import BenchmarkConfig, ExtractConfig, IngestConfig, RunConfig
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# official ground-truth files (../shared/data beside the checkout, or set RETRIEVAL_SHARED_DATA)
+SHARED_DATA = Path(os.environ.get("RETRIEVAL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")

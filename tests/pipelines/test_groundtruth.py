@@ -4,7 +4,7 @@ import pytest
 
 from pipelines.groundtruth import read_ground_truth
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+from tests.conftest import SHARED_DATA as DATA
 
 
 def _need(name):

@@ -6,7 +6,7 @@ import pytest
 
 from retrieval.metrics import compute_ap, compute_map, positive_positions, revisited_gnd, revisited_map
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+from tests.conftest import SHARED_DATA as DATA
 
 
 def test_ap_hand_computed():
