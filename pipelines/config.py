@@ -69,7 +69,15 @@ class GraphConfig:
     k: int = 50
     gamma: float = 3.0
     reciprocal: bool = True
-    block_rows: int = 4096
+    block_rows: int = 65536  # rows per stored CSR block (also the unit a PETSc rank loads)
+    index: str = "auto"  # faiss index for the self-kNN: flat (exact), ivf, hnsw, auto (flat <= 200k)
+    nlist: int = 0  # IVF lists; 0 = about 4 sqrt(N)
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_search: int = 128
+    shards: int = 8  # row shards searched independently (Ray tasks with engine = "ray")
+    engine: str = "local"  # "local" (in-process, faiss threads) or "ray" (one task per shard)
+    recall_sample: int = 1000  # rows checked against exact search when the index is approximate
 
 
 @dataclass
@@ -83,6 +91,12 @@ class QueryConfig:
     maxiter: int = 100
     aqe_n: int = 2
     aqe_alpha: float = 3.0
+    batch: int = 128  # right-hand sides per block CG solve (memory O(N * batch))
+    matmul: str = "scipy"  # sparse product for block CG: scipy or torch
+    dtype: str = "float64"  # CG arithmetic: float64 or float32
+    truncate_m: int = 1000  # database neighbours forming a query's subgraph ("truncated" method)
+    spectral_rank: int = 256  # eigenpairs kept by the "spectral" method
+    petsc_ranks: int = 2  # MPI ranks of the "petsc" method
 
 
 @dataclass

@@ -58,7 +58,7 @@ def run_evaluate(run_dir: Path, gnd_path: Path, cfg: EvaluateConfig, *, db_keys:
     """Evaluate every `ranks/*.parquet`; writes metrics.json ({method: {E, M, H}}) and evaluation.json."""
     gt = read_ground_truth(gnd_path)
     metrics, detail = {}, {}
-    order = {"knn": 0, "aqe": 1, "diffusion": 2}
+    order = {"knn": 0, "aqe": 1, "diffusion": 2, "truncated": 3, "spectral": 4, "petsc": 5}
     for path in sorted((run_dir / "ranks").glob("*.parquet"), key=lambda p: (order.get(p.stem, 9), p.stem)):
         t = read_table(path, ["query", "ids"])
         qkeys = t.column("query").to_pylist()

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from retrieval.graph import build_graph
+from retrieval.graph import graph_from_knn
+from retrieval.knn import IndexSpec, build_index, recall_at_k, search_index, shard_bounds
 
 from .config import GraphConfig, params_hash
 from .descriptors import load_descriptors
@@ -54,6 +55,54 @@ def load_graph(folder: Path) -> tuple[sp.csr_matrix, dict]:
     return W, manifest
 
 
+def self_knn_engine(X: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Self-kNN lists (n, k+1) with the configured index and engine; measures approximate recall."""
+    from tqdm import tqdm
+
+    if cfg.engine not in ("local", "ray"):
+        raise ValueError(f"graph: unknown engine {cfg.engine!r}; expected local or ray")
+    n = X.shape[0]
+    spec = IndexSpec(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_search=cfg.ef_search).resolve(n)
+    t0 = time.perf_counter()
+    index = build_index(X, spec)
+    t_index = time.perf_counter() - t0
+    bounds = shard_bounds(n, cfg.shards)
+    k = cfg.k + 1
+    with tqdm(total=n, desc="graph knn", unit="row") as bar:
+        if cfg.engine == "ray":
+            from cluster.ray_graph import search_shards_ray
+
+            D, I = search_shards_ray(index, X, bounds, k, progress=bar.update)
+        else:
+            D = np.empty((n, min(k, n)), np.float32)
+            I = np.empty((n, min(k, n)), np.int64)
+            for a, b in bounds:
+                D[a:b], I[a:b] = search_index(index, X[a:b], k)
+                bar.update(b - a)
+    t_search = time.perf_counter() - t0 - t_index
+    info = {"index": spec.kind, "nlist": spec.nlist if spec.kind == "ivf" else None,
+            "nprobe": spec.nprobe if spec.kind == "ivf" else None, "shards": len(bounds), "engine": cfg.engine,
+            "seconds_index": t_index, "seconds_search": t_search}
+    if spec.kind != "flat" and cfg.recall_sample > 0:
+        rng = np.random.default_rng(0)
+        rows = np.sort(rng.choice(n, min(cfg.recall_sample, n), replace=False))
+        exact = build_index(X, IndexSpec("flat"))
+        _, Iref = search_index(exact, X[rows], k)
+        info["recall_at_k"] = recall_at_k(I[rows], Iref)
+        info["recall_sample"] = int(rows.size)
+        log.info("graph: %s index recall@%d = %.4f on %d rows", spec.kind, k, info["recall_at_k"], rows.size)
+    return D, I, info
+
+
+def build_graph_sharded(X: np.ndarray, cfg: GraphConfig):
+    """(W, stats, info): reciprocal kNN graph from the sharded self-kNN."""
+    t0 = time.perf_counter()
+    D, I, info = self_knn_engine(X, cfg)
+    W, stats = graph_from_knn(D, I, gamma=cfg.gamma, reciprocal=cfg.reciprocal)
+    info["seconds"] = time.perf_counter() - t0
+    return W, stats, info
+
+
 def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:
     """Build the graph of `run_dir/descriptors` into `run_dir/graph`; skipped when up to date."""
     desc_manifest = read_json(run_dir / "manifest.json")
@@ -63,10 +112,10 @@ def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:
         log.info("graph: up to date, skipping")
         return read_json(gdir / "manifest.json")
     ids, _, X = load_descriptors(run_dir / "descriptors")
-    t0 = time.perf_counter()
-    W, stats = build_graph(X, k=cfg.k, gamma=cfg.gamma, reciprocal=cfg.reciprocal)
-    dt = time.perf_counter() - t0
+    W, stats, info = build_graph_sharded(X, cfg)
+    dt = info["seconds"]
     manifest = {
+        **info,
         "format_version": 1,
         "n": stats.n,
         "k": cfg.k,

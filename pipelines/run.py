@@ -21,8 +21,7 @@ def resolve_dataset(cfg: RunConfig, run_dir: Path) -> None:
         cfg.dataset.database = str(bdir / "db")
         cfg.dataset.queries = str(bdir / "queries")
         cfg.dataset.gnd = str(bdir / "gnd.json")
-    if not cfg.dataset.database:
-        raise ValueError("config: set [dataset].database (or enable [benchmark])")
+
 
 
 def query_boxes(cfg: RunConfig) -> dict | None:
@@ -46,6 +45,8 @@ def stage_ingest(cfg: RunConfig, run_dir: Path) -> dict:
     from .ingest import ingest
 
     resolve_dataset(cfg, run_dir)
+    if not cfg.dataset.database:
+        raise ValueError("config: set [dataset].database (or enable [benchmark])")
     out = {"database": ingest(cfg.dataset.database, run_dir, cfg.ingest)}
     if cfg.dataset.queries:
         out["queries"] = ingest(cfg.dataset.queries, run_dir / "queries", cfg.ingest, boxes=query_boxes(cfg))
@@ -105,7 +106,8 @@ def run_stages(cfg: RunConfig, stages: list[str]) -> dict:
     """Run the named stages in order on cfg.out; saves the resolved config and per-stage timings."""
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolve_dataset(cfg, run_dir) if "ingest" in stages or "evaluate" in stages else None
+    if "ingest" in stages or "evaluate" in stages:
+        resolve_dataset(cfg, run_dir)
     write_json(config_to_dict(cfg), run_dir / "config.resolved.json")
     timings, results = {}, {}
     for s in stages:

@@ -26,30 +26,36 @@ def affinity_from_knn(
 ) -> sp.csr_matrix:
     """Sparse symmetric affinity A from kNN lists of every database item against the database.
 
+    Vectorised over all edges (no per-row loops); memory O(n k).
     Args:
         D: (n, k) float32 similarities, I: (n, k) int64 neighbour indices (row i = neighbours of i;
-           self matches are dropped here).
+           self matches and -1 padding are dropped).
         gamma: power applied to positive similarities.
         reciprocal: keep an edge only if both endpoints list each other (mutual kNN); otherwise
            symmetrise by the maximum.
-    Returns: (n, n) float32 CSR, symmetric, zero diagonal.
+    Returns: (n, n) float32 CSR, exactly symmetric, zero diagonal.
     """
     n = D.shape[0] if n is None else n
     k = D.shape[1]
     rows = np.repeat(np.arange(D.shape[0], dtype=np.int64), k)
     cols = I.ravel().astype(np.int64)
-    vals = np.maximum(D.ravel().astype(np.float64), 0.0) ** gamma
+    vals = np.maximum(D.ravel().astype(np.float32), 0.0) ** np.float32(gamma)
     keep = (cols >= 0) & (cols != rows) & (vals > 0)
-    S = sp.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(n, n))
-    S.sum_duplicates()
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
     if reciprocal:
-        # S.multiply(S.T > 0) keeps (i, j) only when (j, i) is stored too.
-        mask = S.T.tocsr()
-        mask.data[:] = 1.0
-        A = S.multiply(mask)
+        key = np.sort(rows * n + cols)
+        rkey = cols * n + rows
+        pos = np.minimum(np.searchsorted(key, rkey), max(key.size - 1, 0))
+        mutual = key[pos] == rkey if key.size else np.zeros(0, bool)
+        # each mutual pair appears twice; keep the (i < j) copy and mirror it: exact symmetry
+        upper = mutual & (rows < cols)
+        r, c, v = rows[upper], cols[upper], vals[upper]
+        A = sp.csr_matrix((np.concatenate([v, v]), (np.concatenate([r, c]), np.concatenate([c, r]))), shape=(n, n))
     else:
+        S = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
         A = S.maximum(S.T)
     A = sp.csr_matrix(A, dtype=np.float32)
+    A.sum_duplicates()
     A.eliminate_zeros()
     return A
 
@@ -64,8 +70,9 @@ def normalize_symmetric(A: sp.spmatrix) -> tuple[sp.csr_matrix, np.ndarray]:
     inv = np.zeros_like(deg)
     nz = deg > 0
     inv[nz] = 1.0 / np.sqrt(deg[nz])
-    Dm = sp.diags(inv)
-    W = sp.csr_matrix(Dm @ A @ Dm, dtype=np.float32)
+    W = A.copy()
+    rows = np.repeat(np.arange(A.shape[0]), np.diff(A.indptr))
+    W.data = (A.data * inv[rows] * inv[A.indices]).astype(np.float32)
     W.sort_indices()
     return W, deg
 
@@ -86,11 +93,18 @@ def build_graph(
 ) -> tuple[sp.csr_matrix, GraphStats]:
     """Normalised reciprocal kNN graph of the rows of X ((n, d) float32, L2-normalised).
 
-    `knn(queries, database, k) -> (D, I)` defaults to exact faiss search. k counts the item itself.
+    `knn(X, k) -> (D, I)` (self search) defaults to exact faiss search; k excludes the item itself.
     """
     if knn is None:
-        from .knn import knn_search as knn
-    D, I = knn(X, X, k + 1)
-    A = affinity_from_knn(D, I, gamma=gamma, reciprocal=reciprocal, n=X.shape[0])
+        from .knn import knn_search
+
+        knn = lambda x, kk: knn_search(x, x, kk)  # noqa: E731
+    D, I = knn(X, k + 1)
+    return graph_from_knn(D, I, gamma=gamma, reciprocal=reciprocal)
+
+
+def graph_from_knn(D: np.ndarray, I: np.ndarray, *, gamma: float = 3.0, reciprocal: bool = True) -> tuple[sp.csr_matrix, GraphStats]:
+    """W and its stats from self-kNN lists (D, I) of shape (n, k+1)."""
+    A = affinity_from_knn(D, I, gamma=gamma, reciprocal=reciprocal, n=D.shape[0])
     W, deg = normalize_symmetric(A)
     return W, graph_stats(W, deg)

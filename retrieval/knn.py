@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -51,3 +54,113 @@ def knn_search_numpy(queries: np.ndarray, database: np.ndarray, k: int) -> tuple
 def full_ranking(queries: np.ndarray, database: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All database items ranked per query: (nq, n) float32 scores and (nq, n) int64 indices."""
     return knn_search(queries, database, database.shape[0])
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which faiss index searches the database.
+
+    kind: "flat" (exact), "ivf" (IVF-Flat, inverted lists), "hnsw" (HNSW-Flat), or "auto"
+    (flat up to `auto_flat_max` vectors, IVF above). nlist = 0 picks ~4 sqrt(N) lists.
+    """
+
+    kind: str = "auto"
+    nlist: int = 0
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    train_size: int = 200_000
+    auto_flat_max: int = 200_000
+    seed: int = 0
+
+    def resolve(self, n: int) -> "IndexSpec":
+        kind = self.kind
+        if kind == "auto":
+            kind = "flat" if n <= self.auto_flat_max else "ivf"
+        if kind not in ("flat", "ivf", "hnsw"):
+            raise ValueError(f"unknown index kind {self.kind!r}; expected flat, ivf, hnsw or auto")
+        nlist = self.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))
+        return IndexSpec(kind, nlist, self.nprobe, self.hnsw_m, self.ef_construction, self.ef_search, self.train_size, self.auto_flat_max, self.seed)
+
+
+def build_index(X: np.ndarray, spec: IndexSpec = IndexSpec()) -> faiss.Index:
+    """A trained and filled inner-product index over the rows of X ((n, d) float32)."""
+    x = _as_f32(X, "database")
+    n, d = x.shape
+    spec = spec.resolve(n)
+    if spec.kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif spec.kind == "ivf":
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, spec.nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(spec.seed)
+        train = x if n <= spec.train_size else x[np.sort(rng.choice(n, spec.train_size, replace=False))]
+        index.train(train)
+        index.nprobe = spec.nprobe
+    else:
+        index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = spec.ef_construction
+        index.hnsw.efSearch = spec.ef_search
+    index.add(x)
+    return index
+
+
+def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(D, I) of shape (nq, k): similarities descending and int64 ids (-1 where fewer found)."""
+    q = _as_f32(queries, "queries")
+    if q.shape[1] != index.d:
+        raise ValueError(f"dimension mismatch: queries d={q.shape[1]}, index d={index.d}")
+    D, I = index.search(q, min(int(k), index.ntotal))
+    return D, I.astype(np.int64)
+
+
+def shard_bounds(n: int, nshards: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges [start, stop) of `nshards` near-equal shards (faiss contrib style)."""
+    nshards = max(1, min(nshards, n))
+    cuts = [n * i // nshards for i in range(nshards + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(nshards)]
+
+
+def self_knn(
+    X: np.ndarray,
+    k: int,
+    *,
+    spec: IndexSpec = IndexSpec(),
+    nshards: int = 1,
+    search: Callable[[faiss.Index, np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """kNN of every database row against the whole database, one row shard at a time.
+
+    Memory stays O(n k) for the result plus one shard's search buffers. Returns (D, I), (n, k).
+    """
+    index = build_index(X, spec)
+    search = search or search_index
+    n = X.shape[0]
+    k = min(k, n)
+    D = np.empty((n, k), dtype=np.float32)
+    I = np.empty((n, k), dtype=np.int64)
+    for a, b in shard_bounds(n, nshards):
+        D[a:b], I[a:b] = search(index, X[a:b], k)
+        if progress:
+            progress(b - a)
+    return D, I
+
+
+def merge_topk(Ds: list[np.ndarray], Is: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-database-shard top-k lists (ids already global) into one top-k, by similarity."""
+    D = np.concatenate(Ds, axis=1)
+    I = np.concatenate(Is, axis=1)
+    k = min(k, D.shape[1])
+    part = np.argpartition(-D, k - 1, axis=1)[:, :k]
+    Dp, Ip = np.take_along_axis(D, part, 1), np.take_along_axis(I, part, 1)
+    order = np.argsort(-Dp, axis=1, kind="stable")
+    return np.take_along_axis(Dp, order, 1), np.take_along_axis(Ip, order, 1)
+
+
+def recall_at_k(I: np.ndarray, I_ref: np.ndarray) -> float:
+    """Mean fraction of the reference top-k ids (rows of I_ref) found in the rows of I."""
+    k = I_ref.shape[1]
+    hits = sum(np.intersect1d(a, b).size for a, b in zip(I[:, :k], I_ref))
+    return hits / float(I_ref.size)

@@ -1,0 +1,122 @@
+"""Graph and query stages on imported descriptors: engines and solvers agree with the references."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import GraphConfig, QueryConfig
+from pipelines.descriptors import DescriptorError, load_descriptors
+from pipelines.graph import load_graph, run_graph
+from pipelines.import_descriptors import import_descriptors
+from pipelines.query import run_query
+from retrieval.graph import build_graph
+from retrieval.whitening import l2_normalize
+
+
+def _write_fvecs(path, X):
+    n, d = X.shape
+    out = np.empty((n, d + 1), np.float32)
+    out[:, 0] = np.array([d], np.int32).view(np.float32)[0]
+    out[:, 1:] = X
+    out.tofile(path)
+
+
+@pytest.fixture
+def imported(tmp_path, rng):
+    X = l2_normalize(rng.normal(size=(700, 16)) + np.repeat(rng.normal(size=(7, 16)) * 2, 100, axis=0))
+    Q = l2_normalize(X[::70] + 0.05 * rng.normal(size=(10, 16)))
+    np.save(tmp_path / "db.npy", X)
+    np.save(tmp_path / "q.npy", Q)
+    run = tmp_path / "run"
+    import_descriptors(run, tmp_path / "db.npy", queries=tmp_path / "q.npy", shard_size=128)
+    return run, X, Q
+
+
+def test_import_formats_roundtrip(tmp_path, rng):
+    import scipy.io as sio
+
+    X = l2_normalize(rng.normal(size=(50, 8)))
+    _write_fvecs(tmp_path / "x.fvecs", X)
+    sio.savemat(tmp_path / "x.mat", {"vecs": X.T})
+    (tmp_path / "keys.txt").write_text("\n".join(f"img{i}.jpg" for i in range(50)))
+    for src, kw in [("x.fvecs", {}), ("x.mat", {"transpose": True})]:
+        run = tmp_path / src.replace(".", "_")
+        import_descriptors(run, tmp_path / src, keys=tmp_path / "keys.txt", shard_size=16, **kw)
+        ids, keys, Y = load_descriptors(run / "descriptors")
+        np.testing.assert_allclose(Y, X, atol=1e-6)
+        assert keys[3] == "img3.jpg" and len(list((run / "descriptors").glob("part-*"))) == 4
+    pq.write_table(pq.read_table(tmp_path / "x_fvecs" / "descriptors" / "part-00000.parquet"), tmp_path / "p.parquet")
+    import_descriptors(tmp_path / "fromparquet", tmp_path / "p.parquet")
+    assert load_descriptors(tmp_path / "fromparquet" / "descriptors")[2].shape == (16, 8)
+
+
+def test_import_refuses_nan_wrong_dim_and_bad_files(tmp_path, rng):
+    X = rng.normal(size=(20, 8)).astype(np.float32)
+    X[4, 2] = np.nan
+    np.save(tmp_path / "nan.npy", X)
+    with pytest.raises(DescriptorError, match=r"1 rows contain NaN/inf \(first rows: \[4\]\)"):
+        import_descriptors(tmp_path / "r", tmp_path / "nan.npy")
+    np.save(tmp_path / "db.npy", rng.normal(size=(20, 8)).astype(np.float32))
+    np.save(tmp_path / "q.npy", rng.normal(size=(3, 9)).astype(np.float32))
+    with pytest.raises(DescriptorError, match="dimension 9 does not match the database dimension 8"):
+        import_descriptors(tmp_path / "r", tmp_path / "db.npy", queries=tmp_path / "q.npy")
+    (tmp_path / "bad.fvecs").write_bytes(b"\x05\x00\x00\x00abc")
+    with pytest.raises(DescriptorError, match="not a valid .fvecs"):
+        import_descriptors(tmp_path / "r", tmp_path / "bad.fvecs")
+    (tmp_path / "k.txt").write_text("a\nb\n")
+    with pytest.raises(DescriptorError, match="lists 2 keys for 20"):
+        import_descriptors(tmp_path / "r", tmp_path / "db.npy", keys=tmp_path / "k.txt")
+
+
+def test_graph_stage_blocks_equal_in_memory_graph(imported):
+    run, X, _ = imported
+    man = run_graph(run, GraphConfig(k=10, block_rows=100, shards=3, index="flat"))
+    W, gman = load_graph(run / "graph")
+    ids, _, Xs = load_descriptors(run / "descriptors")
+    Wref, _ = build_graph(Xs, k=10)
+    np.testing.assert_allclose(W.toarray(), Wref.toarray(), atol=1e-6)
+    assert len(gman["blocks"]) == 7 and gman["nnz"] == Wref.nnz and man["index"] == "flat"
+
+
+def test_ray_graph_engine_equals_local(imported, ray_session, tmp_path):
+    run, _, _ = imported
+    run_graph(run, GraphConfig(k=10, shards=4, index="flat", engine="local"))
+    W1, _ = load_graph(run / "graph")
+    run_graph(run, GraphConfig(k=10, shards=4, index="flat", engine="ray"))
+    W2, m2 = load_graph(run / "graph")
+    assert m2["engine"] == "ray"
+    assert (W1 != W2).nnz == 0
+
+
+def test_approximate_graph_records_recall(imported):
+    run, _, _ = imported
+    man = run_graph(run, GraphConfig(k=10, index="ivf", nlist=8, nprobe=8, recall_sample=200))
+    assert man["index"] == "ivf" and man["recall_at_k"] >= 0.95
+
+
+def test_every_method_runs_and_solvers_agree(imported):
+    run, _, _ = imported
+    run_graph(run, GraphConfig(k=10, index="flat", block_rows=256))
+    cfg = QueryConfig(methods=["knn", "aqe", "diffusion", "truncated", "spectral"], topk=50, kq=5, alpha=0.9, rtol=1e-8,
+                      maxiter=500, truncate_m=700, spectral_rank=699, batch=4)
+    stats = run_query(run, run / "queries", cfg)
+    ranks = {m: pq.read_table(run / "ranks" / f"{m}.parquet").to_pydict() for m in cfg.methods}
+    assert all(len(r["ids"]) == 10 and all(len(x) == 50 for x in r["ids"]) for r in ranks.values())
+    d = np.array(ranks["diffusion"]["scores"])
+    # truncated over the whole database and full-rank spectral both equal the exact solve
+    np.testing.assert_allclose(np.array(ranks["truncated"]["scores"]), d, rtol=1e-5)
+    np.testing.assert_allclose(np.array(ranks["spectral"]["scores"]), d, rtol=1e-3, atol=1e-4 * d.max())
+    assert stats["diffusion"]["not_converged"] == 0 and all(ranks["diffusion"]["converged"])
+    assert (run / "graph" / "spectral-r699-a0.9.npz").is_file()
+    # reruns are skipped
+    assert all(v == {"skipped": True} for v in run_query(run, run / "queries", cfg).values())
+
+
+def test_non_convergence_is_reported(imported):
+    run, _, _ = imported
+    run_graph(run, GraphConfig(k=10, index="flat"))
+    stats = run_query(run, run / "queries", QueryConfig(methods=["diffusion"], topk=20, maxiter=2, rtol=1e-12))
+    assert stats["diffusion"]["not_converged"] == 10
+    assert not any(pq.read_table(run / "ranks" / "diffusion.parquet").column("converged").to_pylist())

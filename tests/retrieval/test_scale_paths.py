@@ -1,0 +1,116 @@
+"""Fast paths of the graph/diffusion layer against their simple references."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from retrieval.diffusion import (
+    TorchSparse, block_cg, diffusion_operator, diffusion_scores, diffusion_topk, topk_columns, truncated_diffusion,
+)
+from retrieval.graph import build_graph, graph_from_knn
+from retrieval.knn import IndexSpec, build_index, knn_search, merge_topk, recall_at_k, search_index, self_knn, shard_bounds
+from retrieval.spectral import katz_centrality, spectral_embedding
+from retrieval.whitening import l2_normalize
+
+
+@pytest.fixture
+def data(rng):
+    return l2_normalize(rng.normal(size=(600, 12)))
+
+
+def test_sharded_self_knn_and_graph_equal_unsharded(data):
+    D1, I1 = self_knn(data, 9, spec=IndexSpec("flat"), nshards=1)
+    D5, I5 = self_knn(data, 9, spec=IndexSpec("flat"), nshards=5)
+    np.testing.assert_array_equal(I1, I5)
+    W1, _ = graph_from_knn(D1, I1)
+    W5, _ = graph_from_knn(D5, I5)
+    assert (W1 != W5).nnz == 0
+    Wb, _ = build_graph(data, k=8)
+    np.testing.assert_allclose(W1.toarray(), Wb.toarray(), atol=1e-6)
+
+
+def test_shard_bounds_cover_rows():
+    b = shard_bounds(10, 3)
+    assert b[0][0] == 0 and b[-1][1] == 10 and all(x[1] == y[0] for x, y in zip(b, b[1:]))
+    assert shard_bounds(2, 8) == [(0, 1), (1, 2)]
+
+
+def test_merge_topk_of_database_shards_equals_whole(data):
+    Q = data[:20]
+    D, I = knn_search(Q, data, 7)
+    parts = [(a, b) for a, b in shard_bounds(len(data), 3)]
+    Ds, Is = zip(*[(lambda r: (r[0], r[1] + a))(knn_search(Q, data[a:b], 7)) for a, b in parts])
+    Dm, Im = merge_topk(list(Ds), list(Is), 7)
+    np.testing.assert_array_equal(Im, I)
+    np.testing.assert_allclose(Dm, D, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indexes_have_high_recall(data, kind):
+    spec = IndexSpec(kind, nlist=8, nprobe=8, ef_search=64)
+    _, I = search_index(build_index(data, spec), data[:100], 10)
+    _, Iref = knn_search(data[:100], data, 10)
+    assert recall_at_k(I, Iref) >= 0.95
+    assert recall_at_k(Iref, Iref) == 1.0
+
+
+def test_duplicate_descriptors_are_handled(data):
+    X = np.concatenate([data[:50], data[:50]])  # every row has an exact twin
+    W, stats = build_graph(X, k=5)
+    assert np.isfinite(W.data).all() and stats.isolated == 0
+    np.testing.assert_allclose(W.toarray(), W.toarray().T, atol=1e-6)
+
+
+def test_block_cg_float32_and_torch_match_float64(data, rng):
+    W, _ = build_graph(data, k=8)
+    L = diffusion_operator(W, 0.99)
+    B = rng.random((600, 5))
+    X64, _ = block_cg(L, B, rtol=1e-8, maxiter=500)
+    X32, st = block_cg(sp.csr_matrix(L, dtype=np.float32), B, rtol=1e-5, maxiter=500, dtype=np.float32)
+    Xt, _ = block_cg(TorchSparse(L), B, rtol=1e-5, maxiter=500, dtype=np.float32)
+    for Xa in (X32, Xt):
+        np.testing.assert_allclose(Xa, X64, rtol=1e-3, atol=1e-3 * np.abs(X64).max())
+
+
+def test_diffusion_topk_equals_full_scores(data):
+    W, _ = build_graph(data, k=8)
+    D, I = knn_search(data[:30], data, 5)
+    S, _ = diffusion_scores(W, D, I, alpha=0.9, rtol=1e-10, maxiter=500)
+    ids, sc, st = diffusion_topk(W, D, I, 20, alpha=0.9, rtol=1e-10, maxiter=500, batch=7)
+    np.testing.assert_allclose(sc, -np.sort(-S, axis=1)[:, :20], rtol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(S, ids, 1), sc, rtol=1e-5)
+    idx, vals = topk_columns(S.T, 3)
+    np.testing.assert_array_equal(idx, np.argsort(-S, axis=1)[:, :3])
+
+
+def test_truncated_with_whole_graph_equals_exact(data):
+    W, _ = build_graph(data, k=8)
+    D, I = knn_search(data[:4], data, 5)
+    _, Iall = knn_search(data[:4], data, 600)
+    S, _ = diffusion_scores(W, D, I, alpha=0.95, rtol=1e-10, maxiter=1000)
+    ids, sc, st = truncated_diffusion(W, D, I, Iall, alpha=0.95, rtol=1e-10, maxiter=1000)
+    for q in range(4):
+        np.testing.assert_allclose(S[q][ids[q]], sc[q], rtol=1e-6, atol=1e-12)
+    assert st.converged.all()
+    _, Ism = knn_search(data[:4], data, 50)
+    ids_s, _, _ = truncated_diffusion(W, D, I, Ism, alpha=0.95)
+    assert all(len(i) == 50 for i in ids_s)
+
+
+def test_full_rank_spectral_equals_exact_and_low_rank_approximates(data):
+    W, _ = build_graph(data[:200], k=8)
+    D, I = knn_search(data[:5], data[:200], 5)
+    S, _ = diffusion_scores(W, D, I, alpha=0.9, rtol=1e-12, maxiter=2000)
+    from retrieval.diffusion import query_vectors
+
+    Y = query_vectors(D, I, 200, gamma=3.0)
+    emb = spectral_embedding(W, rank=200, alpha=0.9)
+    np.testing.assert_allclose(emb.scores(Y), S, rtol=1e-4, atol=1e-5 * np.abs(S).max())
+    low = spectral_embedding(W, rank=60, alpha=0.9).scores(Y)
+    corr = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(low, S)])
+    assert corr > 0.8
+
+
+def test_katz_centrality_solves_the_system(data):
+    W, _ = build_graph(data[:200], k=8)
+    g = katz_centrality(W, alpha=0.9)
+    np.testing.assert_allclose((np.eye(200) - 0.9 * W.toarray()) @ g, np.ones(200), atol=1e-6)
