@@ -83,10 +83,9 @@ def _pad_with_knn(ids_list, sc_list, Q, X, k):
 
 
 def rank_truncated(Q: np.ndarray, X: np.ndarray, cfg: QueryConfig, *, W, **_) -> dict:
-    """Diffusion on each query's top-m neighbourhood subgraph; the rest ranked by similarity."""
-    m = min(cfg.truncate_m, X.shape[0])
-    Dbig, Ibig = knn_search(Q, X, m)
-    ids, sc, st = truncated_diffusion(W, Dbig[:, : cfg.kq], Ibig[:, : cfg.kq], Ibig, alpha=cfg.alpha, gamma=cfg.gamma,
+    """Diffusion on each query's m-node graph neighbourhood; the rest ranked by similarity."""
+    D, I = knn_search(Q, X, cfg.kq)
+    ids, sc, st = truncated_diffusion(W, D, I, m=min(cfg.truncate_m, X.shape[0]), alpha=cfg.alpha, gamma=cfg.gamma,
                                       rtol=cfg.rtol, maxiter=cfg.maxiter)
     I, S = _pad_with_knn(ids, sc, Q, X, _topk(cfg, X.shape[0]))
     return {"ids": I, "scores": S, **_stats(st)}

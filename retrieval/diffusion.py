@@ -174,12 +174,41 @@ def diffusion_scores(
     return X.T, stats
 
 
+def graph_neighbourhood(W: sp.csr_matrix, seeds: np.ndarray, m: int) -> np.ndarray:
+    """Up to m nodes around `seeds`, breadth first over the graph's edges (the manifold), not by
+    Euclidean distance: seeds first, then hop-1 nodes, ..., the last hop cut by edge weight.
+
+    Returns: (<= m,) int64 node ids.
+    """
+    seeds = np.unique(np.asarray(seeds, dtype=np.int64))
+    visited = np.zeros(W.shape[0], dtype=bool)
+    visited[seeds] = True
+    order = [seeds]
+    count = seeds.size
+    frontier = seeds
+    while count < m and frontier.size:
+        sub = W[frontier]
+        cand, pos = np.unique(sub.indices, return_index=True)
+        keep = ~visited[cand]
+        cand, weight = cand[keep], sub.data[pos][keep]
+        if cand.size == 0:
+            break
+        if count + cand.size > m:
+            cand = cand[np.argsort(-weight, kind="stable")[: m - count]]
+        visited[cand] = True
+        order.append(cand)
+        count += cand.size
+        frontier = cand
+    return np.concatenate(order)[:m]
+
+
 def truncated_diffusion(
     W: sp.csr_matrix,
     D: np.ndarray,
     I: np.ndarray,
-    Ibig: np.ndarray,
     *,
+    m: int = 1000,
+    neighbourhoods: np.ndarray | list[np.ndarray] | None = None,
     alpha: float = 0.99,
     gamma: float = 3.0,
     rtol: float = 1e-6,
@@ -187,16 +216,22 @@ def truncated_diffusion(
 ) -> tuple[list[np.ndarray], list[np.ndarray], SolveStats]:
     """Diffusion restricted to each query's neighbourhood (Iscen et al. 2017, truncated variant).
 
-    For query q the system is the principal submatrix of (I - alpha W) on its `Ibig[q]` database
-    neighbours (top-m by similarity; still SPD), y comes from its top-kq (D, I). Cost per query
-    does not grow with n; with m = n it is the exact solve.
+    For query q the system is the principal submatrix of (I - alpha W) (still SPD) on m nodes
+    around the query: by default its graph neighbourhood (breadth first from its top-kq database
+    neighbours, which follows the manifold), or the given `neighbourhoods[q]` (e.g. its top-m
+    Euclidean neighbours; -1 entries ignored). y comes from its top-kq (D, I). Cost per query
+    does not grow with n; when the subgraph holds the whole graph it is the exact solve.
     Returns: per query (ids (m,), scores (m,)) sorted by score, and the solver stats.
     """
     nq = I.shape[0]
     ids_out, sc_out = [], []
     iters, res, conv = np.zeros(nq, np.int64), np.zeros(nq), np.zeros(nq, bool)
     for q in range(nq):
-        nodes = Ibig[q][Ibig[q] >= 0]
+        if neighbourhoods is None:
+            nodes = graph_neighbourhood(W, I[q], m)
+        else:
+            nodes = np.asarray(neighbourhoods[q])
+            nodes = nodes[nodes >= 0]
         Ws = W[nodes][:, nodes]
         pos = {int(v): i for i, v in enumerate(nodes)}
         y = np.zeros(nodes.size)

@@ -87,13 +87,29 @@ def test_truncated_with_whole_graph_equals_exact(data):
     D, I = knn_search(data[:4], data, 5)
     _, Iall = knn_search(data[:4], data, 600)
     S, _ = diffusion_scores(W, D, I, alpha=0.95, rtol=1e-10, maxiter=1000)
-    ids, sc, st = truncated_diffusion(W, D, I, Iall, alpha=0.95, rtol=1e-10, maxiter=1000)
+    ids, sc, st = truncated_diffusion(W, D, I, neighbourhoods=Iall, alpha=0.95, rtol=1e-10, maxiter=1000)
     for q in range(4):
         np.testing.assert_allclose(S[q][ids[q]], sc[q], rtol=1e-6, atol=1e-12)
     assert st.converged.all()
     _, Ism = knn_search(data[:4], data, 50)
-    ids_s, _, _ = truncated_diffusion(W, D, I, Ism, alpha=0.95)
+    ids_s, _, _ = truncated_diffusion(W, D, I, neighbourhoods=Ism, alpha=0.95)
     assert all(len(i) == 50 for i in ids_s)
+    # default: graph neighbourhoods of m nodes; m = n covers the connected graph -> exact again
+    ids_g, sc_g, _ = truncated_diffusion(W, D, I, m=600, alpha=0.95, rtol=1e-10, maxiter=1000)
+    for q in range(4):
+        reached = S[q] > 1e-12
+        np.testing.assert_allclose(S[q][ids_g[q]], sc_g[q], rtol=1e-6, atol=1e-12)
+        assert set(np.flatnonzero(reached)) <= set(ids_g[q].tolist())
+
+
+def test_graph_neighbourhood_is_breadth_first(data):
+    from retrieval.diffusion import graph_neighbourhood
+
+    W, _ = build_graph(data, k=8)
+    nb = graph_neighbourhood(W, np.array([0]), 30)
+    assert nb[0] == 0 and len(nb) == 30 and len(set(nb.tolist())) == 30
+    hop1 = set(W[0].indices.tolist())
+    assert set(nb[1 : 1 + len(hop1)].tolist()) == hop1
 
 
 def test_full_rank_spectral_equals_exact_and_low_rank_approximates(data):

@@ -1,0 +1,276 @@
+"""Scale experiment for graph construction and diffusion on synthetic descriptor manifolds.
+
+    python -m pipelines.benchmarks.scale --n 10000 100000 --out runs/scale
+
+For each N: builds the data (cached), the graph with an exact and/or approximate index (each in
+its own process so its peak memory is its own), then ranks 1,000 planted queries with every
+method (kNN, alpha-QE, block CG, a loop of scipy `cg`, truncated diffusion, spectral ranking,
+PETSc with 1 and 2 ranks), reporting time, queries/s, mAP and CG statistics, and the
+memory-bandwidth bound of the sparse products. Results: `OUT/N/*.json` and `OUT/RESULTS.md`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+log = logging.getLogger("scale")
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _spec(n: int, nq: int):
+    from retrieval.synthetic_manifold import ManifoldSpec
+
+    return ManifoldSpec(n=n, n_queries=nq, shared_dim=32, seed=0)
+
+
+def step_gen(out: Path, n: int, nq: int) -> dict:
+    from retrieval.synthetic_manifold import make_manifold_dataset
+
+    t0 = time.perf_counter()
+    X, lab, Q, ql = make_manifold_dataset(_spec(n, nq))
+    np.save(out / "X.npy", X)
+    np.save(out / "labels.npy", lab)
+    np.save(out / "Q.npy", Q)
+    np.save(out / "qlabels.npy", ql)
+    return {"seconds": time.perf_counter() - t0, "n": n, "d": int(X.shape[1]), "queries": nq,
+            "classes": int(lab.max() + 1), "distractors": int((lab < 0).sum())}
+
+
+def step_graph(out: Path, index: str, k: int, nprobe: int, nlist: int) -> dict:
+    from retrieval.graph import graph_from_knn
+    from retrieval.knn import IndexSpec, build_index, knn_search, recall_at_k, search_index, shard_bounds
+
+    X = np.load(out / "X.npy")
+    n = X.shape[0]
+    spec = IndexSpec(kind=index, nprobe=nprobe, nlist=nlist).resolve(n)
+    t0 = time.perf_counter()
+    idx = build_index(X, spec)
+    t_index = time.perf_counter() - t0
+    D = np.empty((n, k + 1), np.float32)
+    I = np.empty((n, k + 1), np.int64)
+    for a, b in shard_bounds(n, max(1, n // 50_000)):
+        D[a:b], I[a:b] = search_index(idx, X[a:b], k + 1)
+    t_search = time.perf_counter() - t0 - t_index
+    del idx
+    W, st = graph_from_knn(D, I)
+    t_total = time.perf_counter() - t0
+    rows = np.sort(np.random.default_rng(1).choice(n, min(1000, n), replace=False))
+    _, Iref = knn_search(X[rows], X, k + 1)
+    rec = recall_at_k(I[rows], Iref)
+    sp.save_npz(out / f"W-{index}.npz", W, compressed=False)
+    return {"index": spec.kind, "nlist": spec.nlist if spec.kind == "ivf" else None, "nprobe": nprobe if spec.kind == "ivf" else None,
+            "k": k, "seconds_index": t_index, "seconds_search": t_search, "seconds_total": t_total, "recall_at_k": rec,
+            "nnz": int(W.nnz), "isolated": st.isolated, "peak_rss_gib": _peak_rss_gib()}
+
+
+def _bandwidth_gbs() -> float:
+    a = np.ones(2**27, np.float32)  # 512 MiB
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, petsc_queries: int, spectral_rank: int,
+                 truncate_m: int, methods: list[str]) -> dict:
+    from retrieval.diffusion import block_cg, diffusion_operator, diffusion_topk, query_vectors, scipy_cg, topk_columns, truncated_diffusion
+    from retrieval.knn import knn_search
+    from retrieval.metrics import compute_map
+    from retrieval.query_expansion import alpha_qe
+    from retrieval.spectral import spectral_embedding
+    from retrieval.synthetic_manifold import positives
+
+    X, Q = np.load(out / "X.npy"), np.load(out / "Q.npy")[:nq]
+    gnd = [{"ok": p} for p in positives(np.load(out / "labels.npy"), np.load(out / "qlabels.npy")[:nq])]
+    W = sp.load_npz(out / f"W-{graph}.npz").tocsr()
+    n = X.shape[0]
+    alpha, gamma, kq, rtol, maxiter = 0.99, 3.0, 10, 1e-6, 100
+    res: dict = {"graph": graph, "queries": nq, "topk": topk}
+
+    def record(name, ids, seconds, nqueries, **extra):
+        m = compute_map(np.asarray(ids).T, gnd[: len(ids)]).map * 100
+        res[name] = {"seconds": seconds, "queries": nqueries, "queries_per_s": nqueries / seconds, "map": m, **extra}
+        log.info("%-22s %8.2f s %9.1f q/s  mAP %.2f", name, seconds, nqueries / seconds, m)
+
+    t0 = time.perf_counter()
+    Dk, Ik = knn_search(Q, X, topk)
+    record("knn (faiss flat)", Ik, time.perf_counter() - t0, nq)
+    if "aqe" in methods:
+        t0 = time.perf_counter()
+        D2, I2 = knn_search(Q, X, 2)
+        _, Ia = knn_search(alpha_qe(Q, X, I2, D2, n=2, alpha=3.0), X, topk)
+        record("alpha-QE", Ia, time.perf_counter() - t0, nq)
+    D, I = Dk[:, :kq], Ik[:, :kq]
+    for dt in ("float64", "float32"):
+        if f"cg-{dt}" not in methods:
+            continue
+        t0 = time.perf_counter()
+        ids, sc, st = diffusion_topk(W, D, I, topk, alpha=alpha, gamma=gamma, rtol=rtol if dt == "float64" else 1e-5, maxiter=maxiter,
+                                     batch=128, dtype=np.float64 if dt == "float64" else np.float32)
+        record(f"block CG {dt}", ids, time.perf_counter() - t0, nq, iterations_mean=float(st.iterations.mean()),
+               not_converged=int((~st.converged).sum()), residual_max=float(st.residuals.max()))
+        if dt == "float64":
+            exact_ids = ids
+    if "cg-loop" in methods:
+        L = diffusion_operator(W, alpha)
+        m = min(loop_queries, nq)
+        t0 = time.perf_counter()
+        ids = []
+        for q in range(m):
+            x, _ = scipy_cg(L, query_vectors(D[q : q + 1], I[q : q + 1], n, gamma=gamma)[:, 0], rtol=rtol, maxiter=maxiter)
+            ids.append(topk_columns(x[:, None], topk)[0][0])
+        record("scipy cg loop", ids, time.perf_counter() - t0, m)
+    if "truncated" in methods:
+        t0 = time.perf_counter()
+        tids, tsc, st = truncated_diffusion(W, D, I, m=truncate_m, alpha=alpha, gamma=gamma, rtol=rtol, maxiter=maxiter)
+        ids = [np.concatenate([t, Ik[q][~np.isin(Ik[q], t)]])[:topk] for q, t in enumerate(tids)]
+        record(f"truncated (m={truncate_m})", ids, time.perf_counter() - t0, nq, iterations_mean=float(st.iterations.mean()))
+    if "spectral" in methods:
+        t0 = time.perf_counter()
+        emb = spectral_embedding(W, rank=spectral_rank, alpha=alpha)
+        t_off = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        Ysp = sp.csr_matrix((np.maximum(D.ravel(), 0) ** gamma, (I.ravel(), np.repeat(np.arange(nq), kq))), shape=(n, nq))
+        Z = emb.query(Ysp)
+        _, Is = knn_search(Z, emb.V, topk)
+        record(f"spectral (r={spectral_rank})", Is, time.perf_counter() - t0, nq, offline_seconds=t_off,
+               offline_bytes=int(emb.V.nbytes + emb.U.nbytes))
+    for ranks in (1, 2):
+        if f"petsc{ranks}" not in methods:
+            continue
+        from cluster.petsc_solver import solve_with_mpiexec
+        from pipelines.graph import write_graph
+
+        gdir = out / f"graph-{graph}"
+        if not (gdir / "manifest.json").is_file():
+            write_graph(W, gdir, block_rows=65536, manifest={"n": n, "nnz": int(W.nnz)})
+        m = min(petsc_queries, nq)
+        t0 = time.perf_counter()
+        ids, _, st = solve_with_mpiexec(gdir, D[:m], I[:m], ranks=ranks, k=topk, alpha=alpha, gamma=gamma, rtol=rtol, maxiter=maxiter)
+        record(f"PETSc CG {ranks} rank{'s' if ranks > 1 else ''}", ids, time.perf_counter() - t0, m,
+               iterations_mean=float(np.mean(st["iterations"])))
+    # memory-bandwidth bound of one block-CG iteration's sparse product (float64, 128 columns)
+    bw = _bandwidth_gbs()
+    L64 = sp.csr_matrix(diffusion_operator(W, alpha))
+    P = np.random.default_rng(0).random((n, 128))
+    t0 = time.perf_counter()
+    for _ in range(3):
+        L64 @ P
+    t_spmm = (time.perf_counter() - t0) / 3
+    bytes_moved = L64.nnz * (8 + 4) + (n + 1) * 4 + 2 * P.nbytes  # matrix once, block read + written once
+    res["spmm"] = {"bandwidth_gbs": bw, "columns": 128, "seconds": t_spmm, "bytes": bytes_moved,
+                   "bound_seconds": bytes_moved / (bw * 1e9), "ratio_measured_to_bound": t_spmm / (bytes_moved / (bw * 1e9))}
+    res["peak_rss_gib"] = _peak_rss_gib()
+    return res
+
+
+def _run_child(args: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "pipelines.benchmarks.scale", *args]
+    log.info("$ %s", " ".join(cmd[2:]))
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"step failed: {' '.join(args)}\n{r.stderr[-3000:]}")
+    sys.stderr.write("".join(l + "\n" for l in r.stderr.splitlines() if " scale:" in l or "INFO" in l))
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def markdown(results: dict) -> str:
+    lines = ["## Graph construction", "", "| N | index | build s | recall@k | nnz | peak RSS GiB |", "|---|---|---|---|---|---|"]
+    for n, r in results.items():
+        for g in r.get("graphs", []):
+            lines.append(f"| {n} | {g['index']}{' nprobe ' + str(g['nprobe']) if g.get('nprobe') else ''} | {g['seconds_total']:.1f} | "
+                         f"{g['recall_at_k']:.4f} | {g['nnz']} | {g['peak_rss_gib']:.2f} |")
+    lines += ["", "## Ranking 1,000 planted queries (top-1000 kept)", "",
+              "| N | graph | method | queries | seconds | queries/s | mAP | notes |", "|---|---|---|---|---|---|---|---|"]
+    for n, r in results.items():
+        m = r.get("methods")
+        if not m:
+            continue
+        for name, v in m.items():
+            if not isinstance(v, dict) or "map" not in v:
+                continue
+            notes = []
+            if "iterations_mean" in v:
+                notes.append(f"{v['iterations_mean']:.1f} it")
+            if v.get("not_converged"):
+                notes.append(f"{v['not_converged']} not converged")
+            if "offline_seconds" in v:
+                notes.append(f"offline {v['offline_seconds']:.1f} s, {v['offline_bytes'] / 2**20:.0f} MiB")
+            lines.append(f"| {n} | {m['graph']} | {name} | {v['queries']} | {v['seconds']:.2f} | {v['queries_per_s']:.1f} | {v['map']:.2f} | {', '.join(notes)} |")
+    lines += ["", "## Sparse product against the memory-bandwidth bound", "",
+              "| N | nnz(L) | columns | measured s | bound s | measured / bound | copy bandwidth GB/s |", "|---|---|---|---|---|---|---|"]
+    for n, r in results.items():
+        s = (r.get("methods") or {}).get("spmm")
+        if s:
+            lines.append(f"| {n} | {r['graphs'][-1]['nnz'] + int(n)} | {s['columns']} | {s['seconds']:.3f} | {s['bound_seconds']:.4f} | "
+                         f"{s['ratio_measured_to_bound']:.1f} | {s['bandwidth_gbs']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", nargs="?", default="all", choices=["all", "gen", "graph", "methods"])
+    ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--out", type=Path, default=Path("runs/scale"))
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--index", default="flat")
+    ap.add_argument("--graphs", nargs="+", default=None, help="indexes to build per N (default: flat up to 1e5, ivf above)")
+    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--nlist", type=int, default=0)
+    ap.add_argument("--topk", type=int, default=1000)
+    ap.add_argument("--loop-queries", type=int, default=100)
+    ap.add_argument("--petsc-queries", type=int, default=100)
+    ap.add_argument("--spectral-rank", type=int, default=256)
+    ap.add_argument("--truncate-m", type=int, default=2000)
+    ap.add_argument("--methods", nargs="+", default=["aqe", "cg-float64", "cg-float32", "cg-loop", "truncated", "spectral", "petsc1", "petsc2"])
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s scale: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    if a.step != "all":
+        out = a.out / str(a.n[0])
+        out.mkdir(parents=True, exist_ok=True)
+        if a.step == "gen":
+            r = step_gen(out, a.n[0], a.queries)
+        elif a.step == "graph":
+            r = step_graph(out, a.index, a.k, a.nprobe, a.nlist)
+        else:
+            r = step_methods(out, a.index, a.queries, a.topk, a.loop_queries, a.petsc_queries, a.spectral_rank, a.truncate_m, a.methods)
+        print(json.dumps(r))
+        return 0
+    results = {}
+    common = ["--out", str(a.out), "--queries", str(a.queries)]
+    for n in a.n:
+        ndir = a.out / str(n)
+        ndir.mkdir(parents=True, exist_ok=True)
+        r = {"gen": _run_child(["gen", "--n", str(n), *common]), "graphs": []}
+        graphs = a.graphs or (["flat"] if n <= 100_000 else ["ivf"])
+        for g in graphs:
+            r["graphs"].append(_run_child(["graph", "--n", str(n), "--index", g, "--k", str(a.k), "--nprobe", str(a.nprobe),
+                                           "--nlist", str(a.nlist), *common]))
+        r["methods"] = _run_child(["methods", "--n", str(n), "--index", graphs[-1], "--topk", str(a.topk), "--loop-queries",
+                                   str(a.loop_queries), "--petsc-queries", str(a.petsc_queries), "--spectral-rank", str(a.spectral_rank),
+                                   "--truncate-m", str(a.truncate_m), "--methods", *a.methods, *common])
+        results[n] = r
+        (ndir / "results.json").write_text(json.dumps(r, indent=2))
+        (a.out / "RESULTS.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
