@@ -92,7 +92,7 @@ class QueryConfig:
     aqe_n: int = 2
     aqe_alpha: float = 3.0
     batch: int = 128  # right-hand sides per block CG solve (memory O(N * batch))
-    matmul: str = "scipy"  # sparse product for block CG: scipy or torch
+    matmul: str = "reordered"  # sparse product for block CG: reordered (RCM + threads), scipy, or torch
     dtype: str = "float64"  # CG arithmetic: float64 or float32
     truncate_m: int = 1000  # database neighbours forming a query's subgraph ("truncated" method)
     spectral_rank: int = 256  # eigenpairs kept by the "spectral" method

@@ -131,6 +131,58 @@ class TorchSparse:
         return (self._t @ torch.from_numpy(P)).numpy()
 
 
+class ReorderedSparse:
+    """`A @ P` on a bandwidth-reducing reordering of A, row blocks multiplied in parallel threads.
+
+    Reverse Cuthill-McKee puts graph neighbours next to each other, so the rows of P a product
+    touches stay in cache (2-3x on kNN graphs here); scipy's sparse kernels release the GIL, so
+    row blocks run on all cores. Works in the permuted space: use `permute` on right-hand sides and
+    `unpermute` on solutions.
+    """
+
+    def __init__(self, A: sp.spmatrix, *, dtype=np.float64, threads: int | None = None):
+        import os
+
+        from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+        A = sp.csr_matrix(A, dtype=dtype)
+        self.shape, self.dtype = A.shape, dtype
+        self.perm = reverse_cuthill_mckee(A, symmetric_mode=True).astype(np.int64)
+        Ap = A[self.perm][:, self.perm].tocsr()
+        self.threads = max(1, threads or os.cpu_count() or 1)
+        n = A.shape[0]
+        # split rows so that each block holds about the same number of non-zeros
+        cuts = np.searchsorted(Ap.indptr, np.linspace(0, Ap.nnz, self.threads + 1)).clip(0, n)
+        cuts[0], cuts[-1] = 0, n
+        self.blocks = [(int(a), int(b), Ap[a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        self._pool = None
+
+    def permute(self, Y: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(Y[self.perm])
+
+    def unpermute(self, X: np.ndarray) -> np.ndarray:
+        out = np.empty_like(X)
+        out[self.perm] = X
+        return out
+
+    def __matmul__(self, P: np.ndarray) -> np.ndarray:
+        from concurrent.futures import ThreadPoolExecutor
+
+        P = np.ascontiguousarray(P, dtype=self.dtype)
+        if len(self.blocks) == 1:
+            return self.blocks[0][2] @ P
+        out = np.empty((self.shape[0],) + P.shape[1:], dtype=self.dtype)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(len(self.blocks))
+
+        def run(blk):
+            a, b, M = blk
+            out[a:b] = M @ P
+
+        list(self._pool.map(run, self.blocks))
+        return out
+
+
 def topk_columns(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per column of X (n, m): indices (m, k) of the k largest values, descending, and the values."""
     k = min(k, X.shape[0])
@@ -276,13 +328,21 @@ def diffusion_topk(
     """Top-k diffusion ranking for many queries, solved `batch` right-hand sides at a time.
 
     Memory is O(n * batch), never O(n * nq). matmul: "scipy" (CSR x dense, reference) or "torch"
-    (multi-threaded CSR kernel). Returns ids (nq, k) int64, scores (nq, k) and solver stats.
+    (multi-threaded CSR kernel) or "reordered" (`ReorderedSparse`: RCM order, threaded row blocks).
+    Returns ids (nq, k) int64, scores (nq, k) and solver stats.
     """
     n = W.shape[0]
     L = diffusion_operator(W, alpha)
-    op = TorchSparse(L, dtype=dtype) if matmul == "torch" else sp.csr_matrix(L, dtype=dtype)
-    if matmul not in ("scipy", "torch"):
-        raise ValueError(f"unknown matmul {matmul!r}; expected scipy or torch")
+    if matmul == "torch":
+        op = TorchSparse(L, dtype=dtype)
+    elif matmul == "reordered":
+        op = ReorderedSparse(L, dtype=dtype)
+    elif matmul == "scipy":
+        op = sp.csr_matrix(L, dtype=dtype)
+    else:
+        raise ValueError(f"unknown matmul {matmul!r}; expected scipy, torch or reordered")
+    perm = getattr(op, "permute", lambda Y: Y)
+    unperm = getattr(op, "unpermute", lambda X: X)
     nq = I.shape[0]
     k = min(k, n)
     ids = np.empty((nq, k), np.int64)
@@ -290,8 +350,8 @@ def diffusion_topk(
     iters, res, conv = np.zeros(nq, np.int64), np.zeros(nq), np.zeros(nq, bool)
     for a in range(0, nq, batch):
         b = min(a + batch, nq)
-        Y = query_vectors(D[a:b], I[a:b], n, gamma=gamma)
+        Y = perm(query_vectors(D[a:b], I[a:b], n, gamma=gamma))
         X, st = block_cg(op, Y, rtol=rtol, maxiter=maxiter, dtype=dtype)
-        ids[a:b], scores[a:b] = topk_columns(X, k)
+        ids[a:b], scores[a:b] = topk_columns(unperm(X), k)
         iters[a:b], res[a:b], conv[a:b] = st.iterations, st.residuals, st.converged
     return ids, scores, SolveStats(iters, res, conv)

@@ -4,7 +4,7 @@ import pytest
 import scipy.sparse as sp
 
 from retrieval.diffusion import (
-    TorchSparse, block_cg, diffusion_operator, diffusion_scores, diffusion_topk, topk_columns, truncated_diffusion,
+    ReorderedSparse, TorchSparse, block_cg, diffusion_operator, diffusion_scores, diffusion_topk, topk_columns, truncated_diffusion,
 )
 from retrieval.graph import build_graph, graph_from_knn
 from retrieval.knn import IndexSpec, build_index, knn_search, merge_topk, recall_at_k, search_index, self_knn, shard_bounds
@@ -67,15 +67,19 @@ def test_block_cg_float32_and_torch_match_float64(data, rng):
     X64, _ = block_cg(L, B, rtol=1e-8, maxiter=500)
     X32, st = block_cg(sp.csr_matrix(L, dtype=np.float32), B, rtol=1e-5, maxiter=500, dtype=np.float32)
     Xt, _ = block_cg(TorchSparse(L), B, rtol=1e-5, maxiter=500, dtype=np.float32)
-    for Xa in (X32, Xt):
+    R = ReorderedSparse(L, threads=3)
+    Xr = R.unpermute(block_cg(R, R.permute(B), rtol=1e-8, maxiter=500)[0])
+    np.testing.assert_allclose(R @ R.permute(B), R.permute(L @ B), rtol=1e-12)
+    for Xa in (X32, Xt, Xr):
         np.testing.assert_allclose(Xa, X64, rtol=1e-3, atol=1e-3 * np.abs(X64).max())
 
 
-def test_diffusion_topk_equals_full_scores(data):
+@pytest.mark.parametrize("matmul", ["scipy", "reordered", "torch"])
+def test_diffusion_topk_equals_full_scores(data, matmul):
     W, _ = build_graph(data, k=8)
     D, I = knn_search(data[:30], data, 5)
     S, _ = diffusion_scores(W, D, I, alpha=0.9, rtol=1e-10, maxiter=500)
-    ids, sc, st = diffusion_topk(W, D, I, 20, alpha=0.9, rtol=1e-10, maxiter=500, batch=7)
+    ids, sc, st = diffusion_topk(W, D, I, 20, alpha=0.9, rtol=1e-10, maxiter=500, batch=7, matmul=matmul)
     np.testing.assert_allclose(sc, -np.sort(-S, axis=1)[:, :20], rtol=1e-5)
     np.testing.assert_allclose(np.take_along_axis(S, ids, 1), sc, rtol=1e-5)
     idx, vals = topk_columns(S.T, 3)

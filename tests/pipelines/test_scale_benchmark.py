@@ -1,0 +1,21 @@
+"""The scale benchmark script runs end to end on a small N and its numbers are consistent."""
+import json
+
+import pytest
+
+from pipelines.benchmarks.scale import main
+
+
+@pytest.mark.timeout(300)
+def test_scale_benchmark_small(tmp_path):
+    assert main(["all", "--n", "3000", "--queries", "40", "--out", str(tmp_path), "--loop-queries", "10", "--petsc-queries", "10",
+                 "--spectral-rank", "40", "--truncate-m", "500", "--methods", "cg-float64", "cg-float64-scipy", "cg-loop", "truncated", "spectral", "petsc2"]) == 0
+    r = json.loads((tmp_path / "3000" / "results.json").read_text())
+    m = r["methods"]
+    assert r["graphs"][0]["recall_at_k"] == 1.0  # flat index
+    # the loop of scipy cg and PETSc solve the same systems as block CG: same rankings on the same queries
+    assert m["scipy cg loop"]["map_subset"] == pytest.approx(m["block CG float64"]["map_subset"], abs=1e-6)
+    assert m["PETSc CG 2 ranks"]["map_subset"] == pytest.approx(m["block CG float64"]["map_subset"], abs=1e-6)
+    assert m["block CG float64"]["not_converged"] == 0
+    assert m["spmm"]["ratio_measured_to_bound"] > 0
+    assert "## Graph construction" in (tmp_path / "RESULTS.md").read_text()
