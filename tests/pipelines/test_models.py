@@ -31,3 +31,32 @@ def test_bad_weight_files(tmp_path):
         load_backbone("efficientnet_lite0", str(other))
     with pytest.raises(WeightsError, match="unknown backbone"):
         load_backbone("resnet9000", str(other))
+
+
+def _photo_bytes():
+    import io
+
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.coffee()).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_multiscale_with_one_scale_equals_single_scale_and_poolings_run():
+    import numpy as np
+
+    from pipelines.config import ExtractConfig
+    from pipelines.extractor import DescriptorExtractor
+
+    img = _photo_bytes()
+    single = DescriptorExtractor(ExtractConfig(max_side=160))([img])
+    one = DescriptorExtractor(ExtractConfig(max_side=160, scales=[1.0], scale_p=3.0))([img])
+    np.testing.assert_array_equal(single, one)
+    multi = DescriptorExtractor(ExtractConfig(max_side=160, scales=[1.0, 0.7071, 0.5]))([img])
+    assert np.abs(multi - single).max() > 1e-4 and abs(np.linalg.norm(multi) - 1) < 1e-5
+    for pooling in ("mac", "spoc", "rmac", "crow", "fs"):
+        v = DescriptorExtractor(ExtractConfig(max_side=128, pooling=pooling))([img])
+        assert v.shape == (1, 1280) and abs(np.linalg.norm(v) - 1) < 1e-5

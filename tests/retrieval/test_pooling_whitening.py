@@ -51,3 +51,45 @@ def test_efficientnet_lite_feature_shape():
     with torch.no_grad():
         f = m.features(torch.rand(1, 3, 100, 150))
     assert f.shape == (1, 1280, 4, 5) and (f >= 0).all()
+
+
+def test_rmac_region_grid_matches_published_layout():
+    from retrieval.pooling import rmac_regions
+
+    sq = rmac_regions(7, 7, 3)  # square map: l x l regions of side floor(2*7/(l+1))
+    assert [r[2] for r in sq] == [7] + [4] * 4 + [3] * 9
+    assert sq[1:5] == [(0, 0, 4, 4), (0, 3, 4, 4), (3, 0, 4, 4), (3, 3, 4, 4)]
+    wide = rmac_regions(7, 10, 3)  # 10 wide: one extra region along the long side (overlap 0.57 is closest to 0.4)
+    assert len(wide) == 2 + 6 + 12
+    assert wide[:2] == [(0, 0, 7, 7), (0, 3, 7, 7)]
+    tall = rmac_regions(10, 7, 3)
+    assert len(tall) == 20 and tall[1] == (3, 0, 7, 7)
+    assert len(rmac_regions(30, 40, 3)) == 1 * 2 + 2 * 3 + 3 * 4
+
+
+def test_rmac_crow_fs_closed_forms():
+    from retrieval.pooling import crow, fs_pooling, rmac, rmac_regional
+
+    x = torch.rand(2, 6, 7, 9)
+    v, regions = rmac_regional(x)
+    assert v.shape == (2, len(regions), 6)
+    torch.testing.assert_close(torch.linalg.vector_norm(v, dim=-1), torch.ones(2, len(regions)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(rmac(x), v.sum(1))
+    # a constant map: every region's MAC is the same unit vector
+    c = torch.ones(1, 4, 6, 6)
+    torch.testing.assert_close(l2n(rmac(c)), torch.full((1, 4), 0.5))
+    # CroW where every channel is active everywhere and the channel sum is the same at every
+    # location: equal channel weights and uniform spatial weights -> proportional to SPoC
+    pos = (torch.rand(1, 5, 1, 1) + 0.5).expand(1, 5, 4, 4) + torch.tensor([1.0, -1.0, 0, 0, 0]).view(1, 5, 1, 1) * torch.rand(1, 1, 4, 4) * 0.2
+    torch.testing.assert_close(l2n(crow(pos)), l2n(spoc(pos)), atol=1e-5, rtol=0)
+    sparse = pos.clone()
+    sparse[0, 0, :2] = 0  # channel 0 active on half the map: CroW up-weights it relative to SPoC
+    assert (l2n(crow(sparse))[0, 0] / l2n(spoc(sparse))[0, 0]) > 1.05
+    # FS: a channel active everywhere gets weight -log(1) = 0; the saliency comes from sparse channels
+    x = torch.zeros(1, 2, 3, 3)
+    x[0, 0] = 1.0  # dense channel
+    x[0, 1, 1, 1] = 2.0  # sparse channel, one location
+    out = fs_pooling(x)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 2.0]]), atol=1e-4, rtol=0)
+    for name in ("rmac", "crow", "fs"):
+        assert make_pooling(name)(torch.rand(1, 3, 5, 5)).shape == (1, 3)
