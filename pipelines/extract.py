@@ -70,13 +70,13 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
     if cfg.engine not in ENGINES:
         raise ValueError(f"extract: unknown engine {cfg.engine!r}; known: {sorted(ENGINES)}")
     # fail fast in the driver, before any worker starts, on weights that are missing or unreadable
-    from retrieval.efficientnet_lite import LITE_PARAMS
+    from retrieval.backbones import BACKBONES
 
     from .models import WeightsError, resolve_weights
 
-    if cfg.backbone not in LITE_PARAMS:
-        raise WeightsError(f"unknown backbone {cfg.backbone!r}; available: {sorted(LITE_PARAMS)}")
-    resolve_weights(cfg.weights)
+    if cfg.backbone not in BACKBONES:
+        raise WeightsError(f"unknown backbone {cfg.backbone!r}; available: {BACKBONES}")
+    resolve_weights(cfg.weights, cfg.backbone)
     shards = list_shards(images_dir)
     if not shards:
         raise FileNotFoundError(f"extract: no image shards in {images_dir}; run `retrieval ingest` first")
@@ -157,7 +157,7 @@ def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whiten
     try:
         from .models import resolve_weights, file_sha256
 
-        manifest["weights_sha256"] = file_sha256(resolve_weights(cfg.weights))
+        manifest["weights_sha256"] = file_sha256(resolve_weights(cfg.weights, cfg.backbone))
     except Exception:  # the weights were needed to get here; a hash failure is not fatal
         pass
     write_json(manifest, out_dir / "manifest.json")

