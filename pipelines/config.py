@@ -61,7 +61,7 @@ class ExtractConfig:
     actors: int = 1
     actor_num_cpus: float = 1.0
     torch_threads: int = 0  # 0: leave torch's default
-    whitening: str = "pca"  # "pca" or "none"
+    whitening: str = "pca"  # "pca", "lw" (learned on mutual-NN pairs mined without labels) or "none"
     whitening_dim: int = 512
     whitening_shrinkage: float = 0.1
 

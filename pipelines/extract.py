@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from retrieval.whitening import Whitening, l2_normalize, learn_pca_whitening
+from retrieval.whitening import Whitening, l2_normalize, learn_lw_whitening, learn_pca_whitening
 
 from .config import ExtractConfig, params_hash
 from .descriptors import load_descriptors, write_descriptors
@@ -116,17 +116,32 @@ def load_whitening(path: Path) -> Whitening:
         return Whitening(mean=z["mean"], proj=z["proj"], kind=str(z["kind"]))
 
 
+def learn_whitening(F: np.ndarray, cfg: ExtractConfig) -> Whitening:
+    """PCA-whitening, or learned whitening on mutual nearest-neighbour pairs mined without labels."""
+    if cfg.whitening == "pca":
+        return learn_pca_whitening(F, dim=cfg.whitening_dim, shrinkage=cfg.whitening_shrinkage)
+    from retrieval.graph import mutual_nn_pairs
+    from retrieval.knn import knn_search
+
+    _, I = knn_search(F, F, 2)
+    pairs = mutual_nn_pairs(I)
+    if len(pairs) < 2:
+        raise ValueError("extract: too few mutual nearest-neighbour pairs to learn whitening; use whitening = 'pca'")
+    log.info("extract: %d mutual nearest-neighbour pairs mined for learned whitening", len(pairs))
+    return learn_lw_whitening(F, pairs, dim=cfg.whitening_dim, shrinkage=cfg.whitening_shrinkage)
+
+
 def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whitening | None = None, learn: bool = True) -> dict:
     """features -> descriptors: learn (database) or apply (queries) whitening, L2, write shards."""
     ids, keys, F = load_descriptors(out_dir / "features")
     wpath = out_dir / "whitening.npz"
-    if cfg.whitening == "pca" and whitening is None and learn:
-        whitening = learn_pca_whitening(F, dim=cfg.whitening_dim, shrinkage=cfg.whitening_shrinkage)
-        save_whitening(whitening, wpath, params={"dim": cfg.whitening_dim, "shrinkage": cfg.whitening_shrinkage})
-        log.info("extract: PCA-whitening learned on %d descriptors: %d -> %d dims", len(ids), F.shape[1], whitening.dim)
-    elif cfg.whitening not in ("pca", "none"):
-        raise ValueError(f"extract: unknown whitening {cfg.whitening!r}; expected 'pca' or 'none'")
-    X = whitening.apply(F) if (whitening is not None and cfg.whitening == "pca") else l2_normalize(F)
+    if cfg.whitening not in ("pca", "lw", "none"):
+        raise ValueError(f"extract: unknown whitening {cfg.whitening!r}; expected pca, lw or none")
+    if cfg.whitening != "none" and whitening is None and learn:
+        whitening = learn_whitening(F, cfg)
+        save_whitening(whitening, wpath, params={"kind": cfg.whitening, "dim": cfg.whitening_dim, "shrinkage": cfg.whitening_shrinkage})
+        log.info("extract: %s whitening learned on %d descriptors: %d -> %d dims", cfg.whitening, len(ids), F.shape[1], whitening.dim)
+    X = whitening.apply(F) if (whitening is not None and cfg.whitening != "none") else l2_normalize(F)
     whash = hashlib.sha256(X.tobytes()).hexdigest()[:16]
     ddir = out_dir / "descriptors"
     for stale in list_shards(ddir):

@@ -62,7 +62,7 @@ def stage_extract(cfg: RunConfig, run_dir: Path) -> dict:
         init_ray(cfg.ray_address)
     out = {"database": run_extract(run_dir, cfg.extract, learn=True)}
     if (run_dir / "queries" / "images").is_dir():
-        w = load_whitening(run_dir / "whitening.npz") if cfg.extract.whitening == "pca" else None
+        w = load_whitening(run_dir / "whitening.npz") if cfg.extract.whitening != "none" else None
         out["queries"] = run_extract(run_dir / "queries", cfg.extract, with_boxes=True, whitening=w, learn=False)
     return out
 

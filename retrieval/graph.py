@@ -108,3 +108,18 @@ def graph_from_knn(D: np.ndarray, I: np.ndarray, *, gamma: float = 3.0, reciproc
     A = affinity_from_knn(D, I, gamma=gamma, reciprocal=reciprocal, n=D.shape[0])
     W, deg = normalize_symmetric(A)
     return W, graph_stats(W, deg)
+
+
+def mutual_nn_pairs(I: np.ndarray, *, rank: int = 1) -> np.ndarray:
+    """Pairs (i, j), i < j, that are each other's nearest neighbour (excluding themselves).
+
+    Args: I (n, k) self-kNN ids, column 0 being the item itself; rank: use the neighbour at this
+    column. Mined without labels, such pairs are the matching pairs of learned whitening.
+    Returns: (p, 2) int64.
+    """
+    n = I.shape[0]
+    nn = I[:, rank].astype(np.int64)
+    i = np.arange(n)
+    ok = (nn >= 0) & (nn != i)
+    mutual = ok & (nn[np.clip(nn, 0, n - 1)] == i) & (i < nn)
+    return np.stack([i[mutual], nn[mutual]], axis=1)

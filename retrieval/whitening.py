@@ -53,3 +53,36 @@ def learn_pca_whitening(X: np.ndarray, *, dim: int | None = None, shrinkage: flo
     s = shrinkage * lam.mean()
     proj = (U / np.sqrt(lam + s)).T
     return Whitening(mean=mean, proj=proj, kind="pca")
+
+
+def _inv_sqrt_psd(C: np.ndarray, shrinkage: float) -> np.ndarray:
+    lam, U = np.linalg.eigh(C)
+    lam = np.maximum(lam, lam.max() * 1e-9) + shrinkage * lam.mean()
+    return (U / np.sqrt(lam)) @ U.T
+
+
+def learn_lw_whitening(X: np.ndarray, pairs: np.ndarray, *, dim: int | None = None, shrinkage: float = 0.0) -> Whitening:
+    """Learned whitening (Radenovic et al.) from matching pairs.
+
+    Cs = covariance of pair differences x_i - x_j; P1 = Cs^-1/2 whitens them; the rotation R is the
+    eigenbasis (descending) of the covariance of P1 (x - m) over the paired descriptors, so the top
+    `dim` directions keep the most variance between non-matching images. proj = R^T P1.
+    Args: X (n, d); pairs (p, 2) int indices of matching rows. After learning (shrinkage = 0),
+    proj Cs proj^T = I.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    pairs = np.asarray(pairs, dtype=np.int64)
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.shape[0] < 2:
+        raise ValueError(f"learned whitening needs (p >= 2, 2) pairs, got shape {pairs.shape}")
+    idx = np.unique(pairs)
+    mean = X[idx].mean(axis=0)
+    diff = X[pairs[:, 0]] - X[pairs[:, 1]]
+    Cs = diff.T @ diff / diff.shape[0]
+    P1 = _inv_sqrt_psd(Cs, shrinkage)
+    Z = (X[idx] - mean) @ P1.T
+    Cr = Z.T @ Z / max(Z.shape[0] - 1, 1)
+    lam, R = np.linalg.eigh(Cr)
+    R = R[:, np.argsort(lam)[::-1]]
+    dim = min(dim or X.shape[1], X.shape[1])
+    proj = (R[:, :dim].T @ P1)
+    return Whitening(mean=mean, proj=proj, kind="lw")

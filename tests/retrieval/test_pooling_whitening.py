@@ -93,3 +93,23 @@ def test_rmac_crow_fs_closed_forms():
     torch.testing.assert_close(out, torch.tensor([[1.0, 2.0]]), atol=1e-4, rtol=0)
     for name in ("rmac", "crow", "fs"):
         assert make_pooling(name)(torch.rand(1, 3, 5, 5)).shape == (1, 3)
+
+
+def test_learned_whitening_whitens_matching_differences(rng):
+    from retrieval.graph import mutual_nn_pairs
+    from retrieval.knn import knn_search
+    from retrieval.whitening import learn_lw_whitening
+
+    base = rng.normal(size=(150, 10)) @ rng.normal(size=(10, 10))
+    X = np.concatenate([base, base + 0.1 * rng.normal(size=base.shape) @ rng.normal(size=(10, 10))])
+    X /= np.linalg.norm(X, axis=1, keepdims=True)  # descriptors are L2-normalised; kNN is by inner product
+    _, I = knn_search(X.astype(np.float32), X.astype(np.float32), 2)
+    pairs = mutual_nn_pairs(I)
+    assert len(pairs) > 100 and (pairs[:, 0] < pairs[:, 1]).all()
+    assert np.mean(pairs[:, 1] - pairs[:, 0] == 150) > 0.9  # the planted matches are found without labels
+    w = learn_lw_whitening(X, pairs)
+    diff = (X[pairs[:, 0]] - X[pairs[:, 1]]) @ w.proj.T
+    np.testing.assert_allclose(diff.T @ diff / len(pairs), np.eye(10), atol=1e-8)
+    assert w.kind == "lw" and learn_lw_whitening(X, pairs, dim=4).apply(X).shape == (300, 4)
+    with pytest.raises(ValueError, match="pairs"):
+        learn_lw_whitening(X, pairs[:1])
