@@ -1,0 +1,100 @@
+"""Extraction throughput: the whole pipeline (Parquet shards -> written descriptors) against the raw
+forward pass of the same model on the same images, measured side by side in one run.
+
+    python -m pipelines.benchmarks.throughput --config deploy/configs/demo.toml --images 480
+
+Raw forward: images decoded and resized beforehand, then only `features` + pooling timed, with
+the same torch thread count the pipeline's actor uses. Pipeline: `extract_features` on fresh
+copies of the image shards, with the Ray engine (and the in-process engine for reference).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("throughput")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="deploy/configs/demo.toml")
+    ap.add_argument("--images", type=int, default=480, help="images taken from the run's shards")
+    ap.add_argument("--out", type=Path, default=Path("runs/throughput.json"))
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipelines.config import load_config
+    from pipelines.extract import extract_features
+    from pipelines.extractor import DescriptorExtractor, open_rgb, to_input
+    from pipelines.run import run_stages
+    from pipelines.shards import list_shards
+    from retrieval.pooling import l2n
+
+    cfg = load_config(a.config)
+    base = Path(cfg.out)
+    if not (base / "images").is_dir():
+        run_stages(cfg, ["ingest"])
+    shards, n = [], 0
+    for p in list_shards(base / "images"):
+        if n >= a.images:
+            break
+        shards.append(p)
+        n += pq.read_metadata(p).num_rows
+    threads = max(1, int(round(cfg.extract.actor_num_cpus * cfg.extract.actors))) if cfg.extract.torch_threads == 0 else cfg.extract.torch_threads
+    res = {"images": n, "shards": len(shards), "max_side": cfg.extract.max_side, "backbone": cfg.extract.backbone,
+           "actors": cfg.extract.actors, "actor_num_cpus": cfg.extract.actor_num_cpus, "torch_threads": threads}
+
+    # raw forward on pre-decoded inputs
+    imgs = pa.concat_tables([pq.read_table(p, columns=["image"]) for p in shards]).column("image").to_pylist()
+    ex = DescriptorExtractor(cfg.extract)
+    inputs = [torch.from_numpy(to_input(open_rgb(b), max_side=cfg.extract.max_side, mean=ex.model.input_mean, std=ex.model.input_std))[None]
+              for b in imgs]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        ex.model.features(inputs[0])
+        t0 = time.perf_counter()
+        for x in inputs:
+            l2n(ex.pool(ex.model.features(x)))
+        res["raw_forward_img_s"] = n / (time.perf_counter() - t0)
+    torch.set_num_threads(prev)
+    log.info("raw forward: %.1f img/s with %d torch threads", res["raw_forward_img_s"], threads)
+
+    for engine in ("ray", "local"):
+        with tempfile.TemporaryDirectory() as tmp:
+            run = Path(tmp)
+            (run / "images").mkdir()
+            for p in shards:
+                shutil.copy(p, run / "images" / p.name)
+            ecfg = dataclasses.replace(cfg.extract, engine=engine)
+            if engine == "ray":
+                from cluster.ray_runtime import init_ray
+
+                init_ray(cfg.ray_address)
+                # warm the cluster (worker start-up is a one-time cost of a long job, not throughput)
+            t0 = time.perf_counter()
+            extract_features(run / "images", run, ecfg)
+            res[f"pipeline_{engine}_img_s"] = n / (time.perf_counter() - t0)
+            log.info("pipeline (%s): %.1f img/s", engine, res[f"pipeline_{engine}_img_s"])
+    res["ratio_ray_to_raw"] = res["pipeline_ray_img_s"] / res["raw_forward_img_s"]
+    res["ratio_local_to_raw"] = res["pipeline_local_img_s"] / res["raw_forward_img_s"]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
