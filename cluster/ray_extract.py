@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 class _EmbedActor:
     """Ray Data callable class: builds the extractor once per actor, embeds batches."""
 
+
     def __init__(self, make_extractor: Callable[[], Any]):
         self.extract = make_extractor()
 
@@ -26,8 +27,13 @@ class _EmbedActor:
         boxes = None
         if "bbox" in batch:
             boxes = [None if b is None else list(b) for b in batch["bbox"]]
-        vecs = self.extract(list(batch["image"]), boxes)
-        return {"path": batch["path"], "id": batch["id"], "vector": vecs}
+        res = self.extract.extract(list(batch["image"]), boxes)
+        out = {"path": batch["path"], "id": batch["id"], "vector": res["vector"]}
+        if "regions" in res:  # ragged per image: carried as flat vectors plus their row counts
+            out["region_count"] = np.array([len(r) for r in res["regions"]], np.int64)
+            out["regions_flat"] = np.array([r.ravel() for r in res["regions"]] + [None], dtype=object)[:-1]
+            out["region_boxes_flat"] = np.array([b.ravel() for b in res["region_boxes"]] + [None], dtype=object)[:-1]
+        return out
 
 
 def map_batches_actor_pool(ds, cls, *, constructor_args: tuple, actors: int, num_cpus: float, num_gpus: float, batch_size: int):
@@ -74,6 +80,8 @@ def extract_shards_ray(
     )
     acc_ids: dict[str, list[np.ndarray]] = defaultdict(list)
     acc_vec: dict[str, list[np.ndarray]] = defaultdict(list)
+    acc_reg: dict[str, list] = defaultdict(list)
+    acc_box: dict[str, list] = defaultdict(list)
     got: dict[str, int] = defaultdict(int)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         names = np.array([Path(str(p)).name for p in batch["path"]])
@@ -81,6 +89,11 @@ def extract_shards_ray(
             sel = names == name
             acc_ids[name].append(batch["id"][sel])
             acc_vec[name].append(batch["vector"][sel])
+            if "region_count" in batch:
+                d = batch["vector"].shape[1]
+                for j in np.flatnonzero(sel):
+                    acc_reg[name].append(np.asarray(batch["regions_flat"][j], np.float32).reshape(-1, d))
+                    acc_box[name].append(np.asarray(batch["region_boxes_flat"][j], np.float32).reshape(-1, 4))
             got[name] += int(sel.sum())
             if progress:
                 progress(int(sel.sum()))
@@ -88,7 +101,12 @@ def extract_shards_ray(
                 ids = np.concatenate(acc_ids.pop(name)).astype(np.int64)
                 vec = np.concatenate(acc_vec.pop(name)).astype(np.float32)
                 order = np.argsort(ids, kind="stable")
-                yield by_name[name], ids[order], vec[order]
+                if name in acc_reg:
+                    regs, boxes = acc_reg.pop(name), acc_box.pop(name)
+                    yield by_name[name], ids[order], vec[order], {"regions": [regs[i] for i in order],
+                                                                  "region_boxes": [boxes[i] for i in order]}
+                else:
+                    yield by_name[name], ids[order], vec[order]
             elif got[name] > expected[name]:
                 raise RuntimeError(f"ray extract: shard {name} produced {got[name]} rows, expected {expected[name]}")
     missing = {n: expected[n] - got.get(n, 0) for n in expected if got.get(n, 0) != expected[n]}

@@ -56,6 +56,7 @@ class ExtractConfig:
     max_side: int = 320  # images are resized (aspect kept) so that their longer side is this
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale: e.g. [1.0, 0.7071, 0.5] of max_side
     scale_p: float = 1.0  # generalised-mean exponent combining the scales
+    regions: bool = False  # also store per-image R-MAC regional vectors and their boxes
     batch_size: int = 16
     engine: str = "ray"  # "ray" (actor pool) or "local" (in-process)
     actors: int = 1

@@ -13,15 +13,21 @@ class DescriptorError(ValueError):
     """Descriptor shards are missing, inconsistent, or contain invalid values."""
 
 
-def descriptor_table(ids: np.ndarray, keys: list[str], X: np.ndarray) -> pa.Table:
+def descriptor_table(ids: np.ndarray, keys: list[str], X: np.ndarray, regions: dict | None = None) -> pa.Table:
+    """Descriptor shard table; `regions` ({"regions": [(R, C)], "region_boxes": [(R, 4)]} per row)
+    adds `regions` (list of list<float32>[C]) and `region_boxes` (list of list<float32>[4])."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     d = X.shape[1] if X.ndim == 2 else 0
     vec = pa.FixedSizeListArray.from_arrays(pa.array(X.ravel(), pa.float32()), d)
-    return pa.table({"id": pa.array(np.asarray(ids, np.int64)), "key": pa.array(keys, pa.string()), "vector": vec})
+    cols = {"id": pa.array(np.asarray(ids, np.int64)), "key": pa.array(keys, pa.string()), "vector": vec}
+    if regions is not None:
+        cols["regions"] = pa.array([r.tolist() for r in regions["regions"]], pa.list_(pa.list_(pa.float32(), d)))
+        cols["region_boxes"] = pa.array([b.tolist() for b in regions["region_boxes"]], pa.list_(pa.list_(pa.float32(), 4)))
+    return pa.table(cols)
 
 
-def write_descriptors(path: Path, ids: np.ndarray, keys: list[str], X: np.ndarray, *, params: str) -> None:
-    write_table(descriptor_table(ids, keys, X), path, params=params)
+def write_descriptors(path: Path, ids: np.ndarray, keys: list[str], X: np.ndarray, *, params: str, regions: dict | None = None) -> None:
+    write_table(descriptor_table(ids, keys, X, regions), path, params=params)
 
 
 def table_vectors(t: pa.Table) -> np.ndarray:

@@ -29,7 +29,7 @@ ShardResult = tuple[Path, np.ndarray, np.ndarray]
 
 
 def _feature_params(cfg: ExtractConfig) -> str:
-    keys = ("backbone", "weights", "pooling", "gem_p", "max_side", "scales", "scale_p")
+    keys = ("backbone", "weights", "pooling", "gem_p", "max_side", "scales", "scale_p", "regions")
     return params_hash({k: getattr(cfg, k) for k in keys})
 
 
@@ -41,11 +41,15 @@ def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bo
         ids = t.column("id").to_numpy().astype(np.int64)
         boxes = t.column("bbox").to_pylist() if with_boxes else None
         imgs = t.column("image").to_pylist()
-        vecs = []
+        vecs, regs, rboxes = [], [], []
         for i in range(0, len(imgs), cfg.batch_size):
-            vecs.append(extractor(imgs[i : i + cfg.batch_size], boxes[i : i + cfg.batch_size] if boxes else None))
+            r = extractor.extract(imgs[i : i + cfg.batch_size], boxes[i : i + cfg.batch_size] if boxes else None)
+            vecs.append(r["vector"])
+            regs += r.get("regions", [])
+            rboxes += r.get("region_boxes", [])
             progress(len(vecs[-1]))
-        yield p, ids, (np.concatenate(vecs) if vecs else np.zeros((0, extractor.dim), np.float32))
+        V = np.concatenate(vecs) if vecs else np.zeros((0, extractor.dim), np.float32)
+        yield (p, ids, V, {"regions": regs, "region_boxes": rboxes}) if cfg.regions else (p, ids, V)
 
 
 def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
@@ -88,13 +92,14 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
     t0 = time.perf_counter()
     make = functools.partial(DescriptorExtractor, cfg)
     with tqdm(total=total, desc="extract", unit="img") as bar:
-        for path, ids, vecs in ENGINES[cfg.engine](todo, make, with_boxes=with_boxes, progress=bar.update, cfg=cfg):
+        for path, ids, vecs, *extra in ENGINES[cfg.engine](todo, make, with_boxes=with_boxes, progress=bar.update, cfg=cfg):
             keys = read_table(path, ["key"]).column("key").to_pylist()
             src_ids = read_table(path, ["id"]).column("id").to_numpy()
             if not np.array_equal(np.sort(src_ids), ids):
                 raise RuntimeError(f"extract: ids returned for {path.name} do not match the shard")
             key_of = dict(zip(src_ids.tolist(), keys))
-            write_descriptors(fdir / path.name, ids, [key_of[i] for i in ids.tolist()], vecs, params=f"{phash}:{path.name}")
+            write_descriptors(fdir / path.name, ids, [key_of[i] for i in ids.tolist()], vecs, params=f"{phash}:{path.name}",
+                              regions=extra[0] if extra else None)
     dt = time.perf_counter() - t0
     for stale in list_shards(fdir):
         if stale.name not in {p.name for p in shards}:

@@ -64,19 +64,47 @@ class DescriptorExtractor:
     def dim(self) -> int:
         return int(self.model.out_channels)
 
-    @torch.no_grad()
     def __call__(self, images: Sequence[bytes], boxes: Sequence[Sequence[float] | None] | None = None) -> np.ndarray:
+        """(B, C) float32 L2-normalised global descriptors."""
+        return self.extract(images, boxes)["vector"]
+
+    @torch.no_grad()
+    def extract(self, images: Sequence[bytes], boxes: Sequence[Sequence[float] | None] | None = None) -> dict:
+        """{"vector": (B, C) float32} plus, with cfg.regions, "regions": per image (R, C) float32
+        L2-normalised R-MAC regional vectors of the first scale and "region_boxes": per image (R, 4)
+        float32 (x0, y0, x1, y1) in pixels of the original image."""
         boxes = boxes if boxes is not None else [None] * len(images)
         out = np.empty((len(images), self.dim), dtype=np.float32)
+        regions, region_boxes = [], []
         for i, (data, box) in enumerate(zip(images, boxes)):
             im = open_rgb(data, box)
             vs = []
-            for s in self.cfg.scales:
+            for si, s in enumerate(self.cfg.scales):
                 x = torch.from_numpy(to_input(im, max_side=max(8, round(self.cfg.max_side * s)),
                                               mean=self.model.input_mean, std=self.model.input_std))[None]
-                vs.append(l2n(self.pool(self.model.features(x)))[0])
+                fmap = self.model.features(x)
+                vs.append(l2n(self.pool(fmap))[0])
+                if self.cfg.regions and si == 0:
+                    r, b = regional(fmap, im.size, box)
+                    regions.append(r)
+                    region_boxes.append(b)
             out[i] = combine_scales(torch.stack(vs), p=self.cfg.scale_p).numpy()
-        return out
+        res = {"vector": out}
+        if self.cfg.regions:
+            res["regions"], res["region_boxes"] = regions, region_boxes
+        return res
+
+
+def regional(fmap: torch.Tensor, size: tuple[int, int], crop: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """R-MAC regional vectors (R, C) of one feature map and their boxes (R, 4) in original-image pixels."""
+    from retrieval.pooling import rmac_regional
+
+    v, regs = rmac_regional(fmap, include_global=False)
+    h, w = fmap.shape[-2:]
+    sx, sy = size[0] / w, size[1] / h
+    ox, oy = (max(0.0, float(crop[0])), max(0.0, float(crop[1]))) if crop is not None else (0.0, 0.0)
+    b = np.array([[x0 * sx + ox, y0 * sy + oy, (x0 + rw) * sx + ox, (y0 + rh) * sy + oy] for y0, x0, rh, rw in regs], np.float32)
+    return v[0].numpy().astype(np.float32), b.reshape(-1, 4)
 
 
 def combine_scales(v: torch.Tensor, *, p: float = 1.0) -> torch.Tensor:

