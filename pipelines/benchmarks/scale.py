@@ -75,6 +75,30 @@ def step_graph(out: Path, index: str, k: int, nprobe: int, nlist: int) -> dict:
             "nnz": int(W.nnz), "isolated": st.isolated, "peak_rss_gib": _peak_rss_gib()}
 
 
+def step_recall(out: Path, nlists: list[int], nprobes: list[int], rows: int = 1000) -> dict:
+    """IVF recall@k on `rows` sampled rows against exact search, per (nlist, nprobe), with the
+    self-kNN time of all N rows projected from the sample's search time."""
+    from retrieval.knn import IndexSpec, build_index, knn_search, recall_at_k, search_index
+
+    X = np.load(out / "X.npy")
+    sel = np.sort(np.random.default_rng(1).choice(len(X), min(rows, len(X)), replace=False))
+    _, Iref = knn_search(X[sel], X, 51)
+    res = []
+    for nlist in nlists:
+        t0 = time.perf_counter()
+        idx = build_index(X, IndexSpec("ivf", nlist=nlist))
+        tb = time.perf_counter() - t0
+        for nprobe in nprobes:
+            idx.nprobe = nprobe
+            t0 = time.perf_counter()
+            _, I = search_index(idx, X[sel], 51)
+            ts = time.perf_counter() - t0
+            res.append({"nlist": nlist, "nprobe": nprobe, "build_seconds": tb, "recall_at_51": recall_at_k(I, Iref),
+                        "projected_search_seconds": ts * len(X) / len(sel)})
+            log.info("nlist %d nprobe %d: recall %.4f, projected %.0f s", nlist, nprobe, res[-1]["recall_at_51"], res[-1]["projected_search_seconds"])
+    return {"sweep": res}
+
+
 def _bandwidth_gbs() -> float:
     a = np.ones(2**27, np.float32)  # 512 MiB
     b = np.empty_like(a)
@@ -238,7 +262,9 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", nargs="?", default="all", choices=["all", "gen", "graph", "methods"])
+    ap.add_argument("step", nargs="?", default="all", choices=["all", "gen", "graph", "methods", "recall"])
+    ap.add_argument("--nlists", type=int, nargs="+", default=[1000, 4000])
+    ap.add_argument("--nprobes", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--out", type=Path, default=Path("runs/scale"))
     ap.add_argument("--queries", type=int, default=1000)
@@ -261,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if a.step == "gen":
             r = step_gen(out, a.n[0], a.queries)
+        elif a.step == "recall":
+            r = step_recall(out, a.nlists, a.nprobes)
         elif a.step == "graph":
             r = step_graph(out, a.index, a.k, a.nprobe, a.nlist)
         else:
