@@ -24,16 +24,28 @@ class _EmbedActor:
         self.extract = make_extractor()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        boxes = None
-        if "bbox" in batch:
-            boxes = [None if b is None else list(b) for b in batch["bbox"]]
-        res = self.extract.extract(list(batch["image"]), boxes)
+        res = self.extract.embed(list(batch["pixels"]), list(batch["geom"]))
         out = {"path": batch["path"], "id": batch["id"], "vector": res["vector"]}
         if "regions" in res:  # ragged per image: carried as flat vectors plus their row counts
             out["region_count"] = np.array([len(r) for r in res["regions"]], np.int64)
             out["regions_flat"] = np.array([r.ravel() for r in res["regions"]] + [None], dtype=object)[:-1]
             out["region_boxes_flat"] = np.array([b.ravel() for b in res["region_boxes"]] + [None], dtype=object)[:-1]
         return out
+
+
+class _Decode:
+    """Ray Data task: encoded bytes -> resized uint8 pixels (decoding runs on CPU tasks, apart from
+    the model actors)."""
+
+    def __init__(self, prepare: Callable):
+        self.prepare = prepare
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        boxes = [None if b is None else list(b) for b in batch["bbox"]] if "bbox" in batch else [None] * len(batch["id"])
+        prepared = [self.prepare(d, b) for d, b in zip(batch["image"], boxes)]
+        pixels = np.empty(len(prepared), dtype=object)
+        pixels[:] = [p for p, _ in prepared]
+        return {"path": batch["path"], "id": batch["id"], "pixels": pixels, "geom": np.stack([g for _, g in prepared])}
 
 
 def map_batches_actor_pool(ds, cls, *, constructor_args: tuple, actors: int, num_cpus: float, num_gpus: float, batch_size: int):
@@ -53,13 +65,19 @@ def extract_shards_ray(
     shards: list[Path],
     make_extractor: Callable[[], Any],
     *,
+    prepare: Callable[[bytes, Any], tuple[np.ndarray, np.ndarray]],
+    decode_num_cpus: float = 0.5,
     actors: int = 1,
     num_cpus: float = 1.0,
     batch_size: int = 16,
     with_boxes: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
-    """Yield (shard path, ids (n,) int64, vectors (n, d) float32 sorted by id) per finished shard."""
+    """Yield (shard path, ids (n,) int64, vectors (n, d) float32 sorted by id) per finished shard.
+
+    `prepare(bytes, bbox) -> (pixels, geom)` runs in Ray Data tasks (`decode_num_cpus` each); the
+    model runs in `actors` actors (`num_cpus` each, one GPU each when the cluster has GPUs).
+    """
     import ray
 
     if not shards:
@@ -75,6 +93,7 @@ def extract_shards_ray(
     num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     columns = ["id", "image"] + (["bbox"] if with_boxes else [])
     ds = ray.data.read_parquet([str(by_name[n]) for n in expected], include_paths=True).select_columns(columns + ["path"])
+    ds = ds.map_batches(_Decode(prepare), num_cpus=decode_num_cpus, batch_size=batch_size, batch_format="numpy")
     ds = map_batches_actor_pool(
         ds, _EmbedActor, constructor_args=(make_extractor,), actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, batch_size=batch_size
     )

@@ -61,6 +61,7 @@ class ExtractConfig:
     engine: str = "ray"  # "ray" (actor pool) or "local" (in-process)
     actors: int = 1
     actor_num_cpus: float = 1.0
+    decode_num_cpus: float = 0.5  # CPUs per Ray decode task (decoding runs apart from the model actors)
     torch_threads: int = 0  # 0: leave torch's default
     whitening: str = "pca"  # "pca", "lw" (learned on mutual-NN pairs mined without labels) or "none"
     whitening_dim: int = 512

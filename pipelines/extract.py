@@ -58,12 +58,20 @@ def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool
     yield from extract_shards_ray(
         shards,
         make_extractor,
+        prepare=functools.partial(_prepare, cfg=cfg),
+        decode_num_cpus=cfg.decode_num_cpus,
         actors=cfg.actors,
         num_cpus=cfg.actor_num_cpus,
         batch_size=cfg.batch_size,
         with_boxes=with_boxes,
         progress=progress,
     )
+
+
+def _prepare(data: bytes, bbox, *, cfg: ExtractConfig):
+    from .extractor import prepare
+
+    return prepare(data, bbox, cfg)
 
 
 ENGINES = {"local": local_engine, "ray": ray_engine}

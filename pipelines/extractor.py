@@ -68,16 +68,21 @@ class DescriptorExtractor:
         """(B, C) float32 L2-normalised global descriptors."""
         return self.extract(images, boxes)["vector"]
 
-    @torch.no_grad()
     def extract(self, images: Sequence[bytes], boxes: Sequence[Sequence[float] | None] | None = None) -> dict:
         """{"vector": (B, C) float32} plus, with cfg.regions, "regions": per image (R, C) float32
         L2-normalised R-MAC regional vectors of the first scale and "region_boxes": per image (R, 4)
         float32 (x0, y0, x1, y1) in pixels of the original image."""
         boxes = boxes if boxes is not None else [None] * len(images)
-        out = np.empty((len(images), self.dim), dtype=np.float32)
+        prepared = [prepare(d, b, self.cfg) for d, b in zip(images, boxes)]
+        return self.embed([p for p, _ in prepared], [g for _, g in prepared])
+
+    @torch.no_grad()
+    def embed(self, pixels: Sequence[np.ndarray], geoms: Sequence[Sequence[float]]) -> dict:
+        """Descriptors from `prepare`d images: (H, W, 3) uint8 arrays and their geometry."""
+        out = np.empty((len(pixels), self.dim), dtype=np.float32)
         regions, region_boxes = [], []
-        for i, (data, box) in enumerate(zip(images, boxes)):
-            im = open_rgb(data, box)
+        for i, (px, geom) in enumerate(zip(pixels, geoms)):
+            im = Image.fromarray(np.asarray(px, dtype=np.uint8))
             vs = []
             for si, s in enumerate(self.cfg.scales):
                 x = torch.from_numpy(to_input(im, max_side=max(8, round(self.cfg.max_side * s)),
@@ -85,7 +90,7 @@ class DescriptorExtractor:
                 fmap = self.model.features(x)
                 vs.append(l2n(self.pool(fmap))[0])
                 if self.cfg.regions and si == 0:
-                    r, b = regional(fmap, im.size, box)
+                    r, b = regional(fmap, geom)
                     regions.append(r)
                     region_boxes.append(b)
             out[i] = combine_scales(torch.stack(vs), p=self.cfg.scale_p).numpy()
@@ -95,14 +100,27 @@ class DescriptorExtractor:
         return res
 
 
-def regional(fmap: torch.Tensor, size: tuple[int, int], crop: Sequence[float] | None) -> tuple[np.ndarray, np.ndarray]:
-    """R-MAC regional vectors (R, C) of one feature map and their boxes (R, 4) in original-image pixels."""
+def prepare(data: bytes, bbox: Sequence[float] | None, cfg: ExtractConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, crop to bbox and resize to the largest scale's side (CPU work that can run apart from
+    the model). Returns (H, W, 3) uint8 pixels and geometry (width, height, x0, y0) of the crop in
+    the original image."""
+    im = open_rgb(data, bbox)
+    side = max(8, round(cfg.max_side * max(cfg.scales)))
+    s = side / max(im.size)
+    size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
+    ox, oy = (max(0.0, float(bbox[0])), max(0.0, float(bbox[1]))) if bbox is not None else (0.0, 0.0)
+    return np.asarray(im.resize(size, Image.BILINEAR), dtype=np.uint8), np.array([im.width, im.height, ox, oy], np.float32)
+
+
+def regional(fmap: torch.Tensor, geom: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """R-MAC regional vectors (R, C) of one feature map and their boxes (R, 4) in original-image
+    pixels; geom = (width, height, x0, y0) of the image region the map covers."""
     from retrieval.pooling import rmac_regional
 
     v, regs = rmac_regional(fmap, include_global=False)
     h, w = fmap.shape[-2:]
-    sx, sy = size[0] / w, size[1] / h
-    ox, oy = (max(0.0, float(crop[0])), max(0.0, float(crop[1]))) if crop is not None else (0.0, 0.0)
+    sx, sy = float(geom[0]) / w, float(geom[1]) / h
+    ox, oy = float(geom[2]), float(geom[3])
     b = np.array([[x0 * sx + ox, y0 * sy + oy, (x0 + rw) * sx + ox, (y0 + rh) * sy + oy] for y0, x0, rh, rw in regs], np.float32)
     return v[0].numpy().astype(np.float32), b.reshape(-1, 4)
 
