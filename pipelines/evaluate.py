@@ -54,12 +54,14 @@ def evaluate_ranks(ranked_ids: np.ndarray, query_keys: list[str], db_keys: list[
     return {"classic": {"map": 100 * r.map, "mpk": {int(k): 100 * float(v) for k, v in zip(kappas, r.mpk)}, "aps": (100 * r.aps).tolist()}}
 
 
-def run_evaluate(run_dir: Path, gnd_path: Path, cfg: EvaluateConfig, *, db_keys: list[str]) -> dict:
-    """Evaluate every `ranks/*.parquet`; writes metrics.json ({method: {E, M, H}}) and evaluation.json."""
+def run_evaluate(run_dir: Path, gnd_path: Path, cfg: EvaluateConfig, *, db_keys: list[str], methods: list[str] | None = None) -> dict:
+    """Evaluate `ranks/<method>.parquet` for `methods` (default: every ranks file); writes
+    metrics.json ({method: {E, M, H}}) and evaluation.json."""
     gt = read_ground_truth(gnd_path)
     metrics, detail = {}, {}
     order = {"knn": 0, "aqe": 1, "diffusion": 2, "truncated": 3, "spectral": 4, "petsc": 5}
-    for path in sorted((run_dir / "ranks").glob("*.parquet"), key=lambda p: (order.get(p.stem, 9), p.stem)):
+    paths = sorted((run_dir / "ranks").glob("*.parquet"), key=lambda p: (order.get(p.stem, 9), p.stem))
+    for path in [p for p in paths if methods is None or p.stem in methods]:
         t = read_table(path, ["query", "ids"])
         qkeys = t.column("query").to_pylist()
         ids = np.array(t.column("ids").to_pylist(), dtype=np.int64)

@@ -89,7 +89,7 @@ def stage_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     if not cfg.dataset.gnd:
         raise ValueError("config: evaluation needs [dataset].gnd (or an enabled [benchmark])")
     _, db_keys, _ = load_descriptors(run_dir / "descriptors")
-    metrics = run_evaluate(run_dir, Path(cfg.dataset.gnd), cfg.evaluate, db_keys=db_keys)
+    metrics = run_evaluate(run_dir, Path(cfg.dataset.gnd), cfg.evaluate, db_keys=db_keys, methods=cfg.query.methods)
     detail = read_json(run_dir / "evaluation.json")["methods"]
     proto = "M" if "M" in next(iter(detail.values())) else "classic"
     aps = {m: d[proto]["aps"] for m, d in detail.items()}
