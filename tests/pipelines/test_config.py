@@ -13,7 +13,7 @@ def test_demo_config_loads():
     from pathlib import Path
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "deploy" / "configs" / "demo.toml")
-    assert cfg.benchmark.enabled and cfg.extract.engine == "ray" and cfg.graph.k == 50
+    assert cfg.benchmark.enabled and cfg.extract.engine == "ray" and cfg.graph.k == 30 and cfg.extract.whitening == "pca"
 
 
 def test_unknown_key_is_named(tmp_path):
