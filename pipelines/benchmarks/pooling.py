@@ -33,23 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poolings", nargs="+", default=POOLINGS)
     ap.add_argument("--scales", nargs="+", default=list(SCALES), choices=list(SCALES))
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-
-    from pipelines.config import load_config
+    from pipelines.benchmarks import ingested_run
     from pipelines.descriptors import load_descriptors
     from pipelines.evaluate import evaluate_ranks
     from pipelines.extract import extract_features, finalize_descriptors
     from pipelines.groundtruth import read_ground_truth
-    from pipelines.run import run_stages
     from retrieval.knn import knn_search
 
-    cfg = load_config(a.config)
-    base = Path(cfg.out)
-    if not (base / "images").is_dir():
-        run_stages(cfg, ["ingest"])
-    from pipelines.run import resolve_dataset
-
-    resolve_dataset(cfg, base)
+    cfg, base = ingested_run(a.config)
     gt = read_ground_truth(cfg.dataset.gnd)
     results = {}
     for pooling in a.poolings:

@@ -30,22 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=480, help="images taken from the run's shards")
     ap.add_argument("--out", type=Path, default=Path("runs/throughput.json"))
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
 
-    from pipelines.config import load_config
+    from pipelines.benchmarks import ingested_run
     from pipelines.extract import extract_features
     from pipelines.extractor import DescriptorExtractor, open_rgb, to_input
-    from pipelines.run import run_stages
     from pipelines.shards import list_shards
     from retrieval.pooling import l2n
 
-    cfg = load_config(a.config)
-    base = Path(cfg.out)
-    if not (base / "images").is_dir():
-        run_stages(cfg, ["ingest"])
+    cfg, base = ingested_run(a.config)
     shards, n = [], 0
     for p in list_shards(base / "images"):
         if n >= a.images:
