@@ -24,12 +24,19 @@ class _EmbedActor:
         self.extract = make_extractor()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        res = self.extract.embed(list(batch["pixels"]), list(batch["geom"]))
-        out = {"path": batch["path"], "id": batch["id"], "vector": res["vector"]}
-        if "regions" in res:  # ragged per image: carried as flat vectors plus their row counts
-            out["region_count"] = np.array([len(r) for r in res["regions"]], np.int64)
-            out["regions_flat"] = np.array([r.ravel() for r in res["regions"]] + [None], dtype=object)[:-1]
-            out["region_boxes_flat"] = np.array([b.ravel() for b in res["region_boxes"]] + [None], dtype=object)[:-1]
+        ok = np.asarray(batch["ok"], bool)
+        sel = np.flatnonzero(ok)
+        res = self.extract.embed([batch["pixels"][i] for i in sel], [batch["geom"][i] for i in sel])
+        vec = np.zeros((len(ok), self.extract.dim), np.float32)
+        vec[sel] = res["vector"]
+        out = {"path": batch["path"], "id": batch["id"], "vector": vec, "ok": ok, "reason": batch["reason"]}
+        if "regions" in res:  # ragged per image: carried as flat vectors
+            regs = [np.zeros(0, np.float32)] * len(ok)
+            bxs = [np.zeros(0, np.float32)] * len(ok)
+            for j, i in enumerate(sel):
+                regs[i], bxs[i] = res["regions"][j].ravel(), res["region_boxes"][j].ravel()
+            out["regions_flat"] = np.array(regs + [None], dtype=object)[:-1]
+            out["region_boxes_flat"] = np.array(bxs + [None], dtype=object)[:-1]
         return out
 
 
@@ -42,10 +49,16 @@ class _Decode:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         boxes = [None if b is None else list(b) for b in batch["bbox"]] if "bbox" in batch else [None] * len(batch["id"])
-        prepared = [self.prepare(d, b) for d, b in zip(batch["image"], boxes)]
-        pixels = np.empty(len(prepared), dtype=object)
-        pixels[:] = [p for p, _ in prepared]
-        return {"path": batch["path"], "id": batch["id"], "pixels": pixels, "geom": np.stack([g for _, g in prepared])}
+        pixels = np.empty(len(boxes), dtype=object)
+        geoms = np.zeros((len(boxes), 4), np.float32)
+        ok = np.ones(len(boxes), bool)
+        reasons = np.array([""] * len(boxes), dtype=object)
+        for i, (d, b) in enumerate(zip(batch["image"], boxes)):
+            try:
+                pixels[i], geoms[i] = self.prepare(d, b)
+            except (ValueError, OSError) as e:  # a bad image is a reject, not a failed job
+                pixels[i], ok[i], reasons[i] = np.zeros((8, 8, 3), np.uint8), False, f"cannot decode at extract: {e}"
+        return {"path": batch["path"], "id": batch["id"], "pixels": pixels, "geom": geoms, "ok": ok, "reason": reasons}
 
 
 def map_batches_actor_pool(ds, cls, *, constructor_args: tuple, actors: int, num_cpus: float, num_gpus: float, batch_size: int):
@@ -73,7 +86,8 @@ def extract_shards_ray(
     with_boxes: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
-    """Yield (shard path, ids (n,) int64, vectors (n, d) float32 sorted by id) per finished shard.
+    """Yield (shard path, ids (n,) int64, vectors (n, d) float32 sorted by id, extra) per finished
+    shard; extra["rejects"] lists (id, reason) of images that could not be decoded.
 
     `prepare(bytes, bbox) -> (pixels, geom)` runs in Ray Data tasks (`decode_num_cpus` each); the
     model runs in `actors` actors (`num_cpus` each, one GPU each when the cluster has GPUs).
@@ -86,7 +100,7 @@ def extract_shards_ray(
     by_name = {Path(p).name: Path(p) for p in shards}
     for name, n in list(expected.items()):
         if n == 0:
-            yield by_name[name], np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+            yield by_name[name], np.zeros(0, np.int64), np.zeros((0, 0), np.float32), {}
             del expected[name]
     if not expected:
         return
@@ -101,6 +115,8 @@ def extract_shards_ray(
     acc_vec: dict[str, list[np.ndarray]] = defaultdict(list)
     acc_reg: dict[str, list] = defaultdict(list)
     acc_box: dict[str, list] = defaultdict(list)
+    acc_ok: dict[str, list[np.ndarray]] = defaultdict(list)
+    acc_why: dict[str, list] = defaultdict(list)
     got: dict[str, int] = defaultdict(int)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         names = np.array([Path(str(p)).name for p in batch["path"]])
@@ -108,7 +124,9 @@ def extract_shards_ray(
             sel = names == name
             acc_ids[name].append(batch["id"][sel])
             acc_vec[name].append(batch["vector"][sel])
-            if "region_count" in batch:
+            acc_ok[name].append(np.asarray(batch["ok"], bool)[sel])
+            acc_why[name].extend(batch["reason"][sel].tolist())
+            if "regions_flat" in batch:
                 d = batch["vector"].shape[1]
                 for j in np.flatnonzero(sel):
                     acc_reg[name].append(np.asarray(batch["regions_flat"][j], np.float32).reshape(-1, d))
@@ -119,13 +137,15 @@ def extract_shards_ray(
             if got[name] == expected[name]:
                 ids = np.concatenate(acc_ids.pop(name)).astype(np.int64)
                 vec = np.concatenate(acc_vec.pop(name)).astype(np.float32)
+                ok = np.concatenate(acc_ok.pop(name))
+                why = acc_why.pop(name)
                 order = np.argsort(ids, kind="stable")
+                good = order[ok[order]]
+                extra = {"rejects": [(int(ids[i]), why[i]) for i in order if not ok[i]]}
                 if name in acc_reg:
                     regs, boxes = acc_reg.pop(name), acc_box.pop(name)
-                    yield by_name[name], ids[order], vec[order], {"regions": [regs[i] for i in order],
-                                                                  "region_boxes": [boxes[i] for i in order]}
-                else:
-                    yield by_name[name], ids[order], vec[order]
+                    extra.update(regions=[regs[i] for i in good], region_boxes=[boxes[i] for i in good])
+                yield by_name[name], ids[good], vec[good], extra
             elif got[name] > expected[name]:
                 raise RuntimeError(f"ray extract: shard {name} produced {got[name]} rows, expected {expected[name]}")
     missing = {n: expected[n] - got.get(n, 0) for n in expected if got.get(n, 0) != expected[n]}

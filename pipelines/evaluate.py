@@ -24,6 +24,8 @@ def _name_index(names: list[str]) -> dict[str, int]:
 
 
 def _lookup(index: dict[str, int], key: str) -> int | None:
+    if not key:
+        return None
     for cand in (key, str(Path(key).with_suffix("")), Path(key).stem):
         if cand in index:
             return index[cand]
@@ -31,7 +33,9 @@ def _lookup(index: dict[str, int], key: str) -> int | None:
 
 
 def to_gnd_ranks(ranked_ids: np.ndarray, db_keys: list[str], gt: GroundTruth) -> np.ndarray:
-    """(nq, K) database ids -> (K, nq) indices into gt.imlist (unknown items get indices >= len)."""
+    """(nq, K) database ids -> (K, nq) indices into gt.imlist (unknown items get indices >= len).
+
+    db_keys[i] is the key of image id i ("" for ids without a descriptor)."""
     index = _name_index(gt.imlist)
     m = len(gt.imlist)
     id_to_gnd = np.array([(_lookup(index, k) if _lookup(index, k) is not None else m + i) for i, k in enumerate(db_keys)], dtype=np.int64)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from retrieval.whitening import Whitening, l2_normalize, learn_lw_whitening, learn_pca_whitening
@@ -22,10 +23,12 @@ from retrieval.whitening import Whitening, l2_normalize, learn_lw_whitening, lea
 from .config import ExtractConfig, params_hash
 from .descriptors import load_descriptors, write_descriptors
 from .extractor import DescriptorExtractor
-from .shards import list_shards, read_table, shard_done, write_bytes, write_json
+from .shards import list_shards, read_table, shard_done, write_bytes, write_json, write_table
+
+EXTRACT_REJECT_SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("reason", pa.string())])
 
 log = logging.getLogger(__name__)
-ShardResult = tuple[Path, np.ndarray, np.ndarray]
+ShardResult = tuple[Path, np.ndarray, np.ndarray, dict]
 
 
 def _feature_params(cfg: ExtractConfig) -> str:
@@ -34,22 +37,39 @@ def _feature_params(cfg: ExtractConfig) -> str:
 
 
 def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
-    """In-process reference engine: one extractor, shards in order."""
+    """In-process reference engine: one extractor, shards in order. Yields (shard, ids, vectors,
+    extra) where extra may hold "regions"/"region_boxes" and "rejects" [(id, reason)]."""
+    from .extractor import prepare
+
     extractor = make_extractor()
     for p in shards:
         t = read_table(p, ["id", "image"] + (["bbox"] if with_boxes else []))
-        ids = t.column("id").to_numpy().astype(np.int64)
-        boxes = t.column("bbox").to_pylist() if with_boxes else None
+        all_ids = t.column("id").to_numpy().astype(np.int64)
+        boxes = t.column("bbox").to_pylist() if with_boxes else [None] * len(all_ids)
         imgs = t.column("image").to_pylist()
-        vecs, regs, rboxes = [], [], []
+        ok_ids, vecs, regs, rboxes, rejects = [], [], [], [], []
         for i in range(0, len(imgs), cfg.batch_size):
-            r = extractor.extract(imgs[i : i + cfg.batch_size], boxes[i : i + cfg.batch_size] if boxes else None)
-            vecs.append(r["vector"])
-            regs += r.get("regions", [])
-            rboxes += r.get("region_boxes", [])
-            progress(len(vecs[-1]))
+            pix, geo = [], []
+            for j in range(i, min(i + cfg.batch_size, len(imgs))):
+                try:
+                    px, g = prepare(imgs[j], boxes[j], cfg)
+                except (ValueError, OSError) as e:
+                    rejects.append((int(all_ids[j]), f"cannot decode at extract: {e}"))
+                    continue
+                pix.append(px)
+                geo.append(g)
+                ok_ids.append(int(all_ids[j]))
+            if pix:
+                r = extractor.embed(pix, geo)
+                vecs.append(r["vector"])
+                regs += r.get("regions", [])
+                rboxes += r.get("region_boxes", [])
+            progress(min(i + cfg.batch_size, len(imgs)) - i)
         V = np.concatenate(vecs) if vecs else np.zeros((0, extractor.dim), np.float32)
-        yield (p, ids, V, {"regions": regs, "region_boxes": rboxes}) if cfg.regions else (p, ids, V)
+        extra = {"rejects": rejects}
+        if cfg.regions:
+            extra.update(regions=regs, region_boxes=rboxes)
+        yield p, np.array(ok_ids, np.int64), V, extra
 
 
 def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
@@ -94,26 +114,37 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
         raise FileNotFoundError(f"extract: no image shards in {images_dir}; run `retrieval ingest` first")
     fdir = out_dir / "features"
     phash = _feature_params(cfg)
-    todo = [p for p in shards if not shard_done(fdir / p.name, params=f"{phash}:{p.name}")]
+    todo = [p for p in shards if not (shard_done(fdir / p.name, params=f"{phash}:{p.name}")
+                                      and shard_done(fdir / "rejects" / p.name, params=f"{phash}:{p.name}"))]
     log.info("extract: %d of %d shards to do (engine=%s)", len(todo), len(shards), cfg.engine)
     total = sum(read_table(p, ["id"]).num_rows for p in todo)
     t0 = time.perf_counter()
     make = functools.partial(DescriptorExtractor, cfg)
     with tqdm(total=total, desc="extract", unit="img") as bar:
-        for path, ids, vecs, *extra in ENGINES[cfg.engine](todo, make, with_boxes=with_boxes, progress=bar.update, cfg=cfg):
+        for path, ids, vecs, extra in ENGINES[cfg.engine](todo, make, with_boxes=with_boxes, progress=bar.update, cfg=cfg):
             keys = read_table(path, ["key"]).column("key").to_pylist()
             src_ids = read_table(path, ["id"]).column("id").to_numpy()
-            if not np.array_equal(np.sort(src_ids), ids):
+            rejects = extra.get("rejects", [])
+            if not np.array_equal(np.sort(np.concatenate([ids, np.array([r[0] for r in rejects], np.int64)])), np.sort(src_ids)):
                 raise RuntimeError(f"extract: ids returned for {path.name} do not match the shard")
             key_of = dict(zip(src_ids.tolist(), keys))
+            # the shard's rejects first, then its features: a features shard never exists without them
+            write_table(pa.table({"id": pa.array([r[0] for r in rejects], pa.int64()), "key": [key_of[r[0]] for r in rejects],
+                                  "reason": [r[1] for r in rejects]}, schema=EXTRACT_REJECT_SCHEMA),
+                        fdir / "rejects" / path.name, params=f"{phash}:{path.name}")
             write_descriptors(fdir / path.name, ids, [key_of[i] for i in ids.tolist()], vecs, params=f"{phash}:{path.name}",
-                              regions=extra[0] if extra else None)
+                              regions={k: extra[k] for k in ("regions", "region_boxes")} if "regions" in extra else None)
     dt = time.perf_counter() - t0
-    for stale in list_shards(fdir):
+    for stale in list_shards(fdir) + list_shards(fdir / "rejects"):
         if stale.name not in {p.name for p in shards}:
             stale.unlink()
-    log.info("extract: %d images in %.1f s (%.1f img/s)", total, dt, total / dt if dt > 0 and total else 0.0)
-    return {"images": total, "seconds": dt, "params": phash}
+    rej = [read_table(p) for p in list_shards(fdir / "rejects")]
+    rej_t = pa.concat_tables(rej) if rej else EXTRACT_REJECT_SCHEMA.empty_table()
+    write_table(rej_t.replace_schema_metadata(None), out_dir / "extract_rejects.parquet", params=phash)
+    for k, r in zip(rej_t.column("key").to_pylist()[:20], rej_t.column("reason").to_pylist()[:20]):
+        log.warning("extract: rejected %s: %s", k, r)
+    log.info("extract: %d images in %.1f s (%.1f img/s), %d rejects", total, dt, total / dt if dt > 0 and total else 0.0, len(rej_t))
+    return {"images": total, "seconds": dt, "params": phash, "rejects": len(rej_t)}
 
 
 def save_whitening(w: Whitening, path: Path, *, params: dict) -> None:
@@ -146,7 +177,7 @@ def learn_whitening(F: np.ndarray, cfg: ExtractConfig) -> Whitening:
 
 def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whitening | None = None, learn: bool = True) -> dict:
     """features -> descriptors: learn (database) or apply (queries) whitening, L2, write shards."""
-    ids, keys, F = load_descriptors(out_dir / "features")
+    ids, keys, F = load_descriptors(out_dir / "features", dense=False)
     wpath = out_dir / "whitening.npz"
     if cfg.whitening not in ("pca", "lw", "none"):
         raise ValueError(f"extract: unknown whitening {cfg.whitening!r}; expected pca, lw or none")

@@ -171,8 +171,8 @@ def run_query(run_dir: Path, query_dir: Path, cfg: QueryConfig) -> dict:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"query: unknown method(s) {unknown}; known: {sorted(METHODS)}")
-    _, _, X = load_descriptors(run_dir / "descriptors")
-    _, qkeys, Q = load_descriptors(query_dir / "descriptors")
+    db_ids, _, X = load_descriptors(run_dir / "descriptors", dense=False)
+    _, qkeys, Q = load_descriptors(query_dir / "descriptors", dense=False)
     if Q.shape[1] != X.shape[1]:
         raise ValueError(f"query: query dimension {Q.shape[1]} != database dimension {X.shape[1]}")
     W = None
@@ -193,6 +193,7 @@ def run_query(run_dir: Path, query_dir: Path, cfg: QueryConfig) -> dict:
             continue
         t0 = time.perf_counter()
         res = METHODS[m](Q, X, cfg, W=W, run_dir=run_dir)
+        res["ids"] = db_ids[res["ids"]]  # methods rank rows; ranks store image ids (ids may have gaps)
         dt = time.perf_counter() - t0
         write_table(ranks_table(qkeys, res), path, params=phash)
         info = {"queries": len(qkeys), "seconds": dt, "queries_per_s": len(qkeys) / dt if dt > 0 else None}

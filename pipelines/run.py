@@ -88,7 +88,10 @@ def stage_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     resolve_dataset(cfg, run_dir)
     if not cfg.dataset.gnd:
         raise ValueError("config: evaluation needs [dataset].gnd (or an enabled [benchmark])")
-    _, db_keys, _ = load_descriptors(run_dir / "descriptors")
+    ids, keys, _ = load_descriptors(run_dir / "descriptors", dense=False)
+    db_keys = [""] * (int(ids.max()) + 1 if len(ids) else 0)  # indexed by image id; "" for rejected ids
+    for i, k in zip(ids.tolist(), keys):
+        db_keys[i] = k
     metrics = run_evaluate(run_dir, Path(cfg.dataset.gnd), cfg.evaluate, db_keys=db_keys, methods=cfg.query.methods)
     detail = read_json(run_dir / "evaluation.json")["methods"]
     proto = "M" if "M" in next(iter(detail.values())) else "classic"

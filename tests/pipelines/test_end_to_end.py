@@ -175,3 +175,30 @@ def test_regional_descriptors_stored_and_equal_across_engines(ray_session, tmp_p
         np.testing.assert_allclose(np.linalg.norm(ra, axis=1), 1.0, atol=1e-4)
         bx = np.array(boxes)
         assert (bx[:, 2] > bx[:, 0]).all() and (bx[:, 3] > bx[:, 1]).all() and bx.min() >= 0
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_corrupt_image_inside_a_shard_is_rejected_at_extract(engine, ray_session, tmp_path, tiny_benchmark):
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    cfg = _cfg(tmp_path, tiny_benchmark, f"corrupt-{engine}", engine=engine)
+    run_stages(cfg, ["ingest"])
+    out = Path(cfg.out)
+    shard = out / "images" / "part-00001.parquet"
+    t = pq.read_table(shard)
+    imgs = t.column("image").to_pylist()
+    imgs[2] = imgs[2][:300]  # truncated JPEG inside an already-written shard
+    bad_key, bad_id = t.column("key")[2].as_py(), t.column("id")[2].as_py()
+    pq.write_table(t.set_column(t.schema.get_field_index("image"), "image", pa.array(imgs, pa.binary())), shard)
+    res = run_stages(cfg, ["extract", "graph", "query", "evaluate"])
+    assert res["extract"]["database"]["rejects"] == 1
+    rej = pq.read_table(out / "extract_rejects.parquet").to_pydict()
+    assert rej["key"] == [bad_key] and "cannot decode" in rej["reason"][0]
+    ids, keys, X = load_descriptors(out / "descriptors", dense=False)
+    n_images = sum(pq.read_metadata(p).num_rows for p in (out / "images").glob("part-*.parquet"))
+    assert len(ids) == n_images - 1 and bad_id not in ids.tolist()  # the rest of the shard is extracted
+    ranks = pq.read_table(out / "ranks" / "diffusion.parquet").to_pydict()
+    assert all(bad_id not in r and sorted(r) == ids.tolist() for r in ranks["ids"])  # ranks hold image ids
+    assert json.loads((out / "metrics.json").read_text())["knn"]["M"] > 0
