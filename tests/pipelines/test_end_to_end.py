@@ -202,3 +202,47 @@ def test_corrupt_image_inside_a_shard_is_rejected_at_extract(engine, ray_session
     ranks = pq.read_table(out / "ranks" / "diffusion.parquet").to_pydict()
     assert all(bad_id not in r and sorted(r) == ids.tolist() for r in ranks["ids"])  # ranks hold image ids
     assert json.loads((out / "metrics.json").read_text())["knn"]["M"] > 0
+
+
+class _CrashOnceExtractor:
+    """Wraps the real extractor; the first actor to embed a batch kills its own process."""
+
+    def __init__(self, cfg, marker):
+        from pipelines.extractor import DescriptorExtractor
+
+        self.inner = DescriptorExtractor(cfg)
+        self.marker = marker
+        self.dim = self.inner.dim
+
+    def embed(self, pixels, geoms):
+        import os
+        from pathlib import Path
+
+        if not Path(self.marker).exists():
+            Path(self.marker).write_text("crashed")
+            os._exit(1)  # the Ray worker dies in the middle of a batch
+        return self.inner.embed(pixels, geoms)
+
+
+def test_ray_worker_killed_mid_run_loses_and_duplicates_nothing(ray_session, local_run, tmp_path, tiny_benchmark, monkeypatch):
+    import functools
+    import sys
+    from pathlib import Path
+
+    import ray.cloudpickle
+
+    import pipelines.extract as ex
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    cfg = _cfg(tmp_path, tiny_benchmark, "killed", engine="ray")
+    run_stages(cfg, ["ingest"])
+    marker = tmp_path / "crash-marker"
+    monkeypatch.setattr(ex, "DescriptorExtractor", functools.partial(_CrashOnceExtractor, marker=str(marker)))
+    out = Path(cfg.out)
+    res = ex.extract_features(out / "images", out, cfg.extract)
+    assert marker.exists()  # the worker really died
+    ref = load_descriptors(Path(local_run[0].out) / "features")
+    got = load_descriptors(out / "features")
+    np.testing.assert_array_equal(got[0], ref[0])  # every id exactly once
+    np.testing.assert_allclose(got[2], ref[2], atol=1e-5)
+    assert res["rejects"] == 0
