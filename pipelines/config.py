@@ -57,6 +57,7 @@ class ExtractConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale: e.g. [1.0, 0.7071, 0.5] of max_side
     scale_p: float = 1.0  # generalised-mean exponent combining the scales
     regions: bool = False  # also store per-image R-MAC regional vectors and their boxes
+    region_whitening: bool = False  # R-MAC from regional vectors PCA-whitened before summing (needs regions = true)
     batch_size: int = 16
     engine: str = "ray"  # "ray" (actor pool) or "local" (in-process)
     actors: int = 1

@@ -175,9 +175,37 @@ def learn_whitening(F: np.ndarray, cfg: ExtractConfig) -> Whitening:
     return learn_lw_whitening(F, pairs, dim=cfg.whitening_dim, shrinkage=cfg.whitening_shrinkage)
 
 
-def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whitening | None = None, learn: bool = True) -> dict:
+def regionally_whitened(out_dir: Path, ids: np.ndarray, cfg: ExtractConfig, *, learn: bool, run_dir: Path | None) -> np.ndarray:
+    """R-MAC vectors rebuilt from the stored regional vectors, each PCA-whitened before the sum.
+
+    The regional whitening is learned on the database's regions (`region_whitening.npz`) and
+    applied unchanged to queries (`run_dir` = the database run)."""
+    from retrieval.whitening import aggregate_regions
+
+    if not cfg.regions:
+        raise ValueError("extract: region_whitening needs regions = true")
+    regs: dict[int, np.ndarray] = {}
+    for p in list_shards(out_dir / "features"):
+        t = read_table(p, ["id", "regions"])
+        for i, r in zip(t.column("id").to_pylist(), t.column("regions").to_pylist()):
+            regs[i] = np.asarray(r, dtype=np.float32)
+    regions = [regs[int(i)] for i in ids]
+    rpath = (run_dir or out_dir) / "region_whitening.npz"
+    if learn:
+        rw = learn_pca_whitening(np.concatenate(regions), dim=None, shrinkage=cfg.whitening_shrinkage)
+        save_whitening(rw, rpath, params={"kind": "pca-regions", "shrinkage": cfg.whitening_shrinkage})
+        log.info("extract: regional PCA-whitening learned on %d regions", sum(len(r) for r in regions))
+    else:
+        rw = load_whitening(rpath)
+    return aggregate_regions(regions, rw)
+
+
+def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whitening | None = None, learn: bool = True,
+                         run_dir: Path | None = None) -> dict:
     """features -> descriptors: learn (database) or apply (queries) whitening, L2, write shards."""
     ids, keys, F = load_descriptors(out_dir / "features", dense=False)
+    if cfg.region_whitening:
+        F = regionally_whitened(out_dir, ids, cfg, learn=learn, run_dir=run_dir)
     wpath = out_dir / "whitening.npz"
     if cfg.whitening not in ("pca", "lw", "none"):
         raise ValueError(f"extract: unknown whitening {cfg.whitening!r}; expected pca, lw or none")
@@ -211,6 +239,7 @@ def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whiten
         "scale_p": cfg.scale_p,
         "whitening": cfg.whitening if whitening is not None else "none",
         "whitening_dim": whitening.dim if whitening is not None else None,
+        "region_whitening": cfg.region_whitening,
         "descriptors_sha256_16": whash,
     }
     try:
@@ -223,8 +252,10 @@ def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whiten
     return manifest
 
 
-def run_extract(out_dir: Path, cfg: ExtractConfig, *, with_boxes: bool = False, whitening: Whitening | None = None, learn: bool = True) -> dict:
-    """Full extract stage on `out_dir/images` (database: learn whitening; queries: apply it)."""
+def run_extract(out_dir: Path, cfg: ExtractConfig, *, with_boxes: bool = False, whitening: Whitening | None = None, learn: bool = True,
+                run_dir: Path | None = None) -> dict:
+    """Full extract stage on `out_dir/images` (database: learn whitening; queries: apply the
+    database's, found in `run_dir`)."""
     summary = extract_features(out_dir / "images", out_dir, cfg, with_boxes=with_boxes)
-    summary["manifest"] = finalize_descriptors(out_dir, cfg, whitening=whitening, learn=learn)
+    summary["manifest"] = finalize_descriptors(out_dir, cfg, whitening=whitening, learn=learn, run_dir=run_dir)
     return summary

@@ -63,7 +63,7 @@ def stage_extract(cfg: RunConfig, run_dir: Path) -> dict:
     out = {"database": run_extract(run_dir, cfg.extract, learn=True)}
     if (run_dir / "queries" / "images").is_dir():
         w = load_whitening(run_dir / "whitening.npz") if cfg.extract.whitening != "none" else None
-        out["queries"] = run_extract(run_dir / "queries", cfg.extract, with_boxes=True, whitening=w, learn=False)
+        out["queries"] = run_extract(run_dir / "queries", cfg.extract, with_boxes=True, whitening=w, learn=False, run_dir=run_dir)
     return out
 
 

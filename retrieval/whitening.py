@@ -86,3 +86,14 @@ def learn_lw_whitening(X: np.ndarray, pairs: np.ndarray, *, dim: int | None = No
     dim = min(dim or X.shape[1], X.shape[1])
     proj = (R[:, :dim].T @ P1)
     return Whitening(mean=mean, proj=proj, kind="lw")
+
+
+def aggregate_regions(regions: list[np.ndarray], whitening: "Whitening | None" = None) -> np.ndarray:
+    """R-MAC aggregation with optional regional whitening: per image, whiten each regional vector
+    ((R, C) rows), L2-normalise, sum, L2-normalise. Returns (n, d) float32."""
+    out = []
+    for r in regions:
+        r = np.asarray(r, dtype=np.float64)
+        v = whitening.apply(r) if whitening is not None else l2_normalize(r)
+        out.append(v.sum(axis=0))
+    return l2_normalize(np.stack(out))

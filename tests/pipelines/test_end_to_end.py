@@ -246,3 +246,16 @@ def test_ray_worker_killed_mid_run_loses_and_duplicates_nothing(ray_session, loc
     np.testing.assert_array_equal(got[0], ref[0])  # every id exactly once
     np.testing.assert_allclose(got[2], ref[2], atol=1e-5)
     assert res["rejects"] == 0
+
+
+def test_rmac_with_regional_whitening_runs_end_to_end(tmp_path, tiny_benchmark):
+    import dataclasses
+    from pathlib import Path
+
+    cfg = _cfg(tmp_path, tiny_benchmark, "rw")
+    cfg.extract = dataclasses.replace(cfg.extract, pooling="rmac", regions=True, region_whitening=True)
+    run_stages(cfg, ["ingest", "extract", "graph", "query", "evaluate"])
+    out = Path(cfg.out)
+    assert (out / "region_whitening.npz").is_file() and not (out / "queries" / "region_whitening.npz").exists()
+    assert json.loads((out / "manifest.json").read_text())["region_whitening"] is True
+    assert set(json.loads((out / "metrics.json").read_text())) == {"knn", "aqe", "diffusion"}

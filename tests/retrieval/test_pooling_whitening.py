@@ -113,3 +113,15 @@ def test_learned_whitening_whitens_matching_differences(rng):
     assert w.kind == "lw" and learn_lw_whitening(X, pairs, dim=4).apply(X).shape == (300, 4)
     with pytest.raises(ValueError, match="pairs"):
         learn_lw_whitening(X, pairs[:1])
+
+
+def test_aggregate_regions_without_whitening_is_rmac_over_regions():
+    from retrieval.pooling import rmac_regional
+    from retrieval.whitening import aggregate_regions, learn_pca_whitening
+
+    x = torch.rand(3, 8, 6, 9)
+    v, _ = rmac_regional(x, include_global=False)
+    agg = aggregate_regions([r.numpy() for r in v])
+    np.testing.assert_allclose(agg, l2n(v.sum(1)).numpy(), atol=1e-5)
+    w = learn_pca_whitening(np.concatenate([r.numpy() for r in v]), shrinkage=0.5)
+    assert aggregate_regions([r.numpy() for r in v], w).shape == (3, w.dim)
