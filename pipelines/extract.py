@@ -75,10 +75,12 @@ def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bo
 def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
     from cluster.ray_extract import extract_shards_ray
 
+    from .extractor import prepare
+
     yield from extract_shards_ray(
         shards,
         make_extractor,
-        prepare=functools.partial(_prepare, cfg=cfg),
+        prepare=functools.partial(prepare, cfg=cfg),
         decode_num_cpus=cfg.decode_num_cpus,
         actors=cfg.actors,
         num_cpus=cfg.actor_num_cpus,
@@ -86,12 +88,6 @@ def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool
         with_boxes=with_boxes,
         progress=progress,
     )
-
-
-def _prepare(data: bytes, bbox, *, cfg: ExtractConfig):
-    from .extractor import prepare
-
-    return prepare(data, bbox, cfg)
 
 
 ENGINES = {"local": local_engine, "ray": ray_engine}

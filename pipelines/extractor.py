@@ -39,11 +39,6 @@ def to_input(im: Image.Image, *, max_side: int, mean=INPUT_MEAN, std=INPUT_STD) 
     return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
-def decode(data: bytes, *, max_side: int, bbox: Sequence[float] | None = None) -> np.ndarray:
-    """Encoded image -> (3, H, W) float32 normalised tensor data, cropped to bbox, longer side max_side."""
-    return to_input(open_rgb(data, bbox), max_side=max_side)
-
-
 class DescriptorExtractor:
     """Callable: batch of image bytes (+ optional boxes) -> (B, C) float32 L2-normalised descriptors.
 

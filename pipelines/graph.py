@@ -111,7 +111,7 @@ def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:
     if (gdir / "manifest.json").is_file() and read_json(gdir / "manifest.json").get("params") == phash:
         log.info("graph: up to date, skipping")
         return read_json(gdir / "manifest.json")
-    ids, _, X = load_descriptors(run_dir / "descriptors", dense=False)  # graph rows follow ascending ids
+    _, _, X = load_descriptors(run_dir / "descriptors", dense=False)  # graph rows follow ascending ids
     W, stats, info = build_graph_sharded(X, cfg)
     dt = info["seconds"]
     manifest = {
