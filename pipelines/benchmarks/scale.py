@@ -48,13 +48,15 @@ def step_gen(out: Path, n: int, nq: int) -> dict:
             "classes": int(lab.max() + 1), "distractors": int((lab < 0).sum())}
 
 
-def step_graph(out: Path, index: str, k: int, nprobe: int, nlist: int) -> dict:
+def step_graph(out: Path, index: str, k: int, nprobe: int, nlist: int, hnsw_m: int = 32, ef_construction: int = 80,
+               ef_search: int = 128) -> dict:
     from retrieval.graph import graph_from_knn
     from retrieval.knn import IndexSpec, build_index, knn_search, recall_at_k, search_index, shard_bounds
 
     X = np.load(out / "X.npy")
     n = X.shape[0]
-    spec = IndexSpec(kind=index, nprobe=nprobe, nlist=nlist).resolve(n)
+    spec = IndexSpec(kind=index, nprobe=nprobe, nlist=nlist, hnsw_m=hnsw_m, ef_construction=ef_construction,
+                     ef_search=ef_search).resolve(n)
     t0 = time.perf_counter()
     idx = build_index(X, spec)
     t_index = time.perf_counter() - t0
@@ -71,6 +73,7 @@ def step_graph(out: Path, index: str, k: int, nprobe: int, nlist: int) -> dict:
     rec = recall_at_k(I[rows], Iref)
     sp.save_npz(out / f"W-{index}.npz", W, compressed=False)
     return {"index": spec.kind, "nlist": spec.nlist if spec.kind == "ivf" else None, "nprobe": nprobe if spec.kind == "ivf" else None,
+            "hnsw": {"M": hnsw_m, "efConstruction": ef_construction, "efSearch": ef_search} if spec.kind == "hnsw" else None,
             "k": k, "seconds_index": t_index, "seconds_search": t_search, "seconds_total": t_total, "recall_at_k": rec,
             "nnz": int(W.nnz), "isolated": st.isolated, "peak_rss_gib": _peak_rss_gib()}
 
@@ -96,6 +99,31 @@ def step_recall(out: Path, nlists: list[int], nprobes: list[int], rows: int = 10
             res.append({"nlist": nlist, "nprobe": nprobe, "build_seconds": tb, "recall_at_51": recall_at_k(I, Iref),
                         "projected_search_seconds": ts * len(X) / len(sel)})
             log.info("nlist %d nprobe %d: recall %.4f, projected %.0f s", nlist, nprobe, res[-1]["recall_at_51"], res[-1]["projected_search_seconds"])
+    return {"sweep": res}
+
+
+def step_recall_hnsw(out: Path, ef_searches: list[int], rows: int = 1000) -> dict:
+    """HNSW recall@51 on sampled rows against exact search for (M, efConstruction) in
+    {(16, 40), (32, 80)} x efSearch, with the self-kNN time of all N rows projected."""
+    from retrieval.knn import IndexSpec, build_index, knn_search, recall_at_k, search_index
+
+    X = np.load(out / "X.npy")
+    sel = np.sort(np.random.default_rng(1).choice(len(X), min(rows, len(X)), replace=False))
+    _, Iref = knn_search(X[sel], X, 51)
+    res = []
+    for m, efc in ((16, 40), (32, 80)):
+        t0 = time.perf_counter()
+        idx = build_index(X, IndexSpec("hnsw", hnsw_m=m, ef_construction=efc))
+        tb = time.perf_counter() - t0
+        for ef in ef_searches:
+            idx.hnsw.efSearch = ef
+            t0 = time.perf_counter()
+            _, I = search_index(idx, X[sel], 51)
+            ts = time.perf_counter() - t0
+            res.append({"M": m, "efConstruction": efc, "efSearch": ef, "build_seconds": tb, "recall_at_51": recall_at_k(I, Iref),
+                        "projected_search_seconds": ts * len(X) / len(sel)})
+            log.info("M %d efC %d efSearch %d: build %.1f s, recall %.4f, projected search %.1f s", m, efc, ef, tb,
+                     res[-1]["recall_at_51"], res[-1]["projected_search_seconds"])
     return {"sweep": res}
 
 
@@ -262,7 +290,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", nargs="?", default="all", choices=["all", "gen", "graph", "methods", "recall"])
+    ap.add_argument("step", nargs="?", default="all", choices=["all", "gen", "graph", "methods", "recall", "recall-hnsw"])
     ap.add_argument("--nlists", type=int, nargs="+", default=[1000, 4000])
     ap.add_argument("--nprobes", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
@@ -273,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graphs", nargs="+", default=None, help="indexes to build per N (default: flat up to 1e5, ivf above)")
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--nlist", type=int, default=0)
+    ap.add_argument("--hnsw-m", type=int, default=32)
+    ap.add_argument("--ef-construction", type=int, default=80)
+    ap.add_argument("--ef-search", type=int, default=128)
     ap.add_argument("--topk", type=int, default=1000)
     ap.add_argument("--loop-queries", type=int, default=100)
     ap.add_argument("--petsc-queries", type=int, default=100)
@@ -287,10 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if a.step == "gen":
             r = step_gen(out, a.n[0], a.queries)
+        elif a.step == "recall-hnsw":
+            r = step_recall_hnsw(out, [51, 64, 96, 128])
         elif a.step == "recall":
             r = step_recall(out, a.nlists, a.nprobes)
         elif a.step == "graph":
-            r = step_graph(out, a.index, a.k, a.nprobe, a.nlist)
+            r = step_graph(out, a.index, a.k, a.nprobe, a.nlist, a.hnsw_m, a.ef_construction, a.ef_search)
         else:
             r = step_methods(out, a.index, a.queries, a.topk, a.loop_queries, a.petsc_queries, a.spectral_rank, a.truncate_m, a.methods)
         print(json.dumps(r))
