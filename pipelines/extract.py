@@ -118,8 +118,8 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
     make = functools.partial(DescriptorExtractor, cfg)
     with tqdm(total=total, desc="extract", unit="img") as bar:
         for path, ids, vecs, extra in ENGINES[cfg.engine](todo, make, with_boxes=with_boxes, progress=bar.update, cfg=cfg):
-            keys = read_table(path, ["key"]).column("key").to_pylist()
-            src_ids = read_table(path, ["id"]).column("id").to_numpy()
+            src = read_table(path, ["id", "key"])
+            keys, src_ids = src.column("key").to_pylist(), src.column("id").to_numpy()
             rejects = extra.get("rejects", [])
             if not np.array_equal(np.sort(np.concatenate([ids, np.array([r[0] for r in rejects], np.int64)])), np.sort(src_ids)):
                 raise RuntimeError(f"extract: ids returned for {path.name} do not match the shard")

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from retrieval.graph import graph_from_knn
-from retrieval.knn import IndexSpec, build_index, recall_at_k, search_index, shard_bounds
+from retrieval.knn import IndexSpec, build_index, recall_at_k, search_index, search_shards, shard_bounds
 
 from .config import GraphConfig, params_hash
 from .descriptors import load_descriptors
@@ -75,11 +75,7 @@ def self_knn_engine(X: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray, np.nda
 
             D, I = search_shards_ray(index, X, bounds, k, progress=bar.update)
         else:
-            D = np.empty((n, min(k, n)), np.float32)
-            I = np.empty((n, min(k, n)), np.int64)
-            for a, b in bounds:
-                D[a:b], I[a:b] = search_index(index, X[a:b], k)
-                bar.update(b - a)
+            D, I = search_shards(index, X, k, bounds, progress=bar.update)
     t_search = time.perf_counter() - t0 - t_index
     info = {"index": spec.kind, "nlist": spec.nlist if spec.kind == "ivf" else None,
             "nprobe": spec.nprobe if spec.kind == "ivf" else None,

@@ -44,8 +44,7 @@ def query_boxes(cfg: RunConfig) -> dict | None:
 def stage_ingest(cfg: RunConfig, run_dir: Path) -> dict:
     from .ingest import ingest
 
-    resolve_dataset(cfg, run_dir)
-    if not cfg.dataset.database:
+    if not cfg.dataset.database:  # run_stages resolved the dataset (benchmark built if enabled)
         raise ValueError("config: set [dataset].database (or enable [benchmark])")
     out = {"database": ingest(cfg.dataset.database, run_dir, cfg.ingest)}
     if cfg.dataset.queries:
@@ -85,8 +84,7 @@ def stage_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     from .groundtruth import read_ground_truth
     from .report import write_report
 
-    resolve_dataset(cfg, run_dir)
-    if not cfg.dataset.gnd:
+    if not cfg.dataset.gnd:  # resolved by run_stages
         raise ValueError("config: evaluation needs [dataset].gnd (or an enabled [benchmark])")
     ids, keys, _ = load_descriptors(run_dir / "descriptors", dense=False)
     db_keys = [""] * (int(ids.max()) + 1 if len(ids) else 0)  # indexed by image id; "" for rejected ids

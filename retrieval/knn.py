@@ -123,30 +123,39 @@ def shard_bounds(n: int, nshards: int) -> list[tuple[int, int]]:
     return [(cuts[i], cuts[i + 1]) for i in range(nshards)]
 
 
+def search_shards(
+    index: faiss.Index,
+    X: np.ndarray,
+    k: int,
+    bounds: list[tuple[int, int]],
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Search the rows of X against `index`, one (start, stop) row shard at a time.
+
+    Memory stays O(n k) for the result plus one shard's search buffers. Returns (D, I), (n, k).
+    """
+    n = X.shape[0]
+    k = min(k, index.ntotal)
+    D = np.empty((n, k), dtype=np.float32)
+    I = np.empty((n, k), dtype=np.int64)
+    for a, b in bounds:
+        D[a:b], I[a:b] = search_index(index, X[a:b], k)
+        if progress:
+            progress(b - a)
+    return D, I
+
+
 def self_knn(
     X: np.ndarray,
     k: int,
     *,
     spec: IndexSpec = IndexSpec(),
     nshards: int = 1,
-    search: Callable[[faiss.Index, np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """kNN of every database row against the whole database, one row shard at a time.
-
-    Memory stays O(n k) for the result plus one shard's search buffers. Returns (D, I), (n, k).
-    """
-    index = build_index(X, spec)
-    search = search or search_index
-    n = X.shape[0]
-    k = min(k, n)
-    D = np.empty((n, k), dtype=np.float32)
-    I = np.empty((n, k), dtype=np.int64)
-    for a, b in shard_bounds(n, nshards):
-        D[a:b], I[a:b] = search(index, X[a:b], k)
-        if progress:
-            progress(b - a)
-    return D, I
+    """kNN of every database row against the whole database (index built here), sharded by rows."""
+    return search_shards(build_index(X, spec), X, k, shard_bounds(X.shape[0], nshards), progress=progress)
 
 
 def merge_topk(Ds: list[np.ndarray], Is: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 log = logging.getLogger("pooling")
 POOLINGS = ["mac", "spoc", "gem", "rmac", "crow", "fs"]

@@ -51,7 +51,7 @@ def step_gen(out: Path, n: int, nq: int) -> dict:
 def step_graph(out: Path, index: str, k: int, nprobe: int, nlist: int, hnsw_m: int = 32, ef_construction: int = 80,
                ef_search: int = 128) -> dict:
     from retrieval.graph import graph_from_knn
-    from retrieval.knn import IndexSpec, build_index, knn_search, recall_at_k, search_index, shard_bounds
+    from retrieval.knn import IndexSpec, build_index, knn_search, recall_at_k, search_shards, shard_bounds
 
     X = np.load(out / "X.npy")
     n = X.shape[0]
@@ -60,10 +60,7 @@ def step_graph(out: Path, index: str, k: int, nprobe: int, nlist: int, hnsw_m: i
     t0 = time.perf_counter()
     idx = build_index(X, spec)
     t_index = time.perf_counter() - t0
-    D = np.empty((n, k + 1), np.float32)
-    I = np.empty((n, k + 1), np.int64)
-    for a, b in shard_bounds(n, max(1, n // 50_000)):
-        D[a:b], I[a:b] = search_index(idx, X[a:b], k + 1)
+    D, I = search_shards(idx, X, k + 1, shard_bounds(n, max(1, n // 50_000)))
     t_search = time.perf_counter() - t0 - t_index
     del idx
     W, st = graph_from_knn(D, I)
@@ -140,7 +137,7 @@ def _bandwidth_gbs() -> float:
 
 def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, petsc_queries: int, spectral_rank: int,
                  truncate_m: int, methods: list[str]) -> dict:
-    from retrieval.diffusion import block_cg, diffusion_operator, diffusion_topk, query_vectors, scipy_cg, topk_columns, truncated_diffusion
+    from retrieval.diffusion import diffusion_operator, diffusion_topk, query_vectors, scipy_cg, topk_columns, truncated_diffusion
     from retrieval.knn import knn_search
     from retrieval.metrics import compute_map
     from retrieval.query_expansion import alpha_qe
