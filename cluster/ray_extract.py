@@ -6,6 +6,8 @@ every descriptor shard atomically as soon as it is whole.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -16,14 +18,21 @@ import pyarrow.parquet as pq
 log = logging.getLogger(__name__)
 
 
+# Fault-injection hook for the cluster tests: seconds each actor sleeps per batch, so that a node can
+# be killed while extraction is surely in flight (set through the job's runtime_env).
+DELAY_ENV = "RETRIEVAL_TEST_EMBED_DELAY_S"
+
+
 class _EmbedActor:
     """Ray Data callable class: builds the extractor once per actor, embeds batches."""
 
-
     def __init__(self, make_extractor: Callable[[], Any]):
         self.extract = make_extractor()
+        self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.delay:
+            time.sleep(self.delay)
         ok = np.asarray(batch["ok"], bool)
         sel = np.flatnonzero(ok)
         res = self.extract.embed([batch["pixels"][i] for i in sel], [batch["geom"][i] for i in sel])

@@ -22,6 +22,33 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("config", help="TOML run configuration (see deploy/configs/demo.toml)")
         sp.add_argument("--out", help="run directory (overrides `out` in the config)")
         sp.add_argument("--engine", choices=["ray", "local"], help="extraction engine (overrides [extract].engine)")
+        if name == "query":
+            sp.add_argument("--queries", help="batch query job: Parquet file of queries (`key`, optional `vector` or `image`)")
+            sp.add_argument("--methods", help="comma-separated methods for the batch job (default: [query].methods)")
+            sp.add_argument("--topk", type=int, default=100, help="batch job: results kept per query")
+            sp.add_argument("--chunk", type=int, default=4096, help="batch job: queries per output shard")
+            sp.add_argument("--batch-out", help="batch job output folder (default RUN/batch/<file stem>)")
+    srv = sub.add_parser("serve", help="query service on Ray Serve over a finished run directory")
+    srv.add_argument("run_dir")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--replicas", type=int, default=1)
+    srv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    srv.add_argument("--max-batch", type=int, default=16, help="requests batched into one solve")
+    srv.add_argument("--max-queries", type=int, default=1024, help="queries per request")
+    srv.add_argument("--address", default="", help="Ray cluster to join (default: embedded local Ray)")
+    smt = sub.add_parser("submit", help="submit a pipeline run to a Ray cluster (Ray Jobs API)")
+    smt.add_argument("config")
+    smt.add_argument("--address", default="", help="the cluster's job API, http://HEAD:8265 (or RAY_ADDRESS)")
+    smt.add_argument("--out", help="run directory (on storage every node sees)")
+    smt.add_argument("--stage", default="run", choices=["run"] + STAGE_ORDER, help="what to run (default: all stages)")
+    smt.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit status follows the job's")
+    for name, help_ in [("status", "a submitted job's status"), ("logs", "a submitted job's logs")]:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("job")
+        sp.add_argument("--address", default="")
+        if name == "logs":
+            sp.add_argument("--follow", "-f", action="store_true")
     imp = sub.add_parser("import-descriptors", help="precomputed descriptors (.npy/.fvecs/.mat/.parquet) -> descriptor shards")
     imp.add_argument("database", help="database descriptors file, rows are descriptors")
     imp.add_argument("--out", required=True, help="run directory to create")
@@ -49,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"descriptors: {Path(args.out) / 'descriptors'}")
         return 0
+    if args.command in ("serve", "submit", "status", "logs"):
+        return _cluster_command(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
@@ -65,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     from .models import WeightsError
     from .run import run_stages
 
+    if args.command == "query" and args.queries:
+        return _batch_query(cfg, args)
     stages = STAGE_ORDER if args.command == "run" else [args.command]
     try:
         res = run_stages(cfg, stages)
@@ -76,6 +107,73 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmAP (%)\n" + format_table(res["evaluate"]["metrics"]))
         print(f"\nresults: {out / 'metrics.json'}\nreport:  {res['evaluate']['report']}\nranks:   {out / 'ranks'}")
         print(f"timings (s): {res['timings']}")
+    return 0
+
+
+def _batch_query(cfg, args) -> int:
+    from .batch_query import run_batch_query
+    from .descriptors import DescriptorError
+    from .service import QueryIndex
+
+    methods = args.methods.split(",") if args.methods else cfg.query.methods
+    out = Path(args.batch_out) if args.batch_out else Path(cfg.out) / "batch" / Path(args.queries).stem
+    try:
+        index = QueryIndex(cfg.out, query=cfg.query)
+        summary = run_batch_query(index, args.queries, out, methods=methods, topk=args.topk, chunk=args.chunk)
+    except (DescriptorError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for m, info in summary.items():
+        print(f"{m}: {info['ranked']} ranked, {info['rejected']} rejected, {info['chunks_skipped']} chunks skipped, "
+              f"{info['queries_per_s']} queries/s -> {out / m}")
+    return 0
+
+
+def _cluster_command(args) -> int:
+    import time
+
+    if args.command == "serve":
+        from cluster.ray_runtime import init_ray
+        from cluster.ray_serve import start_service, stop_service
+
+        from .service import ServiceLimits
+
+        init_ray(args.address)
+        try:
+            url = start_service(args.run_dir, host=args.host, port=args.port, replicas=args.replicas, num_cpus=args.num_cpus,
+                                limits=ServiceLimits(max_queries=args.max_queries), max_batch_size=args.max_batch)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"query service at {url}/query (health: {url}/healthz); Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            stop_service()
+        return 0
+    from cluster import ray_jobs
+
+    try:
+        if args.command == "submit":
+            cfg = load_config(args.config)
+            if args.out:
+                cfg.out = args.out
+            job = ray_jobs.submit_run(cfg, address=args.address, command=args.stage)
+            print(f"submitted {job}; run directory {cfg.out}")
+            if args.wait:
+                ray_jobs.job_logs(args.address, job, follow=True)
+                status = ray_jobs.wait_job(args.address, job)
+                print(f"{job}: {status}")
+                return 0 if status == "SUCCEEDED" else 1
+        elif args.command == "status":
+            for k, v in ray_jobs.job_status(args.address, args.job).items():
+                print(f"{k}: {v}")
+        else:
+            ray_jobs.job_logs(args.address, args.job, follow=args.follow)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

