@@ -53,3 +53,18 @@ def tiny_benchmark(tmp_path_factory) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_benchmark):
+    """A finished local run (all stages) of the tiny benchmark: (cfg, results)."""
+    import shutil
+
+    from pipelines.run import run_stages
+
+    out = tmp_path_factory.mktemp("tiny-run") / "local"
+    out.mkdir()
+    shutil.copytree(tiny_benchmark, out / "benchmark")  # the benchmark is complete: not rebuilt
+    cfg = tiny_run_config(out)
+    res = run_stages(cfg, ["ingest", "extract", "graph", "query", "evaluate"])
+    return cfg, res

@@ -21,11 +21,8 @@ def _cfg(tmp_path, tiny_benchmark, name, engine="local"):
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory, tiny_benchmark):
-    tmp = tmp_path_factory.mktemp("e2e")
-    cfg = _cfg(tmp, tiny_benchmark, "local")
-    res = run_stages(cfg, STAGES)
-    return cfg, res
+def local_run(tiny_run):
+    return tiny_run
 
 
 def test_pipeline_outputs(local_run):

@@ -1,0 +1,70 @@
+"""The query service on Ray Serve over HTTP (embedded Ray): answers equal the in-process index,
+bad requests get 4xx without harming the replica, the proxy listens on loopback only."""
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from cluster.local_cluster import free_port
+from pipelines.client import QueryClient, ServiceError
+from pipelines.service import QueryIndex, ServiceLimits
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tiny_run):
+    from ray import serve
+
+    from cluster.ray_serve import start_service
+
+    port = free_port()
+    url = start_service(tiny_run[0].out, port=port, num_cpus=0.25, limits=ServiceLimits(max_queries=64, max_request_bytes=100_000))
+    yield url, port
+    serve.shutdown()
+
+
+def test_http_answers_equal_the_in_process_index(service, tiny_run):
+    url, _ = service
+    idx = QueryIndex(tiny_run[0].out)
+    with QueryClient(url) as c:
+        assert c.health()["n"] == len(idx.keys)
+        for method in ("diffusion", "aqe", "none"):
+            got = c.query(keys=idx.keys[:3], vectors=idx.X[5:7], method=method, topk=6)
+            ref = idx.answer({"queries": [{"key": k} for k in idx.keys[:3]] + [{"vector": v.tolist()} for v in idx.X[5:7]],
+                              "method": method, "topk": 6})
+            assert [r["ids"] for r in got["results"]] == [r["ids"] for r in ref["results"]]
+
+
+def test_bad_requests_get_4xx_and_the_replica_survives(service):
+    url, _ = service
+    with QueryClient(url) as c:
+        pid = c.health()["pid"]
+        cases = [
+            (b"{not json", 400), (json.dumps({"queries": [{"key": "nope"}]}).encode(), 404),
+            (json.dumps({"queries": [{"vector": [1.0]}]}).encode(), 422),
+            (json.dumps({"queries": [{"vector": [1.0] * 16}] * 65}).encode(), 413),  # too many queries
+            (b"x" * 200_000, 413),  # body over the limit
+            (json.dumps({"queries": [{"image": "AAAA"}]}).encode(), 422),  # not an image
+        ]
+        for body, status in cases:
+            got, data = c.post_raw(body)
+            assert got == status and data["error"], (body[:40], got, data)
+        with pytest.raises(ServiceError) as e:
+            c.query(keys=["nope"])
+        assert e.value.status == 404
+        assert c.post_raw(b"{}", path="/elsewhere")[0] == 404
+        assert c.health()["pid"] == pid  # same replica process: nothing crashed
+
+
+def test_proxy_binds_to_loopback_only(service):
+    _, port = service
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # this machine's outward address (no packet is sent)
+        s.connect(("192.0.2.1", 9))
+        ip = s.getsockname()[0]
+    if ip.startswith("127."):
+        pytest.skip("no non-loopback interface")
+    with pytest.raises(OSError):
+        socket.create_connection((ip, port), timeout=3).close()
