@@ -126,14 +126,23 @@ def solve_with_mpiexec(
     rtol: float = 1e-6,
     maxiter: int = 100,
     timeout: float | None = None,
+    hosts: str | None = None,
+    work_dir: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Run the PETSc solve on `ranks` MPI processes; merged top-k ids/scores (nq, k) and stats."""
+    """Run the PETSc solve on `ranks` MPI processes; merged top-k ids/scores (nq, k) and stats.
+
+    `hosts` ("ip1:slots,ip2:slots", OpenMPI's --host) places the ranks on several machines; then
+    `work_dir` (right-hand sides and per-rank results) and the graph must be on storage they share.
+    """
     from retrieval.knn import merge_topk
 
-    with tempfile.TemporaryDirectory(prefix="petsc-solve-") as tmp:
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="petsc-solve-", dir=work_dir) as tmp:
         tmp = Path(tmp)
         np.savez(tmp / "rhs.npz", D=D.astype(np.float64), I=I.astype(np.int64))
-        cmd = ["mpiexec", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks), sys.executable, "-m", "cluster.petsc_solver",
+        cmd = ["mpiexec", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks)] + (["--host", hosts] if hosts else []) + [
+               sys.executable, "-m", "cluster.petsc_solver",
                str(graph_dir), str(tmp / "rhs.npz"), str(tmp / "out"), f"--alpha={alpha}", f"--gamma={gamma}", f"--rtol={rtol}",
                f"--maxiter={maxiter}", f"--topk={k}"]
         env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -102,6 +102,7 @@ class QueryConfig:
     truncate_m: int = 1000  # database neighbours forming a query's subgraph ("truncated" method)
     spectral_rank: int = 256  # eigenpairs kept by the "spectral" method
     petsc_ranks: int = 2  # MPI ranks of the "petsc" method
+    petsc_launch: str = "mpiexec"  # "mpiexec" (from this process) or "ray" (one rank per placement-group bundle)
 
 
 @dataclass

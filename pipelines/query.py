@@ -102,11 +102,19 @@ def rank_spectral(Q: np.ndarray, X: np.ndarray, cfg: QueryConfig, *, W, run_dir:
 
 def rank_petsc(Q: np.ndarray, X: np.ndarray, cfg: QueryConfig, *, run_dir: Path, **_) -> dict:
     """Exact diffusion with PETSc CG on `petsc_ranks` MPI processes (each loads its row blocks)."""
+    from cluster.petsc_ray import solve_on_ray
     from cluster.petsc_solver import solve_with_mpiexec
 
+    launchers = {"mpiexec": solve_with_mpiexec, "ray": solve_on_ray}
+    if cfg.petsc_launch not in launchers:
+        raise ValueError(f"query: petsc_launch must be one of {sorted(launchers)}, got {cfg.petsc_launch!r}")
+    if cfg.petsc_launch == "ray":
+        from cluster.ray_runtime import init_ray
+
+        init_ray("")
     D, I = knn_search(Q, X, cfg.kq)
-    ids, sc, st = solve_with_mpiexec(run_dir / "graph", D, I, ranks=cfg.petsc_ranks, k=_topk(cfg, X.shape[0]), alpha=cfg.alpha,
-                                     gamma=cfg.gamma, rtol=cfg.rtol, maxiter=cfg.maxiter)
+    ids, sc, st = launchers[cfg.petsc_launch](run_dir / "graph", D, I, ranks=cfg.petsc_ranks, k=_topk(cfg, X.shape[0]), alpha=cfg.alpha,
+                                              gamma=cfg.gamma, rtol=cfg.rtol, maxiter=cfg.maxiter)
     return {"ids": ids, "scores": sc, "iterations": st["iterations"], "residual": st["residuals"], "converged": st["converged"]}
 
 
