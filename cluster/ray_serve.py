@@ -106,3 +106,18 @@ def start_service(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
 
 def stop_service() -> None:
     serve.shutdown()
+
+
+def build_app(args: dict):
+    """Serve application builder for config files (`serve run` / KubeRay RayService `serveConfigV2`):
+
+        import_path: cluster.ray_serve:build_app
+        args: {run_dir: /data/runs/index, max_batch_size: 16, limits: {max_queries: 1024}}
+    """
+    allowed = {"run_dir", "limits", "max_batch_size", "batch_wait_timeout_s"}
+    unknown = sorted(set(args) - allowed)
+    if unknown or "run_dir" not in args:
+        raise ValueError(f"build_app: needs run_dir; known args {sorted(allowed)}, unknown {unknown}")
+    limits = dataclasses.asdict(ServiceLimits(**args.get("limits", {})))
+    return QueryService.bind(str(args["run_dir"]), limits, int(args.get("max_batch_size", 16)),
+                             float(args.get("batch_wait_timeout_s", 0.005)))

@@ -21,7 +21,8 @@ if [ ! -f "$stamp" ]; then
   log "installing python dependencies (torch/torchvision from the local wheel cache)"
   # torch and torchvision are pinned to the releases that lie on this machine's disk;
   # other versions would download a multi-GB CUDA build.
-  $PIP install torch==2.14.1 torchvision==0.29.1
+  # TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu in the container recipe) picks the build.
+  $PIP install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.14.1 torchvision==0.29.1
   $PIP install -e '.[test]'
   touch "$stamp"
 else

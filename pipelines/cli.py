@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "query" and args.queries:
         return _batch_query(cfg, args)
     stages = STAGE_ORDER if args.command == "run" else [args.command]
+    if args.command == "run" and not cfg.benchmark.enabled:  # an indexing run may have no queries or ground truth
+        skip = {"query", "evaluate"} if not cfg.dataset.queries else ({"evaluate"} if not cfg.dataset.gnd else set())
+        if skip:
+            log.warning("run: no %s in [dataset]: skipping %s", "queries" if "query" in skip else "ground truth", sorted(skip))
+        stages = [s for s in stages if s not in skip]
     try:
         res = run_stages(cfg, stages)
     except (ConfigError, IngestError, WeightsError, DescriptorError, FileNotFoundError, ValueError) as e:
