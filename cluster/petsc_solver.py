@@ -153,11 +153,11 @@ def solve_with_mpiexec(
             raise RuntimeError(f"PETSc solve failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
         Ds, Is = [], []
         for p in sorted((tmp / "out").glob("rank-*.npz")):
-            with np.load(p) as z:
+            with np.load(p, allow_pickle=False) as z:
                 if z["ids"].shape[1]:
                     Is.append(z["ids"])
                     Ds.append(z["scores"])
-        with np.load(tmp / "out" / "stats.npz") as z:
+        with np.load(tmp / "out" / "stats.npz", allow_pickle=False) as z:
             stats = {name: z[name] for name in ("iterations", "residuals", "converged")}
     Dm, Im = merge_topk(Ds, Is, k)
     return Im, Dm, stats

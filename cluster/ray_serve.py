@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 APP_NAME = "retrieval"
 
 
+# Solver threads (serve.batch hands each batch to a worker thread) would otherwise each grow their
+# own malloc arena, and the replica's memory would creep up with every new thread.
+REPLICA_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -96,7 +101,7 @@ def start_service(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
     if not (run_dir / "descriptors").is_dir():
         raise FileNotFoundError(f"serve: {run_dir} has no descriptors/ (run the pipeline first)")
     serve.start(http_options={"host": host, "port": port})
-    app = QueryService.options(num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus}).bind(
+    app = QueryService.options(num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus, "runtime_env": REPLICA_ENV}).bind(
         str(run_dir), dataclasses.asdict(limits or ServiceLimits()), max_batch_size, batch_wait_timeout_s)
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"

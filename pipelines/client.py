@@ -48,6 +48,9 @@ class QueryClient:
                 self.close()
                 if attempt:
                     raise
+            except Exception:  # refused, timed out, ...: the connection is unusable; the next call opens a new one
+                self.close()
+                raise
         try:
             data = json.loads(raw) if raw else {}
         except json.JSONDecodeError:

@@ -68,3 +68,40 @@ def test_proxy_binds_to_loopback_only(service):
         pytest.skip("no non-loopback interface")
     with pytest.raises(OSError):
         socket.create_connection((ip, port), timeout=3).close()
+
+
+@pytest.mark.slow
+def test_retrieval_serve_command(tiny_run, tmp_path):
+    """`retrieval serve RUN` as documented: starts, answers, stops on Ctrl-C (its own embedded Ray)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", tiny_run[0].out, "--port", str(port), "--num-cpus", "0.25"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        c = QueryClient(f"http://127.0.0.1:{port}")
+        t0 = time.monotonic()
+        while True:
+            try:
+                c.health()
+                break
+            except (OSError, ServiceError):
+                assert p.poll() is None and time.monotonic() - t0 < 180, p.stdout.read() if p.poll() is not None else "timeout"
+                time.sleep(1)
+        idx = QueryIndex(tiny_run[0].out)
+        got = c.query(keys=idx.keys[:2], method="diffusion", topk=3)
+        assert [r["keys"][0] for r in got["results"]] == [r["keys"][0] for r in idx.answer(
+            {"queries": [{"key": k} for k in idx.keys[:2]], "method": "diffusion", "topk": 3})["results"]]
+        c.close()
+    finally:
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

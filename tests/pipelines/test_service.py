@@ -145,3 +145,18 @@ def test_batch_query_by_database_key_and_cli(tiny_run, tmp_path, capsys):
     assert [ids[0] for ids in t["ids"]] == idx.ids[:4].tolist()  # a database image is its own nearest neighbour
     stats = json.loads((tmp_path / "b" / "diffusion" / "stats.json").read_text())
     assert stats["ranked"] == 6 and stats["queries_per_s"] > 0
+
+
+def test_index_files_with_pickled_objects_are_refused(tiny_run, tmp_path):
+    """Index files load with safe loaders: a graph block holding a pickled object is refused."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0].out, run, ignore=shutil.ignore_patterns("images", "benchmark", "features"))
+    block = sorted((run / "graph").glob("*.npz"))[0]
+    with np.load(block) as z:
+        arrays = dict(z)
+    arrays["data"] = np.array([{"evil": "object"}], dtype=object)
+    np.savez(block, **arrays)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        QueryIndex(run)

@@ -1,0 +1,227 @@
+"""Query service under load, and the batch query job's throughput, on a synthetic-manifold index.
+
+    python -m pipelines.benchmarks.serve_load --n 100000 --seconds 20 --clients 4
+
+Builds (once) a run directory from the scale benchmark's descriptors (import + exact reciprocal
+kNN graph), starts the Ray Serve query service on loopback (embedded Ray, one replica), and for
+each batch size drives `--clients` concurrent clients for `--seconds` while one more client sends
+a malformed or oversized request every `--bad-interval` s (each must get a 4xx); the passes over
+the batch sizes repeat (`--repeat`) so that memory growth after warm-up shows. Reports queries/s, request latency
+percentiles, replica memory before/after and whether the replica process changed (a crash).
+Then runs the batch query job over a Parquet file of query vectors. Writes JSON + Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("serve_load")
+
+
+def build_index_run(out: Path, n: int, nq: int, k: int) -> Path:
+    """Run directory with descriptors and graph for the synthetic manifold of n points."""
+    from pipelines.config import GraphConfig
+    from pipelines.graph import run_graph
+    from pipelines.import_descriptors import import_descriptors
+    from retrieval.synthetic_manifold import ManifoldSpec, make_manifold_dataset
+
+    run = out / f"run-{n}"
+    if (run / "graph" / "manifest.json").is_file():
+        return run
+    out.mkdir(parents=True, exist_ok=True)
+    X, _, Q, _ = make_manifold_dataset(ManifoldSpec(n=n, n_queries=nq, shared_dim=32, seed=0))
+    np.save(out / f"X-{n}.npy", X)
+    np.save(out / f"Q-{n}.npy", Q)
+    import_descriptors(run, out / f"X-{n}.npy", queries=out / f"Q-{n}.npy")
+    run_graph(run, GraphConfig(k=k, index="flat"))
+    return run
+
+
+BAD_BODIES = [
+    b"{not json",
+    json.dumps({"queries": [{"key": "no-such-key"}]}).encode(),
+    json.dumps({"queries": [{"vector": [1.0, 2.0]}]}).encode(),
+    json.dumps({"queries": [{"key": "x"}] * 5000}).encode(),  # over max_queries
+    json.dumps({"queries": [{"image": "AAAA"}]}).encode(),
+    json.dumps({"queries": [{"vector": [1.0] * 128}], "topk": 10**6}).encode(),
+    b"x" * (2 * 1024 * 1024),  # over the body limit set below
+]
+
+
+def load_phase(url: str, keys: list[str], *, batch: int, clients: int, seconds: float, method: str, topk: int, bad_interval: float,
+               seed: int) -> dict:
+    from pipelines.client import QueryClient
+
+    lat: list[float] = []
+    good_q = [0]
+    bad = {"sent": 0, "4xx": 0, "other": 0}
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def bad_worker() -> None:
+        """Malformed and oversized requests, one every `bad_interval` s, mixed into the load."""
+        c = QueryClient(url, timeout=600)
+        i = 0
+        while time.monotonic() < stop:
+            status, _ = c.post_raw(BAD_BODIES[i % len(BAD_BODIES)])
+            i += 1
+            with lock:
+                bad["sent"] += 1
+                bad["4xx" if 400 <= status < 500 else "other"] += 1
+            time.sleep(bad_interval)
+        c.close()
+
+    def worker(w: int) -> None:
+        rng = np.random.default_rng(seed * 1000 + w)
+        c = QueryClient(url, timeout=600)
+        while time.monotonic() < stop:
+            qk = [keys[j] for j in rng.integers(0, len(keys), batch)]
+            t0 = time.perf_counter()
+            try:
+                res = c.query(keys=qk, method=method, topk=topk)
+            except Exception as e:  # counted and reported, never hidden
+                with lock:
+                    errors.append(repr(e)[:200])
+                continue
+            dt = time.perf_counter() - t0
+            with lock:
+                lat.append(dt)
+                good_q[0] += len(res["results"])
+        c.close()
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(clients)]
+    if bad_interval > 0:
+        threads.append(threading.Thread(target=bad_worker))
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0  # includes the requests in flight at the deadline
+    a = np.array(lat) * 1000 if lat else np.zeros(1)
+    return {"batch": batch, "clients": clients, "seconds": round(wall, 2), "requests": len(lat), "queries": good_q[0],
+            "queries_per_s": round(good_q[0] / wall, 1), "latency_ms_p50": round(float(np.percentile(a, 50)), 1),
+            "latency_ms_p95": round(float(np.percentile(a, 95)), 1), "latency_ms_p99": round(float(np.percentile(a, 99)), 1),
+            "bad_sent": bad["sent"], "bad_4xx": bad["4xx"], "bad_other": bad["other"], "errors": errors[:5], "n_errors": len(errors)}
+
+
+def batch_job(run: Path, out: Path, n: int, nq: int, methods: list[str], chunk: int, topk: int) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.batch_query import run_batch_query
+    from pipelines.service import QueryIndex
+
+    Q = np.load(out / f"Q-{n}.npy")
+    reps = int(np.ceil(nq / len(Q)))
+    Qb = np.tile(Q, (reps, 1))[:nq]
+    qfile = out / f"batch-queries-{n}-{nq}.parquet"
+    if not qfile.is_file():
+        pq.write_table(pa.table({"key": [f"q{i:07d}" for i in range(nq)], "vector": list(Qb)}), qfile)
+    index = QueryIndex(run)
+    bdir = out / f"batch-{n}-{nq}-{time.strftime('%H%M%S')}"
+    return run_batch_query(index, qfile, bdir, methods=methods, topk=topk, chunk=chunk)
+
+
+def in_process_reference(run: Path, methods: list[str], batch: int, topk: int) -> dict:
+    """Queries/s of `QueryIndex.rank` itself (no HTTP, no Ray) on one batch, per method."""
+    from pipelines.service import QueryIndex
+
+    index = QueryIndex(run)
+    Q = index.X[np.random.default_rng(7).integers(0, index.X.shape[0], batch)]
+    out = {}
+    for m in methods:
+        index.rank(Q[:4], m, topk)  # warm-up (lazy caches)
+        t0 = time.perf_counter()
+        index.rank(Q, m, topk)
+        out[m] = round(batch / (time.perf_counter() - t0), 1)
+        log.info("in-process %s: %.1f queries/s on a batch of %d", m, out[m], batch)
+    return out
+
+
+def markdown(res: dict) -> str:
+    rows = ["| pass | method | batch | clients | queries/s | p50 ms | p95 ms | p99 ms | bad requests -> 4xx | errors | replica RSS before -> after (MiB) | replica restarted |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in res["phases"]:
+        rows.append(f"| {p['rep'] + 1} | {p['method']} | {p['batch']} | {p['clients']} | {p['queries_per_s']} | {p['latency_ms_p50']} | {p['latency_ms_p95']} | "
+                    f"{p['latency_ms_p99']} | {p['bad_4xx']}/{p['bad_sent']} | {p['n_errors']} | "
+                    f"{p['rss_before_mib']:.0f} -> {p['rss_after_mib']:.0f} | {p['replica_restarted']} |")
+    rows += ["", "| method | in-process queries/s (one batch of %d, no HTTP) |" % max(p["batch"] for p in res["phases"]), "|---|---|"]
+    rows += [f"| {m} | {v} |" for m, v in res["in_process"].items()]
+    if res.get("batch_job"):
+        rows += ["", "| batch job method | queries | chunks | queries/s (wall) | rank-only queries/s |", "|---|---|---|---|---|"]
+        for m, b in res["batch_job"].items():
+            rows.append(f"| {m} | {b['ranked']} | {res['batch_chunk']} | {b['queries_per_s']} | "
+                        f"{round(b['ranked'] / b['rank_seconds'], 1) if b['rank_seconds'] else '-'} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--out", type=Path, default=Path("runs/serve_load"))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--methods", nargs="+", default=["diffusion"])
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--topk", type=int, default=100)
+    ap.add_argument("--bad-interval", type=float, default=0.25, help="seconds between malformed requests (0: none)")
+    ap.add_argument("--repeat", type=int, default=2, help="passes over the batch sizes (memory must not grow after the first)")
+    ap.add_argument("--replica-cpus", type=float, default=1.0)
+    ap.add_argument("--batch-job-queries", type=int, default=2000)
+    ap.add_argument("--batch-job-methods", nargs="+", default=["knn", "diffusion"])
+    ap.add_argument("--batch-chunk", type=int, default=500)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+    from cluster.local_cluster import free_port
+    from cluster.ray_runtime import init_ray
+    from cluster.ray_serve import start_service, stop_service
+    from pipelines.client import QueryClient
+    from pipelines.descriptors import load_descriptors
+    from pipelines.service import ServiceLimits
+
+    run = build_index_run(args.out, args.n, 1000, args.k)
+    _, keys, _ = load_descriptors(run / "descriptors", dense=False)
+    res_inproc = in_process_reference(run, args.methods, max(args.batches), args.topk)
+    init_ray("", num_cpus=2)
+    url = start_service(run, port=free_port(), num_cpus=args.replica_cpus,
+                        limits=ServiceLimits(max_queries=1024, max_topk=1000, max_request_bytes=1024 * 1024))
+    res = {"n": args.n, "k": args.k, "url": url, "phases": [], "in_process": res_inproc}
+    try:
+        with QueryClient(url) as c:
+            c.query(keys=keys[:4], method=args.methods[0], topk=args.topk)  # warm-up: lazy caches, first solve
+            for rep in range(args.repeat):
+                for method in args.methods:
+                    for b in args.batches:
+                        h0 = c.health()
+                        p = load_phase(url, keys, batch=b, clients=args.clients, seconds=args.seconds, method=method, topk=args.topk,
+                                       bad_interval=args.bad_interval, seed=b + 100 * rep)
+                        h1 = c.health()
+                        p.update(method=method, rep=rep, rss_before_mib=h0["rss_bytes"] / 2**20, rss_after_mib=h1["rss_bytes"] / 2**20,
+                                 replica_restarted=h0["pid"] != h1["pid"])
+                        log.info("%s", p)
+                        res["phases"].append(p)
+    finally:
+        stop_service()
+    if args.batch_job_queries:
+        res["batch_chunk"] = args.batch_chunk
+        res["batch_job"] = batch_job(run, args.out, args.n, args.batch_job_queries, args.batch_job_methods, args.batch_chunk, args.topk)
+    (args.out / f"serve_load-{args.n}.json").write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    (args.out / f"serve_load-{args.n}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
