@@ -84,7 +84,12 @@ class QueryIndex:
         self.limits = limits or ServiceLimits()
         resolved = read_json(self.run_dir / "config.resolved.json") if (self.run_dir / "config.resolved.json").is_file() else {}
         self.query_cfg = query or _section(QueryConfig, resolved.get("query"), "query")
-        self.extract_cfg = _section(ExtractConfig, resolved.get("extract"), "extract")
+        # the extractor for image queries is the one that made the descriptors: their manifest
+        # records it (config.resolved.json is rewritten by any later stage command)
+        manifest = read_json(self.run_dir / "manifest.json") if (self.run_dir / "manifest.json").is_file() else {}
+        made_by = {k: v for k, v in manifest.items() if v is not None}
+        self.extract_cfg = _section(ExtractConfig, {**(resolved.get("extract") or {}), **made_by}, "extract")
+        self.weights_sha256 = manifest.get("weights_sha256")
         self.ids, self.keys, self.X = load_descriptors(self.run_dir / "descriptors", dense=False)
         self.row_of_key = {k: i for i, k in enumerate(self.keys)}
         self.W = None
@@ -188,6 +193,10 @@ class QueryIndex:
                 from .extractor import DescriptorExtractor
 
                 self._extractor = DescriptorExtractor(self.extract_cfg)
+                if self.weights_sha256 and self._extractor.info.get("weights_sha256") not in (None, self.weights_sha256):
+                    self._extractor = None
+                    raise RequestError("the network weights on this machine differ from those that made the index's "
+                                       "descriptors (manifest weights_sha256): image queries refused", 422)
                 wpath = self.run_dir / "whitening.npz"
                 self._whitening = load_whitening(wpath) if (self.extract_cfg.whitening != "none" and wpath.is_file()) else None
             F = self._extractor(images)
