@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--topk", type=int, default=100, help="batch job: results kept per query")
             sp.add_argument("--chunk", type=int, default=4096, help="batch job: queries per output shard")
             sp.add_argument("--batch-out", help="batch job output folder (default RUN/batch/<file stem>)")
+    tr = sub.add_parser("train", help="unsupervised fine-tuning ([train]); resumes from the latest checkpoint")
+    tr.add_argument("config", help="TOML run configuration")
+    tr.add_argument("--out", help="run directory (overrides `out` in the config)")
+    tr.add_argument("--engine", choices=["ray", "local"], help="training engine (overrides [train].engine)")
+    tr.add_argument("--workers", type=int, help="Ray Train workers (overrides [train].num_workers)")
     srv = sub.add_parser("serve", help="query service on Ray Serve over a finished run directory")
     srv.add_argument("run_dir")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
@@ -86,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(cfg.log_level.upper())
     if args.out:
         cfg.out = args.out
+    if args.command == "train":
+        return _train(cfg, args)
     if args.engine:
         cfg.extract.engine = args.engine
     from .evaluate import format_table
@@ -112,6 +119,23 @@ def main(argv: list[str] | None = None) -> int:
         print("\nmAP (%)\n" + format_table(res["evaluate"]["metrics"]))
         print(f"\nresults: {out / 'metrics.json'}\nreport:  {res['evaluate']['report']}\nranks:   {out / 'ranks'}")
         print(f"timings (s): {res['timings']}")
+    return 0
+
+
+def _train(cfg, args) -> int:
+    from .models import WeightsError
+    from .train import run_train
+
+    if args.engine:
+        cfg.train.engine = args.engine
+    if args.workers:
+        cfg.train.num_workers = args.workers
+    try:
+        res = run_train(Path(cfg.out), cfg.train, ray_address=cfg.ray_address)
+    except (WeightsError, FileNotFoundError, ValueError) as e:  # CheckpointError is a WeightsError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"checkpoint: {res['checkpoint']}\nlast epoch: {res['last']}")
     return 0
 
 

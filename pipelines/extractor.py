@@ -51,13 +51,17 @@ class DescriptorExtractor:
             torch.set_num_threads(cfg.torch_threads)
         self.model, self.info = load_backbone(cfg.backbone, cfg.weights)
         kw = {"p": cfg.gem_p} if cfg.pooling == "gem" else {}
-        self.pool = make_pooling(cfg.pooling, **kw)
+        # a fine-tuned checkpoint carries its own head (learned GeM p, optional whitening layer)
+        head = getattr(self.model, "retrieval_head", None)
+        self.pool = head if head is not None else make_pooling(cfg.pooling, **kw)
+        if head is not None and cfg.pooling != "gem":
+            log.warning("extract: weights are a fine-tuned checkpoint; its learned GeM head replaces pooling=%r", cfg.pooling)
         if not cfg.scales or any(s <= 0 for s in cfg.scales):
             raise ValueError(f"extract: scales must be positive, got {cfg.scales}")
 
     @property
     def dim(self) -> int:
-        return int(self.model.out_channels)
+        return int(getattr(self.pool, "out_dim", self.model.out_channels))
 
     def __call__(self, images: Sequence[bytes], boxes: Sequence[Sequence[float] | None] | None = None) -> np.ndarray:
         """(B, C) float32 L2-normalised global descriptors."""

@@ -85,6 +85,12 @@ def load_backbone(name: str, weights: str) -> tuple[torch.nn.Module, dict]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
         raise WeightsError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
+    from .checkpoints import is_checkpoint, net_from_checkpoint, validate_checkpoint
+
+    if is_checkpoint(state):  # a `retrieval train` checkpoint: backbone + learned GeM (+ whitening) head
+        model = net_from_checkpoint(validate_checkpoint(state, path), backbone=name, path=path)
+        model.eval()
+        return model, {"backbone": name, "weights": str(path), "weights_sha256": file_sha256(path), "finetuned": True}
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     model = make_backbone(name)

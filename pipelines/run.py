@@ -66,6 +66,16 @@ def stage_extract(cfg: RunConfig, run_dir: Path) -> dict:
     return out
 
 
+def stage_train(cfg: RunConfig, run_dir: Path) -> dict:
+    """Fine-tune ([train]); extraction then uses the final checkpoint (skipped when it exists)."""
+    from .train import run_train
+
+    res = run_train(run_dir, cfg.train, ray_address=cfg.ray_address)
+    cfg.extract.backbone, cfg.extract.weights = cfg.train.backbone, res["checkpoint"]
+    log.info("train: extraction will use %s", res["checkpoint"])
+    return res
+
+
 def stage_graph(cfg: RunConfig, run_dir: Path) -> dict:
     from .graph import run_graph
 
@@ -100,11 +110,17 @@ def stage_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     return {"metrics": metrics, "report": str(report)}
 
 
-STAGES = {"ingest": stage_ingest, "extract": stage_extract, "graph": stage_graph, "query": stage_query, "evaluate": stage_evaluate}
+STAGES = {"ingest": stage_ingest, "train": stage_train, "extract": stage_extract, "graph": stage_graph, "query": stage_query,
+          "evaluate": stage_evaluate}
 
 
 def run_stages(cfg: RunConfig, stages: list[str]) -> dict:
-    """Run the named stages in order on cfg.out; saves the resolved config and per-stage timings."""
+    """Run the named stages in order on cfg.out; saves the resolved config and per-stage timings.
+
+    With [train].enabled, extraction is preceded by the train stage (a no-op once its final
+    checkpoint exists), so `run` and `extract` use the fine-tuned network."""
+    if cfg.train.enabled and "extract" in stages and "train" not in stages:
+        stages = stages[: stages.index("extract")] + ["train"] + stages[stages.index("extract") :]
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     if "ingest" in stages or "evaluate" in stages:
@@ -117,6 +133,6 @@ def run_stages(cfg: RunConfig, stages: list[str]) -> dict:
         results[s] = STAGES[s](cfg, run_dir)
         timings[s] = round(time.perf_counter() - t0, 2)
         log.info("stage %s done in %.1f s", s, timings[s])
-    write_json(timings, run_dir / f"timings.{'-'.join(stages) if len(stages) < len(STAGES) else 'run'}.json")
+    write_json(timings, run_dir / f"timings.{'-'.join(stages) if len(set(stages) - {'train'}) < len(STAGES) - 1 else 'run'}.json")
     results["timings"] = timings
     return results
