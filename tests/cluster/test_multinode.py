@@ -79,14 +79,20 @@ def _submit_cli(cfg, tmp_path, address, *extra) -> str:
 
 
 def test_submitted_run_equals_embedded_run(cluster, embedded_run, tmp_path, tiny_benchmark):
+    """Also runs the PETSc solve from the cluster: 2 MPI ranks placed by a Ray placement group."""
     from cluster.ray_jobs import job_status, wait_job
 
     cfg = _cfg(tmp_path, tiny_benchmark, "submitted")
+    cfg.query.methods = ["knn", "aqe", "diffusion", "petsc"]
+    cfg.query.petsc_launch, cfg.query.petsc_ranks = "ray", 2
     job = _submit_cli(cfg, tmp_path, cluster.dashboard_url)
     status = wait_job(cluster.dashboard_url, job, timeout=400)
     assert status == "SUCCEEDED", job_status(cluster.dashboard_url, job)
     assert job_status(cluster.dashboard_url, job)["out"] == cfg.out
     _same_outputs(embedded_run, Path(cfg.out))
+    diff = pq.read_table(Path(cfg.out) / "ranks" / "diffusion.parquet").to_pydict()
+    petsc = pq.read_table(Path(cfg.out) / "ranks" / "petsc.parquet").to_pydict()
+    assert all(petsc["converged"]) and [r[:5] for r in petsc["ids"]] == [r[:5] for r in diff["ids"]]
 
 
 def test_worker_node_killed_mid_extraction(cluster, embedded_run, tmp_path, tiny_benchmark):
