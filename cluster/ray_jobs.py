@@ -116,7 +116,9 @@ def wait_job(address: str, job_id: str, *, timeout: float = 3600, poll: float = 
         time.sleep(poll)
 
 
-def job_logs(address: str, job_id: str, *, follow: bool = False, stream=sys.stdout) -> None:
+def job_logs(address: str, job_id: str, *, follow: bool = False, stream=None) -> None:
+    """Write the job's logs to `stream` (stdout by default); with follow, until the job ends."""
+    stream = stream or sys.stdout
     client = job_client(address)
     if not follow:
         stream.write(client.get_job_logs(job_id))

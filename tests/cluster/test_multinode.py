@@ -89,6 +89,15 @@ def test_submitted_run_equals_embedded_run(cluster, embedded_run, tmp_path, tiny
     status = wait_job(cluster.dashboard_url, job, timeout=400)
     assert status == "SUCCEEDED", job_status(cluster.dashboard_url, job)
     assert job_status(cluster.dashboard_url, job)["out"] == cfg.out
+    from pipelines.cli import main
+
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["logs", job, "--address", cluster.dashboard_url]) == 0
+    assert "== stage evaluate ==" in buf.getvalue() and "mAP (%)" in buf.getvalue()
     _same_outputs(embedded_run, Path(cfg.out))
     diff = pq.read_table(Path(cfg.out) / "ranks" / "diffusion.parquet").to_pydict()
     petsc = pq.read_table(Path(cfg.out) / "ranks" / "petsc.parquet").to_pydict()
