@@ -100,6 +100,9 @@ class QueryConfig:
     matmul: str = "reordered"  # sparse product for block CG: reordered (RCM + threads), scipy, or torch
     dtype: str = "float64"  # CG arithmetic: float64 or float32
     truncate_m: int = 1000  # database neighbours forming a query's subgraph ("truncated" method)
+    truncate_select: str = "mass"  # how the subgraph is chosen: "mass" (most diffusion mass after truncate_hops steps) or "bfs"
+    truncate_hops: int = 8  # series terms of the "mass" selection
+    truncate_beam: int = 0  # nodes kept per query at each "mass" step; 0 = truncate_m
     spectral_rank: int = 256  # eigenpairs kept by the "spectral" method
     petsc_ranks: int = 2  # MPI ranks of the "petsc" method
     petsc_launch: str = "mpiexec"  # "mpiexec" (from this process) or "ray" (one rank per placement-group bundle)

@@ -86,7 +86,8 @@ def rank_truncated(Q: np.ndarray, X: np.ndarray, cfg: QueryConfig, *, W, **_) ->
     """Diffusion on each query's m-node graph neighbourhood; the rest ranked by similarity."""
     D, I = knn_search(Q, X, cfg.kq)
     ids, sc, st = truncated_diffusion(W, D, I, m=min(cfg.truncate_m, X.shape[0]), alpha=cfg.alpha, gamma=cfg.gamma,
-                                      rtol=cfg.rtol, maxiter=cfg.maxiter)
+                                      rtol=cfg.rtol, maxiter=cfg.maxiter, select=cfg.truncate_select, hops=cfg.truncate_hops,
+                                      beam=cfg.truncate_beam or None)
     I, S = _pad_with_knn(ids, sc, Q, X, _topk(cfg, X.shape[0]))
     return {"ids": I, "scores": S, **_stats(st)}
 

@@ -136,7 +136,7 @@ def _bandwidth_gbs() -> float:
 
 
 def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, petsc_queries: int, spectral_rank: int,
-                 truncate_m: int, methods: list[str]) -> dict:
+                 truncate_m: int, methods: list[str], truncate_hops: int = 8, truncate_beam: int = 0) -> dict:
     from retrieval.diffusion import diffusion_operator, diffusion_topk, query_vectors, scipy_cg, topk_columns, truncated_diffusion
     from retrieval.knn import knn_search
     from retrieval.metrics import compute_map
@@ -188,11 +188,16 @@ def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, p
             x, _ = scipy_cg(L, query_vectors(D[q : q + 1], I[q : q + 1], n, gamma=gamma)[:, 0], rtol=rtol, maxiter=maxiter)
             ids.append(topk_columns(x[:, None], topk)[0][0])
         record("scipy cg loop", ids, time.perf_counter() - t0, m)
-    if "truncated" in methods:
+    for name, select in (("truncated", "bfs"), ("truncated-mass", "mass")):
+        if name not in methods:
+            continue
         t0 = time.perf_counter()
-        tids, tsc, st = truncated_diffusion(W, D, I, m=truncate_m, alpha=alpha, gamma=gamma, rtol=rtol, maxiter=maxiter)
+        tids, tsc, st = truncated_diffusion(W, D, I, m=truncate_m, alpha=alpha, gamma=gamma, rtol=rtol, maxiter=maxiter, select=select,
+                                            hops=truncate_hops, beam=truncate_beam or None)
         ids = [np.concatenate([t, Ik[q][~np.isin(Ik[q], t)]])[:topk] for q, t in enumerate(tids)]
-        record(f"truncated (m={truncate_m})", ids, time.perf_counter() - t0, nq, iterations_mean=float(st.iterations.mean()))
+        label = f"truncated (m={truncate_m})" if select == "bfs" else \
+            f"truncated, mass selection (m={truncate_m}, {truncate_hops} hops, beam {truncate_beam or truncate_m})"
+        record(label, ids, time.perf_counter() - t0, nq, iterations_mean=float(st.iterations.mean()))
     if "spectral" in methods:
         t0 = time.perf_counter()
         emb = spectral_embedding(W, rank=spectral_rank, alpha=alpha)
@@ -306,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--petsc-queries", type=int, default=100)
     ap.add_argument("--spectral-rank", type=int, default=256)
     ap.add_argument("--truncate-m", type=int, default=2000)
+    ap.add_argument("--truncate-hops", type=int, default=8)
+    ap.add_argument("--truncate-beam", type=int, default=1000)
     ap.add_argument("--methods", nargs="+", default=["aqe", "cg-float64", "cg-float32", "cg-float64-scipy", "cg-loop", "truncated", "spectral",
                                                       "petsc1", "petsc2"])
     a = ap.parse_args(argv)
@@ -322,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         elif a.step == "graph":
             r = step_graph(out, a.index, a.k, a.nprobe, a.nlist, a.hnsw_m, a.ef_construction, a.ef_search)
         else:
-            r = step_methods(out, a.index, a.queries, a.topk, a.loop_queries, a.petsc_queries, a.spectral_rank, a.truncate_m, a.methods)
+            r = step_methods(out, a.index, a.queries, a.topk, a.loop_queries, a.petsc_queries, a.spectral_rank, a.truncate_m, a.methods,
+                             a.truncate_hops, a.truncate_beam)
         print(json.dumps(r))
         return 0
     results = {}
@@ -337,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "--nlist", str(a.nlist), *common]))
         r["methods"] = _run_child(["methods", "--n", str(n), "--index", graphs[-1], "--topk", str(a.topk), "--loop-queries",
                                    str(a.loop_queries), "--petsc-queries", str(a.petsc_queries), "--spectral-rank", str(a.spectral_rank),
-                                   "--truncate-m", str(a.truncate_m), "--methods", *a.methods, *common])
+                                   "--truncate-m", str(a.truncate_m), "--truncate-hops", str(a.truncate_hops),
+                                   "--truncate-beam", str(a.truncate_beam), "--methods", *a.methods, *common])
         results[n] = r
         (ndir / "results.json").write_text(json.dumps(r, indent=2))
         (a.out / "RESULTS.md").write_text(markdown(results))

@@ -134,3 +134,50 @@ def test_katz_centrality_solves_the_system(data):
     W, _ = build_graph(data[:200], k=8)
     g = katz_centrality(W, alpha=0.9)
     np.testing.assert_allclose((np.eye(200) - 0.9 * W.toarray()) @ g, np.ones(200), atol=1e-6)
+
+
+def test_mass_neighbourhoods_equal_the_dense_series(data):
+    """Without the beam, the selection is the top-m of sum_t (alpha W)^t y computed densely."""
+    from retrieval.diffusion import mass_neighbourhoods
+
+    W, _ = build_graph(data, k=8)
+    D, I = knn_search(data[:5], data, 4)
+    alpha, gamma, hops, m = 0.9, 3.0, 4, 40
+    got = mass_neighbourhoods(W, D, I, m, alpha=alpha, gamma=gamma, hops=hops, beam=600, batch=2)
+    Wd = W.toarray()
+    for q in range(5):
+        y = np.zeros(600)
+        y[I[q]] = np.maximum(D[q], 0) ** gamma
+        acc, cur = y.copy(), y.copy()
+        for _ in range(hops):
+            cur = alpha * Wd @ cur
+            acc += cur
+        acc[I[q]] = np.inf
+        ref = np.argsort(-acc, kind="stable")[:m]
+        assert set(got[q].tolist()) == set(ref.tolist())
+    small = mass_neighbourhoods(W, D, I, m, alpha=alpha, gamma=gamma, hops=hops, beam=10)  # the beam prunes, seeds stay
+    assert all(set(I[q].tolist()) <= set(small[q].tolist()) and len(small[q]) <= m for q in range(5))
+
+
+def test_keep_top_per_column_equals_dense_reference(rng):
+    from retrieval.diffusion import _keep_top_per_column
+
+    A = sp.random(200, 7, density=0.2, random_state=1, format="csc")
+    B = _keep_top_per_column(A, 5).toarray()
+    for j in range(7):
+        col = A.toarray()[:, j]
+        top = np.sort(col[col > 0])[::-1][:5]
+        assert np.array_equal(np.sort(B[:, j][B[:, j] > 0])[::-1], top)
+
+
+def test_truncated_mass_selection_with_whole_graph_equals_exact(data):
+    W, _ = build_graph(data, k=8)
+    D, I = knn_search(data[:4], data, 5)
+    S, _ = diffusion_scores(W, D, I, alpha=0.95, rtol=1e-10, maxiter=1000)
+    ids, sc, _ = truncated_diffusion(W, D, I, m=600, alpha=0.95, rtol=1e-10, maxiter=1000, select="mass", hops=60, beam=600)
+    for q in range(4):
+        reached = S[q] > 1e-12
+        assert set(np.flatnonzero(reached)) <= set(ids[q].tolist())
+        np.testing.assert_allclose(S[q][ids[q]], sc[q], rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="select"):
+        truncated_diffusion(W, D, I, m=10, select="magic")
