@@ -133,3 +133,27 @@ def write_report(
     path = run_dir / "report.html"
     write_bytes("\n".join(parts).encode(), path)
     return path
+
+
+def training_html(rows: list[dict]) -> str:
+    """The fine-tuning log (`train/metrics.jsonl` rows) as an inline SVG loss curve and a table."""
+    if not rows:
+        return ""
+    w, h, pad = 360, 160, 30
+    ep = [r["epoch"] for r in rows]
+    loss = [r["loss"] for r in rows]
+    lo, hi = min(loss), max(loss)
+    span, espan = (hi - lo) or 1.0, (max(ep) - min(ep)) or 1
+
+    def xy(e, v):
+        return pad + (e - min(ep)) / espan * (w - 2 * pad), h - pad - (v - lo) / span * (h - 2 * pad)
+
+    pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(e, v) for e, v in zip(ep, loss)))
+    svg = (f"<svg width='{w}' height='{h}' style='border:1px solid #ccc'><polyline fill='none' stroke='#1f77b4' stroke-width='2' "
+           f"points='{pts}'/><text x='{pad}' y='15' font-size='11'>loss {hi:.4f}</text>"
+           f"<text x='{pad}' y='{h - 8}' font-size='11'>loss {lo:.4f}, epochs {min(ep)}-{max(ep)}</text></svg>")
+    cols = [c for c in ("epoch", "loss", "tuples", "tuples_per_s", "mining_seconds", "gem_p", "workers") if c in rows[0]]
+    body = "".join("<tr>" + "".join(f"<td>{r.get(c, '')}</td>" if not isinstance(r.get(c), float) else f"<td>{r[c]:.4g}</td>"
+                                     for c in cols) + "</tr>" for r in rows)
+    return (f"<h2>Fine-tuning</h2><p>Training loss per epoch (tuples mined without labels).</p>{svg}"
+            f"<table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{body}</table>")

@@ -1,6 +1,7 @@
 """`retrieval run`: benchmark (optional) -> ingest -> extract -> graph -> query -> evaluate -> report."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -104,8 +105,13 @@ def stage_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     detail = read_json(run_dir / "evaluation.json")["methods"]
     proto = "M" if "M" in next(iter(detail.values())) else "classic"
     aps = {m: d[proto]["aps"] for m, d in detail.items()}
+    from .report import training_html
+
+    log_path = Path(cfg.train.out or run_dir / "train") / "metrics.jsonl"
+    train_rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
     report = write_report(run_dir, metrics, read_ground_truth(cfg.dataset.gnd), db_keys=db_keys, query_dir=run_dir / "queries",
-                          n_queries=cfg.evaluate.report_queries, topk=cfg.evaluate.report_topk, aps=aps)
+                          n_queries=cfg.evaluate.report_queries, topk=cfg.evaluate.report_topk, aps=aps,
+                          extra_html=training_html(train_rows))
     log.info("evaluate: mAP (%%)\n%s", format_table(metrics))
     return {"metrics": metrics, "report": str(report)}
 

@@ -130,14 +130,17 @@ def test_run_with_train_stage_extracts_with_the_checkpoint(tiny_benchmark, tmp_p
     cfg = tiny_run_config(tmp_path / "run")
     cfg.benchmark.enabled = False
     cfg.dataset.database = str(tiny_benchmark / "db")
+    cfg.dataset.queries, cfg.dataset.gnd = str(tiny_benchmark / "queries"), str(tiny_benchmark / "gnd.json")
     cfg.extract.max_side = 64
     cfg.extract.whitening = "none"
     cfg.train = dataclasses.replace(TINY, enabled=True, epochs=1, whiten_dim=16)
-    res = run_stages(cfg, ["ingest", "extract"])
+    res = run_stages(cfg, ["ingest", "extract", "graph", "query", "evaluate"])
     assert list(res)[:3] == ["ingest", "train", "extract"]
     assert cfg.extract.weights == str(tmp_path / "run" / "train" / "checkpoints" / "epoch-0001.pt")
     _, _, X = load_descriptors(tmp_path / "run" / "descriptors")
     assert X.shape == (36, 16)
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "<h2>Fine-tuning</h2>" in report and "<polyline" in report  # the training log is plotted
 
 
 def test_bad_train_config_is_refused(pool_run, tmp_path):
