@@ -254,19 +254,19 @@ def graph_neighbourhood(W: sp.csr_matrix, seeds: np.ndarray, m: int) -> np.ndarr
     return np.concatenate(order)[:m]
 
 
-def _keep_top_per_column(A: sp.csc_matrix, k: int) -> sp.csc_matrix:
-    """The k largest entries of every column of A (CSC; ties at the k-th value are kept too)."""
+def _keep_top_per_row(A: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """The k largest entries of every row of A (CSR; ties at the k-th value are kept too)."""
     counts = np.diff(A.indptr)
     if counts.max(initial=0) <= k:
         return A
     keep = np.ones(A.data.size, dtype=bool)
-    for j in np.flatnonzero(counts > k):  # one partition per long column: O(nnz) in all
+    for j in np.flatnonzero(counts > k):  # one partition per long row: O(nnz) in all
         a, b = A.indptr[j], A.indptr[j + 1]
         seg = A.data[a:b]
         keep[a:b] = seg >= np.partition(seg, seg.size - k)[seg.size - k]
-    col = np.repeat(np.arange(A.shape[1]), counts)[keep]
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(col, minlength=A.shape[1]))])
-    return sp.csc_matrix((A.data[keep], A.indices[keep], indptr), shape=A.shape)
+    row = np.repeat(np.arange(A.shape[0]), counts)[keep]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=A.shape[0]))])
+    return sp.csr_matrix((A.data[keep], A.indices[keep], indptr), shape=A.shape)
 
 
 def mass_neighbourhoods(W: sp.csr_matrix, D: np.ndarray, I: np.ndarray, m: int, *, alpha: float = 0.99, gamma: float = 3.0,
@@ -275,10 +275,11 @@ def mass_neighbourhoods(W: sp.csr_matrix, D: np.ndarray, I: np.ndarray, m: int, 
     series x = sum_t (alpha W)^t y, computed as sparse products for a batch of queries at once, each
     step keeping the `beam` heaviest nodes per query (m by default). Unlike breadth-first search,
     nodes are chosen by the mass reaching them along every path, not by hop count and one edge.
+    Queries are rows (Y W, W symmetric), so a step costs the rows of W the queries reach, not N.
 
-    Args: W (n, n) CSR; D, I (nq, kq) similarities and ids of each query's database neighbours
-    (y = max(D, 0)^gamma there; -1 ids ignored). Returns: per query (<= m,) int64 node ids, the
-    query's own neighbours always included.
+    Args: W (n, n) symmetric CSR; D, I (nq, kq) similarities and ids of each query's database
+    neighbours (y = max(D, 0)^gamma there; -1 ids ignored). Returns: per query (<= m,) int64 node
+    ids, the query's own neighbours always included.
     """
     n, nq = W.shape[0], I.shape[0]
     beam = beam or m
@@ -286,16 +287,15 @@ def mass_neighbourhoods(W: sp.csr_matrix, D: np.ndarray, I: np.ndarray, m: int, 
     for b0 in range(0, nq, batch):
         Ib, Db = I[b0 : b0 + batch], D[b0 : b0 + batch]
         ok = Ib >= 0
-        cols = np.repeat(np.arange(Ib.shape[0]), Ib.shape[1]).reshape(Ib.shape)[ok]
-        Y = sp.csc_matrix((np.maximum(Db[ok].astype(np.float64), 0) ** gamma, (Ib[ok], cols)), shape=(n, Ib.shape[0]))
+        rows = np.repeat(np.arange(Ib.shape[0]), Ib.shape[1]).reshape(Ib.shape)[ok]
+        Y = sp.csr_matrix((np.maximum(Db[ok].astype(np.float64), 0) ** gamma, (rows, Ib[ok])), shape=(Ib.shape[0], n))
         cur, acc = Y, Y.copy()
         for _ in range(hops):
-            cur = _keep_top_per_column(sp.csc_matrix(W @ cur) * alpha, beam)
+            cur = _keep_top_per_row(sp.csr_matrix(cur @ W) * alpha, beam)
             acc = acc + cur
-        seeds = sp.csc_matrix((np.ones(int(ok.sum())), (Ib[ok], cols)), shape=Y.shape)
-        acc = sp.csc_matrix(acc + seeds * 1e30)  # the seeds always stay
-        acc = _keep_top_per_column(acc, m)
-        out += [acc.indices[acc.indptr[j] : acc.indptr[j + 1]].astype(np.int64) for j in range(acc.shape[1])]
+        seeds = sp.csr_matrix((np.ones(int(ok.sum())), (rows, Ib[ok])), shape=Y.shape)
+        acc = _keep_top_per_row(sp.csr_matrix(acc + seeds * 1e30), m)  # the seeds always stay
+        out += [acc.indices[acc.indptr[j] : acc.indptr[j + 1]].astype(np.int64) for j in range(acc.shape[0])]
     return out
 
 

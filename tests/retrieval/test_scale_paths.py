@@ -159,15 +159,15 @@ def test_mass_neighbourhoods_equal_the_dense_series(data):
     assert all(set(I[q].tolist()) <= set(small[q].tolist()) and len(small[q]) <= m for q in range(5))
 
 
-def test_keep_top_per_column_equals_dense_reference(rng):
-    from retrieval.diffusion import _keep_top_per_column
+def test_keep_top_per_row_equals_dense_reference(rng):
+    from retrieval.diffusion import _keep_top_per_row
 
-    A = sp.random(200, 7, density=0.2, random_state=1, format="csc")
-    B = _keep_top_per_column(A, 5).toarray()
+    A = sp.random(7, 200, density=0.2, random_state=1, format="csr")
+    B = _keep_top_per_row(A, 5).toarray()
     for j in range(7):
-        col = A.toarray()[:, j]
-        top = np.sort(col[col > 0])[::-1][:5]
-        assert np.array_equal(np.sort(B[:, j][B[:, j] > 0])[::-1], top)
+        row = A.toarray()[j]
+        top = np.sort(row[row > 0])[::-1][:5]
+        assert np.array_equal(np.sort(B[j][B[j] > 0])[::-1], top)
 
 
 def test_truncated_mass_selection_with_whole_graph_equals_exact(data):
