@@ -154,6 +154,8 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     torch_threads: int = 0  # 0: leave torch's default (Ray workers: cpus_per_worker, at least 1)
     embed_batch: int = 32  # images per forward when embedding the pool for mining
+    val_run: str = ""  # validation after each epoch: run directory with images/ and queries/images/ ("" = none)
+    val_gnd: str = ""  # ... and its ground truth (official .pkl/.mat or a benchmark gnd.json); kNN mAP is logged
 
 
 @dataclass

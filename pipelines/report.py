@@ -135,25 +135,31 @@ def write_report(
     return path
 
 
+def _svg_curve(xs: list, ys: list, label: str, colour: str = "#1f77b4") -> str:
+    w, h, pad = 360, 160, 30
+    lo, hi = min(ys), max(ys)
+    span, xspan = (hi - lo) or 1.0, (max(xs) - min(xs)) or 1
+    pts = " ".join(f"{pad + (x - min(xs)) / xspan * (w - 2 * pad):.1f},{h - pad - (y - lo) / span * (h - 2 * pad):.1f}"
+                   for x, y in zip(xs, ys))
+    return (f"<svg width='{w}' height='{h}' style='border:1px solid #ccc;margin-right:8px'><polyline fill='none' stroke='{colour}' "
+            f"stroke-width='2' points='{pts}'/><text x='{pad}' y='15' font-size='11'>{html.escape(label)} max {hi:.4g}</text>"
+            f"<text x='{pad}' y='{h - 8}' font-size='11'>min {lo:.4g}, epochs {min(xs)}-{max(xs)}</text></svg>")
+
+
 def training_html(rows: list[dict]) -> str:
-    """The fine-tuning log (`train/metrics.jsonl` rows) as an inline SVG loss curve and a table."""
+    """The fine-tuning log (`train/metrics.jsonl` rows) as inline SVG curves (loss, and validation
+    mAP when logged) and a table."""
     if not rows:
         return ""
-    w, h, pad = 360, 160, 30
     ep = [r["epoch"] for r in rows]
-    loss = [r["loss"] for r in rows]
-    lo, hi = min(loss), max(loss)
-    span, espan = (hi - lo) or 1.0, (max(ep) - min(ep)) or 1
-
-    def xy(e, v):
-        return pad + (e - min(ep)) / espan * (w - 2 * pad), h - pad - (v - lo) / span * (h - 2 * pad)
-
-    pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(e, v) for e, v in zip(ep, loss)))
-    svg = (f"<svg width='{w}' height='{h}' style='border:1px solid #ccc'><polyline fill='none' stroke='#1f77b4' stroke-width='2' "
-           f"points='{pts}'/><text x='{pad}' y='15' font-size='11'>loss {hi:.4f}</text>"
-           f"<text x='{pad}' y='{h - 8}' font-size='11'>loss {lo:.4f}, epochs {min(ep)}-{max(ep)}</text></svg>")
-    cols = [c for c in ("epoch", "loss", "tuples", "tuples_per_s", "mining_seconds", "gem_p", "workers") if c in rows[0]]
-    body = "".join("<tr>" + "".join(f"<td>{r.get(c, '')}</td>" if not isinstance(r.get(c), float) else f"<td>{r[c]:.4g}</td>"
+    curves = [_svg_curve(ep, [r["loss"] for r in rows], "training loss")]
+    val_cols = [c for c in rows[0] if c.startswith("val_")]
+    for c in val_cols:
+        if all(c in r for r in rows):
+            curves.append(_svg_curve(ep, [r[c] for r in rows], f"validation kNN mAP {c[4:]}", "#1a9c3e"))
+    cols = [c for c in ("epoch", "loss", *val_cols, "tuples", "tuples_per_s", "mining_seconds", "gem_p", "workers") if c in rows[0]]
+    body = "".join("<tr>" + "".join(f"<td>{r[c]:.4g}</td>" if isinstance(r.get(c), float) else f"<td>{r.get(c, '')}</td>"
                                      for c in cols) + "</tr>" for r in rows)
-    return (f"<h2>Fine-tuning</h2><p>Training loss per epoch (tuples mined without labels).</p>{svg}"
+    return (f"<h2>Fine-tuning</h2><p>Per epoch: training loss (tuples mined without labels) and, when a validation "
+            f"split is configured, its kNN mAP (%).</p>{''.join(curves)}"
             f"<table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{body}</table>")

@@ -56,7 +56,8 @@ def train_dir(run_dir: Path, cfg: TrainConfig) -> Path:
     return Path(cfg.out) if cfg.out else Path(run_dir) / "train"
 
 
-def load_pool(images_dir: Path, *, max_side: int, mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, list[str], list[torch.Tensor]]:
+def load_pool(images_dir: Path, *, max_side: int, mean: Sequence[float], std: Sequence[float],
+              boxes: bool = False) -> tuple[np.ndarray, list[str], list[torch.Tensor]]:
     """Image shards -> ids (n,) int64, keys, and per image a (3, H, W) float32 normalised tensor
     (aspect kept, longer side max_side). Undecodable images are skipped with a warning."""
     from .extractor import open_rgb, to_input
@@ -66,10 +67,11 @@ def load_pool(images_dir: Path, *, max_side: int, mean: Sequence[float], std: Se
         raise FileNotFoundError(f"train: no image shards in {images_dir}; run `retrieval ingest` first")
     ids, keys, ims = [], [], []
     for p in shards:
-        t = read_table(p, ["id", "key", "image"])
-        for i, k, b in zip(t.column("id").to_pylist(), t.column("key").to_pylist(), t.column("image").to_pylist()):
+        t = read_table(p)
+        bbs = t.column("bbox").to_pylist() if boxes and "bbox" in t.column_names else [None] * len(t)
+        for i, k, b, bb in zip(t.column("id").to_pylist(), t.column("key").to_pylist(), t.column("image").to_pylist(), bbs):
             try:
-                ims.append(torch.from_numpy(to_input(open_rgb(b), max_side=max_side, mean=mean, std=std)))
+                ims.append(torch.from_numpy(to_input(open_rgb(b, bb), max_side=max_side, mean=mean, std=std)))
             except (ValueError, OSError) as e:
                 log.warning("train: skipping %s: cannot decode (%s)", k, e)
                 continue
@@ -153,6 +155,36 @@ def make_optimizer(net: RetrievalNet, cfg: TrainConfig) -> torch.optim.Optimizer
                               "base_lr": cfg.lr * cfg.head_lr_mult}])
 
 
+class Validation:
+    """kNN mAP of the current network on a labelled validation run (database + query crops)."""
+
+    def __init__(self, cfg: TrainConfig, net: RetrievalNet):
+        from .groundtruth import read_ground_truth
+
+        run = Path(cfg.val_run)
+        self.db_ids, db_keys, self.db = load_pool(run / "images", max_side=cfg.max_side, mean=net.input_mean, std=net.input_std)
+        _, self.q_keys, self.q = load_pool(run / "queries" / "images", max_side=cfg.max_side, mean=net.input_mean,
+                                           std=net.input_std, boxes=True)
+        self.keys_by_id = [""] * (int(self.db_ids.max()) + 1)
+        for i, k in zip(self.db_ids.tolist(), db_keys):
+            self.keys_by_id[i] = k
+        self.gt = read_ground_truth(cfg.val_gnd)
+        self.batch = cfg.embed_batch
+
+    def __call__(self, net: RetrievalNet, rt: Runtime) -> dict:
+        """{"val_<protocol>": mAP %} (E/M/H for the Revisited protocol)."""
+        from retrieval.knn import knn_search
+
+        from .evaluate import evaluate_ranks
+
+        net.eval()
+        X = embed_pool(net, self.db, rt, batch=self.batch)
+        Q = embed_pool(net, self.q, rt, batch=self.batch)
+        _, I = knn_search(Q, X, X.shape[0])
+        res = evaluate_ranks(self.db_ids[I], self.q_keys, self.keys_by_id, self.gt)
+        return {f"val_{p}": round(v["map"], 2) for p, v in res.items()}
+
+
 def check_config(cfg: TrainConfig, world: int) -> None:
     if cfg.loss not in ("contrastive", "triplet"):
         raise ValueError(f"train: loss must be contrastive or triplet, got {cfg.loss!r}")
@@ -162,6 +194,8 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         raise ValueError(f"train: batch_tuples ({cfg.batch_tuples}) must be a positive multiple of the {world} workers")
     if cfg.epochs <= 0 or cfg.tuples_per_epoch <= 0 or cfg.n_neg <= 0:
         raise ValueError("train: epochs, tuples_per_epoch and n_neg must be positive")
+    if bool(cfg.val_run) != bool(cfg.val_gnd):
+        raise ValueError("train: validation needs both val_run and val_gnd")
 
 
 def train_loop(run_dir: Path, cfg: TrainConfig, rt: Runtime | None = None) -> dict:
@@ -195,6 +229,7 @@ def train_loop(run_dir: Path, cfg: TrainConfig, rt: Runtime | None = None) -> di
     if rt.rank == 0:
         _truncate_log(out / "metrics.jsonl", start_epoch)
         write_json(config_to_dict(cfg), out / "config.resolved.json")
+    validate = Validation(cfg, net) if cfg.val_run else None
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
     steps_here, last = 0, {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -232,6 +267,8 @@ def train_loop(run_dir: Path, cfg: TrainConfig, rt: Runtime | None = None) -> di
                 "tuples": done, "mined": int(len(tuples)), "mining_seconds": round(t_mine, 3), "train_seconds": round(t_train, 3),
                 "tuples_per_s": round(done / t_train, 3) if t_train > 0 else 0.0, "gem_p": float(torch.as_tensor(net.retrieval_head.pool.p).detach()),
                 "lr": opt.param_groups[0]["lr"], "workers": rt.world}
+        if validate is not None:
+            last.update(validate(net, rt))
         if rt.rank == 0:
             mining = {"miner": cfg.miner, "seed": cfg.seed, "epoch": epoch, "rng_state": rng_state,
                       "tuples": tuples.tolist()}

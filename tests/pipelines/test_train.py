@@ -1,6 +1,7 @@
 """Train stage: kill-and-resume reaches the uninterrupted weights; bad checkpoints fail clearly;
 a fine-tuned checkpoint is used by extraction and by `run` with [train].enabled."""
 import dataclasses
+import json
 import io
 from pathlib import Path
 
@@ -133,7 +134,8 @@ def test_run_with_train_stage_extracts_with_the_checkpoint(tiny_benchmark, tmp_p
     cfg.dataset.queries, cfg.dataset.gnd = str(tiny_benchmark / "queries"), str(tiny_benchmark / "gnd.json")
     cfg.extract.max_side = 64
     cfg.extract.whitening = "none"
-    cfg.train = dataclasses.replace(TINY, enabled=True, epochs=1, whiten_dim=16)
+    cfg.train = dataclasses.replace(TINY, enabled=True, epochs=1, whiten_dim=16, val_run=str(tmp_path / "run"),
+                                    val_gnd=str(tiny_benchmark / "gnd.json"))  # validation: the run's own queries
     res = run_stages(cfg, ["ingest", "extract", "graph", "query", "evaluate"])
     assert list(res)[:3] == ["ingest", "train", "extract"]
     assert cfg.extract.weights == str(tmp_path / "run" / "train" / "checkpoints" / "epoch-0001.pt")
@@ -141,6 +143,9 @@ def test_run_with_train_stage_extracts_with_the_checkpoint(tiny_benchmark, tmp_p
     assert X.shape == (36, 16)
     report = (tmp_path / "run" / "report.html").read_text()
     assert "<h2>Fine-tuning</h2>" in report and "<polyline" in report  # the training log is plotted
+    log_rows = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert set(log_rows[0]) >= {"val_E", "val_M", "val_H"} and 0 < log_rows[0]["val_M"] <= 100
+    assert "validation kNN mAP M" in report
 
 
 def test_bad_train_config_is_refused(pool_run, tmp_path):
