@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .config import params_hash
 from .query import ranks_table
-from .service import SERVICE_METHODS, QueryIndex
+from .service import SERVICE_METHODS, QueryIndex, unit_vector
 from .shards import read_json, shard_done, write_json, write_table
 
 log = logging.getLogger(__name__)
@@ -42,19 +42,17 @@ def _chunk_queries(index: QueryIndex, t: pa.Table, row0: int) -> tuple[np.ndarra
             if v is None or len(v) != d:
                 reasons[i] = f"vector must have {d} values, got {None if v is None else len(v)}"
                 continue
-            a = np.asarray(v, np.float64)
-            nrm = np.linalg.norm(a)
-            if not np.isfinite(a).all() or nrm == 0:
-                reasons[i] = "vector must be finite and non-zero"
-                continue
-            Q[i] = a / nrm
+            try:
+                Q[i] = unit_vector(v)
+            except ValueError as e:
+                reasons[i] = f"vector {e}"
     elif "image" in t.column_names:
         imgs = t.column("image").to_pylist()
         good = []
+        from .ingest import validate_image
+
         for i, data in enumerate(imgs):
             try:
-                from .ingest import validate_image
-
                 validate_image(data or b"", max_pixels=index.limits.max_image_pixels)
                 good.append(i)
             except ValueError as e:

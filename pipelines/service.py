@@ -64,6 +64,16 @@ class ParsedRequest:
     topk: int
 
 
+def unit_vector(value) -> np.ndarray:
+    """A query vector (sequence of numbers) L2-normalised to (d,) float32; ValueError if it is not
+    finite or is zero (shared by the service and the batch query job)."""
+    v = np.asarray(value, np.float64)
+    norm = np.linalg.norm(v)
+    if not np.isfinite(v).all() or norm == 0:
+        raise ValueError("must be finite and non-zero")
+    return (v / norm).astype(np.float32)
+
+
 def _section(cls, data: dict | None, where: str):
     fields = {f.name for f in dataclasses.fields(cls)}
     return _build(cls, {k: v for k, v in (data or {}).items() if k in fields}, where)
@@ -160,11 +170,10 @@ class QueryIndex:
             raise RequestError(f"queries[{i}].vector must be a list of {self.dim} numbers, got {n}", 422)
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise RequestError(f"queries[{i}].vector must hold numbers only")
-        v = np.asarray(value, np.float64)
-        norm = np.linalg.norm(v)
-        if not np.isfinite(v).all() or norm == 0:
-            raise RequestError(f"queries[{i}].vector must be finite and non-zero", 422)
-        return (v / norm).astype(np.float32)
+        try:
+            return unit_vector(value)
+        except ValueError as e:
+            raise RequestError(f"queries[{i}].vector {e}", 422) from None
 
     def _image_bytes(self, value: Any, i: int) -> bytes:
         if not isinstance(value, str):
