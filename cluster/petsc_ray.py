@@ -33,6 +33,9 @@ def solve_on_ray(graph_dir: Path, D: np.ndarray, I: np.ndarray, *, ranks: int, k
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from .petsc_solver import solve_with_mpiexec
+    from .ray_runtime import init_ray
+
+    init_ray("")  # joins RAY_ADDRESS inside a submitted job, else the embedded Ray (no-op when up)
 
     @ray.remote(num_cpus=0)
     def _node_ip() -> str:

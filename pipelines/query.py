@@ -109,10 +109,6 @@ def rank_petsc(Q: np.ndarray, X: np.ndarray, cfg: QueryConfig, *, run_dir: Path,
     launchers = {"mpiexec": solve_with_mpiexec, "ray": solve_on_ray}
     if cfg.petsc_launch not in launchers:
         raise ValueError(f"query: petsc_launch must be one of {sorted(launchers)}, got {cfg.petsc_launch!r}")
-    if cfg.petsc_launch == "ray":
-        from cluster.ray_runtime import init_ray
-
-        init_ray("")
     D, I = knn_search(Q, X, cfg.kq)
     ids, sc, st = launchers[cfg.petsc_launch](run_dir / "graph", D, I, ranks=cfg.petsc_ranks, k=_topk(cfg, X.shape[0]), alpha=cfg.alpha,
                                               gamma=cfg.gamma, rtol=cfg.rtol, maxiter=cfg.maxiter)
