@@ -24,7 +24,7 @@ def mpi_hosts(ips: list[str]) -> str:
     return ",".join(f"{ip}:{counts[ip]}" for ip in dict.fromkeys(ips))
 
 
-def solve_on_ray(graph_dir: Path, D: np.ndarray, I: np.ndarray, *, ranks: int, k: int, alpha: float = 0.99, gamma: float = 3.0,
+def solve_on_ray(graph_dir: Path, D: np.ndarray, I: np.ndarray, *, reader: str, ranks: int, k: int, alpha: float = 0.99, gamma: float = 3.0,
                  rtol: float = 1e-6, maxiter: int = 100, cpus_per_rank: float = 1.0, strategy: str = "SPREAD",
                  work_dir: Path | None = None, timeout: float = 600) -> tuple[np.ndarray, np.ndarray, dict]:
     """`cluster.petsc_solver.solve_with_mpiexec` with its ranks placed on the Ray cluster's nodes."""
@@ -43,7 +43,7 @@ def solve_on_ray(graph_dir: Path, D: np.ndarray, I: np.ndarray, *, ranks: int, k
 
     @ray.remote(num_cpus=0, max_retries=0)
     def _launch(hosts: str, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-        return solve_with_mpiexec(Path(graph_dir), D, I, ranks=ranks, k=k, alpha=alpha, gamma=gamma, rtol=rtol, maxiter=maxiter,
+        return solve_with_mpiexec(Path(graph_dir), D, I, reader=reader, ranks=ranks, k=k, alpha=alpha, gamma=gamma, rtol=rtol, maxiter=maxiter,
                                   timeout=timeout, hosts=hosts, work_dir=work_dir)
 
     pg = placement_group([{"CPU": cpus_per_rank}] * ranks, strategy=strategy)

@@ -1,9 +1,10 @@
 """Distributed diffusion solve with PETSc CG under MPI.
 
 Run by the pipeline as
-    mpiexec -n P python -m cluster.petsc_solver GRAPH_DIR RHS.npz OUT_DIR --alpha .. --rtol .. --maxiter .. --topk ..
-Each rank owns a contiguous range of rows, loads only the graph row blocks that overlap it,
-assembles its rows of L = I - alpha W into a distributed AIJ matrix, and solves L x = y for every
+    mpiexec -n P python -m cluster.petsc_solver GRAPH_DIR RHS.npz OUT_DIR --reader MOD:FN --alpha .. --rtol .. --maxiter .. --topk ..
+Each rank owns a contiguous range of rows, loads only the graph row blocks that overlap it (with
+the reader it is handed), assembles its rows of L = I - alpha W (retrieval.diffusion) into a
+distributed AIJ matrix, and solves L x = y for every
 query with KSP CG. Each rank writes the top-k of its own rows per query (`OUT_DIR/rank-R.npz`);
 rank 0 also writes the per-query iterations, residuals and convergence (`OUT_DIR/stats.npz`).
 `solve_with_mpiexec` launches it and merges the per-rank top-k lists.
@@ -11,6 +12,7 @@ rank 0 also writes the per-query iterations, residuals and convergence (`OUT_DIR
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -18,29 +20,20 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 
-def _local_rows(graph_dir: Path, r0: int, r1: int):
-    """CSR rows [r0, r1) of W assembled from the row blocks that overlap them (global columns)."""
-    import scipy.sparse as sp
-
-    manifest = json.loads((graph_dir / "manifest.json").read_text())
-    n = manifest["n"]
-    parts = []
-    for b in manifest["blocks"]:
-        s, e = b["row_start"], b["row_stop"]
-        if e <= r0 or s >= r1:
-            continue
-        with np.load(graph_dir / b["file"], allow_pickle=False) as z:
-            blk = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(e - s, n))
-        parts.append(blk[max(r0, s) - s : min(r1, e) - s])
-    if not parts:
-        return sp.csr_matrix((r1 - r0, n), dtype=np.float64), n
-    return sp.vstack(parts, format="csr"), n
+def load_reader(spec: str) -> Callable[[Path, int, int], "object"]:
+    """The graph-rows reader named "module:function" (handed over by the caller, so the engine
+    does not import the stage layer that owns the graph format): reader(graph_dir, r0, r1) -> CSR."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"petsc: reader must be 'module:function', got {spec!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 def _main(argv: list[str]) -> int:
@@ -48,6 +41,7 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("graph_dir", type=Path)
     ap.add_argument("rhs", type=Path)
     ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--reader", required=True, help="module:function reading rows [r0, r1) of the graph")
     ap.add_argument("--alpha", type=float, default=0.99)
     ap.add_argument("--gamma", type=float, default=3.0)
     ap.add_argument("--rtol", type=float, default=1e-6)
@@ -58,25 +52,23 @@ def _main(argv: list[str]) -> int:
     import petsc4py
 
     petsc4py.init([sys.argv[0]])
-    import scipy.sparse as sp
     from petsc4py import PETSc
+
+    from retrieval.diffusion import diffusion_operator_rows, query_vectors_sparse, topk_columns
 
     comm = PETSc.COMM_WORLD
     rank, size = comm.getRank(), comm.getSize()
     n = json.loads((args.graph_dir / "manifest.json").read_text())["n"]
     r0, r1 = n * rank // size, n * (rank + 1) // size
-    Wloc, _ = _local_rows(args.graph_dir, r0, r1)
     nloc = r1 - r0
-    # local rows of L = I - alpha W (global column indices)
-    Lloc = sp.csr_matrix(-args.alpha * Wloc.astype(np.float64))
-    Lloc = Lloc + sp.csr_matrix((np.ones(nloc), (np.arange(nloc), np.arange(r0, r1))), shape=(nloc, n))
-    Lloc.sort_indices()
+    Lloc = diffusion_operator_rows(load_reader(args.reader)(args.graph_dir, r0, r1), r0, args.alpha)  # this rank's rows of L
     L = PETSc.Mat().createAIJ(size=((nloc, n), (nloc, n)), csr=(Lloc.indptr.astype(PETSc.IntType), Lloc.indices.astype(PETSc.IntType), Lloc.data), comm=comm)
     L.assemble()
 
     with np.load(args.rhs, allow_pickle=False) as z:
         D, I = z["D"], z["I"]
     nq = I.shape[0]
+    Y = query_vectors_sparse(D, I, n, gamma=args.gamma)[r0:r1].tocsc()  # this rank's rows of every y
     ksp = PETSc.KSP().create(comm)
     ksp.setOperators(L)
     ksp.setType("cg")
@@ -90,10 +82,7 @@ def _main(argv: list[str]) -> int:
     iters, res, conv = np.zeros(nq, np.int64), np.zeros(nq), np.zeros(nq, bool)
     r = b.duplicate()
     for q in range(nq):
-        y = np.zeros(nloc)
-        sel = (I[q] >= r0) & (I[q] < r1)
-        y[I[q][sel] - r0] = np.maximum(D[q][sel], 0.0) ** args.gamma
-        b.setArray(y)
+        b.setArray(Y[:, q].toarray().ravel())
         x.set(0.0)
         ksp.solve(b, x)
         L.mult(x, r)
@@ -103,10 +92,8 @@ def _main(argv: list[str]) -> int:
         res[q] = r.norm() / bnorm if bnorm > 0 else 0.0
         conv[q] = ksp.getConvergedReason() > 0
         if k:
-            xl = x.getArray()
-            part = np.argpartition(-xl, k - 1)[:k]
-            order = part[np.argsort(-xl[part], kind="stable")]
-            top_ids[q], top_sc[q] = order + r0, xl[order]
+            ids, sc = topk_columns(x.getArray()[:, None], k)
+            top_ids[q], top_sc[q] = ids[0] + r0, sc[0]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(args.out_dir / f"rank-{rank:04d}.npz", ids=top_ids, scores=top_sc, r0=r0, r1=r1)
     if rank == 0:
@@ -119,6 +106,7 @@ def solve_with_mpiexec(
     D: np.ndarray,
     I: np.ndarray,
     *,
+    reader: str,
     ranks: int,
     k: int,
     alpha: float = 0.99,
@@ -130,6 +118,8 @@ def solve_with_mpiexec(
     work_dir: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Run the PETSc solve on `ranks` MPI processes; merged top-k ids/scores (nq, k) and stats.
+
+    `reader` ("module:function") reads rows [r0, r1) of the graph in `graph_dir` in each rank.
 
     `hosts` ("ip1:slots,ip2:slots", OpenMPI's --host) places the ranks on several machines; then
     `work_dir` (right-hand sides and per-rank results) and the graph must be on storage they share.
@@ -143,7 +133,7 @@ def solve_with_mpiexec(
         np.savez(tmp / "rhs.npz", D=D.astype(np.float64), I=I.astype(np.int64))
         cmd = ["mpiexec", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks)] + (["--host", hosts] if hosts else []) + [
                sys.executable, "-m", "cluster.petsc_solver",
-               str(graph_dir), str(tmp / "rhs.npz"), str(tmp / "out"), f"--alpha={alpha}", f"--gamma={gamma}", f"--rtol={rtol}",
+               str(graph_dir), str(tmp / "rhs.npz"), str(tmp / "out"), f"--reader={reader}", f"--alpha={alpha}", f"--gamma={gamma}", f"--rtol={rtol}",
                f"--maxiter={maxiter}", f"--topk={k}"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         root = Path(__file__).resolve().parents[1]

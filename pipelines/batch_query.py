@@ -4,8 +4,8 @@ Input columns: `key` (string, required) and optionally `vector` (list<float>, de
 database's whitened space) or `image` (binary, encoded image). Without `vector`/`image`, each `key`
 names a database image whose descriptor is the query.
 
-Each chunk of `chunk` rows goes through `QueryIndex.rank` (the service's and the query stage's code
-path) and is written atomically as `<out>/<method>/part-NNNNN.parquet` (`row`, `query`, `ids`,
+Each chunk of `chunk` rows goes through the index's rankers (the service's and the query stage's
+code path) and is written atomically as `<out>/<method>/part-NNNNN.parquet` (`row`, `query`, `ids`,
 `scores`, solver stats), with invalid rows in `<out>/<method>/rejects/part-NNNNN.parquet` (`row`,
 `key`, `reason`). A chunk whose output exists with the same parameters is skipped, so a killed job
 resumes where it stopped. `<out>/<method>/stats.json` records the throughput.
@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
+
+from retrieval.rankers import Ranking
 
 from .config import params_hash
 from .query import ranks_table
@@ -113,11 +115,13 @@ def run_batch_query(index: QueryIndex, queries: str | Path, out: str | Path, *, 
                                 "reason": pa.array([r[2] for r in rejects], pa.string())})
                 write_table(rej, mdir / "rejects" / f"part-{c:05d}.parquet", params=phash)
                 ts = time.perf_counter()
-                res = index.rank(Q, m, topk) if len(keys) else {"rows": np.zeros((0, min(topk, index.X.shape[0])), np.int64),
-                                                                 "scores": np.zeros((0, min(topk, index.X.shape[0])), np.float32)}
+                if len(keys):
+                    ranking = index.rank(Q, m, topk)
+                else:
+                    k = min(topk, index.X.shape[0])
+                    ranking = Ranking(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
                 t_rank += time.perf_counter() - ts
-                res["ids"] = index.ids[res.pop("rows")]
-                table = ranks_table(keys, res)
+                table = ranks_table(keys, ranking, index.ids)
                 table = table.add_column(0, "row", pa.array(rows.astype(np.int64)))
                 write_table(table, path, params=phash)
                 ranked += len(keys)

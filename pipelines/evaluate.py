@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.metrics import compute_map, revisited_map
+from retrieval.rankers import METHODS
 
 from .config import EvaluateConfig
 from .groundtruth import GroundTruth, read_ground_truth
@@ -63,8 +64,8 @@ def run_evaluate(run_dir: Path, gnd_path: Path, cfg: EvaluateConfig, *, db_keys:
     metrics.json ({method: {E, M, H}}) and evaluation.json."""
     gt = read_ground_truth(gnd_path)
     metrics, detail = {}, {}
-    order = {"knn": 0, "aqe": 1, "diffusion": 2, "truncated": 3, "spectral": 4, "petsc": 5}
-    paths = sorted((run_dir / "ranks").glob("*.parquet"), key=lambda p: (order.get(p.stem, 9), p.stem))
+    order = {m: i for i, m in enumerate(METHODS)}
+    paths = sorted((run_dir / "ranks").glob("*.parquet"), key=lambda p: (order.get(p.stem, len(order)), p.stem))
     for path in [p for p in paths if methods is None or p.stem in methods]:
         t = read_table(path, ["query", "ids"])
         qkeys = t.column("query").to_pylist()

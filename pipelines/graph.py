@@ -45,11 +45,31 @@ def read_graph_block(path: Path) -> tuple[int, sp.csr_matrix]:
         return int(z["row_start"]), sp.csr_matrix((z["data"], z["indices"], indptr), shape=(len(indptr) - 1, n))
 
 
+def read_graph_rows(folder: str | Path, r0: int = 0, r1: int | None = None) -> sp.csr_matrix:
+    """Rows [r0, r1) of W ((r1 - r0, n) CSR, float32, global columns) from only the row blocks
+    that overlap them: what one distributed rank loads. r1 = None: to the last row."""
+    folder = Path(folder)
+    manifest = read_json(folder / "manifest.json")
+    n = int(manifest["n"])
+    r1 = n if r1 is None else r1
+    parts = []
+    for b in sorted(manifest["blocks"], key=lambda b: b["row_start"]):
+        s, e = b["row_start"], b["row_stop"]
+        if e <= r0 or s >= r1:
+            continue
+        start, blk = read_graph_block(folder / b["file"])
+        if start != s or blk.shape != (e - s, n):
+            raise ValueError(f"graph block {folder / b['file']} does not match its manifest entry")
+        parts.append(blk[max(r0, s) - s : min(r1, e) - s])
+    if not parts:
+        return sp.csr_matrix((r1 - r0, n), dtype=np.float32)
+    return sp.vstack(parts, format="csr")
+
+
 def load_graph(folder: Path) -> tuple[sp.csr_matrix, dict]:
     """Whole W (n, n) float32 CSR from its row blocks, and the manifest."""
     manifest = read_json(folder / "manifest.json")
-    blocks = [read_graph_block(folder / b["file"]) for b in manifest["blocks"]]
-    W = sp.vstack([m for _, m in sorted(blocks, key=lambda t: t[0])], format="csr")
+    W = read_graph_rows(folder)
     if W.shape != (manifest["n"], manifest["n"]) or W.nnz != manifest["nnz"]:
         raise ValueError(f"graph in {folder} does not match its manifest (shape {W.shape}, nnz {W.nnz})")
     return W, manifest

@@ -5,14 +5,14 @@ A request is JSON (never pickle):
     {"method": "diffusion", "topk": 10,
      "queries": [{"key": "db/img001.jpg"}, {"vector": [0.1, ...]}, {"image": "<base64 bytes>"}]}
 
-`method` is one of SERVICE_METHODS ("none" is plain kNN); each query is a database key, a
+`method` is one of SERVICE_METHODS (the ranking methods, "none" an alias of "knn"); each query is a database key, a
 descriptor vector (whitened space, as stored in descriptors/) or an encoded image (run through the
 run's extractor and whitening). The answer lists, per query, the top-k database keys, ids and
 scores, and for diffusion the CG iterations and whether the solve converged (a query whose solve
 did not converge is flagged, never silently ranked).
 
-Every ranking goes through `pipelines.query.METHODS`, the same code path as the query stage and the
-batch query job. Malformed or oversized requests raise `RequestError` carrying an HTTP status.
+Every ranking goes through the index's `pipelines.rankers.Rankers`, built once per replica: the
+same rankers as the query stage and the batch query job. Malformed or oversized requests raise `RequestError` carrying an HTTP status.
 """
 from __future__ import annotations
 
@@ -27,12 +27,20 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.rankers import GRAPH_METHODS, METHODS, Ranking
+
 from .config import ExtractConfig, QueryConfig, _build
+from .rankers import Rankers
 from .shards import read_json
 
 log = logging.getLogger(__name__)
 
-SERVICE_METHODS = {"none": "knn", "knn": "knn", "aqe": "aqe", "diffusion": "diffusion", "truncated": "truncated", "spectral": "spectral"}
+# what a request may name: every ranking method except the MPI solve (one process per request
+# would not serve), and "none" as an alias of kNN
+SERVICE_METHODS = {"none": "knn", **{m: m for m in METHODS if m != "petsc"}}
+# built when the index loads, so that the first request pays for no set-up (spectral's
+# eigendecomposition is built on first use, or read from its cache in graph/)
+WARM_METHODS = ("knn", "aqe", "diffusion", "truncated")
 
 
 class RequestError(ValueError):
@@ -87,7 +95,7 @@ class QueryIndex:
     """
 
     def __init__(self, run_dir: str | Path, *, limits: ServiceLimits | None = None, query: QueryConfig | None = None,
-                 load_graph_now: bool = True):
+                 warm: tuple[str, ...] = WARM_METHODS):
         from .descriptors import load_descriptors
 
         self.run_dir = Path(run_dir)
@@ -102,17 +110,15 @@ class QueryIndex:
         self.weights_sha256 = manifest.get("weights_sha256")
         self.ids, self.keys, self.X = load_descriptors(self.run_dir / "descriptors", dense=False)
         self.row_of_key = {k: i for i, k in enumerate(self.keys)}
-        self.W = None
-        self._lock = threading.Lock()  # the extractor and lazily built caches are not re-entrant
+        self.rankers = Rankers(self.X, self.query_cfg, graph_dir=self.run_dir / "graph")
+        self.has_graph = self.rankers.has_graph
+        for m in warm:
+            if m not in GRAPH_METHODS or self.has_graph:
+                self.rankers.get(m)
+        self._lock = threading.Lock()  # the extractor is not re-entrant
         self._extractor = None
-        if load_graph_now and (self.run_dir / "graph" / "manifest.json").is_file():
-            from .graph import load_graph
-
-            self.W, _ = load_graph(self.run_dir / "graph")
-            if self.W.shape[0] != self.X.shape[0]:
-                raise ValueError(f"service: graph has {self.W.shape[0]} nodes but the database has {self.X.shape[0]} descriptors")
-        log.info("service: index of %d descriptors (d=%d) from %s, graph %s", self.X.shape[0], self.X.shape[1], self.run_dir,
-                 "loaded" if self.W is not None else "absent")
+        log.info("service: index of %d descriptors (d=%d) from %s, graph %s, rankers ready: %s", self.X.shape[0], self.X.shape[1],
+                 self.run_dir, "loaded" if self.has_graph else "absent", [m for m in warm if m not in GRAPH_METHODS or self.has_graph])
 
     @property
     def dim(self) -> int:
@@ -130,7 +136,7 @@ class QueryIndex:
         method = payload.get("method", "diffusion")
         if method not in SERVICE_METHODS:
             raise RequestError(f"unknown method {method!r}; expected one of {sorted(SERVICE_METHODS)}")
-        if SERVICE_METHODS[method] in ("diffusion", "truncated", "spectral") and self.W is None:
+        if SERVICE_METHODS[method] in GRAPH_METHODS and not self.has_graph:
             raise RequestError(f"method {method!r} needs the graph, and this index has none (run the graph stage)", 422)
         topk = payload.get("topk", 10)
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
@@ -217,20 +223,13 @@ class QueryIndex:
         return X.astype(np.float32)
 
     # -- ranking -------------------------------------------------------------------------------
-    def rank(self, Q: np.ndarray, method: str, topk: int) -> dict:
-        """Q (nq, d) float32 -> {"rows": (nq, topk) int64 database rows, "scores": (nq, topk), and
-        "iterations"/"residual"/"converged" (nq,) for the CG solvers}; every method of
-        `pipelines.query.METHODS` (the query stage's code path)."""
-        from .query import METHODS
-
-        name = SERVICE_METHODS.get(method, method)
-        if name not in METHODS:
+    def rank(self, Q: np.ndarray, method: str, topk: int) -> Ranking:
+        """Q (nq, d) float32 -> Ranking of database rows (nq, topk) with, for the CG solvers, their
+        per-query stats, from the index's rankers (the query stage's code path)."""
+        name = SERVICE_METHODS.get(method)
+        if name is None:
             raise RequestError(f"unknown method {method!r}; expected one of {sorted(SERVICE_METHODS)}")
-        cfg = dataclasses.replace(self.query_cfg, topk=min(topk, self.X.shape[0]))
-        with self._lock:  # spectral's cache and the reordered product are built once, under the lock
-            res = METHODS[name](Q, self.X, cfg, W=self.W, run_dir=self.run_dir)
-        res["rows"] = res.pop("ids")
-        return res
+        return self.rankers.rank(name, Q, topk)
 
     def rank_many(self, requests: list[ParsedRequest]) -> list[dict]:
         """Rank several parsed requests; requests with the same method and top-k share one solve."""
@@ -247,14 +246,14 @@ class QueryIndex:
                 row += nq
         return out  # type: ignore[return-value]
 
-    def _response(self, req: ParsedRequest, res: dict, r0: int, r1: int) -> dict:
+    def _response(self, req: ParsedRequest, res: Ranking, r0: int, r1: int) -> dict:
         results = []
         for q in range(r0, r1):
-            rows = res["rows"][q]
+            rows = res.ids[q]
             item = {"query": req.names[q - r0], "ids": self.ids[rows].tolist(), "keys": [self.keys[i] for i in rows],
-                    "scores": np.asarray(res["scores"][q], np.float64).round(6).tolist()}
-            if "converged" in res:
-                item.update(iterations=int(res["iterations"][q]), converged=bool(res["converged"][q]))
+                    "scores": np.asarray(res.scores[q], np.float64).round(6).tolist()}
+            if res.stats is not None:
+                item.update(iterations=int(res.stats.iterations[q]), converged=bool(res.stats.converged[q]))
             results.append(item)
         return {"method": req.method, "topk": req.topk, "results": results}
 

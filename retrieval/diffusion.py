@@ -32,22 +32,36 @@ def query_vectors(D: np.ndarray, I: np.ndarray, n: int, *, gamma: float = 3.0) -
     """Initial vectors y for diffusion from each query's top-kq database neighbours.
 
     Args:
-        D: (nq, kq) similarities, I: (nq, kq) int64 database indices, n: database size.
+        D: (nq, kq) similarities, I: (nq, kq) int64 database indices (-1 entries ignored), n: database size.
     Returns: (n, nq) float64 with y[I[q], q] = max(D[q], 0)^gamma, zero elsewhere.
     """
+    return query_vectors_sparse(D, I, n, gamma=gamma).toarray()
+
+
+def query_vectors_sparse(D: np.ndarray, I: np.ndarray, n: int, *, gamma: float = 3.0) -> sp.csc_matrix:
+    """`query_vectors` as a sparse (n, nq) CSC matrix (nq columns of kq non-zeros), for large n."""
     nq, kq = I.shape
-    Y = np.zeros((n, nq), dtype=np.float64)
-    cols = np.repeat(np.arange(nq), kq)
-    Y[I.ravel(), cols] = np.maximum(D.ravel().astype(np.float64), 0.0) ** gamma
-    return Y
+    ok = I >= 0
+    cols = np.repeat(np.arange(nq), kq).reshape(nq, kq)[ok]
+    vals = np.maximum(np.asarray(D, np.float64)[ok], 0.0) ** gamma
+    return sp.csc_matrix((vals, (I[ok], cols)), shape=(n, nq))
 
 
 def diffusion_operator(W: sp.spmatrix, alpha: float) -> sp.csr_matrix:
     """L = I - alpha W as CSR (n, n) float64; SPD for symmetric W with spectral radius <= 1."""
+    return diffusion_operator_rows(sp.csr_matrix(W), 0, alpha)
+
+
+def diffusion_operator_rows(W_rows: sp.spmatrix, row_start: int, alpha: float) -> sp.csr_matrix:
+    """Rows [row_start, row_start + m) of L = I - alpha W, from the same rows of W ((m, n), global
+    columns): what one distributed rank assembles. Returns (m, n) float64 CSR, sorted indices."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    n = W.shape[0]
-    return sp.csr_matrix(sp.identity(n, format="csr") - alpha * sp.csr_matrix(W, dtype=np.float64))
+    m, n = W_rows.shape
+    eye = sp.csr_matrix((np.ones(m), (np.arange(m), np.arange(row_start, row_start + m))), shape=(m, n))
+    L = sp.csr_matrix(eye - alpha * sp.csr_matrix(W_rows, dtype=np.float64))
+    L.sort_indices()
+    return L
 
 
 def block_cg(
@@ -126,6 +140,12 @@ class TorchSparse:
                 torch.from_numpy(A.data), size=A.shape, check_invariants=False,
             )
 
+    def permute(self, Y: np.ndarray) -> np.ndarray:
+        return Y
+
+    def unpermute(self, X: np.ndarray) -> np.ndarray:
+        return X
+
     def __matmul__(self, P: np.ndarray) -> np.ndarray:
         import torch
 
@@ -143,8 +163,6 @@ class ReorderedSparse:
     """
 
     def __init__(self, A: sp.spmatrix, *, dtype=np.float64, threads: int | None = None):
-        import os
-
         from scipy.sparse.csgraph import reverse_cuthill_mckee
 
         A = sp.csr_matrix(A, dtype=dtype)
@@ -157,7 +175,7 @@ class ReorderedSparse:
         cuts = np.searchsorted(Ap.indptr, np.linspace(0, Ap.nnz, self.threads + 1)).clip(0, n)
         cuts[0], cuts[-1] = 0, n
         self.blocks = [(int(a), int(b), Ap[a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-        self._pool = None
+        self._pool = ThreadPoolExecutor(len(self.blocks)) if len(self.blocks) > 1 else None
 
     def permute(self, Y: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(Y[self.perm])
@@ -168,14 +186,10 @@ class ReorderedSparse:
         return out
 
     def __matmul__(self, P: np.ndarray) -> np.ndarray:
-        from concurrent.futures import ThreadPoolExecutor
-
         P = np.ascontiguousarray(P, dtype=self.dtype)
         if len(self.blocks) == 1:
             return self.blocks[0][2] @ P
         out = np.empty((self.shape[0],) + P.shape[1:], dtype=self.dtype)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(len(self.blocks))
 
         def run(blk):
             a, b, M = blk
@@ -183,6 +197,39 @@ class ReorderedSparse:
 
         list(self._pool.map(run, self.blocks))
         return out
+
+
+class PlainSparse:
+    """`A @ P` with scipy's CSR x dense product (the reference), in the interface of the others."""
+
+    def __init__(self, A: sp.spmatrix, *, dtype=np.float64):
+        self.A = sp.csr_matrix(A, dtype=dtype)
+        self.shape, self.dtype = self.A.shape, dtype
+
+    def permute(self, Y: np.ndarray) -> np.ndarray:
+        return Y
+
+    def unpermute(self, X: np.ndarray) -> np.ndarray:
+        return X
+
+    def __matmul__(self, P: np.ndarray) -> np.ndarray:
+        return self.A @ P
+
+
+# sparse products for block CG, by name (`[query].matmul`)
+MATMULS = ("reordered", "scipy", "torch")
+
+
+def sparse_operator(A: sp.spmatrix, matmul: str = "reordered", *, dtype=np.float64):
+    """`A @ P` operator by name (see MATMULS), with `permute(Y)` / `unpermute(X)` between the
+    caller's node order and the operator's (identity except for "reordered")."""
+    if matmul == "reordered":
+        return ReorderedSparse(A, dtype=dtype)
+    if matmul == "scipy":
+        return PlainSparse(A, dtype=dtype)
+    if matmul == "torch":
+        return TorchSparse(A, dtype=dtype)
+    raise ValueError(f"unknown matmul {matmul!r}; expected one of {MATMULS}")
 
 
 def topk_columns(X: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -228,147 +275,6 @@ def diffusion_scores(
     return X.T, stats
 
 
-def graph_neighbourhood(W: sp.csr_matrix, seeds: np.ndarray, m: int) -> np.ndarray:
-    """Up to m nodes around `seeds`, breadth first over the graph's edges (the manifold), not by
-    Euclidean distance: seeds first, then hop-1 nodes, ..., the last hop cut by edge weight.
-
-    Returns: (<= m,) int64 node ids.
-    """
-    seeds = np.unique(np.asarray(seeds, dtype=np.int64))
-    visited = np.zeros(W.shape[0], dtype=bool)
-    visited[seeds] = True
-    order = [seeds]
-    count = seeds.size
-    frontier = seeds
-    while count < m and frontier.size:
-        sub = W[frontier]
-        cand, pos = np.unique(sub.indices, return_index=True)
-        keep = ~visited[cand]
-        cand, weight = cand[keep], sub.data[pos][keep]
-        if cand.size == 0:
-            break
-        if count + cand.size > m:
-            cand = cand[np.argsort(-weight, kind="stable")[: m - count]]
-        visited[cand] = True
-        order.append(cand)
-        count += cand.size
-        frontier = cand
-    return np.concatenate(order)[:m]
-
-
-def _keep_top_per_row(A: sp.csr_matrix, k: int) -> sp.csr_matrix:
-    """The k largest entries of every row of A (CSR; ties at the k-th value are kept too)."""
-    counts = np.diff(A.indptr)
-    if counts.max(initial=0) <= k:
-        return A
-    keep = np.ones(A.data.size, dtype=bool)
-    for j in np.flatnonzero(counts > k):  # one partition per long row: O(nnz) in all
-        a, b = A.indptr[j], A.indptr[j + 1]
-        seg = A.data[a:b]
-        keep[a:b] = seg >= np.partition(seg, seg.size - k)[seg.size - k]
-    row = np.repeat(np.arange(A.shape[0]), counts)[keep]
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=A.shape[0]))])
-    return sp.csr_matrix((A.data[keep], A.indices[keep], indptr), shape=A.shape)
-
-
-def mass_neighbourhoods(W: sp.csr_matrix, D: np.ndarray, I: np.ndarray, m: int, *, alpha: float = 0.99, gamma: float = 3.0,
-                        hops: int = 8, beam: int | None = None, batch: int = 128) -> list[np.ndarray]:
-    """Per query, up to m nodes carrying the most diffusion mass: the first `hops` terms of the
-    series x = sum_t (alpha W)^t y, computed as sparse products for a batch of queries at once, each
-    step keeping the `beam` heaviest nodes per query (m by default). Unlike breadth-first search,
-    nodes are chosen by the mass reaching them along every path, not by hop count and one edge.
-    Queries are rows (Y W, W symmetric), so a step costs the rows of W the queries reach, not N.
-
-    Args: W (n, n) symmetric CSR; D, I (nq, kq) similarities and ids of each query's database
-    neighbours (y = max(D, 0)^gamma there; -1 ids ignored). Returns: per query (<= m,) int64 node
-    ids, the query's own neighbours always included.
-    """
-    n, nq = W.shape[0], I.shape[0]
-    beam = beam or m
-    out: list[np.ndarray] = []
-    for b0 in range(0, nq, batch):
-        Ib, Db = I[b0 : b0 + batch], D[b0 : b0 + batch]
-        ok = Ib >= 0
-        rows = np.repeat(np.arange(Ib.shape[0]), Ib.shape[1]).reshape(Ib.shape)[ok]
-        Y = sp.csr_matrix((np.maximum(Db[ok].astype(np.float64), 0) ** gamma, (rows, Ib[ok])), shape=(Ib.shape[0], n))
-        cur, acc = Y, Y.copy()
-        for _ in range(hops):
-            cur = _keep_top_per_row(sp.csr_matrix(cur @ W) * alpha, beam)
-            acc = acc + cur
-        seeds = sp.csr_matrix((np.ones(int(ok.sum())), (rows, Ib[ok])), shape=Y.shape)
-        acc = _keep_top_per_row(sp.csr_matrix(acc + seeds * 1e30), m)  # the seeds always stay
-        out += [acc.indices[acc.indptr[j] : acc.indptr[j + 1]].astype(np.int64) for j in range(acc.shape[0])]
-    return out
-
-
-def truncated_diffusion(
-    W: sp.csr_matrix,
-    D: np.ndarray,
-    I: np.ndarray,
-    *,
-    m: int = 1000,
-    neighbourhoods: np.ndarray | list[np.ndarray] | None = None,
-    alpha: float = 0.99,
-    gamma: float = 3.0,
-    rtol: float = 1e-6,
-    maxiter: int = 100,
-    select: str = "bfs",
-    hops: int = 8,
-    beam: int | None = None,
-    threads: int | None = None,
-) -> tuple[list[np.ndarray], list[np.ndarray], SolveStats]:
-    """Diffusion restricted to each query's neighbourhood (Iscen et al. 2017, truncated variant).
-
-    For query q the system is the principal submatrix of (I - alpha W) (still SPD) on m nodes
-    around the query: by default its graph neighbourhood (breadth first from its top-kq database
-    neighbours, which follows the manifold; select = "mass": the m nodes the first `hops` terms of
-    the diffusion series reach with the most mass, see `mass_neighbourhoods`), or the given
-    `neighbourhoods[q]` (e.g. its top-m Euclidean neighbours; -1 entries ignored). y comes from
-    its top-kq (D, I). Cost per query does not grow with n; when the subgraph holds the whole graph
-    it is the exact solve. Chunks of 128 queries run in `threads` threads (default: every core).
-    Returns: per query (ids (m,), scores (m,)) sorted by score, and the solver stats.
-    """
-    nq = I.shape[0]
-    if select not in ("bfs", "mass"):
-        raise ValueError(f"truncated_diffusion: select must be 'bfs' or 'mass', got {select!r}")
-
-    def solve(q: int, nodes: np.ndarray):
-        Ws = W[nodes][:, nodes]
-        pos = {int(v): i for i, v in enumerate(nodes)}
-        y = np.zeros(nodes.size)
-        for d, i in zip(D[q], I[q]):
-            if int(i) in pos:
-                y[pos[int(i)]] = max(float(d), 0.0) ** gamma
-        x, st = block_cg(diffusion_operator(Ws, alpha), y, rtol=rtol, maxiter=maxiter)
-        order = np.argsort(-x, kind="stable")
-        return nodes[order], x[order], st
-
-    def chunk(bounds: tuple[int, int]) -> list:
-        a, b = bounds
-        if neighbourhoods is not None:
-            nbs = [np.asarray(neighbourhoods[q]) for q in range(a, b)]
-            nbs = [v[v >= 0] for v in nbs]
-        elif select == "mass":
-            nbs = mass_neighbourhoods(W, D[a:b], I[a:b], m, alpha=alpha, gamma=gamma, hops=hops, beam=beam)
-        else:
-            nbs = [graph_neighbourhood(W, I[q], m) for q in range(a, b)]
-        return [solve(q, nodes) for q, nodes in zip(range(a, b), nbs)]
-
-    # chunks of queries in threads: the sparse kernels release the GIL for part of their work
-    bounds = [(a, min(a + 128, nq)) for a in range(0, nq, 128)]
-    workers = max(1, min(threads or os.cpu_count() or 1, len(bounds)))
-    if workers == 1:
-        done = [chunk(bd) for bd in bounds]
-    else:
-        with ThreadPoolExecutor(workers) as ex:
-            done = list(ex.map(chunk, bounds))
-    flat = [r for part in done for r in part]
-    st_i = np.array([r[2].iterations[0] for r in flat], np.int64).reshape(nq)
-    st_r = np.array([r[2].residuals[0] for r in flat], np.float64).reshape(nq)
-    st_c = np.array([r[2].converged[0] for r in flat], bool).reshape(nq)
-    return [r[0] for r in flat], [r[1] for r in flat], SolveStats(st_i, st_r, st_c)
-
-
 def rank_by_scores(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
     """Rank database items per query by `primary` descending, ties by `secondary` descending.
 
@@ -380,49 +286,3 @@ def rank_by_scores(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
     for q in range(primary.shape[0]):
         out[q] = np.lexsort((-secondary[q], -primary[q]))
     return out
-
-
-def diffusion_topk(
-    W: sp.spmatrix,
-    D: np.ndarray,
-    I: np.ndarray,
-    k: int,
-    *,
-    alpha: float = 0.99,
-    gamma: float = 3.0,
-    rtol: float = 1e-6,
-    maxiter: int = 100,
-    batch: int = 128,
-    matmul: str = "scipy",
-    dtype=np.float64,
-) -> tuple[np.ndarray, np.ndarray, SolveStats]:
-    """Top-k diffusion ranking for many queries, solved `batch` right-hand sides at a time.
-
-    Memory is O(n * batch), never O(n * nq). matmul: "scipy" (CSR x dense, reference) or "torch"
-    (multi-threaded CSR kernel) or "reordered" (`ReorderedSparse`: RCM order, threaded row blocks).
-    Returns ids (nq, k) int64, scores (nq, k) and solver stats.
-    """
-    n = W.shape[0]
-    L = diffusion_operator(W, alpha)
-    if matmul == "torch":
-        op = TorchSparse(L, dtype=dtype)
-    elif matmul == "reordered":
-        op = ReorderedSparse(L, dtype=dtype)
-    elif matmul == "scipy":
-        op = sp.csr_matrix(L, dtype=dtype)
-    else:
-        raise ValueError(f"unknown matmul {matmul!r}; expected scipy, torch or reordered")
-    perm = getattr(op, "permute", lambda Y: Y)
-    unperm = getattr(op, "unpermute", lambda X: X)
-    nq = I.shape[0]
-    k = min(k, n)
-    ids = np.empty((nq, k), np.int64)
-    scores = np.empty((nq, k), np.float32)
-    iters, res, conv = np.zeros(nq, np.int64), np.zeros(nq), np.zeros(nq, bool)
-    for a in range(0, nq, batch):
-        b = min(a + batch, nq)
-        Y = perm(query_vectors(D[a:b], I[a:b], n, gamma=gamma))
-        X, st = block_cg(op, Y, rtol=rtol, maxiter=maxiter, dtype=dtype)
-        ids[a:b], scores[a:b] = topk_columns(unperm(X), k)
-        iters[a:b], res[a:b], conv[a:b] = st.iterations, st.residuals, st.converged
-    return ids, scores, SolveStats(iters, res, conv)

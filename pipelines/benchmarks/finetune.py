@@ -78,11 +78,11 @@ def features(images_dir: Path, weights: str, a, *, with_boxes: bool) -> tuple[li
 
 def evaluate(run: Path, weights: str, a) -> dict:
     """mAP (%) E/M/H for kNN and diffusion with PCA-whitening learned on the database."""
+    from pipelines.config import QueryConfig
     from pipelines.evaluate import evaluate_ranks
     from pipelines.groundtruth import read_ground_truth
-    from retrieval.diffusion import diffusion_scores, rank_by_scores
+    from pipelines.rankers import Rankers
     from retrieval.graph import build_graph
-    from retrieval.knn import knn_search
     from retrieval.whitening import learn_pca_whitening
 
     gt = read_ground_truth(run / "benchmark" / "gnd.json")
@@ -90,14 +90,10 @@ def evaluate(run: Path, weights: str, a) -> dict:
     qkeys, QF = features(run / "queries" / "images", weights, a, with_boxes=True)
     w = learn_pca_whitening(F, dim=a.whitening_dim, shrinkage=a.whitening_shrinkage)
     X, Q = w.apply(F), w.apply(QF)
-    res = {}
-    _, I = knn_search(Q, X, X.shape[0])
-    res["knn"] = {p: v["map"] for p, v in evaluate_ranks(I, qkeys, keys, gt).items()}
     W, _ = build_graph(X, k=a.graph_k)
-    D, Ik = knn_search(Q, X, 10)
-    S, _ = diffusion_scores(W, D, Ik, alpha=0.99)
-    res["diffusion"] = {p: v["map"] for p, v in evaluate_ranks(rank_by_scores(S, Q @ X.T), qkeys, keys, gt).items()}
-    return res
+    rankers = Rankers(X, QueryConfig(alpha=0.99, kq=10), W=W)  # the query stage's rankers, whole rankings
+    return {m: {p: v["map"] for p, v in evaluate_ranks(rankers.rank(m, Q, 0).ids, qkeys, keys, gt).items()}
+            for m in ("knn", "diffusion")}
 
 
 def train_config(a, *, miner: str, seed: int, out: Path, **over):

@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.descriptors import load_descriptors
     from pipelines.evaluate import evaluate_ranks
     from pipelines.extract import extract_features, finalize_descriptors
+    from pipelines.config import QueryConfig
     from pipelines.groundtruth import read_ground_truth
-    from retrieval.knn import knn_search
+    from pipelines.rankers import Rankers
 
     cfg, base = ingested_run(a.config)
     gt = read_ground_truth(cfg.dataset.gnd)
@@ -64,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 finalize_descriptors(run / "queries", wcfg, whitening=w, learn=False)
                 _, db_keys, X = load_descriptors(run / "descriptors")
                 _, qkeys, Q = load_descriptors(run / "queries" / "descriptors")
-                _, I = knn_search(Q, X, X.shape[0])
-                res = evaluate_ranks(I, qkeys, db_keys, gt)
+                res = evaluate_ranks(Rankers(X, QueryConfig()).rank("knn", Q, 0).ids, qkeys, db_keys, gt)
                 key = f"{pooling}/{sname}/{wname}"
                 results[key] = {p: round(v["map"], 2) for p, v in res.items()} | {"extract_seconds": round(t_ex, 1), "dim": man["dim"]}
                 log.info("%-22s %s", key, results[key])

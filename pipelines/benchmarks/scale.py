@@ -4,13 +4,14 @@
 
 For each N: builds the data (cached), the graph with an exact and/or approximate index (each in
 its own process so its peak memory is its own), then ranks 1,000 planted queries with every
-method (kNN, alpha-QE, block CG, a loop of scipy `cg`, truncated diffusion, spectral ranking,
-PETSc with 1 and 2 ranks), reporting time, queries/s, mAP and CG statistics, and the
-memory-bandwidth bound of the sparse products. Results: `OUT/N/*.json` and `OUT/RESULTS.md`.
+method through the product's graph stage and rankers (kNN, alpha-QE, block CG, truncated
+diffusion, spectral ranking, PETSc with 1 and 2 ranks; a loop of scipy `cg` as a reference),
+reporting build and ranking time, queries/s, mAP and CG statistics, and the memory-bandwidth bound of the sparse products. Results: `OUT/N/*.json` and `OUT/RESULTS.md`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import resource
@@ -50,29 +51,20 @@ def step_gen(out: Path, n: int, nq: int) -> dict:
 
 def step_graph(out: Path, index: str, k: int, nprobe: int, nlist: int, hnsw_m: int = 32, ef_construction: int = 80,
                ef_search: int = 128) -> dict:
-    from retrieval.graph import graph_from_knn
-    from retrieval.knn import IndexSpec, build_index, knn_search, recall_at_k, search_shards, shard_bounds
+    """The graph stage's own build (`pipelines.graph.build_graph_sharded`), written as the stage
+    writes it (row blocks in OUT/graph-INDEX, which the rankers and the PETSc ranks read)."""
+    from pipelines.config import GraphConfig
+    from pipelines.graph import build_graph_sharded, write_graph
 
     X = np.load(out / "X.npy")
     n = X.shape[0]
-    spec = IndexSpec(kind=index, nprobe=nprobe, nlist=nlist, hnsw_m=hnsw_m, ef_construction=ef_construction,
-                     ef_search=ef_search).resolve(n)
-    t0 = time.perf_counter()
-    idx = build_index(X, spec)
-    t_index = time.perf_counter() - t0
-    D, I = search_shards(idx, X, k + 1, shard_bounds(n, max(1, n // 50_000)))
-    t_search = time.perf_counter() - t0 - t_index
-    del idx
-    W, st = graph_from_knn(D, I)
-    t_total = time.perf_counter() - t0
-    rows = np.sort(np.random.default_rng(1).choice(n, min(1000, n), replace=False))
-    _, Iref = knn_search(X[rows], X, k + 1)
-    rec = recall_at_k(I[rows], Iref)
-    sp.save_npz(out / f"W-{index}.npz", W, compressed=False)
-    return {"index": spec.kind, "nlist": spec.nlist if spec.kind == "ivf" else None, "nprobe": nprobe if spec.kind == "ivf" else None,
-            "hnsw": {"M": hnsw_m, "efConstruction": ef_construction, "efSearch": ef_search} if spec.kind == "hnsw" else None,
-            "k": k, "seconds_index": t_index, "seconds_search": t_search, "seconds_total": t_total, "recall_at_k": rec,
-            "nnz": int(W.nnz), "isolated": st.isolated, "peak_rss_gib": _peak_rss_gib()}
+    cfg = GraphConfig(k=k, index=index, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_construction=ef_construction,
+                      ef_search=ef_search, shards=max(1, n // 50_000), engine="local", recall_sample=1000)
+    W, st, info = build_graph_sharded(X, cfg)  # an approximate index's recall@k is measured by the stage on 1,000 rows
+    write_graph(W, out / f"graph-{index}", block_rows=GraphConfig().block_rows, manifest={"n": n, "nnz": int(W.nnz), "k": k})
+    return {"index": info["index"], "nlist": info["nlist"], "nprobe": info["nprobe"], "hnsw": info["hnsw"],
+            "k": k, "seconds_index": info["seconds_index"], "seconds_search": info["seconds_search"], "seconds_total": info["seconds"],
+            "recall_at_k": info.get("recall_at_k", 1.0), "nnz": int(W.nnz), "isolated": st.isolated, "peak_rss_gib": _peak_rss_gib()}
 
 
 def step_recall(out: Path, nlists: list[int], nprobes: list[int], rows: int = 1000) -> dict:
@@ -137,21 +129,24 @@ def _bandwidth_gbs() -> float:
 
 def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, petsc_queries: int, spectral_rank: int,
                  truncate_m: int, methods: list[str], truncate_hops: int = 8, truncate_beam: int = 0) -> dict:
-    from retrieval.diffusion import diffusion_operator, diffusion_topk, query_vectors, scipy_cg, topk_columns, truncated_diffusion
-    from retrieval.knn import knn_search
+    """Every method ranked through the product's rankers (`pipelines.rankers.Rankers`, built from a
+    `QueryConfig` as the query stage builds them), timing the build (offline) and the ranking."""
+    from pipelines.config import QueryConfig
+    from pipelines.graph import load_graph
+    from pipelines.rankers import Rankers
+    from retrieval.diffusion import diffusion_operator, query_vectors, scipy_cg, topk_columns
     from retrieval.metrics import compute_map
-    from retrieval.query_expansion import alpha_qe
-    from retrieval.spectral import spectral_embedding
     from retrieval.synthetic_manifold import positives
 
     X, Q = np.load(out / "X.npy"), np.load(out / "Q.npy")[:nq]
     gnd = [{"ok": p} for p in positives(np.load(out / "labels.npy"), np.load(out / "qlabels.npy")[:nq])]
-    W = sp.load_npz(out / f"W-{graph}.npz").tocsr()
+    gdir = out / f"graph-{graph}"
+    W, _ = load_graph(gdir)
     n = X.shape[0]
-    alpha, gamma, kq, rtol, maxiter = 0.99, 3.0, 10, 1e-6, 100
+    base = QueryConfig(alpha=0.99, gamma=3.0, kq=10, rtol=1e-6, maxiter=100, aqe_n=2, aqe_alpha=3.0, batch=128,
+                       truncate_m=truncate_m, truncate_hops=truncate_hops, truncate_beam=truncate_beam, spectral_rank=spectral_rank)
     res: dict = {"graph": graph, "queries": nq, "topk": topk, "subset": min(loop_queries, petsc_queries, nq)}
-
-    nsub = min(loop_queries, petsc_queries, nq)
+    nsub = res["subset"]
 
     def record(name, ids, seconds, nqueries, **extra):
         ids = np.asarray(ids)
@@ -160,73 +155,61 @@ def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, p
         res[name] = {"seconds": seconds, "queries": nqueries, "queries_per_s": nqueries / seconds, "map": m, "map_subset": msub, **extra}
         log.info("%-22s %8.2f s %9.1f q/s  mAP %.2f (first %d: %.2f)", name, seconds, nqueries / seconds, m, nsub, msub)
 
-    t0 = time.perf_counter()
-    Dk, Ik = knn_search(Q, X, topk)
-    record("knn (faiss flat)", Ik, time.perf_counter() - t0, nq)
+    def run(label: str, method: str, cfg: QueryConfig, m: int) -> None:
+        rankers = Rankers(X, cfg, W=W, graph_dir=gdir if method == "petsc" else None)
+        t0 = time.perf_counter()
+        rankers.get(method)
+        t_build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r = rankers.rank(method, Q[:m], topk)
+        extra = {"build_seconds": t_build}
+        if r.stats is not None:
+            extra.update(iterations_mean=float(r.stats.iterations.mean()), not_converged=int((~r.stats.converged).sum()),
+                         residual_max=float(r.stats.residuals.max()))
+        if method == "spectral":
+            emb = rankers.get("spectral").emb
+            extra.update(offline_seconds=t_build, offline_bytes=int(emb.V.nbytes + emb.U.nbytes))
+        record(label, r.ids, time.perf_counter() - t0, m, **extra)
+
+    run("knn (faiss flat)", "knn", base, nq)
     if "aqe" in methods:
-        t0 = time.perf_counter()
-        D2, I2 = knn_search(Q, X, 2)
-        _, Ia = knn_search(alpha_qe(Q, X, I2, D2, n=2, alpha=3.0), X, topk)
-        record("alpha-QE", Ia, time.perf_counter() - t0, nq)
-    D, I = Dk[:, :kq], Ik[:, :kq]
-    for name, dt, matmul, m in (("cg-float64", np.float64, "reordered", nq), ("cg-float32", np.float32, "reordered", nq),
-                                ("cg-float64-scipy", np.float64, "scipy", min(loop_queries, nq))):
-        if name not in methods:
-            continue
-        t0 = time.perf_counter()
-        ids, sc, st = diffusion_topk(W, D[:m], I[:m], topk, alpha=alpha, gamma=gamma, rtol=rtol if dt == np.float64 else 1e-5,
-                                     maxiter=maxiter, batch=128, dtype=dt, matmul=matmul)
-        label = f"block CG {np.dtype(dt).name}" + (" (plain scipy product)" if matmul == "scipy" else "")
-        record(label, ids, time.perf_counter() - t0, m, iterations_mean=float(st.iterations.mean()),
-               not_converged=int((~st.converged).sum()), residual_max=float(st.residuals.max()))
-    if "cg-loop" in methods:
-        L = diffusion_operator(W, alpha)
+        run("alpha-QE", "aqe", base, nq)
+    for name, label, over, m in (
+            ("cg-float64", "block CG float64", {}, nq),
+            ("cg-float32", "block CG float32", {"dtype": "float32", "rtol": 1e-5}, nq),
+            ("cg-float64-scipy", "block CG float64 (plain scipy product)", {"matmul": "scipy"}, min(loop_queries, nq)),
+            ("truncated", f"truncated (m={truncate_m})", {"truncate_select": "bfs"}, nq),
+            ("truncated-mass", f"truncated, mass selection (m={truncate_m}, {truncate_hops} hops, beam {truncate_beam or truncate_m})",
+             {"truncate_select": "mass"}, nq),
+            ("spectral", f"spectral (r={spectral_rank})", {}, nq),
+            ("petsc1", "PETSc CG 1 rank", {"petsc_ranks": 1}, min(petsc_queries, nq)),
+            ("petsc2", "PETSc CG 2 ranks", {"petsc_ranks": 2}, min(petsc_queries, nq))):
+        if name in methods:
+            method = "diffusion" if name.startswith("cg-") else "truncated" if name.startswith("truncated") else name.rstrip("12")
+            run(label, method, dataclasses.replace(base, **over), m)
+    if "cg-loop" in methods:  # reference, not a product path: scipy's own cg, one query at a time
+        L = diffusion_operator(W, base.alpha)
         m = min(loop_queries, nq)
+        D, I = Rankers(X, base).knn.search(Q[:m], base.kq)
         t0 = time.perf_counter()
         ids = []
         for q in range(m):
-            x, _ = scipy_cg(L, query_vectors(D[q : q + 1], I[q : q + 1], n, gamma=gamma)[:, 0], rtol=rtol, maxiter=maxiter)
+            x, _ = scipy_cg(L, query_vectors(D[q : q + 1], I[q : q + 1], n, gamma=base.gamma)[:, 0], rtol=base.rtol, maxiter=base.maxiter)
             ids.append(topk_columns(x[:, None], topk)[0][0])
-        record("scipy cg loop", ids, time.perf_counter() - t0, m)
-    for name, select in (("truncated", "bfs"), ("truncated-mass", "mass")):
-        if name not in methods:
-            continue
-        t0 = time.perf_counter()
-        tids, tsc, st = truncated_diffusion(W, D, I, m=truncate_m, alpha=alpha, gamma=gamma, rtol=rtol, maxiter=maxiter, select=select,
-                                            hops=truncate_hops, beam=truncate_beam or None)
-        ids = [np.concatenate([t, Ik[q][~np.isin(Ik[q], t)]])[:topk] for q, t in enumerate(tids)]
-        label = f"truncated (m={truncate_m})" if select == "bfs" else \
-            f"truncated, mass selection (m={truncate_m}, {truncate_hops} hops, beam {truncate_beam or truncate_m})"
-        record(label, ids, time.perf_counter() - t0, nq, iterations_mean=float(st.iterations.mean()))
-    if "spectral" in methods:
-        t0 = time.perf_counter()
-        emb = spectral_embedding(W, rank=spectral_rank, alpha=alpha)
-        t_off = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        Ysp = sp.csr_matrix((np.maximum(D.ravel(), 0) ** gamma, (I.ravel(), np.repeat(np.arange(nq), kq))), shape=(n, nq))
-        Z = emb.query(Ysp)
-        _, Is = knn_search(Z, emb.V, topk)
-        record(f"spectral (r={spectral_rank})", Is, time.perf_counter() - t0, nq, offline_seconds=t_off,
-               offline_bytes=int(emb.V.nbytes + emb.U.nbytes))
-    for ranks in (1, 2):
-        if f"petsc{ranks}" not in methods:
-            continue
-        from cluster.petsc_solver import solve_with_mpiexec
-        from pipelines.graph import write_graph
+        record("scipy cg loop (reference)", ids, time.perf_counter() - t0, m)
+    res["spmm"] = _spmm_bound(W, base.alpha)
+    res["peak_rss_gib"] = _peak_rss_gib()
+    return res
 
-        gdir = out / f"graph-{graph}"
-        if not (gdir / "manifest.json").is_file():
-            write_graph(W, gdir, block_rows=65536, manifest={"n": n, "nnz": int(W.nnz)})
-        m = min(petsc_queries, nq)
-        t0 = time.perf_counter()
-        ids, _, st = solve_with_mpiexec(gdir, D[:m], I[:m], ranks=ranks, k=topk, alpha=alpha, gamma=gamma, rtol=rtol, maxiter=maxiter)
-        record(f"PETSc CG {ranks} rank{'s' if ranks > 1 else ''}", ids, time.perf_counter() - t0, m,
-               iterations_mean=float(np.mean(st["iterations"])))
-    # memory-bandwidth bound of one block-CG iteration's sparse product (float64, 128 columns)
+
+def _spmm_bound(W: sp.csr_matrix, alpha: float) -> dict:
+    """One block-CG iteration's sparse product (float64, 128 columns) against the memory-bandwidth bound."""
+    from retrieval.diffusion import ReorderedSparse, diffusion_operator
+
+    n = W.shape[0]
     bw = _bandwidth_gbs()
     L64 = sp.csr_matrix(diffusion_operator(W, alpha))
     P = np.random.default_rng(0).random((n, 128))
-    from retrieval.diffusion import ReorderedSparse
 
     def timed(op, P):
         op @ P
@@ -239,10 +222,8 @@ def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, p
     bound = bytes_moved / (bw * 1e9)
     t_plain = timed(L64, P)
     t_re = timed(ReorderedSparse(L64), P)
-    res["spmm"] = {"bandwidth_gbs": bw, "columns": 128, "seconds": t_plain, "seconds_reordered": t_re, "bytes": bytes_moved,
-                   "bound_seconds": bound, "ratio_measured_to_bound": t_plain / bound, "ratio_reordered_to_bound": t_re / bound}
-    res["peak_rss_gib"] = _peak_rss_gib()
-    return res
+    return {"bandwidth_gbs": bw, "columns": 128, "seconds": t_plain, "seconds_reordered": t_re, "bytes": bytes_moved,
+            "bound_seconds": bound, "ratio_measured_to_bound": t_plain / bound, "ratio_reordered_to_bound": t_re / bound}
 
 
 def _run_child(args: list[str]) -> dict:
@@ -277,6 +258,8 @@ def markdown(results: dict) -> str:
                 notes.append(f"{v['not_converged']} not converged")
             if "offline_seconds" in v:
                 notes.append(f"offline {v['offline_seconds']:.1f} s, {v['offline_bytes'] / 2**20:.0f} MiB")
+            elif v.get("build_seconds", 0) >= 0.05:
+                notes.append(f"ranker built in {v['build_seconds']:.2f} s")
             lines.append(f"| {n} | {m['graph']} | {name} | {v['queries']} | {v['seconds']:.2f} | {v['queries_per_s']:.1f} | "
                          f"{v['map']:.2f} | {v.get('map_subset', float('nan')):.2f} ({m.get('subset', '?')}) | {', '.join(notes)} |")
     lines += ["", "## Sparse product against the memory-bandwidth bound", "",

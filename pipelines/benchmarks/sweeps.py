@@ -17,12 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, default=Path("runs/demo"))
     ap.add_argument("--gnd", type=Path, default=None, help="ground truth (default: RUN/benchmark/gnd.json)")
     a = ap.parse_args(argv)
+    from pipelines.config import QueryConfig
     from pipelines.descriptors import load_descriptors
     from pipelines.evaluate import evaluate_ranks
     from pipelines.groundtruth import read_ground_truth
-    from retrieval.diffusion import diffusion_scores, rank_by_scores
+    from pipelines.rankers import Rankers
     from retrieval.graph import build_graph
-    from retrieval.knn import knn_search
     from retrieval.whitening import l2_normalize, learn_pca_whitening
 
     gt = read_ground_truth(a.gnd or a.run / "benchmark" / "gnd.json")
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return " | ".join(f"{r[p]['map']:.2f}" for p in ("E", "M", "H"))
 
     def knn_map(X, Q):
-        return ev(knn_search(Q, X, X.shape[0])[1])
+        return ev(Rankers(X, QueryConfig()).rank("knn", Q, 0).ids)
 
     print("| whitening | dims | shrinkage | E | M | H |\n|---|---|---|---|---|---|")
     print(f"| none | {F.shape[1]} | - | {knn_map(l2_normalize(F), l2_normalize(QF))} |")
@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in (5, 10, 15, 20, 30, 50):
         W, st = build_graph(X, k=k)
         for kq in (3, 10):
-            D, I = knn_search(Q, X, kq)
-            S, _ = diffusion_scores(W, D, I, alpha=0.99)
-            print(f"| {k} | {kq} | {st.isolated} | {ev(rank_by_scores(S, Q @ X.T))} |")
+            ranking = Rankers(X, QueryConfig(alpha=0.99, kq=kq), W=W).rank("diffusion", Q, 0)  # the query stage's ranker
+            print(f"| {k} | {kq} | {st.isolated} | {ev(ranking.ids)} |")
     return 0
 
 

@@ -130,3 +130,31 @@ def test_hnsw_graph_stage_records_parameters_and_recall(imported):
     from retrieval.knn import IndexSpec
 
     assert IndexSpec("auto").resolve(10**6).kind == "hnsw" and IndexSpec("auto").resolve(10**4).kind == "flat"
+
+
+def test_graph_rows_reader_equals_slices_of_the_whole_graph(imported):
+    """What a PETSc rank loads (only the overlapping row blocks) is the same rows of the whole W."""
+    from pipelines.graph import read_graph_rows
+
+    run, _, _ = imported
+    run_graph(run, GraphConfig(k=8, block_rows=128, index="flat"))
+    W, _ = load_graph(run / "graph")
+    for r0, r1 in ((0, 700), (100, 300), (127, 129), (650, 700), (5, 5)):
+        part = read_graph_rows(run / "graph", r0, r1)
+        assert part.shape == (r1 - r0, 700) and (part != W[r0:r1]).nnz == 0
+
+
+def test_rankers_are_built_once_and_answer_like_the_query_stage(imported):
+    from pipelines.rankers import Rankers
+
+    run, X, Q = imported
+    run_graph(run, GraphConfig(k=8, index="flat"))
+    cfg = QueryConfig(methods=["knn", "aqe", "diffusion", "truncated", "spectral"], topk=50, spectral_rank=20, truncate_m=200)
+    run_query(run, run / "queries", cfg)
+    rankers = Rankers(X, cfg, graph_dir=run / "graph")
+    for m in cfg.methods:
+        stage = pq.read_table(run / "ranks" / f"{m}.parquet").to_pydict()
+        r = rankers.rank(m, Q, 50)
+        np.testing.assert_array_equal(r.ids, np.array(stage["ids"]))  # import ids are the rows 0..n-1
+        assert rankers.get(m) is rankers.get(m)
+    assert (run / "graph" / "spectral-r20-a0.99.npz").is_file()  # the embedding is cached beside the graph

@@ -70,8 +70,11 @@ def test_malformed_requests_are_refused(index, payload, status, msg):
     assert e.value.status == status
 
 
-def test_graph_methods_need_a_graph(tiny_run):
-    idx = QueryIndex(tiny_run[0].out, load_graph_now=False)
+def test_graph_methods_need_a_graph(tiny_run, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_run[0].out, tmp_path / "run", ignore=shutil.ignore_patterns("graph"))
+    idx = QueryIndex(tmp_path / "run")
     with pytest.raises(RequestError, match="needs the graph") as e:
         idx.answer({"queries": [{"key": idx.keys[0]}], "method": "diffusion"})
     assert e.value.status == 422

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from retrieval.diffusion import (
-    ReorderedSparse, TorchSparse, block_cg, diffusion_operator, diffusion_scores, diffusion_topk, topk_columns, truncated_diffusion,
-)
+from retrieval.diffusion import ReorderedSparse, TorchSparse, block_cg, diffusion_operator, diffusion_scores, topk_columns
+from retrieval.rankers import DiffusionRanker, KnnRanker, TruncatedRanker
+from retrieval.truncated import principal_submatrix, truncated_diffusion
 from retrieval.graph import build_graph, graph_from_knn
 from retrieval.knn import IndexSpec, build_index, knn_search, merge_topk, recall_at_k, search_index, self_knn, shard_bounds
 from retrieval.spectral import katz_centrality, spectral_embedding
@@ -75,15 +75,48 @@ def test_block_cg_float32_and_torch_match_float64(data, rng):
 
 
 @pytest.mark.parametrize("matmul", ["scipy", "reordered", "torch"])
-def test_diffusion_topk_equals_full_scores(data, matmul):
+def test_diffusion_ranker_equals_full_scores(data, matmul):
     W, _ = build_graph(data, k=8)
     D, I = knn_search(data[:30], data, 5)
     S, _ = diffusion_scores(W, D, I, alpha=0.9, rtol=1e-10, maxiter=500)
-    ids, sc, st = diffusion_topk(W, D, I, 20, alpha=0.9, rtol=1e-10, maxiter=500, batch=7, matmul=matmul)
-    np.testing.assert_allclose(sc, -np.sort(-S, axis=1)[:, :20], rtol=1e-5)
-    np.testing.assert_allclose(np.take_along_axis(S, ids, 1), sc, rtol=1e-5)
+    dt = np.float32 if matmul == "torch" else np.float64
+    ranker = DiffusionRanker(KnnRanker(data), data, W, alpha=0.9, kq=5, rtol=1e-10 if dt == np.float64 else 1e-6, maxiter=500,
+                             batch=7, matmul=matmul, dtype=dt)
+    r = ranker.rank(data[:30], 20)
+    tol = 1e-5 if dt == np.float64 else 1e-3
+    np.testing.assert_allclose(r.scores, -np.sort(-S, axis=1)[:, :20], rtol=tol)
+    np.testing.assert_allclose(np.take_along_axis(S, r.ids, 1), r.scores, rtol=tol)
+    again = ranker.rank(data[:30], 20)  # the operator is built once and reused: same answer
+    np.testing.assert_array_equal(again.ids, r.ids)
     idx, vals = topk_columns(S.T, 3)
     np.testing.assert_array_equal(idx, np.argsort(-S, axis=1)[:, :3])
+
+
+def test_diffusion_ranker_full_ranking_orders_unreached_items_by_similarity(rng):
+    X = l2_normalize(rng.normal(size=(60, 6)))
+    W = sp.csr_matrix((60, 60))  # no edges: the diffusion reaches only each query's seeds
+    r = DiffusionRanker(KnnRanker(X), X, W, alpha=0.9, kq=3).rank(X[:4], 60)
+    _, Iknn = knn_search(X[:4], X, 60)
+    np.testing.assert_array_equal(np.sort(r.ids[:, :3], axis=1), np.sort(Iknn[:, :3], axis=1))
+    np.testing.assert_array_equal(r.ids[:, 3:], Iknn[:, 3:])  # the rest: by plain similarity
+    assert (r.scores[:, 3:] == 0).all()
+
+
+def test_principal_submatrix_equals_scipy_indexing(data, rng):
+    W, _ = build_graph(data, k=8)
+    nodes = rng.choice(600, 90, replace=False)
+    pos = np.full(600, -1, np.int64)
+    pos[nodes] = np.arange(90)
+    got = principal_submatrix(W, nodes, pos)
+    np.testing.assert_array_equal(got.toarray(), W[nodes][:, nodes].toarray())
+
+
+def test_truncated_ranker_pads_short_subgraphs_with_knn(data):
+    W, _ = build_graph(data, k=8)
+    knn = KnnRanker(data)
+    r = TruncatedRanker(knn, W, kq=5, m=30, alpha=0.9, select="mass").rank(data[:3], 100)
+    assert r.ids.shape == (3, 100) and all(len(set(row.tolist())) == 100 for row in r.ids)
+    assert (r.scores[:, 30:] == 0).all() and r.stats.converged.all()
 
 
 def test_truncated_with_whole_graph_equals_exact(data):
@@ -107,7 +140,7 @@ def test_truncated_with_whole_graph_equals_exact(data):
 
 
 def test_graph_neighbourhood_is_breadth_first(data):
-    from retrieval.diffusion import graph_neighbourhood
+    from retrieval.truncated import graph_neighbourhood
 
     W, _ = build_graph(data, k=8)
     nb = graph_neighbourhood(W, np.array([0]), 30)
@@ -138,7 +171,7 @@ def test_katz_centrality_solves_the_system(data):
 
 def test_mass_neighbourhoods_equal_the_dense_series(data):
     """Without the beam, the selection is the top-m of sum_t (alpha W)^t y computed densely."""
-    from retrieval.diffusion import mass_neighbourhoods
+    from retrieval.truncated import mass_neighbourhoods
 
     W, _ = build_graph(data, k=8)
     D, I = knn_search(data[:5], data, 4)
@@ -160,7 +193,7 @@ def test_mass_neighbourhoods_equal_the_dense_series(data):
 
 
 def test_keep_top_per_row_equals_dense_reference(rng):
-    from retrieval.diffusion import _keep_top_per_row
+    from retrieval.truncated import _keep_top_per_row
 
     A = sp.random(7, 200, density=0.2, random_state=1, format="csr")
     B = _keep_top_per_row(A, 5).toarray()

@@ -1,0 +1,142 @@
+"""The rankers of a run: one registry from method name to builder, and a set that builds each
+ranker once (on first use) over the run's descriptors and graph and keeps it.
+
+The query stage, the query service, the batch query job and the benchmarks all rank through
+`Rankers`, so the state each method needs (faiss index, diffusion operator and its reordering,
+truncated solver, spectral embedding, PETSc launcher) is built once per index, never per call.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+from retrieval.rankers import (
+    GRAPH_METHODS, METHODS, AqeRanker, DiffusionRanker, KnnRanker, Ranker, Ranking, SpectralRanker, TruncatedRanker,
+)
+from retrieval.spectral import SpectralEmbedding, spectral_embedding
+
+from .config import QueryConfig
+from .shards import read_json, write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def spectral_cached(W: sp.spmatrix, graph_dir: Path | None, *, rank: int, alpha: float) -> SpectralEmbedding:
+    """Spectral embedding of W, computed once per (graph, rank, alpha) and stored in graph_dir."""
+    gparams = read_json(graph_dir / "manifest.json").get("params") if graph_dir else None
+    path = graph_dir / f"spectral-r{rank}-a{alpha}.npz" if graph_dir else None
+    if path is not None and path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["graph"]) == str(gparams):
+                return SpectralEmbedding(V=z["V"], U=z["U"], lam=z["lam"], alpha=float(z["alpha"]))
+    t0 = time.perf_counter()
+    emb = spectral_embedding(W, rank=rank, alpha=alpha)
+    log.info("spectral: %d eigenpairs of W (n=%d) in %.1f s", emb.lam.size, W.shape[0], time.perf_counter() - t0)
+    if path is not None:
+        buf = io.BytesIO()
+        np.savez(buf, V=emb.V, U=emb.U, lam=emb.lam, alpha=np.float64(alpha), graph=np.array(str(gparams)))
+        write_bytes(buf.getvalue(), path)
+    return emb
+
+
+class Rankers:
+    """Every method's ranker over one index (X (n, d) float32 rows, the graph W or its folder),
+    each built on first use under a lock and kept; `rank(method, Q, topk)` answers a batch.
+
+    The graph is loaded from `graph_dir` the first time a manifold method needs it (or given as W).
+    """
+
+    def __init__(self, X: np.ndarray, cfg: QueryConfig, *, graph_dir: Path | None = None, W: sp.spmatrix | None = None):
+        self.X, self.cfg = X, cfg
+        self.graph_dir = Path(graph_dir) if graph_dir else None
+        self._W = W
+        self._built: dict[str, Ranker] = {}
+        self._lock = threading.Lock()
+        self.knn = KnnRanker(X)
+        self._built["knn"] = self.knn
+
+    @property
+    def has_graph(self) -> bool:
+        return self._W is not None or (self.graph_dir is not None and (self.graph_dir / "manifest.json").is_file())
+
+    @property
+    def W(self) -> sp.csr_matrix:
+        """The graph (n, n) CSR, loaded once; ValueError when there is none or it does not fit X."""
+        if self._W is None:
+            if not self.has_graph:
+                raise ValueError("this index has no graph: run the graph stage first")
+            from .graph import load_graph
+
+            self._W, _ = load_graph(self.graph_dir)
+        if self._W.shape[0] != self.X.shape[0]:
+            raise ValueError(f"graph has {self._W.shape[0]} nodes but the database has {self.X.shape[0]} descriptors")
+        return self._W
+
+    def get(self, method: str) -> Ranker:
+        """The ranker of `method` (one of retrieval.rankers.METHODS), built once."""
+        if method not in BUILDERS:
+            raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+        with self._lock:
+            if method not in self._built:
+                t0 = time.perf_counter()
+                self._built[method] = BUILDERS[method](self)
+                log.info("rankers: %s built in %.2f s", method, time.perf_counter() - t0)
+            return self._built[method]
+
+    def rank(self, method: str, Q: np.ndarray, topk: int) -> Ranking:
+        """Q (nq, d) float32 -> Ranking of database rows; topk <= 0 ranks the whole database."""
+        n = self.X.shape[0]
+        return self.get(method).rank(Q, n if topk <= 0 else min(topk, n))
+
+
+def _diffusion(r: Rankers) -> Ranker:
+    c = r.cfg
+    return DiffusionRanker(r.knn, r.X, r.W, alpha=c.alpha, gamma=c.gamma, kq=c.kq, rtol=c.rtol, maxiter=c.maxiter, batch=c.batch,
+                           matmul=c.matmul, dtype=np.dtype(c.dtype).type)
+
+
+def _truncated(r: Rankers) -> Ranker:
+    c = r.cfg
+    return TruncatedRanker(r.knn, r.W, kq=c.kq, m=c.truncate_m, alpha=c.alpha, gamma=c.gamma, rtol=c.rtol, maxiter=c.maxiter,
+                           select=c.truncate_select, hops=c.truncate_hops, beam=c.truncate_beam or None)
+
+
+def _spectral(r: Rankers) -> Ranker:
+    c = r.cfg
+    emb = spectral_cached(r.W, r.graph_dir, rank=c.spectral_rank, alpha=c.alpha)
+    return SpectralRanker(r.knn, emb, gamma=c.gamma, kq=c.kq)
+
+
+def _petsc(r: Rankers) -> Ranker:
+    from cluster.petsc_ranker import PetscRanker
+
+    c = r.cfg
+    if r.graph_dir is None or not r.has_graph:
+        raise ValueError("petsc: the MPI ranks read the graph's row blocks from its folder: run the graph stage first")
+    n = read_json(r.graph_dir / "manifest.json")["n"]
+    if n != r.X.shape[0]:  # checked here: the ranks load only their rows, never the whole graph
+        raise ValueError(f"graph has {n} nodes but the database has {r.X.shape[0]} descriptors")
+    return PetscRanker(r.knn, r.graph_dir, reader=GRAPH_ROWS_READER, ranks=c.petsc_ranks, launch=c.petsc_launch, alpha=c.alpha,
+                       gamma=c.gamma, kq=c.kq, rtol=c.rtol, maxiter=c.maxiter)
+
+
+# the graph-block reader the PETSc ranks import (module:function), so cluster/ never imports pipelines/
+GRAPH_ROWS_READER = "pipelines.graph:read_graph_rows"
+
+BUILDERS: dict[str, Callable[[Rankers], Ranker]] = {
+    "knn": lambda r: r.knn,
+    "aqe": lambda r: AqeRanker(r.knn, r.X, n=r.cfg.aqe_n, alpha=r.cfg.aqe_alpha),
+    "diffusion": _diffusion,
+    "truncated": _truncated,
+    "spectral": _spectral,
+    "petsc": _petsc,
+}
+assert tuple(BUILDERS) == METHODS, "every method of retrieval.rankers.METHODS has exactly one builder"
+__all__ = ["BUILDERS", "GRAPH_METHODS", "METHODS", "Rankers", "spectral_cached"]

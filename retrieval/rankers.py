@@ -1,0 +1,162 @@
+"""Rankers: one ranking method built once over one index, answering batches of queries.
+
+A ranker is built from the database vectors (and, for the manifold methods, the graph) with the
+method's parameters, keeps what every query needs (the faiss index, the diffusion operator and its
+reordering, the truncated solver's graph and position maps, the spectral embedding and its index)
+and answers `rank(Q, topk) -> Ranking`. The query stage, the service, the batch query job and the
+benchmarks all rank through these objects; the PETSc ranker (cluster/petsc_ranker.py) answers the
+same interface with its own process layout behind it.
+
+Ranked ids are database *rows* (0..n-1); callers map rows to their own ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+from .diffusion import (
+    SolveStats, block_cg, diffusion_operator, query_vectors, query_vectors_sparse, rank_by_scores, sparse_operator, topk_columns,
+)
+from .knn import IndexSpec, build_index, search_index
+from .query_expansion import alpha_qe
+from .spectral import SpectralEmbedding
+from .truncated import TruncatedSolver
+
+# Every ranking method, in report order: the one registry of names (config checking, the service,
+# evaluation order and the stage's builders all read it).
+METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "spectral", "petsc")
+GRAPH_METHODS: frozenset[str] = frozenset({"diffusion", "truncated", "spectral", "petsc"})
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """ids (nq, k) int64 database rows, best first; scores (nq, k) float32; per-query CG stats for
+    the solvers (None for the others)."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    stats: SolveStats | None = None
+
+
+class Ranker(Protocol):
+    def rank(self, Q: np.ndarray, topk: int) -> Ranking:
+        """Q (nq, d) float32 L2-normalised queries -> the top-`topk` database rows of each."""
+        ...
+
+
+class KnnRanker:
+    """Exact inner-product search (faiss IndexFlatIP built once over X (n, d) float32)."""
+
+    def __init__(self, X: np.ndarray):
+        self.index = build_index(X, IndexSpec("flat"))
+        self.n = self.index.ntotal
+
+    def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(D, I) (nq, min(k, n)): similarities descending and int64 rows."""
+        return search_index(self.index, Q, k)
+
+    def rank(self, Q: np.ndarray, topk: int) -> Ranking:
+        D, I = self.search(Q, topk)
+        return Ranking(I, D)
+
+
+class AqeRanker:
+    """alpha-QE: each query averaged with its top-n neighbours weighted by similarity^alpha, then searched."""
+
+    def __init__(self, knn: KnnRanker, X: np.ndarray, *, n: int = 2, alpha: float = 3.0):
+        self.knn, self.X, self.n, self.alpha = knn, X, n, alpha
+
+    def rank(self, Q: np.ndarray, topk: int) -> Ranking:
+        D, I = self.knn.search(Q, self.n)
+        return self.knn.rank(alpha_qe(Q, self.X, I, D, n=self.n, alpha=self.alpha), topk)
+
+
+class DiffusionRanker:
+    """Exact diffusion: block CG on (I - alpha W) x = y over the whole graph, `batch` right-hand
+    sides per sparse product. The operator (and its reordering) is built once, here.
+
+    A full ranking (topk >= n, small enough to hold (nq, n) scores) orders the items the diffusion
+    does not reach by plain similarity instead of arbitrarily."""
+
+    def __init__(self, knn: KnnRanker, X: np.ndarray, W: sp.spmatrix, *, alpha: float = 0.99, gamma: float = 3.0, kq: int = 10,
+                 rtol: float = 1e-6, maxiter: int = 100, batch: int = 128, matmul: str = "reordered", dtype=np.float64,
+                 full_limit: int = 50_000_000):
+        self.knn, self.X = knn, X
+        self.gamma, self.kq, self.rtol, self.maxiter, self.batch, self.dtype = gamma, kq, rtol, maxiter, batch, dtype
+        self.full_limit = full_limit
+        self.op = sparse_operator(diffusion_operator(W, alpha), matmul, dtype=dtype)
+        self.n = W.shape[0]
+
+    def solve(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, SolveStats]:
+        """Scores (n, m) in node order for seeds D, I (m, kq), one block CG on the operator."""
+        X, st = block_cg(self.op, self.op.permute(query_vectors(D, I, self.n, gamma=self.gamma)), rtol=self.rtol,
+                         maxiter=self.maxiter, dtype=self.dtype)
+        return self.op.unpermute(X), st
+
+    def rank(self, Q: np.ndarray, topk: int) -> Ranking:
+        n, nq = self.n, Q.shape[0]
+        k = min(topk, n)
+        full = k == n and n * nq <= self.full_limit
+        D, I = self.knn.search(Q, self.kq)
+        ids, scores = np.empty((nq, k), np.int64), np.empty((nq, k), np.float32)
+        iters, res, conv = np.zeros(nq, np.int64), np.zeros(nq), np.zeros(nq, bool)
+        for a in range(0, nq, self.batch):
+            b = min(a + self.batch, nq)
+            S, st = self.solve(D[a:b], I[a:b])
+            if full:
+                ids[a:b] = rank_by_scores(S.T, Q[a:b] @ self.X.T)
+                scores[a:b] = np.take_along_axis(S.T, ids[a:b], axis=1)
+            else:
+                ids[a:b], scores[a:b] = topk_columns(S, k)
+            iters[a:b], res[a:b], conv[a:b] = st.iterations, st.residuals, st.converged
+        return Ranking(ids, scores, SolveStats(iters, res, conv))
+
+
+def pad_with_knn(knn: KnnRanker, Q: np.ndarray, ids_list: list[np.ndarray], sc_list: list[np.ndarray], k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(nq, k) rankings from per-query lists that may be shorter than k: the rest of each ranking
+    is filled with the remaining items by plain similarity (score 0)."""
+    nq = len(ids_list)
+    out_i, out_s = np.empty((nq, k), np.int64), np.zeros((nq, k), np.float32)
+    need = max((k - len(i) for i in ids_list), default=0)
+    Ik = knn.search(Q, min(knn.n, k + need))[1] if need > 0 else None
+    for q, (ids, sc) in enumerate(zip(ids_list, sc_list)):
+        ids, sc = ids[:k], sc[:k]
+        if ids.size < k:
+            rest = Ik[q][~np.isin(Ik[q], ids)][: k - ids.size]
+            ids = np.concatenate([ids, rest])
+        out_i[q], out_s[q, : sc.size] = ids, sc
+    return out_i, out_s
+
+
+class TruncatedRanker:
+    """Truncated diffusion (retrieval.truncated.TruncatedSolver, built once): each query solved on
+    its subgraph of m nodes; the rest of the ranking by plain similarity."""
+
+    def __init__(self, knn: KnnRanker, W: sp.spmatrix, *, kq: int = 10, **solver):
+        self.knn, self.kq = knn, kq
+        self.solver = TruncatedSolver(W, **solver)
+
+    def rank(self, Q: np.ndarray, topk: int) -> Ranking:
+        D, I = self.knn.search(Q, self.kq)
+        ids, sc, st = self.solver.solve(D, I)
+        I2, S2 = pad_with_knn(self.knn, Q, ids, sc, min(topk, self.knn.n))
+        return Ranking(I2, S2, st)
+
+
+class SpectralRanker:
+    """Fast spectral ranking: the offline embedding V (n, r) (given, computed once per graph) and
+    an inner-product index over it; a query is its seeds' embedding z, searched against V."""
+
+    def __init__(self, knn: KnnRanker, emb: SpectralEmbedding, *, gamma: float = 3.0, kq: int = 10):
+        self.knn, self.emb, self.gamma, self.kq = knn, emb, gamma, kq
+        self.index = build_index(emb.V, IndexSpec("flat"))
+
+    def rank(self, Q: np.ndarray, topk: int) -> Ranking:
+        D, I = self.knn.search(Q, self.kq)
+        Z = self.emb.query(query_vectors_sparse(D, I, self.knn.n, gamma=self.gamma))
+        S, Iv = search_index(self.index, Z, topk)
+        return Ranking(Iv, S)
