@@ -33,9 +33,9 @@ def solve_on_ray(graph_dir: Path, D: np.ndarray, I: np.ndarray, *, reader: str, 
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from .petsc_solver import solve_with_mpiexec
-    from .ray_runtime import init_ray
+    from .ray_runtime import require_ray
 
-    init_ray("")  # joins RAY_ADDRESS inside a submitted job, else the embedded Ray (no-op when up)
+    require_ray("the Ray-placed PETSc solve (petsc_launch = ray)")
 
     @ray.remote(num_cpus=0)
     def _node_ip() -> str:

@@ -103,8 +103,11 @@ def extract_shards_ray(
     """
     import ray
 
+    from .ray_runtime import require_ray
+
     if not shards:
         return
+    require_ray("extraction (extract engine = ray)")
     expected = {Path(p).name: pq.read_metadata(p).num_rows for p in shards}
     by_name = {Path(p).name: Path(p) for p in shards}
     for name, n in list(expected.items()):

@@ -23,6 +23,9 @@ def search_shards_ray(index, X: np.ndarray, bounds: list[tuple[int, int]], k: in
     import faiss
     import ray
 
+    from .ray_runtime import require_ray
+
+    require_ray("the sharded graph search (graph engine = ray)")
     nprobe = getattr(index, "nprobe", None)
     ef = index.hnsw.efSearch if hasattr(index, "hnsw") else None
     index_ref = ray.put(faiss.serialize_index(index))

@@ -1,10 +1,12 @@
 """Submitting pipeline runs to a Ray cluster through the Ray Jobs API, and following them.
 
 `submit_run` packages the code (`pipelines/`, `retrieval/`, `cluster/`) and the run's configuration
-(rewritten with absolute paths, as `job.toml`) into the job's working directory, and submits
-`python -m pipelines.cli <stage> job.toml`. Inside the job, `init_ray("")` joins the cluster through
-the RAY_ADDRESS that Ray Jobs sets. The run directory must be on storage every node sees (a shared
-filesystem on a real cluster; the local disk when all nodes run on one machine).
+(TOML text, written as `job.toml`) into the job's working directory, and submits
+`python -m pipelines.cli <stage> job.toml`. The configuration arrives as text with its paths
+already absolute (the caller's `pipelines.config.absolute_paths`); this module never parses it.
+Inside the job, `init_ray("")` joins the cluster through the RAY_ADDRESS that Ray Jobs sets. The run
+directory must be on storage every node sees (a shared filesystem on a real cluster; the local disk
+when all nodes run on one machine).
 
 Authentication: Ray's token authentication stays on. The token is read from RAY_AUTH_TOKEN, the file
 named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (Ray's default), and sent as a bearer token.
@@ -20,8 +22,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-
-from pipelines.config import RunConfig, config_to_toml
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,48 +52,36 @@ def job_client(address: str):
     return JobSubmissionClient(address, headers=headers)
 
 
-def absolute_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    """Make every path in the configuration absolute (relative ones are relative to `base`)."""
-    def fix(p: str) -> str:
-        return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
-
-    cfg.out = fix(cfg.out)
-    cfg.dataset.database, cfg.dataset.queries, cfg.dataset.gnd = (fix(p) for p in
-                                                                   (cfg.dataset.database, cfg.dataset.queries, cfg.dataset.gnd))
-    if cfg.extract.weights not in ("torchvision",) and not cfg.extract.weights.startswith("package:"):
-        cfg.extract.weights = fix(cfg.extract.weights)
-    return cfg
-
-
-def stage_job(cfg: RunConfig, dest: Path) -> Path:
+def stage_job(config_toml: str, dest: Path) -> Path:
     """Write the job's working directory: the code packages and job.toml. Returns dest."""
     dest.mkdir(parents=True, exist_ok=True)
     for pkg in PACKAGES:
         shutil.copytree(ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
-    (dest / "job.toml").write_text(config_to_toml(cfg))
+    (dest / "job.toml").write_text(config_toml)
     return dest
 
 
-def submit_run(cfg: RunConfig, *, address: str, command: str = "run", base: Path | None = None, env: dict | None = None,
+def submit_run(config_toml: str, *, out: str, address: str, command: str = "run", env: dict | None = None,
                submission_id: str | None = None, entrypoint_num_cpus: float = 0.0, agent_wait_s: float = 60.0) -> str:
-    """Submit `retrieval <command>` for `cfg` as a Ray job; returns the submission id."""
-    cfg = absolute_paths(cfg, base or Path.cwd())
+    """Submit `retrieval <command> job.toml` as a Ray job, job.toml holding `config_toml` (a run
+    configuration with absolute paths); `out` (its run directory) is recorded in the job's
+    metadata. Returns the submission id."""
     client = job_client(address)
     sid = submission_id or f"retrieval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     with tempfile.TemporaryDirectory(prefix="retrieval-job-") as tmp:
-        stage_job(cfg, Path(tmp))
+        stage_job(config_toml, Path(tmp))
         runtime_env = {"working_dir": tmp, "env_vars": {"PYTHONUNBUFFERED": "1", **(env or {})}}
         t0 = time.monotonic()
         while True:
             try:
                 client.submit_job(entrypoint=f"python -m pipelines.cli {command} job.toml", submission_id=sid, runtime_env=runtime_env,
-                                  metadata={"out": cfg.out, "command": command}, entrypoint_num_cpus=entrypoint_num_cpus)
+                                  metadata={"out": out, "command": command}, entrypoint_num_cpus=entrypoint_num_cpus)
                 break
             except RuntimeError as e:  # a freshly started head answers 500 until its job agent is up
                 if "No available agent" not in str(e) or time.monotonic() - t0 > agent_wait_s:
                     raise
                 time.sleep(2)
-    log.info("submitted %s (retrieval %s, out %s)", sid, command, cfg.out)
+    log.info("submitted %s (retrieval %s, out %s)", sid, command, out)
     return sid
 
 

@@ -1,4 +1,8 @@
-"""Starting or joining Ray (embedded local Ray by default), in one place."""
+"""Starting or joining Ray (embedded local Ray by default), in one place.
+
+`init_ray` is the only call in the project that starts or joins Ray; the engines (Ray Data
+extraction, sharded graph search, Ray Train, the Ray-placed PETSc ranks) only `require_ray`.
+"""
 from __future__ import annotations
 
 import logging
@@ -28,6 +32,17 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> None:
     else:
         log.info("ray: starting embedded local Ray")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def require_ray(what: str) -> None:
+    """Raise unless Ray is up in this process. The engines call this instead of letting a Ray call
+    start Ray implicitly (which would ignore `ray_address` and could join any cluster it finds on
+    this machine): Ray is started only by `init_ray`, from the stages' `ray_address`."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"{what} runs on Ray, and Ray is not started in this process: start it with "
+                           "cluster.ray_runtime.init_ray(ray_address) (the pipeline does so for every stage that needs it)")
 
 
 def shutdown_ray() -> None:

@@ -1,19 +1,32 @@
-"""Ray Train wiring for fine-tuning: a TorchTrainer runs `pipelines.train.train_loop` on
-`num_workers` DDP workers (one per GPU on a cluster, CPU workers with gloo here).
+"""Ray Train wiring: a TorchTrainer runs a training loop on `num_workers` DDP workers (one per GPU
+on a cluster, CPU workers with gloo here).
 
-Thin: the loop, the data sharding (pool rows and each step's tuples split by rank) and the
-checkpoints are the train stage's; this module only starts the workers, gives each its rank,
-device and DDP wrapper, and forwards per-epoch metrics to `ray.train.report`. Checkpoints are
-written by rank 0 to the run directory, which must therefore be on storage every node shares.
+Thin and generic: the loop is a callable handed in by the caller (the train stage's, in
+pipelines/train.py), as extraction hands its callables to Ray actors; this module only starts the
+workers and gives each loop its `WorkerContext` (rank, world size, device, DDP wrapper, reporter
+forwarding metrics to `ray.train.report`). Whatever the loop writes must go to storage every node
+shares.
 """
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Where a Ray Train worker runs: its rank and the world size of the process group, its torch
+    device, how to wrap a model for DDP, and how to report metrics (`ray.train.report`)."""
+
+    rank: int
+    world: int
+    device: Any  # torch.device
+    wrap_model: Callable[[Any], Any]
+    report: Callable[[dict], None]
 
 
 def run_workers(loop: Callable[[dict], None], config: dict, *, num_workers: int, use_gpu: bool = False,
@@ -23,6 +36,9 @@ def run_workers(loop: Callable[[dict], None], config: dict, *, num_workers: int,
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .ray_runtime import require_ray
+
+    require_ray("fine-tuning (train engine = ray)")
     resources = {"CPU": float(cpus_per_worker)}
     if use_gpu:
         resources["GPU"] = 1.0
@@ -36,12 +52,11 @@ def run_workers(loop: Callable[[dict], None], config: dict, *, num_workers: int,
     return trainer.fit()
 
 
-def worker_runtime(*, ddp: bool = True):
-    """This worker's `pipelines.train.Runtime`: rank, world size, device, DDP wrapper, reporter."""
+def worker_context(*, ddp: bool = True) -> WorkerContext:
+    """This worker's context (call it inside a loop run by `run_workers`); with ddp and more than
+    one worker, `wrap_model` returns the model moved to the device and wrapped in DDP."""
     import ray.train
     import ray.train.torch
-
-    from pipelines.train import Runtime
 
     ctx = ray.train.get_context()
     world = ctx.get_world_size()
@@ -49,41 +64,5 @@ def worker_runtime(*, ddp: bool = True):
     def wrap(model):
         return ray.train.torch.prepare_model(model, move_to_device=True) if (ddp and world > 1) else model
 
-    return Runtime(rank=ctx.get_world_rank(), world=world, device=ray.train.torch.get_device(), wrap_model=wrap,
-                   report=lambda metrics: ray.train.report(metrics))
-
-
-def _train_worker(config: dict) -> None:
-    import torch
-
-    from pipelines.train import train_config_from_dict, train_loop
-
-    cfg = train_config_from_dict(config["train"])
-    torch.set_num_threads(cfg.torch_threads if cfg.torch_threads > 0 else max(1, int(cfg.cpus_per_worker)))
-    train_loop(Path(config["run_dir"]), cfg, worker_runtime())
-
-
-def train_ray(run_dir: Path, cfg, *, ray_address: str = "") -> dict:
-    """Fine-tune on Ray Train with cfg.num_workers workers; returns the last epoch's metrics."""
-    import dataclasses
-
-    from pipelines.train import train_dir
-
-    from .ray_runtime import init_ray
-
-    init_ray(ray_address)
-    out = train_dir(Path(run_dir), cfg)
-    conf = dataclasses.asdict(cfg)
-    # workers may run in another working directory: hand them absolute paths
-    conf["out"] = str(out.resolve())
-    conf["images"] = str(Path(cfg.images).resolve()) if cfg.images else ""
-    if Path(cfg.weights).is_file():
-        conf["weights"] = str(Path(cfg.weights).resolve())
-    result = run_workers(_train_worker, {"run_dir": str(Path(run_dir).resolve()), "train": conf},
-                         num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
-                         storage_path=out / "ray", name="finetune")
-    if result.error is not None:
-        raise result.error
-    log_path = out / "metrics.jsonl"  # rank 0's per-epoch log (Ray keeps metrics only with its own checkpoints)
-    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()] if log_path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+    return WorkerContext(rank=ctx.get_world_rank(), world=world, device=ray.train.torch.get_device(), wrap_model=wrap,
+                         report=lambda metrics: ray.train.report(metrics))

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .models import WeightsError
+from .errors import WeightsError
 from .shards import write_bytes
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import ConfigError, absolute_paths, config_to_toml, load_config
 
 log = logging.getLogger("retrieval")
 STAGE_ORDER = ["ingest", "extract", "graph", "query", "evaluate"]
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel(cfg.log_level.upper())
+    logging.getLogger().setLevel(cfg.log_level)
     if args.out:
         cfg.out = args.out
     if args.command == "train":
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg, args) -> int:
     from .models import WeightsError
+    from .run import start_engines
     from .train import run_train
 
     if args.engine:
@@ -131,7 +132,8 @@ def _train(cfg, args) -> int:
     if args.workers:
         cfg.train.num_workers = args.workers
     try:
-        res = run_train(Path(cfg.out), cfg.train, ray_address=cfg.ray_address)
+        start_engines(cfg, ["train"])
+        res = run_train(Path(cfg.out), cfg.train)
     except (WeightsError, FileNotFoundError, ValueError) as e:  # CheckpointError is a WeightsError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -188,7 +190,8 @@ def _cluster_command(args) -> int:
             cfg = load_config(args.config)
             if args.out:
                 cfg.out = args.out
-            job = ray_jobs.submit_run(cfg, address=args.address, command=args.stage)
+            cfg = absolute_paths(cfg, Path.cwd())  # the job runs in another working directory
+            job = ray_jobs.submit_run(config_to_toml(cfg), out=cfg.out, address=args.address, command=args.stage)
             print(f"submitted {job}; run directory {cfg.out}")
             if args.wait:
                 ray_jobs.job_logs(args.address, job, follow=True)

