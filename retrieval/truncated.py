@@ -80,12 +80,13 @@ def mass_neighbourhoods(W: sp.csr_matrix, D: np.ndarray, I: np.ndarray, m: int, 
     out: list[np.ndarray] = []
     for b0 in range(0, nq, batch):
         Ib, Db = I[b0 : b0 + batch], D[b0 : b0 + batch]
-        Y = sp.csr_matrix(query_vectors_sparse(Db, Ib, n, gamma=gamma).T)  # queries as rows
+        # queries as rows, in W's dtype: a product of mixed dtypes would copy all of W every step
+        Y = sp.csr_matrix(query_vectors_sparse(Db, Ib, n, gamma=gamma).T, dtype=W.dtype)
         cur, acc = Y, Y.copy()
         for _ in range(hops):
-            cur = _keep_top_per_row(sp.csr_matrix(cur @ W) * alpha, beam)
+            cur = _keep_top_per_row(sp.csr_matrix(cur @ W) * W.dtype.type(alpha), beam)
             acc = acc + cur
-        seeds = sp.csr_matrix(query_vectors_sparse(np.ones_like(Db), Ib, n).T)
+        seeds = sp.csr_matrix(query_vectors_sparse(np.ones_like(Db), Ib, n).T, dtype=W.dtype)
         acc = _keep_top_per_row(sp.csr_matrix(acc + seeds * 1e30), m)  # the seeds always stay
         out += [acc.indices[acc.indptr[j] : acc.indptr[j + 1]].astype(np.int64) for j in range(acc.shape[0])]
     return out
