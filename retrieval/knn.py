@@ -41,6 +41,33 @@ def knn_search(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.nd
     return D, I.astype(np.int64)
 
 
+def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, block_floats: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product as blocked matrix products (numpy's BLAS) and a partial sort.
+
+    The same result as `knn_search` (ties ordered by lower index), measured 2-2.4x faster than faiss
+    IndexFlatIP at 1e5 x 128 for 1 to 256 queries on this project's machines (faiss's wheel bundles
+    an older OpenBLAS; BENCHMARKS.md). Memory: one (block, n) float32 score block, at most
+    `block_floats` values. Args: queries (nq, d) and database (n, d) float32 (the database is used
+    as given: pass it contiguous float32 to avoid a copy). Returns (D, I): (nq, min(k, n))
+    similarities descending and int64 indices.
+    """
+    q = _as_f32(queries, "queries")
+    x = np.ascontiguousarray(database, dtype=np.float32)
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(f"dimension mismatch: queries d={q.shape[1]}, database d={x.shape[1]}")
+    n, nq = x.shape[0], q.shape[0]
+    k = min(int(k), n)
+    D, I = np.empty((nq, k), np.float32), np.empty((nq, k), np.int64)
+    step = max(1, block_floats // max(n, 1))
+    for a in range(0, nq, step):
+        S = q[a : a + step] @ x.T
+        part = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < n else np.broadcast_to(np.arange(n), S.shape)
+        vals = np.take_along_axis(S, part, 1)
+        order = np.lexsort((part, -vals), axis=1)  # by score, ties by lower index
+        D[a : a + step], I[a : a + step] = np.take_along_axis(vals, order, 1), np.take_along_axis(part, order, 1)
+    return D, I
+
+
 def knn_search_numpy(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force reference for `knn_search` (same shapes; ties broken by lower index)."""
     q = _as_f32(queries, "queries")

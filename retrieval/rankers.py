@@ -1,8 +1,8 @@
 """Rankers: one ranking method built once over one index, answering batches of queries.
 
 A ranker is built from the database vectors (and, for the manifold methods, the graph) with the
-method's parameters, keeps what every query needs (the faiss index, the diffusion operator and its
-reordering, the truncated solver's graph and position maps, the spectral embedding and its index)
+method's parameters, keeps what every query needs (the database block, the diffusion operator and its
+reordering, the truncated solver's graph and position maps, the spectral embedding)
 and answers `rank(Q, topk) -> Ranking`. The query stage, the service, the batch query job and the
 benchmarks all rank through these objects; the PETSc ranker (cluster/petsc_ranker.py) answers the
 same interface with its own process layout behind it.
@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from .diffusion import (
     SolveStats, block_cg, diffusion_operator, query_vectors, query_vectors_sparse, rank_by_scores, sparse_operator, topk_columns,
 )
-from .knn import IndexSpec, build_index, search_index
+from .knn import exact_search
 from .query_expansion import alpha_qe
 from .spectral import SpectralEmbedding
 from .truncated import TruncatedSolver
@@ -48,15 +48,18 @@ class Ranker(Protocol):
 
 
 class KnnRanker:
-    """Exact inner-product search (faiss IndexFlatIP built once over X (n, d) float32)."""
+    """Exact inner-product search over X (n, d) float32 (kept contiguous, as given), by blocked
+    matrix products (`retrieval.knn.exact_search`: faster than faiss's flat index here)."""
 
     def __init__(self, X: np.ndarray):
-        self.index = build_index(X, IndexSpec("flat"))
-        self.n = self.index.ntotal
+        self.X = np.ascontiguousarray(X, dtype=np.float32)
+        if not np.isfinite(self.X).all():
+            raise ValueError("database has NaN/inf values")
+        self.n = self.X.shape[0]
 
     def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(D, I) (nq, min(k, n)): similarities descending and int64 rows."""
-        return search_index(self.index, Q, k)
+        """(D, I) (nq, min(k, n)): similarities descending (ties by lower row) and int64 rows."""
+        return exact_search(Q, self.X, k)
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
         D, I = self.search(Q, topk)
@@ -148,15 +151,14 @@ class TruncatedRanker:
 
 
 class SpectralRanker:
-    """Fast spectral ranking: the offline embedding V (n, r) (given, computed once per graph) and
-    an inner-product index over it; a query is its seeds' embedding z, searched against V."""
+    """Fast spectral ranking: the offline embedding V (n, r) (given, computed once per graph); a
+    query is its seeds' embedding z, searched against V by inner product."""
 
     def __init__(self, knn: KnnRanker, emb: SpectralEmbedding, *, gamma: float = 3.0, kq: int = 10):
         self.knn, self.emb, self.gamma, self.kq = knn, emb, gamma, kq
-        self.index = build_index(emb.V, IndexSpec("flat"))
+        self.V = KnnRanker(emb.V)
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
         D, I = self.knn.search(Q, self.kq)
         Z = self.emb.query(query_vectors_sparse(D, I, self.knn.n, gamma=self.gamma))
-        S, Iv = search_index(self.index, Z, topk)
-        return Ranking(Iv, S)
+        return self.V.rank(Z, topk)

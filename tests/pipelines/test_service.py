@@ -84,7 +84,12 @@ def test_batched_requests_equal_single_requests(index):
     reqs = [index.parse({"queries": [{"key": k}], "method": m, "topk": 4}) for k in index.keys[:3] for m in ("diffusion", "aqe")]
     together = index.rank_many(reqs)
     alone = [index.rank_many([r])[0] for r in reqs]
-    assert together == alone
+    # the same rankings; scores to float32 rounding (the seeds' similarities come from one matrix
+    # product for the whole batch, and BLAS rounds a batch of queries and a lone one differently)
+    for t, a in zip(together, alone):
+        for rt, ra in zip(t["results"], a["results"]):
+            assert {k: v for k, v in rt.items() if k != "scores"} == {k: v for k, v in ra.items() if k != "scores"}
+            np.testing.assert_allclose(rt["scores"], ra["scores"], rtol=1e-5)
 
 
 def _queries_file(path: Path, index: QueryIndex, n: int = 23) -> Path:

@@ -3,7 +3,7 @@ import pytest
 import scipy.sparse as sp
 
 from retrieval.graph import affinity_from_knn, build_graph, normalize_symmetric
-from retrieval.knn import knn_search, knn_search_numpy
+from retrieval.knn import exact_search, knn_search, knn_search_numpy
 from retrieval.whitening import l2_normalize
 
 
@@ -19,6 +19,22 @@ def test_faiss_knn_matches_numpy(rng):
     np.testing.assert_allclose(D, Dr, atol=1e-5)
     # ties are practically absent on continuous data: ids must agree exactly
     np.testing.assert_array_equal(I, Ir)
+
+
+@pytest.mark.parametrize("k,block", [(10, 1 << 25), (7, 900), (300, 300 * 3)])
+def test_blocked_exact_search_matches_numpy_and_faiss(rng, k, block):
+    """The rankers' exact search (blocked products + partial sort) against the brute-force reference,
+    across query blocks, and with k = n (a whole ranking); ties ordered by lower index."""
+    X = _data(rng)
+    Q = _data(rng, 20)
+    D, I = exact_search(Q, X, k, block_floats=block)
+    Dr, Ir = knn_search_numpy(Q, X, k)
+    np.testing.assert_allclose(D, Dr, atol=1e-5)
+    np.testing.assert_array_equal(I, Ir)
+    np.testing.assert_array_equal(I[:, :5], knn_search(Q, X, 5)[1])
+    Xt = np.repeat(X[:3], 4, axis=0)  # exact ties: lower index first
+    _, It = exact_search(Xt[:1], Xt, 6)
+    np.testing.assert_array_equal(It[0, :4], [0, 1, 2, 3])
 
 
 def test_knn_refuses_nan_and_dim_mismatch(rng):
