@@ -2,7 +2,7 @@
 ranker once (on first use) over the run's descriptors and graph and keeps it.
 
 The query stage, the query service, the batch query job and the benchmarks all rank through
-`Rankers`, so the state each method needs (faiss index, diffusion operator and its reordering,
+`Rankers`, so the state each method needs (search block, diffusion operator and its reordering,
 truncated solver, spectral embedding, PETSc launcher) is built once per index, never per call.
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 def resolve_dataset(cfg: RunConfig, run_dir: Path) -> None:
     """Fill cfg.dataset from the synthetic benchmark when it is enabled (building it if needed)."""
     if cfg.benchmark.enabled:
-        from .benchmark import build_benchmark
+        from .benchmark_data import build_benchmark
 
         bdir = run_dir / "benchmark"
         build_benchmark(cfg.benchmark, bdir)
@@ -130,12 +130,16 @@ def start_engines(cfg: RunConfig, stages: list[str]) -> None:
         init_ray(cfg.ray_address)
 
 
+# stages that only read the run's outputs (their results are metrics and the report): they leave
+# config.resolved.json, which records the configuration that produced the outputs, as it is
+READ_ONLY_STAGES = {"evaluate"}
 STAGES = {"ingest": stage_ingest, "train": stage_train, "extract": stage_extract, "graph": stage_graph, "query": stage_query,
           "evaluate": stage_evaluate}
 
 
 def run_stages(cfg: RunConfig, stages: list[str]) -> dict:
-    """Run the named stages in order on cfg.out; saves the resolved config and per-stage timings.
+    """Run the named stages in order on cfg.out; saves the resolved config (when a stage produces
+    outputs from it: not for evaluate alone) and per-stage timings.
 
     With [train].enabled, extraction is preceded by the train stage (a no-op once its final
     checkpoint exists), so `run` and `extract` use the fine-tuned network."""
@@ -145,7 +149,8 @@ def run_stages(cfg: RunConfig, stages: list[str]) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if "ingest" in stages or "evaluate" in stages:
         resolve_dataset(cfg, run_dir)
-    write_json(config_to_dict(cfg), run_dir / "config.resolved.json")
+    if set(stages) - READ_ONLY_STAGES:  # the configuration that produced the outputs; evaluating them changes nothing
+        write_json(config_to_dict(cfg), run_dir / "config.resolved.json")
     start_engines(cfg, stages)
     timings, results = {}, {}
     for s in stages:

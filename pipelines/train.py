@@ -27,7 +27,6 @@ import torch.distributed as dist
 from retrieval.finetune_net import RetrievalNet, freeze_prefix, init_whitening
 from retrieval.losses import tuple_loss
 from retrieval.mining import Tuples, mine_tuples
-from retrieval.pooling import l2n
 
 from .checkpoints import CheckpointError, checkpoint_path, list_checkpoints, net_from_checkpoint, read_checkpoint, save_checkpoint
 from .config import TrainConfig, absolute_paths, config_to_dict

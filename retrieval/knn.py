@@ -41,15 +41,16 @@ def knn_search(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.nd
     return D, I.astype(np.int64)
 
 
-def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, block_floats: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, block_floats: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product as blocked matrix products (numpy's BLAS) and a partial sort.
 
-    The same result as `knn_search` (ties ordered by lower index), measured 2-2.4x faster than faiss
-    IndexFlatIP at 1e5 x 128 for 1 to 256 queries on this project's machines (faiss's wheel bundles
-    an older OpenBLAS; BENCHMARKS.md). Memory: one (block, n) float32 score block, at most
-    `block_floats` values. Args: queries (nq, d) and database (n, d) float32 (the database is used
-    as given: pass it contiguous float32 to avoid a copy). Returns (D, I): (nq, min(k, n))
-    similarities descending and int64 indices.
+    The same result as `knn_search` (ties ordered by lower index). For a few queries it is 2-4x
+    faster than faiss's flat index on this project's machines (one query at 1e5 x 128: 1.3 vs
+    5.4 ms; faiss's wheel bundles an older OpenBLAS), for a thousand 3-4x slower (faiss fuses the
+    top-k into its blocked product): `KnnRanker` picks by batch size (BENCHMARKS.md). Memory: one
+    (block, n) float32 score block of at most `block_floats` values. Args: queries (nq, d) and
+    database (n, d) float32 (pass it contiguous float32 to avoid a copy). Returns (D, I):
+    (nq, min(k, n)) similarities descending and int64 indices.
     """
     q = _as_f32(queries, "queries")
     x = np.ascontiguousarray(database, dtype=np.float32)
@@ -61,7 +62,7 @@ def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, block_flo
     step = max(1, block_floats // max(n, 1))
     for a in range(0, nq, step):
         S = q[a : a + step] @ x.T
-        part = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < n else np.broadcast_to(np.arange(n), S.shape)
+        part = np.argpartition(S, n - k, axis=1)[:, n - k :]  # the k largest, unordered
         vals = np.take_along_axis(S, part, 1)
         order = np.lexsort((part, -vals), axis=1)  # by score, ties by lower index
         D[a : a + step], I[a : a + step] = np.take_along_axis(vals, order, 1), np.take_along_axis(part, order, 1)

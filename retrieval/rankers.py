@@ -11,6 +11,7 @@ Ranked ids are database *rows* (0..n-1); callers map rows to their own ids.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,7 +21,7 @@ import scipy.sparse as sp
 from .diffusion import (
     SolveStats, block_cg, diffusion_operator, query_vectors, query_vectors_sparse, rank_by_scores, sparse_operator, topk_columns,
 )
-from .knn import exact_search
+from .knn import IndexSpec, build_index, exact_search, search_index
 from .query_expansion import alpha_qe
 from .spectral import SpectralEmbedding
 from .truncated import TruncatedSolver
@@ -48,18 +49,28 @@ class Ranker(Protocol):
 
 
 class KnnRanker:
-    """Exact inner-product search over X (n, d) float32 (kept contiguous, as given), by blocked
-    matrix products (`retrieval.knn.exact_search`: faster than faiss's flat index here)."""
+    """Exact inner-product search over X (n, d) float32 (kept contiguous, as given): blocked
+    matrix products (`retrieval.knn.exact_search`) for batches under `faiss_from` queries, faiss's
+    flat index (built on first use) from there: each is 2-4x faster than the other on its side
+    (BENCHMARKS.md)."""
 
-    def __init__(self, X: np.ndarray):
+    def __init__(self, X: np.ndarray, *, faiss_from: int = 512):
         self.X = np.ascontiguousarray(X, dtype=np.float32)
         if not np.isfinite(self.X).all():
             raise ValueError("database has NaN/inf values")
         self.n = self.X.shape[0]
+        self.faiss_from = faiss_from
+        self._index = None
+        self._lock = threading.Lock()
 
     def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(D, I) (nq, min(k, n)): similarities descending (ties by lower row) and int64 rows."""
-        return exact_search(Q, self.X, k)
+        """(D, I) (nq, min(k, n)): similarities descending and int64 rows."""
+        if len(Q) < self.faiss_from:
+            return exact_search(Q, self.X, k)
+        with self._lock:
+            if self._index is None:
+                self._index = build_index(self.X, IndexSpec("flat"))
+        return search_index(self._index, Q, k)
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
         D, I = self.search(Q, topk)
@@ -124,13 +135,15 @@ def pad_with_knn(knn: KnnRanker, Q: np.ndarray, ids_list: list[np.ndarray], sc_l
     is filled with the remaining items by plain similarity (score 0)."""
     nq = len(ids_list)
     out_i, out_s = np.empty((nq, k), np.int64), np.zeros((nq, k), np.float32)
-    need = max((k - len(i) for i in ids_list), default=0)
-    Ik = knn.search(Q, min(knn.n, k + need))[1] if need > 0 else None
+    short = [q for q, ids in enumerate(ids_list) if len(ids) < k]  # only these are searched
+    rest: dict[int, np.ndarray] = {}
+    if short:
+        Ik = knn.search(Q[short], k)[1]  # at most len(ids) of the top k are in a list: enough remain
+        rest = dict(zip(short, Ik))
     for q, (ids, sc) in enumerate(zip(ids_list, sc_list)):
         ids, sc = ids[:k], sc[:k]
         if ids.size < k:
-            rest = Ik[q][~np.isin(Ik[q], ids)][: k - ids.size]
-            ids = np.concatenate([ids, rest])
+            ids = np.concatenate([ids, rest[q][~np.isin(rest[q], ids)][: k - ids.size]])
         out_i[q], out_s[q, : sc.size] = ids, sc
     return out_i, out_s
 

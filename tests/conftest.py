@@ -43,7 +43,7 @@ def tiny_run_config(out: Path, *, engine: str = "local") -> RunConfig:
 @pytest.fixture(scope="session")
 def tiny_benchmark(tmp_path_factory) -> Path:
     """Benchmark folder (db/, queries/, gnd.json) shared by the end-to-end tests."""
-    from pipelines.benchmark import build_benchmark
+    from pipelines.benchmark_data import build_benchmark
 
     out = tmp_path_factory.mktemp("bench")
     build_benchmark(tiny_run_config(out).benchmark, out)

@@ -116,6 +116,29 @@ def step_recall_hnsw(out: Path, ef_searches: list[int], rows: int = 1000) -> dic
     return {"sweep": res}
 
 
+def step_knn(out: Path, grid: tuple[tuple[int, int], ...] = ((1, 10), (16, 10), (256, 10), (256, 1000), (1000, 10), (1000, 1000)),
+             repeats: int = 3) -> dict:
+    """Exact search, ms per call, faiss's flat index vs the blocked product + partial sort
+    (`retrieval.knn.exact_search`), per (queries, k): the measurement behind KnnRanker's choice."""
+    from retrieval.knn import IndexSpec, build_index, exact_search, search_index
+
+    X, Q = np.load(out / "X.npy"), np.load(out / "Q.npy")
+    index = build_index(X, IndexSpec("flat"))
+    rows = []
+    for nq, k in grid:
+        q = Q[:nq]
+        row = {"queries": nq, "k": k}
+        for name, fn in (("faiss_ms", lambda: search_index(index, q, k)), ("blocked_ms", lambda: exact_search(q, X, k))):
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            row[name] = (time.perf_counter() - t0) / repeats * 1000
+        log.info("knn %4d queries k %4d: faiss %.1f ms, blocked %.1f ms", nq, k, row["faiss_ms"], row["blocked_ms"])
+        rows.append(row)
+    return {"knn": rows}
+
+
 def _bandwidth_gbs() -> float:
     a = np.ones(2**27, np.float32)  # 512 MiB
     b = np.empty_like(a)
@@ -128,7 +151,7 @@ def _bandwidth_gbs() -> float:
 
 
 def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, petsc_queries: int, spectral_rank: int,
-                 truncate_m: int, methods: list[str], truncate_hops: int = 8, truncate_beam: int = 0) -> dict:
+                 truncate_m: int, methods: list[str], truncate_hops: int = 8, truncate_beam: int = 0, exact_queries: int = 0) -> dict:
     """Every method ranked through the product's rankers (`pipelines.rankers.Rankers`, built from a
     `QueryConfig` as the query stage builds them), timing the build (offline) and the ranking."""
     from pipelines.config import QueryConfig
@@ -145,7 +168,8 @@ def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, p
     n = X.shape[0]
     base = QueryConfig(alpha=0.99, gamma=3.0, kq=10, rtol=1e-6, maxiter=100, aqe_n=2, aqe_alpha=3.0, batch=128,
                        truncate_m=truncate_m, truncate_hops=truncate_hops, truncate_beam=truncate_beam, spectral_rank=spectral_rank)
-    res: dict = {"graph": graph, "queries": nq, "topk": topk, "subset": min(loop_queries, petsc_queries, nq)}
+    nexact = min(exact_queries, nq) if exact_queries > 0 else nq
+    res: dict = {"graph": graph, "queries": nq, "topk": topk, "subset": min(loop_queries, petsc_queries, nexact, nq)}
     nsub = res["subset"]
 
     def record(name, ids, seconds, nqueries, **extra):
@@ -171,12 +195,12 @@ def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, p
             extra.update(offline_seconds=t_build, offline_bytes=int(emb.V.nbytes + emb.U.nbytes))
         record(label, r.ids, time.perf_counter() - t0, m, **extra)
 
-    run("knn (faiss flat)", "knn", base, nq)
+    run("knn (exact)", "knn", base, nq)
     if "aqe" in methods:
         run("alpha-QE", "aqe", base, nq)
     for name, label, over, m in (
-            ("cg-float64", "block CG float64", {}, nq),
-            ("cg-float32", "block CG float32", {"dtype": "float32", "rtol": 1e-5}, nq),
+            ("cg-float64", "block CG float64", {}, nexact),
+            ("cg-float32", "block CG float32", {"dtype": "float32", "rtol": 1e-5}, nexact),
             ("cg-float64-scipy", "block CG float64 (plain scipy product)", {"matmul": "scipy"}, min(loop_queries, nq)),
             ("truncated", f"truncated (m={truncate_m})", {"truncate_select": "bfs"}, nq),
             ("truncated-mass", f"truncated, mass selection (m={truncate_m}, {truncate_hops} hops, beam {truncate_beam or truncate_m})",
@@ -275,7 +299,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", nargs="?", default="all", choices=["all", "gen", "graph", "methods", "recall", "recall-hnsw"])
+    ap.add_argument("step", nargs="?", default="all", choices=["all", "gen", "graph", "methods", "recall", "recall-hnsw", "knn"])
     ap.add_argument("--nlists", type=int, nargs="+", default=[1000, 4000])
     ap.add_argument("--nprobes", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
@@ -283,15 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--index", default="flat")
-    ap.add_argument("--graphs", nargs="+", default=None, help="indexes to build per N (default: flat up to 1e5, ivf above)")
+    ap.add_argument("--graphs", nargs="+", default=None, help="indexes to build per N (default: flat up to 1e5, hnsw above)")
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--nlist", type=int, default=0)
-    ap.add_argument("--hnsw-m", type=int, default=32)
-    ap.add_argument("--ef-construction", type=int, default=80)
-    ap.add_argument("--ef-search", type=int, default=128)
+    ap.add_argument("--hnsw-m", type=int, default=24)  # the graph stage's defaults (GraphConfig)
+    ap.add_argument("--ef-construction", type=int, default=48)
+    ap.add_argument("--ef-search", type=int, default=64)
     ap.add_argument("--topk", type=int, default=1000)
     ap.add_argument("--loop-queries", type=int, default=100)
     ap.add_argument("--petsc-queries", type=int, default=100)
+    ap.add_argument("--exact-queries", type=int, default=0, help="queries for the block-CG rows (0: all)")
     ap.add_argument("--spectral-rank", type=int, default=256)
     ap.add_argument("--truncate-m", type=int, default=2000)
     ap.add_argument("--truncate-hops", type=int, default=8)
@@ -307,13 +332,15 @@ def main(argv: list[str] | None = None) -> int:
             r = step_gen(out, a.n[0], a.queries)
         elif a.step == "recall-hnsw":
             r = step_recall_hnsw(out, [51, 64, 96, 128])
+        elif a.step == "knn":
+            r = step_knn(out)
         elif a.step == "recall":
             r = step_recall(out, a.nlists, a.nprobes)
         elif a.step == "graph":
             r = step_graph(out, a.index, a.k, a.nprobe, a.nlist, a.hnsw_m, a.ef_construction, a.ef_search)
         else:
             r = step_methods(out, a.index, a.queries, a.topk, a.loop_queries, a.petsc_queries, a.spectral_rank, a.truncate_m, a.methods,
-                             a.truncate_hops, a.truncate_beam)
+                             a.truncate_hops, a.truncate_beam, a.exact_queries)
         print(json.dumps(r))
         return 0
     results = {}
@@ -322,14 +349,16 @@ def main(argv: list[str] | None = None) -> int:
         ndir = a.out / str(n)
         ndir.mkdir(parents=True, exist_ok=True)
         r = {"gen": _run_child(["gen", "--n", str(n), *common]), "graphs": []}
-        graphs = a.graphs or (["flat"] if n <= 100_000 else ["ivf"])
+        graphs = a.graphs or (["flat"] if n <= 100_000 else ["hnsw"])
         for g in graphs:
             r["graphs"].append(_run_child(["graph", "--n", str(n), "--index", g, "--k", str(a.k), "--nprobe", str(a.nprobe),
-                                           "--nlist", str(a.nlist), *common]))
+                                           "--nlist", str(a.nlist), "--hnsw-m", str(a.hnsw_m), "--ef-construction",
+                                           str(a.ef_construction), "--ef-search", str(a.ef_search), *common]))
         r["methods"] = _run_child(["methods", "--n", str(n), "--index", graphs[-1], "--topk", str(a.topk), "--loop-queries",
                                    str(a.loop_queries), "--petsc-queries", str(a.petsc_queries), "--spectral-rank", str(a.spectral_rank),
                                    "--truncate-m", str(a.truncate_m), "--truncate-hops", str(a.truncate_hops),
-                                   "--truncate-beam", str(a.truncate_beam), "--methods", *a.methods, *common])
+                                   "--truncate-beam", str(a.truncate_beam), "--exact-queries", str(a.exact_queries), "--methods", *a.methods,
+                                   *common])
         results[n] = r
         (ndir / "results.json").write_text(json.dumps(r, indent=2))
         (a.out / "RESULTS.md").write_text(markdown(results))

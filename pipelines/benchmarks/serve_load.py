@@ -1,6 +1,6 @@
 """Query service under load, and the batch query job's throughput, on a synthetic-manifold index.
 
-    python -m pipelines.benchmarks.serve_load --n 100000 --seconds 20 --clients 4
+    python -m pipelines.benchmarks.serve_load --n 100000 --seconds 20 --clients 1 2
 
 Builds (once) a run directory from the scale benchmark's descriptors (import + exact reciprocal
 kNN graph), starts the Ray Serve query service on loopback (embedded Ray, one replica), and for
@@ -131,31 +131,55 @@ def batch_job(run: Path, out: Path, n: int, nq: int, methods: list[str], chunk: 
     return run_batch_query(index, qfile, bdir, methods=methods, topk=topk, chunk=chunk)
 
 
-def in_process_reference(run: Path, methods: list[str], batch: int, topk: int) -> dict:
-    """Queries/s of `QueryIndex.rank` itself (no HTTP, no Ray) on one batch, per method."""
+def in_process_reference(run: Path, methods: list[str], batch: int, topk: int, singles: int = 30, batches: int = 3) -> dict:
+    """`QueryIndex.rank` itself (no HTTP, no Ray), per method: queries/s on a batch of `batch`
+    queries (median of `batches` runs), and the median time of `singles` one-query calls (what a
+    request of one query costs)."""
     from pipelines.service import QueryIndex
 
     index = QueryIndex(run)
-    Q = index.X[np.random.default_rng(7).integers(0, index.X.shape[0], batch)]
+    rng = np.random.default_rng(7)
+    Q = index.X[rng.integers(0, index.X.shape[0], batch)]
     out = {}
     for m in methods:
-        index.rank(Q[:4], m, topk)  # warm-up (lazy caches)
-        t0 = time.perf_counter()
-        index.rank(Q, m, topk)
-        out[m] = round(batch / (time.perf_counter() - t0), 1)
-        log.info("in-process %s: %.1f queries/s on a batch of %d", m, out[m], batch)
+        index.rank(Q[:4], m, topk)  # warm-up
+        times = []
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            index.rank(Q, m, topk)
+            times.append(time.perf_counter() - t0)
+        qps = batch / float(np.median(times))
+        single = []
+        for q in index.X[rng.integers(0, index.X.shape[0], singles)]:
+            t0 = time.perf_counter()
+            index.rank(q[None], m, topk)
+            single.append(time.perf_counter() - t0)
+        out[m] = {"batch_queries_per_s": round(qps, 1), "single_ms_p50": round(1000 * float(np.median(single)), 2)}
+        log.info("in-process %s: %.1f queries/s on a batch of %d (median of %d); one query %.2f ms (median of %d)", m, qps, batch, batches,
+                 out[m]["single_ms_p50"], singles)
     return out
 
 
 def markdown(res: dict) -> str:
-    rows = ["| pass | method | batch | clients | queries/s | p50 ms | p95 ms | p99 ms | bad requests -> 4xx | errors | replica RSS before -> after (MiB) | replica restarted |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"Time to the first answer after `start_service` (replica start, index load, rankers built): "
+            f"{res['first_answer_s']:.1f} s (deployed after {res['deploy_s']:.1f} s).", "",
+            "| pass | method | batch | clients | queries/s | p50 ms | p95 ms | p99 ms | vs in-process | bad requests -> 4xx | errors | replica RSS before -> after (MiB) | replica restarted |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    inproc = res["in_process"]
     for p in res["phases"]:
+        ref = inproc.get(p["method"], {})
+        if p["batch"] == 1 and ref.get("single_ms_p50"):
+            vs = f"p50 {p['latency_ms_p50'] / ref['single_ms_p50']:.2f}x of one in-process query ({ref['single_ms_p50']} ms)"
+        elif ref.get("batch_queries_per_s"):
+            vs = f"{p['queries_per_s'] / ref['batch_queries_per_s']:.2f}x of in-process q/s"
+        else:
+            vs = "-"
         rows.append(f"| {p['rep'] + 1} | {p['method']} | {p['batch']} | {p['clients']} | {p['queries_per_s']} | {p['latency_ms_p50']} | {p['latency_ms_p95']} | "
-                    f"{p['latency_ms_p99']} | {p['bad_4xx']}/{p['bad_sent']} | {p['n_errors']} | "
+                    f"{p['latency_ms_p99']} | {vs} | {p['bad_4xx']}/{p['bad_sent']} | {p['n_errors']} | "
                     f"{p['rss_before_mib']:.0f} -> {p['rss_after_mib']:.0f} | {p['replica_restarted']} |")
-    rows += ["", "| method | in-process queries/s (one batch of %d, no HTTP) |" % max(p["batch"] for p in res["phases"]), "|---|---|"]
-    rows += [f"| {m} | {v} |" for m, v in res["in_process"].items()]
+    rows += ["", "| method | in-process queries/s (batch of %d, median of 3, no HTTP) | in-process one query, median ms |" % max(p["batch"] for p in res["phases"]),
+             "|---|---|---|"]
+    rows += [f"| {m} | {v['batch_queries_per_s']} | {v['single_ms_p50']} |" for m, v in inproc.items()]
     if res.get("batch_job"):
         rows += ["", "| batch job method | queries | chunks | queries/s (wall) | rank-only queries/s |", "|---|---|---|---|---|"]
         for m, b in res["batch_job"].items():
@@ -171,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/serve_load"))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     ap.add_argument("--methods", nargs="+", default=["diffusion"])
-    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--clients", type=int, nargs="+", default=[4], help="concurrent clients (one load phase per value)")
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--topk", type=int, default=100)
     ap.add_argument("--bad-interval", type=float, default=0.25, help="seconds between malformed requests (0: none)")
     ap.add_argument("--repeat", type=int, default=2, help="passes over the batch sizes (memory must not grow after the first)")
     ap.add_argument("--replica-cpus", type=float, default=1.0)
+    ap.add_argument("--batch-wait", type=float, default=0.0, help="serve.batch wait for more requests (s); 0: batch what is queued")
     ap.add_argument("--batch-job-queries", type=int, default=2000)
     ap.add_argument("--batch-job-methods", nargs="+", default=["knn", "diffusion"])
     ap.add_argument("--batch-chunk", type=int, default=500)
@@ -194,23 +219,28 @@ def main(argv: list[str] | None = None) -> int:
     _, keys, _ = load_descriptors(run / "descriptors", dense=False)
     res_inproc = in_process_reference(run, args.methods, max(args.batches), args.topk)
     init_ray("", num_cpus=2)
-    url = start_service(run, port=free_port(), num_cpus=args.replica_cpus,
+    t_start = time.perf_counter()
+    url = start_service(run, port=free_port(), num_cpus=args.replica_cpus, batch_wait_timeout_s=args.batch_wait,
                         limits=ServiceLimits(max_queries=1024, max_topk=1000, max_request_bytes=1024 * 1024))
-    res = {"n": args.n, "k": args.k, "url": url, "phases": [], "in_process": res_inproc}
+    t_deployed = time.perf_counter() - t_start
+    res = {"n": args.n, "k": args.k, "url": url, "phases": [], "in_process": res_inproc, "deploy_s": t_deployed}
     try:
         with QueryClient(url) as c:
-            c.query(keys=keys[:4], method=args.methods[0], topk=args.topk)  # warm-up: lazy caches, first solve
+            c.query(keys=keys[:1], method=args.methods[0], topk=args.topk)
+            res["first_answer_s"] = time.perf_counter() - t_start
+            log.info("first answer %.1f s after start_service (deployed after %.1f s)", res["first_answer_s"], t_deployed)
             for rep in range(args.repeat):
                 for method in args.methods:
                     for b in args.batches:
-                        h0 = c.health()
-                        p = load_phase(url, keys, batch=b, clients=args.clients, seconds=args.seconds, method=method, topk=args.topk,
-                                       bad_interval=args.bad_interval, seed=b + 100 * rep)
-                        h1 = c.health()
-                        p.update(method=method, rep=rep, rss_before_mib=h0["rss_bytes"] / 2**20, rss_after_mib=h1["rss_bytes"] / 2**20,
-                                 replica_restarted=h0["pid"] != h1["pid"])
-                        log.info("%s", p)
-                        res["phases"].append(p)
+                        for clients in args.clients:
+                            h0 = c.health()
+                            p = load_phase(url, keys, batch=b, clients=clients, seconds=args.seconds, method=method, topk=args.topk,
+                                           bad_interval=args.bad_interval, seed=b + 100 * rep + 10 * clients)
+                            h1 = c.health()
+                            p.update(method=method, rep=rep, rss_before_mib=h0["rss_bytes"] / 2**20,
+                                     rss_after_mib=h1["rss_bytes"] / 2**20, replica_restarted=h0["pid"] != h1["pid"])
+                            log.info("%s", p)
+                            res["phases"].append(p)
     finally:
         stop_service()
     if args.batch_job_queries:

@@ -1,6 +1,5 @@
 """Ray Train (TorchTrainer, DDP over gloo): 2 workers give the averaged gradients of 1 worker on a
 fixed batch; the train stage runs end to end on 2 workers and writes its checkpoints."""
-import dataclasses
 from pathlib import Path
 
 import numpy as np

@@ -131,7 +131,7 @@ def test_missing_weights_package_fails_before_extraction(local_run, tmp_path, ca
 def test_benchmark_is_deterministic(tiny_benchmark, tmp_path):
     import hashlib
 
-    from pipelines.benchmark import build_benchmark
+    from pipelines.benchmark_data import build_benchmark
 
     build_benchmark(tiny_run_config(tmp_path).benchmark, tmp_path / "again")
     assert (tmp_path / "again" / "gnd.json").read_text() == (tiny_benchmark / "gnd.json").read_text()

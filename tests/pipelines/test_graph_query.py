@@ -1,6 +1,4 @@
 """Graph and query stages on imported descriptors: engines and solvers agree with the references."""
-import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq

@@ -36,7 +36,6 @@ def test_bad_weight_files(tmp_path):
 def _photo_bytes():
     import io
 
-    import numpy as np
     import skimage.data
     from PIL import Image
 

@@ -2,7 +2,6 @@
 a fine-tuned checkpoint is used by extraction and by `run` with [train].enabled."""
 import dataclasses
 import json
-import io
 from pathlib import Path
 
 import numpy as np

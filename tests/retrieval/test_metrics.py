@@ -1,6 +1,3 @@
-import pickle
-from pathlib import Path
-
 import numpy as np
 import pytest
 

@@ -102,6 +102,15 @@ def test_diffusion_ranker_full_ranking_orders_unreached_items_by_similarity(rng)
     assert (r.scores[:, 3:] == 0).all()
 
 
+def test_knn_ranker_blas_and_faiss_paths_agree(data):
+    small, large = KnnRanker(data, faiss_from=10**9), KnnRanker(data, faiss_from=1)
+    for k in (5, 600):
+        Ds, Is = small.search(data[:40], k)
+        Dl, Il = large.search(data[:40], k)
+        np.testing.assert_array_equal(Is[:, :50], Il[:, :50])
+        np.testing.assert_allclose(Ds, Dl, atol=1e-5)
+
+
 def test_principal_submatrix_equals_scipy_indexing(data, rng):
     W, _ = build_graph(data, k=8)
     nodes = rng.choice(600, 90, replace=False)

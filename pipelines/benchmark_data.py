@@ -1,4 +1,6 @@
-"""Build the synthetic instance-retrieval benchmark on disk (images + Revisited-format gnd.json)."""
+"""The synthetic instance-retrieval benchmark on disk (images + Revisited-format gnd.json): the
+demo's data set, built from scikit-image photos (the scripts under pipelines/benchmarks/ measure).
+"""
 from __future__ import annotations
 
 import io
