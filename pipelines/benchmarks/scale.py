@@ -180,7 +180,7 @@ def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, p
         log.info("%-22s %8.2f s %9.1f q/s  mAP %.2f (first %d: %.2f)", name, seconds, nqueries / seconds, m, nsub, msub)
 
     def run(label: str, method: str, cfg: QueryConfig, m: int) -> None:
-        rankers = Rankers(X, cfg, W=W, graph_dir=gdir if method == "petsc" else None)
+        rankers = Rankers(X, cfg, W=W, graph_dir=gdir if method in ("petsc", "spectral") else None)  # spectral: cached in graph-*/
         t0 = time.perf_counter()
         rankers.get(method)
         t_build = time.perf_counter() - t0
