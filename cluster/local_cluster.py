@@ -6,7 +6,9 @@ Used by the multi-node tests and benchmarks, and handy for trying `retrieval sub
 
 Every node binds to 127.0.0.1 (dashboard and job API included) and token authentication is on.
 Each node runs `ray start --block` in its own process group, so one node can be killed (fault
-tolerance tests) and the cluster torn down without touching any other Ray on the machine.
+tolerance tests) and the cluster torn down without touching any other Ray on the machine. Run as a
+program, any termination signal (SIGTERM, SIGHUP, SIGINT) tears down every node it started, also
+while the cluster is still starting.
 """
 from __future__ import annotations
 
@@ -62,9 +64,13 @@ class LocalCluster:
         self.env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: list[subprocess.Popen] = []
-        self.head = self._start(["--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                                 f"--dashboard-port={self.dashboard_port}"], head_cpus, "head")
-        self.wait_nodes(1)
+        try:
+            self.head = self._start(["--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                                     f"--dashboard-port={self.dashboard_port}"], head_cpus, "head")
+            self.wait_nodes(1)
+        except BaseException:  # a head that never came up (or a signal while waiting) is not left behind
+            self.shutdown()
+            raise
 
     def _start(self, args: list[str], cpus: float, name: str) -> subprocess.Popen:
         out = open(self.log_dir / f"{name}-{len(self.nodes)}.log", "w")
@@ -133,6 +139,23 @@ class LocalCluster:
         self.shutdown()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+class Terminated(BaseException):
+    """A termination signal arrived (a BaseException, like KeyboardInterrupt: no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _on_stop_signal(signum, frame) -> None:
+    for s in STOP_SIGNALS:  # a second signal must not interrupt the teardown
+        signal.signal(s, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="A Ray head and worker nodes on this machine (loopback, token auth).")
     ap.add_argument("--workers", type=int, default=1)
@@ -140,19 +163,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-cpus", type=float, default=1)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    c = LocalCluster(head_cpus=args.head_cpus)
+    for s in STOP_SIGNALS:
+        signal.signal(s, _on_stop_signal)
+    c = None
+    code = 0
     try:
+        c = LocalCluster(head_cpus=args.head_cpus)  # tears its own nodes down if interrupted while starting
         for _ in range(args.workers):
             c.add_worker(args.worker_cpus)
         print(f"ray address: {c.address}\njob API:     {c.dashboard_url}\n"
               f"submit with: retrieval submit CONFIG --address {c.dashboard_url}\nCtrl-C stops the cluster", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+    except Terminated as e:
+        log.info("local cluster: %s, stopping every node", e)
+        code = 0 if e.signum == signal.SIGINT else 128 + e.signum
     finally:
-        c.shutdown()
-    return 0
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        if c is not None:
+            c.shutdown()
+    return code
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ when all nodes run on one machine).
 
 Authentication: Ray's token authentication stays on. The token is read from RAY_AUTH_TOKEN, the file
 named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (Ray's default), and sent as a bearer token.
+
+A refused token, an unknown job id or an unreachable job API raise `ClusterError` with one line
+saying which (Ray's own errors carry the HTTP body and several lines of advice).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -22,6 +26,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from cluster.errors import ClusterError
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +40,29 @@ def auth_token() -> str | None:
         return os.environ["RAY_AUTH_TOKEN"].strip()
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     return path.read_text().strip() if path.is_file() else None
+
+
+@contextlib.contextmanager
+def _job_api(address: str, job_id: str | None = None):
+    """Ray's job API errors -> ClusterError with a one-line reason; anything else propagates."""
+    import requests
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "authentication failed"
+        raise ClusterError(f"the job API at {address or 'RAY_ADDRESS'} refused the request ({first[:200]}): set RAY_AUTH_TOKEN "
+                           "or RAY_AUTH_TOKEN_PATH to the cluster's token") from None
+    except (ConnectionError, requests.exceptions.RequestException) as e:  # unreachable, refused, reset, timed out
+        raise ClusterError(f"cannot reach the job API at {address or 'RAY_ADDRESS'}: {str(e).splitlines()[0][:200] if str(e) else e!r}") from None
+    except RuntimeError as e:
+        msg = str(e)
+        if not msg.startswith("Request failed with status code") and not msg.startswith("Version check returned"):
+            raise
+        if job_id is not None and msg.startswith("Request failed with status code 404"):
+            raise ClusterError(f"no job {job_id!r} on the cluster at {address or 'RAY_ADDRESS'}") from None
+        raise ClusterError(f"the job API at {address or 'RAY_ADDRESS'} failed: {' '.join(msg.split())[:300]}") from None
 
 
 def job_client(address: str):
@@ -49,7 +78,8 @@ def job_client(address: str):
     if tok is None:
         log.warning("no Ray auth token found (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token): a cluster with token "
                     "authentication will refuse the request")
-    return JobSubmissionClient(address, headers=headers)
+    with _job_api(address):
+        return JobSubmissionClient(address, headers=headers)
 
 
 def stage_job(config_toml: str, dest: Path) -> Path:
@@ -68,7 +98,7 @@ def submit_run(config_toml: str, *, out: str, address: str, command: str = "run"
     metadata. Returns the submission id."""
     client = job_client(address)
     sid = submission_id or f"retrieval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    with tempfile.TemporaryDirectory(prefix="retrieval-job-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="retrieval-job-") as tmp, _job_api(address):
         stage_job(config_toml, Path(tmp))
         runtime_env = {"working_dir": tmp, "env_vars": {"PYTHONUNBUFFERED": "1", **(env or {})}}
         t0 = time.monotonic()
@@ -86,7 +116,9 @@ def submit_run(config_toml: str, *, out: str, address: str, command: str = "run"
 
 
 def job_status(address: str, job_id: str) -> dict:
-    info = job_client(address).get_job_info(job_id)
+    client = job_client(address)
+    with _job_api(address, job_id):
+        info = client.get_job_info(job_id)
     return {"job": job_id, "status": str(info.status), "message": info.message, "out": (info.metadata or {}).get("out"),
             "start_time": info.start_time, "end_time": info.end_time}
 
@@ -96,7 +128,8 @@ def wait_job(address: str, job_id: str, *, timeout: float = 3600, poll: float = 
     client = job_client(address)
     t0 = time.monotonic()
     while True:
-        st = client.get_job_status(job_id)
+        with _job_api(address, job_id):
+            st = client.get_job_status(job_id)
         if st.is_terminal():
             return str(st)
         if time.monotonic() - t0 > timeout:
@@ -109,8 +142,12 @@ def job_logs(address: str, job_id: str, *, follow: bool = False, stream=None) ->
     stream = stream or sys.stdout
     client = job_client(address)
     if not follow:
-        stream.write(client.get_job_logs(job_id))
+        with _job_api(address, job_id):
+            logs = client.get_job_logs(job_id)
+        stream.write(logs)
         return
+    with _job_api(address, job_id):
+        client.get_job_info(job_id)  # an unknown job is named here, not met inside the log stream
 
     async def _tail() -> None:
         async for lines in client.tail_job_logs(job_id):

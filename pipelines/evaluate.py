@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.metrics import compute_map, revisited_map
-from retrieval.rankers import METHODS
 
-from .config import EvaluateConfig
+from .config import METHODS, EvaluateConfig  # METHODS: the registry's names, without importing faiss here
+from .descriptors import DescriptorError
 from .groundtruth import GroundTruth, read_ground_truth
 from .shards import read_table, write_json
 
@@ -59,6 +59,20 @@ def evaluate_ranks(ranked_ids: np.ndarray, query_keys: list[str], db_keys: list[
     return {"classic": {"map": 100 * r.map, "mpk": {int(k): 100 * float(v) for k, v in zip(kappas, r.mpk)}, "aps": (100 * r.aps).tolist()}}
 
 
+def _check_ranked_ids(ids: np.ndarray, db_keys: list[str], path: Path) -> None:
+    """Every ranked id must name a database descriptor: ranks made before descriptors/ changed (a
+    shard deleted, a new extraction or import) would otherwise be scored against the wrong images."""
+    known = np.array([bool(k) for k in db_keys] + [False], bool)  # the extra slot stands for every id out of range
+    flat = ids.ravel()
+    flat = flat[flat >= 0]  # (negative ids are padding, not database images)
+    bad = flat[~known[np.minimum(flat, len(db_keys))]]
+    if bad.size:
+        raise DescriptorError(
+            f"evaluate: {path.name} ranks {np.unique(bad).size} database id(s) that descriptors/ lacks (e.g. {np.unique(bad)[:5].tolist()}): "
+            "the descriptors changed after the query stage (a shard deleted or rewritten); rerun `retrieval extract` to rebuild "
+            "the missing descriptor shards (or re-import them), then `graph` and `query`")
+
+
 def run_evaluate(run_dir: Path, gnd_path: Path, cfg: EvaluateConfig, *, db_keys: list[str], methods: list[str] | None = None) -> dict:
     """Evaluate `ranks/<method>.parquet` for `methods` (default: every ranks file); writes
     metrics.json ({method: {E, M, H}}) and evaluation.json."""
@@ -70,6 +84,7 @@ def run_evaluate(run_dir: Path, gnd_path: Path, cfg: EvaluateConfig, *, db_keys:
         t = read_table(path, ["query", "ids"])
         qkeys = t.column("query").to_pylist()
         ids = np.array(t.column("ids").to_pylist(), dtype=np.int64)
+        _check_ranked_ids(ids, db_keys, path)
         res = evaluate_ranks(ids, qkeys, db_keys, gt, cfg.kappas)
         metrics[path.stem] = {p: round(v["map"], 2) for p, v in res.items()}
         detail[path.stem] = res

@@ -19,11 +19,23 @@ class GroundTruth:
     extra: dict = field(default_factory=dict)
 
 
+class GroundTruthError(ValueError):
+    """A ground-truth file that cannot be read: refused pickle content, truncated or malformed file."""
+
+
+class GroundTruthRefused(GroundTruthError, pickle.UnpicklingError):
+    """A ground-truth pickle that names a class or function: refused, never loaded."""
+
+
+class _Refused(pickle.UnpicklingError):
+    """The pickle names a class or function (the only way a pickle runs code)."""
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Allows only plain containers and numbers: the official gnd files need nothing else."""
 
     def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"gnd pickle refers to {module}.{name}; only plain data is accepted")
+        raise _Refused(f"gnd pickle refers to {module}.{name}; only plain data is accepted")
 
 
 def _ints(v) -> list[int]:
@@ -73,5 +85,13 @@ def read_ground_truth(path: str | Path) -> GroundTruth:
         raise FileNotFoundError(f"ground truth file not found: {path}")
     readers = {".pkl": read_revisited_pkl, ".mat": read_classic_mat, ".json": read_benchmark_json}
     if path.suffix not in readers:
-        raise ValueError(f"ground truth {path}: unsupported format {path.suffix!r} (expected .pkl, .mat or .json)")
-    return readers[path.suffix](path)
+        raise GroundTruthError(f"ground truth {path}: unsupported format {path.suffix!r} (expected .pkl, .mat or .json)")
+    try:
+        return readers[path.suffix](path)
+    except _Refused as e:
+        raise GroundTruthRefused(f"ground truth {path} refused: {e}") from None
+    except (pickle.UnpicklingError, EOFError, KeyError, IndexError, TypeError, ValueError) as e:
+        if isinstance(e, GroundTruthError):
+            raise
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise GroundTruthError(f"ground truth {path} is malformed or truncated ({what})") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +45,18 @@ class IngestError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """One input item: a key and either a file path or the encoded bytes."""
+    """One input item: a key and either a file path or the encoded bytes; `reject` is the reason an
+    item found while listing is refused without being read (a symbolic link leaving the folder, a
+    special file)."""
 
     key: str
     path: str | None = None
     data: bytes | None = None
+    reject: str | None = None
 
     def read(self) -> bytes:
+        if self.reject is not None:
+            raise ValueError(self.reject)
         if self.data is not None:
             return self.data
         return Path(self.path).read_bytes()
@@ -66,11 +72,10 @@ def list_sources(spec: str | Path, cfg: IngestConfig) -> list[Source]:
         raise IngestError(f"ingest: input {p} does not exist")
     exts = {e.lower() for e in cfg.extensions}
     if p.is_dir():
-        files = [f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")]
-        skipped = [f for f in files if f.suffix.lower() not in exts]
+        out = _folder_sources(p, follow_symlinks=cfg.follow_symlinks)
+        skipped = [s for s in out if s.path is not None and Path(s.path).suffix.lower() not in exts]
         if skipped:
             log.info("ingest: %d files without an image extension are recorded as rejects", len(skipped))
-        out = [Source(str(f.relative_to(p)), path=str(f)) for f in files]
     elif p.suffix == ".parquet":
         t = pq.read_table(p)
         missing = {"key", "image"} - set(t.column_names)
@@ -88,6 +93,59 @@ def list_sources(spec: str | Path, cfg: IngestConfig) -> list[Source]:
     if len(set(keys)) != len(keys):
         raise IngestError(f"ingest: duplicate keys in {p}")
     return sorted(out, key=lambda s: s.key)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _folder_sources(root: Path, *, follow_symlinks: bool) -> list[Source]:
+    """The files under the folder `root`, recursively (hidden files skipped), keyed by their path
+    relative to it. Folders are descended whatever their name (a folder `y.jpg` is never an image).
+    A symbolic link that leads outside `root` is a reject unless `follow_symlinks`; a link to a
+    folder inside `root` is not descended (its files are listed where they are), and no folder is
+    descended twice (link loops). Broken links and special files (FIFOs, sockets, devices) are
+    rejects, never opened."""
+    real_root = root.resolve()
+    not_followed = "not followed ([ingest].follow_symlinks = false)"
+    seen = {real_root}
+    out: list[Source] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+        here = Path(dirpath)
+        keep = []
+        for name in sorted(dirnames):
+            sub = here / name
+            real = sub.resolve()
+            if sub.is_symlink():
+                if _inside(real, real_root):
+                    continue  # reached (or to be reached) under its own path
+                if not follow_symlinks:
+                    out.append(Source(str(sub.relative_to(root)),
+                                      reject=f"symbolic link to a folder outside the dataset folder ({real}): {not_followed}"))
+                    continue
+            if real in seen:
+                continue
+            seen.add(real)
+            keep.append(name)
+        dirnames[:] = keep
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            f = here / name
+            key = str(f.relative_to(root))
+            if f.is_symlink():
+                real = f.resolve()
+                if not f.exists():
+                    out.append(Source(key, reject=f"broken symbolic link (to {real})"))
+                    continue
+                if not follow_symlinks and not _inside(real, real_root):
+                    out.append(Source(key, reject=f"symbolic link to a file outside the dataset folder ({real}): {not_followed}"))
+                    continue
+            if not f.is_file():
+                out.append(Source(key, reject="not a regular file"))
+                continue
+            out.append(Source(key, path=str(f)))
+    return out
 
 
 def validate_image(data: bytes, *, max_pixels: int) -> tuple[int, int]:
@@ -148,6 +206,8 @@ def ingest(
         rejects = {"key": [], "reason": []}
         for src in chunk:
             try:
+                if src.reject is not None:
+                    raise ValueError(src.reject)
                 if src.path is not None and Path(src.path).suffix.lower() not in exts:
                     raise ValueError(f"unsupported extension {Path(src.path).suffix!r}")
                 data = src.read()

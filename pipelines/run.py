@@ -126,6 +126,11 @@ def start_engines(cfg: RunConfig, stages: list[str]) -> None:
     if users:
         from cluster.ray_runtime import init_ray
 
+        if {"extract", "train"} & set(stages):
+            # torch is loaded before Ray connects: in a Ray job driver, loading it after `ray.init`
+            # aborted the process ("Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so")
+            import torch  # noqa: F401
+
         log.info("ray: needed by %s", ", ".join(users))
         init_ray(cfg.ray_address)
 

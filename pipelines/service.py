@@ -19,7 +19,9 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import json
 import logging
+import reprlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,14 +74,42 @@ class ParsedRequest:
     topk: int
 
 
+# user values quoted in error messages: bounded in length and depth (a key of megabytes, or a list
+# nested a thousand deep, is echoed as a short excerpt, never rebuilt in full)
+_show = reprlib.Repr()
+_show.maxstring = _show.maxother = 80
+_show.maxlevel = 3
+
+
 def unit_vector(value) -> np.ndarray:
     """A query vector (sequence of numbers) L2-normalised to (d,) float32; ValueError if it is not
-    finite or is zero (shared by the service and the batch query job)."""
-    v = np.asarray(value, np.float64)
-    norm = np.linalg.norm(v)
-    if not np.isfinite(v).all() or norm == 0:
+    finite, is zero, or its norm is not representable (shared by the service and the batch query job)."""
+    try:
+        v = np.asarray(value, np.float64)
+    except OverflowError:  # an integer beyond float64 (JSON allows any number of digits)
+        raise ValueError("must be finite and non-zero (a value is beyond the float64 range)") from None
+    if not np.isfinite(v).all() or not v.any():
         raise ValueError("must be finite and non-zero")
-    return (v / norm).astype(np.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        norm = np.linalg.norm(v)
+        u = v / norm if 0 < norm < np.inf else np.zeros_like(v)
+    if not np.isfinite(norm):
+        raise ValueError(f"is too large to normalise: its norm overflows float64 (largest value {np.abs(v).max():.3g}); rescale it")
+    if abs(float(np.linalg.norm(u)) - 1) > 1e-3:  # the squares underflowed: normalising would lose the vector
+        raise ValueError(f"is too small to normalise: its norm underflows float64 (largest value {np.abs(v).max():.3g}); rescale it")
+    return u.astype(np.float32)
+
+
+def decode_request(body: bytes) -> Any:
+    """A request body (UTF-8 JSON) -> the decoded payload; RequestError (400) for anything that is
+    not JSON: bad syntax or encoding, nesting beyond the decoder's depth, an integer of more digits
+    than Python converts."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise RequestError("request body is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the int digit limit
+        raise RequestError(f"request body is not valid JSON: {str(e)[:200]}") from None
 
 
 def _section(cls, data: dict | None, where: str):
@@ -132,15 +162,15 @@ class QueryIndex:
             raise RequestError("request body must be a JSON object with a 'queries' list")
         unknown = sorted(set(payload) - {"queries", "method", "topk"})
         if unknown:
-            raise RequestError(f"unknown field(s) {unknown}; expected 'queries', 'method', 'topk'")
+            raise RequestError(f"unknown field(s) {_show.repr(unknown)}; expected 'queries', 'method', 'topk'")
         method = payload.get("method", "diffusion")
-        if method not in SERVICE_METHODS:
-            raise RequestError(f"unknown method {method!r}; expected one of {sorted(SERVICE_METHODS)}")
+        if not isinstance(method, str) or method not in SERVICE_METHODS:
+            raise RequestError(f"unknown method {_show.repr(method)}; expected one of {sorted(SERVICE_METHODS)}")
         if SERVICE_METHODS[method] in GRAPH_METHODS and not self.has_graph:
             raise RequestError(f"method {method!r} needs the graph, and this index has none (run the graph stage)", 422)
         topk = payload.get("topk", 10)
         if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
-            raise RequestError(f"topk must be a positive integer, got {topk!r}")
+            raise RequestError(f"topk must be a positive integer, got {_show.repr(topk)}")
         if topk > lim.max_topk:
             raise RequestError(f"topk {topk} exceeds the limit {lim.max_topk}", 413)
         queries = payload.get("queries")
@@ -156,7 +186,7 @@ class QueryIndex:
             kind, value = next(iter(q.items()))
             if kind == "key":
                 if not isinstance(value, str) or value not in self.row_of_key:
-                    raise RequestError(f"queries[{i}]: unknown database key {value!r}", 404 if isinstance(value, str) else 400)
+                    raise RequestError(f"queries[{i}]: unknown database key {_show.repr(value)}", 404 if isinstance(value, str) else 400)
                 Q[i] = self.X[self.row_of_key[value]]
                 names.append(value)
             elif kind == "vector":
@@ -226,9 +256,9 @@ class QueryIndex:
     def rank(self, Q: np.ndarray, method: str, topk: int) -> Ranking:
         """Q (nq, d) float32 -> Ranking of database rows (nq, topk) with, for the CG solvers, their
         per-query stats, from the index's rankers (the query stage's code path)."""
-        name = SERVICE_METHODS.get(method)
+        name = SERVICE_METHODS.get(method) if isinstance(method, str) else None
         if name is None:
-            raise RequestError(f"unknown method {method!r}; expected one of {sorted(SERVICE_METHODS)}")
+            raise RequestError(f"unknown method {_show.repr(method)}; expected one of {sorted(SERVICE_METHODS)}")
         return self.rankers.rank(name, Q, topk)
 
     def rank_many(self, requests: list[ParsedRequest]) -> list[dict]:

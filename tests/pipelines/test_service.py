@@ -60,6 +60,14 @@ BAD = [
     ({"queries": [{"vector": [1.0] * 16}], "topk": 0}, 400, "positive"),
     ({"queries": [{"vector": [1.0] * 16}], "topk": 21}, 413, "limit 20"),
     ({"queries": [{"vector": [1.0] * 16}], "method": "magic"}, 400, "unknown method"),
+    # values JSON allows that once crashed the parser (500): unhashable method, integers beyond
+    # float64, a norm that overflows (normalised to a zero vector), a megabyte key echoed back
+    ({"queries": [{"vector": [1.0] * 16}], "method": ["knn"]}, 400, "unknown method"),
+    ({"queries": [{"vector": [1.0] * 16}], "method": {"knn": 1}}, 400, "unknown method"),
+    ({"queries": [{"vector": [10**400] + [1.0] * 15}]}, 422, "float64 range"),
+    ({"queries": [{"vector": [1e308] * 16}]}, 422, "norm overflows"),
+    ({"queries": [{"vector": [float("inf")] + [1.0] * 15}]}, 422, "finite"),
+    ({"queries": [{"key": "k" * 1_000_000}]}, 404, r"unknown database key 'k+\.\.\.k+'$"),
 ]
 
 

@@ -1,0 +1,170 @@
+"""Query service hardening: every malformed request gets a 4xx with a message, at the HTTP level
+(`cluster.ray_serve.handle_request`, driven without Ray Serve) and in the core (`unit_vector`,
+`decode_request`)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import numpy as np
+import pytest
+
+from pipelines.service import RequestError, ServiceLimits, decode_request, unit_vector
+
+ray_serve = pytest.importorskip("cluster.ray_serve")
+
+
+class FakeIndex:
+    """What handle_request needs of a QueryIndex; parse hands the payload through."""
+
+    def __init__(self, max_request_bytes: int = 10_000_000):
+        self.limits = ServiceLimits(max_request_bytes=max_request_bytes)
+        self.X = np.zeros((3, 4), np.float32)
+        self.dim = 4
+        self.parsed: list = []
+
+    def parse(self, payload):
+        self.parsed.append(payload)
+        return payload
+
+
+def call(index, method: str, path: str, body: bytes = b"", content_type: str | None = "application/json", rank=None):
+    """One request through handle_request -> (status, decoded JSON body, headers); `rank` answers
+    a parsed request (default: echoes it)."""
+    from starlette.requests import Request
+
+    headers = [(b"content-length", str(len(body)).encode())]
+    if content_type is not None:
+        headers.append((b"content-type", content_type.encode()))
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "headers": headers, "query_string": b"",
+             "root_path": "", "scheme": "http", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000), "http_version": "1.1"}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def echo(parsed):
+        return {"ranked": parsed}
+
+    async def go():
+        return await ray_serve.handle_request(Request(scope, receive), index, rank or echo)
+
+    resp = asyncio.run(go())
+    return resp.status_code, json.loads(resp.body), resp.headers
+
+
+OK_BODY = json.dumps({"queries": [{"key": "a"}]}).encode()
+
+
+def test_a_well_formed_request_reaches_the_index():
+    idx = FakeIndex()
+    status, data, _ = call(idx, "POST", "/query", OK_BODY)
+    assert status == 200 and data == {"ranked": {"queries": [{"key": "a"}]}} and len(idx.parsed) == 1
+
+
+@pytest.mark.parametrize("content_type,status", [
+    (None, 415), ("text/plain", 415), ("application/x-www-form-urlencoded", 415), ("application/jsonp", 415),
+    ("multipart/form-data; boundary=x", 415), ("application/json", 200), ("application/json; charset=utf-8", 200),
+    ("Application/JSON", 200),
+])
+def test_only_json_bodies_are_accepted(content_type, status):
+    idx = FakeIndex()
+    got, data, _ = call(idx, "POST", "/query", OK_BODY, content_type=content_type)
+    assert got == status
+    if status == 415:
+        assert "application/json" in data["error"] and not idx.parsed  # refused before the body is read
+
+
+@pytest.mark.parametrize("method,path,status,allow", [
+    ("POST", "/healthz", 405, "GET, HEAD"), ("PUT", "/healthz", 405, "GET, HEAD"), ("GET", "/query", 405, "POST"),
+    ("DELETE", "/query", 405, "POST"), ("POST", "/elsewhere", 404, None), ("GET", "/healthz", 200, None),
+])
+def test_routes_and_methods(method, path, status, allow):
+    got, data, headers = call(FakeIndex(), method, path, OK_BODY if method == "POST" else b"")
+    assert got == status
+    if status != 200:
+        assert data["error"]
+    if allow:
+        assert headers["allow"] == allow
+    if status == 200:
+        assert data["status"] == "ok" and data["n"] == 3
+
+
+@pytest.mark.parametrize("body,status,msg", [
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    (b'{"queries": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+    (b'{"queries": [{"vector": [' + b"9" * 5000 + b"]}]}", 400, "not valid JSON"),  # beyond Python's int digit limit
+    (b"\xff\xfe\xfa\x00garbage", 400, "not valid JSON"),
+    (b"{not json", 400, "not valid JSON"),
+    (b"", 400, "not valid JSON"),
+])
+def test_bodies_that_are_not_json_get_400(body, status, msg):
+    got, data, _ = call(FakeIndex(), "POST", "/query", body)
+    assert got == status and msg in data["error"]
+    assert len(data["error"]) < 400  # one short message, not the body echoed back
+
+
+def test_oversized_body_gets_413():
+    got, data, _ = call(FakeIndex(max_request_bytes=1000), "POST", "/query", b" " * 2000)
+    assert got == 413 and "exceeds" in data["error"]
+
+
+def test_decode_request_refuses_with_request_errors():
+    assert decode_request(b'{"a": [1, 2]}') == {"a": [1, 2]}
+    for body in (b"[" * 100_000, b"[" * 50_000 + b"]" * 50_000, b"1" * 5000, b"\xff"):
+        with pytest.raises(RequestError) as e:
+            decode_request(body)
+        assert e.value.status == 400
+
+
+def test_unit_vector_refuses_what_it_cannot_normalise():
+    np.testing.assert_allclose(unit_vector([1e150] * 4), [0.5] * 4, rtol=1e-6)  # large, but its norm is computable
+    np.testing.assert_allclose(unit_vector([3, 4]), [0.6, 0.8], rtol=1e-6)
+    for bad, msg in [([1e308] * 4, "overflows"), ([1e308, 0.0], "overflows"), ([10**400, 1.0], "float64 range"), ([0.0, 0.0], "non-zero"),
+                     ([float("nan"), 1.0], "finite"), ([1e-200, 0.0], "underflows"), ([1.5e-162, 0.0], "underflows")]:
+        with pytest.raises(ValueError, match=msg):
+            unit_vector(bad)
+
+
+@pytest.fixture
+def imported_index(tmp_path):
+    """A QueryIndex over imported descriptors (no graph, no CNN)."""
+    from pipelines.import_descriptors import import_descriptors
+    from pipelines.service import QueryIndex
+
+    X = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    np.save(tmp_path / "db.npy", X)
+    import_descriptors(tmp_path / "run", tmp_path / "db.npy")
+    return QueryIndex(tmp_path / "run", warm=("knn",))
+
+
+@pytest.mark.parametrize("payload,status,msg", [
+    ({"queries": [{"vector": [1.0] * 8}], "method": ["knn"]}, 400, "unknown method"),
+    ({"queries": [{"vector": [10**400] + [1.0] * 7}], "method": "knn"}, 422, "float64 range"),
+    ({"queries": [{"vector": [1e308] * 8}], "method": "knn"}, 422, "overflows"),
+    ({"queries": [{"key": [[[["x"]]]]}], "method": "knn"}, 400, "unknown database key"),
+    ({"queries": [{"vector": [1.0] * 8}], "method": "diffusion"}, 422, "needs the graph"),
+])
+def test_malformed_values_get_4xx_over_http(imported_index, payload, status, msg):
+    async def rank(parsed):
+        return imported_index.rank_many([parsed])[0]
+
+    idx = imported_index
+    got, data, _ = call(idx, "POST", "/query", json.dumps(payload).encode(), rank=rank)
+    assert got == status and msg in data["error"], data
+    body = json.dumps({"queries": [{"key": idx.keys[2]}], "method": "knn", "topk": 1}).encode()
+    ok, data, _ = call(idx, "POST", "/query", body, rank=rank)
+    assert ok == 200 and data["results"][0]["keys"] == [idx.keys[2]]
+
+
+def test_port_in_use_is_a_cluster_error():
+    from cluster.errors import ClusterError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ClusterError, match=f"port {port} on 127.0.0.1 is already in use"):
+            ray_serve.check_port("127.0.0.1", port)
+    ray_serve.check_port("127.0.0.1", port)  # free again
