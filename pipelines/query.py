@@ -57,8 +57,8 @@ def run_query(run_dir: Path, query_dir: Path, cfg: QueryConfig) -> dict:
         raise ValueError(f"query: query dimension {Q.shape[1]} != database dimension {X.shape[1]}")
     uses_graph = bool(GRAPH_METHODS & set(cfg.methods))
     rankers = Rankers(X, cfg, graph_dir=run_dir / "graph")
-    if uses_graph:
-        rankers.W  # noqa: B018 -- fails early, naming the stage to run, when the graph is missing or stale
+    if uses_graph and not rankers.has_graph:
+        raise ValueError(f"query: {run_dir / 'graph'} has no graph: run the graph stage first")
     inputs = params_hash({"db": read_json(run_dir / "manifest.json").get("descriptors_sha256_16"),
                           "q": read_json(query_dir / "manifest.json").get("descriptors_sha256_16"),
                           "graph": read_json(run_dir / "graph" / "manifest.json").get("params") if uses_graph else None})

@@ -83,6 +83,9 @@ class Rankers:
         """The ranker of `method` (one of retrieval.rankers.METHODS), built once."""
         if method not in BUILDERS:
             raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+        built = self._built.get(method)
+        if built is not None:  # no lock once built: a slow build of another method blocks no one
+            return built
         with self._lock:
             if method not in self._built:
                 t0 = time.perf_counter()

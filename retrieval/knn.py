@@ -57,13 +57,22 @@ def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, block_flo
     if q.shape[1] != x.shape[1]:
         raise ValueError(f"dimension mismatch: queries d={q.shape[1]}, database d={x.shape[1]}")
     n, nq = x.shape[0], q.shape[0]
-    k = min(int(k), n)
+    k = max(0, min(int(k), n))
     D, I = np.empty((nq, k), np.float32), np.empty((nq, k), np.int64)
+    if k == 0:
+        return D, I
     step = max(1, block_floats // max(n, 1))
     for a in range(0, nq, step):
         S = q[a : a + step] @ x.T
         part = np.argpartition(S, n - k, axis=1)[:, n - k :]  # the k largest, unordered
         vals = np.take_along_axis(S, part, 1)
+        # rows with ties at the cut: argpartition kept arbitrary ones of the tied items; take the
+        # lowest indices among them, as the reference does
+        cut = vals.min(axis=1)
+        for r in np.flatnonzero((S >= cut[:, None]).sum(axis=1) > k):
+            c = np.flatnonzero(S[r] >= cut[r])
+            part[r] = c[np.lexsort((c, -S[r, c]))][:k]
+            vals[r] = S[r, part[r]]
         order = np.lexsort((part, -vals), axis=1)  # by score, ties by lower index
         D[a : a + step], I[a : a + step] = np.take_along_axis(vals, order, 1), np.take_along_axis(part, order, 1)
     return D, I

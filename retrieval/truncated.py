@@ -8,7 +8,7 @@ nodes that the first hops of the diffusion series reach with the most mass (`mas
 from __future__ import annotations
 
 import os
-import threading
+import queue
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -77,27 +77,20 @@ def mass_neighbourhoods(W: sp.csr_matrix, D: np.ndarray, I: np.ndarray, m: int, 
     """
     n, nq = W.shape[0], I.shape[0]
     beam = beam or m
+    dt = np.result_type(W.dtype, np.float32)
     out: list[np.ndarray] = []
     for b0 in range(0, nq, batch):
         Ib, Db = I[b0 : b0 + batch], D[b0 : b0 + batch]
-        # queries as rows, in W's dtype: a product of mixed dtypes would copy all of W every step
-        Y = sp.csr_matrix(query_vectors_sparse(Db, Ib, n, gamma=gamma).T, dtype=W.dtype)
+        # queries as rows, in W's (floating) dtype: a product of mixed dtypes copies all of W every step
+        Y = sp.csr_matrix(query_vectors_sparse(Db, Ib, n, gamma=gamma).T, dtype=dt)
         cur, acc = Y, Y.copy()
         for _ in range(hops):
-            cur = _keep_top_per_row(sp.csr_matrix(cur @ W) * W.dtype.type(alpha), beam)
+            cur = _keep_top_per_row(sp.csr_matrix(cur @ W) * dt.type(alpha), beam)
             acc = acc + cur
-        seeds = sp.csr_matrix(query_vectors_sparse(np.ones_like(Db), Ib, n).T, dtype=W.dtype)
+        seeds = sp.csr_matrix(query_vectors_sparse(np.ones_like(Db), Ib, n).T, dtype=dt)
         acc = _keep_top_per_row(sp.csr_matrix(acc + seeds * 1e30), m)  # the seeds always stay
         out += [acc.indices[acc.indptr[j] : acc.indptr[j + 1]].astype(np.int64) for j in range(acc.shape[0])]
     return out
-
-
-class _Positions(threading.local):
-    """Per thread, a reusable (n,) map from node id to position in the current subgraph (-1 off it),
-    so that cutting a principal submatrix costs its rows' non-zeros, not n."""
-
-    def __init__(self, n: int):
-        self.pos = np.full(n, -1, np.int64)
 
 
 def principal_submatrix(W: sp.csr_matrix, nodes: np.ndarray, pos: np.ndarray) -> sp.csr_matrix:
@@ -112,8 +105,10 @@ def principal_submatrix(W: sp.csr_matrix, nodes: np.ndarray, pos: np.ndarray) ->
 
 
 class TruncatedSolver:
-    """Truncated diffusion over one graph, built once: the graph in CSR and per-thread position
-    maps; `solve(D, I)` answers a batch of queries (chunks of 128 in `threads` threads)."""
+    """Truncated diffusion over one graph, built once: the graph in CSR, a thread pool and reusable
+    (n,) position maps (node id -> position in the current subgraph, -1 off it: cutting a principal
+    submatrix then costs its rows' non-zeros, not n; one map per solve running at once, kept for
+    the next); `solve(D, I)` answers a batch of queries (chunks of 128 in `threads` threads)."""
 
     def __init__(self, W: sp.spmatrix, *, m: int = 1000, alpha: float = 0.99, gamma: float = 3.0, rtol: float = 1e-6,
                  maxiter: int = 100, select: str = "bfs", hops: int = 8, beam: int | None = None, threads: int | None = None):
@@ -123,7 +118,8 @@ class TruncatedSolver:
         self.m, self.alpha, self.gamma, self.rtol, self.maxiter = min(m, self.W.shape[0]), alpha, gamma, rtol, maxiter
         self.select, self.hops, self.beam = select, hops, beam
         self.threads = max(1, threads or os.cpu_count() or 1)
-        self._positions = _Positions(self.W.shape[0])
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._free_positions: queue.SimpleQueue = queue.SimpleQueue()
 
     def neighbourhoods(self, D: np.ndarray, I: np.ndarray) -> list[np.ndarray]:
         """Per query, its subgraph's node ids (the query's own neighbours included)."""
@@ -132,7 +128,10 @@ class TruncatedSolver:
         return [graph_neighbourhood(self.W, I[q], self.m) for q in range(I.shape[0])]
 
     def _solve_one(self, d: np.ndarray, i: np.ndarray, nodes: np.ndarray):
-        pos = self._positions.pos
+        try:
+            pos = self._free_positions.get_nowait()
+        except queue.Empty:
+            pos = np.full(self.W.shape[0], -1, np.int64)
         pos[nodes] = np.arange(nodes.size)
         try:
             Ws = principal_submatrix(self.W, nodes, pos)
@@ -140,6 +139,7 @@ class TruncatedSolver:
             local = pos[i[seeded]]
         finally:
             pos[nodes] = -1
+            self._free_positions.put(pos)
         y = np.zeros(nodes.size)
         ok = local >= 0
         y[local[ok]] = np.maximum(np.asarray(d, np.float64)[seeded][ok], 0.0) ** self.gamma
@@ -165,12 +165,10 @@ class TruncatedSolver:
 
         # chunks of queries in threads: the sparse kernels release the GIL for part of their work
         bounds = [(a, min(a + 128, nq)) for a in range(0, nq, 128)]
-        workers = min(self.threads, len(bounds))
-        if workers <= 1:
+        if self._pool is None or len(bounds) <= 1:
             done = [chunk(bd) for bd in bounds]
         else:
-            with ThreadPoolExecutor(workers) as ex:
-                done = list(ex.map(chunk, bounds))
+            done = list(self._pool.map(chunk, bounds))
         flat = [r for part in done for r in part]
         stats = SolveStats(np.array([r[2].iterations[0] for r in flat], np.int64).reshape(nq),
                            np.array([r[2].residuals[0] for r in flat], np.float64).reshape(nq),

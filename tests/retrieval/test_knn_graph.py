@@ -35,6 +35,11 @@ def test_blocked_exact_search_matches_numpy_and_faiss(rng, k, block):
     Xt = np.repeat(X[:3], 4, axis=0)  # exact ties: lower index first
     _, It = exact_search(Xt[:1], Xt, 6)
     np.testing.assert_array_equal(It[0, :4], [0, 1, 2, 3])
+    same = np.repeat(X[:1], 20, axis=0)  # ties across the cut: the lowest indices are kept
+    _, Is = exact_search(same[:2], same, 3)
+    np.testing.assert_array_equal(Is, [[0, 1, 2], [0, 1, 2]])
+    np.testing.assert_array_equal(Is[0], knn_search_numpy(same[:1], same, 3)[1][0])
+    assert exact_search(Q, X, 0)[1].shape == (20, 0)
 
 
 def test_knn_refuses_nan_and_dim_mismatch(rng):
