@@ -148,6 +148,20 @@ def _folder_sources(root: Path, *, follow_symlinks: bool) -> list[Source]:
     return out
 
 
+def image_header(data: bytes) -> tuple[int, int]:
+    """(width, height) that encoded image bytes declare, read from the header without decoding the
+    pixels (cheap: bounds decode work before any is done); ValueError if it is not an image."""
+    if not data:
+        raise ValueError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except UnidentifiedImageError:
+        raise ValueError("not an image (unidentified format)") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"corrupt image header: {e}") from None
+
+
 def validate_image(data: bytes, *, max_pixels: int) -> tuple[int, int]:
     """Fully decode encoded image bytes; return (width, height) or raise ValueError with a reason."""
     if not data:

@@ -62,6 +62,7 @@ class ServiceLimits:
     max_request_bytes: int = 32 * 1024 * 1024  # body size
     max_image_bytes: int = 8 * 1024 * 1024  # one encoded image
     max_image_pixels: int = 40_000_000  # decompression-bomb guard (as ingest)
+    max_request_pixels: int = 64_000_000  # pixels summed over a request's images: bounds its decode work
 
 
 @dataclass
@@ -180,6 +181,7 @@ class QueryIndex:
             raise RequestError(f"{len(queries)} queries exceed the limit of {lim.max_queries} per request", 413)
         Q = np.empty((len(queries), self.dim), np.float32)
         names, images, image_rows = [], [], []
+        pixels = 0
         for i, q in enumerate(queries):
             if not isinstance(q, dict) or len(q) != 1 or next(iter(q)) not in ("key", "vector", "image"):
                 raise RequestError(f"queries[{i}] must be an object with exactly one of 'key', 'vector', 'image'")
@@ -193,10 +195,16 @@ class QueryIndex:
                 Q[i] = self._vector(value, i)
                 names.append(f"vector:{i}")
             else:
-                images.append(self._image_bytes(value, i))
+                data, (w, h) = self._image_bytes(value, i)
+                pixels += w * h
+                if pixels > lim.max_request_pixels:  # from the headers, before any pixel is decoded
+                    raise RequestError(f"the images of this request declare over {lim.max_request_pixels} pixels in all "
+                                       f"(queries[{i}] is {w}x{h}): send fewer or smaller images per request", 413)
+                images.append(data)
                 image_rows.append(i)
                 names.append(f"image:{i}")
         if images:
+            self._decode_check(images, image_rows)
             Q[image_rows] = self.embed_images(images)
         return ParsedRequest(Q=Q, names=names, method=method, topk=min(topk, self.X.shape[0]))
 
@@ -211,7 +219,8 @@ class QueryIndex:
         except ValueError as e:
             raise RequestError(f"queries[{i}].vector {e}", 422) from None
 
-    def _image_bytes(self, value: Any, i: int) -> bytes:
+    def _image_bytes(self, value: Any, i: int) -> tuple[bytes, tuple[int, int]]:
+        """queries[i].image -> (encoded bytes, declared (width, height)); nothing decoded yet."""
         if not isinstance(value, str):
             raise RequestError(f"queries[{i}].image must be a base64 string")
         if len(value) > self.limits.max_image_bytes * 4 // 3 + 4:
@@ -220,13 +229,23 @@ class QueryIndex:
             data = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(f"queries[{i}].image is not valid base64") from None
-        from .ingest import validate_image
+        from .ingest import image_header
 
         try:
-            validate_image(data, max_pixels=self.limits.max_image_pixels)
+            size = image_header(data)
         except ValueError as e:
             raise RequestError(f"queries[{i}].image: {e}", 422) from None
-        return data
+        return data, size
+
+    def _decode_check(self, images: list[bytes], rows: list[int]) -> None:
+        """Decode each image fully (truncated files, bombs, sizes), once the request's total is known."""
+        from .ingest import validate_image
+
+        for data, i in zip(images, rows):
+            try:
+                validate_image(data, max_pixels=self.limits.max_image_pixels)
+            except ValueError as e:
+                raise RequestError(f"queries[{i}].image: {e}", 422) from None
 
     def embed_images(self, images: list[bytes]) -> np.ndarray:
         """Encoded images -> (n, d) float32 descriptors in the database's (whitened) space."""

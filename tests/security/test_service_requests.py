@@ -168,3 +168,30 @@ def test_port_in_use_is_a_cluster_error():
         with pytest.raises(ClusterError, match=f"port {port} on 127.0.0.1 is already in use"):
             ray_serve.check_port("127.0.0.1", port)
     ray_serve.check_port("127.0.0.1", port)  # free again
+
+
+def test_decode_work_per_request_is_bounded_before_any_decode(tiny_run, monkeypatch):
+    """Images that each pass the per-image limit but together declare more pixels than the request
+    budget are refused (413) from their headers: no pixel is decoded (issue 11, item 8)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    import pipelines.ingest
+    from pipelines.service import QueryIndex
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 1500)).save(buf, format="PNG")  # a few KB that declare 3 Mpixel
+    img = base64.b64encode(buf.getvalue()).decode()
+    index = QueryIndex(tiny_run[0].out, limits=ServiceLimits(max_image_pixels=4_000_000, max_request_pixels=5_000_000),
+                       warm=("knn",))
+    decoded = []
+    real = pipelines.ingest.validate_image
+    monkeypatch.setattr(pipelines.ingest, "validate_image", lambda data, **kw: decoded.append(1) or real(data, **kw))
+    with pytest.raises(RequestError, match="over 5000000 pixels") as e:
+        index.parse({"method": "knn", "queries": [{"image": img}, {"image": img}]})
+    assert e.value.status == 413 and decoded == []
+    with pytest.raises(RequestError, match="not an image") as e:
+        index.parse({"method": "knn", "queries": [{"image": base64.b64encode(b"nope").decode()}]})
+    assert e.value.status == 422
