@@ -143,13 +143,13 @@ class QueryIndex:
         self.row_of_key = {k: i for i, k in enumerate(self.keys)}
         self.rankers = Rankers(self.X, self.query_cfg, graph_dir=self.run_dir / "graph")
         self.has_graph = self.rankers.has_graph
-        for m in warm:
-            if m not in GRAPH_METHODS or self.has_graph:
-                self.rankers.get(m)
+        ready = [m for m in warm if m not in GRAPH_METHODS or self.has_graph]
+        for m in ready:
+            self.rankers.get(m)
         self._lock = threading.Lock()  # the extractor is not re-entrant
         self._extractor = None
         log.info("service: index of %d descriptors (d=%d) from %s, graph %s, rankers ready: %s", self.X.shape[0], self.X.shape[1],
-                 self.run_dir, "loaded" if self.has_graph else "absent", [m for m in warm if m not in GRAPH_METHODS or self.has_graph])
+                 self.run_dir, "loaded" if self.has_graph else "absent", ready)
 
     @property
     def dim(self) -> int:
