@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cluster.ray_runtime import ensure_auth_token, loopback_node_env
+
 log = logging.getLogger(__name__)
 
 
@@ -33,22 +35,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_cli() -> list[str]:
-    exe = Path(sys.executable).parent / "ray"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "ray.scripts.scripts"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def ensure_auth_token() -> str:
-    """Ray's token (~/.ray/auth_token), generated once if missing."""
-    from cluster.ray_jobs import auth_token
-
-    tok = auth_token()
-    if tok is None:
-        subprocess.run(_ray_cli() + ["get-auth-token", "--generate"], check=True, capture_output=True, text=True)
-        tok = auth_token()
-    if not tok:
-        raise RuntimeError("could not create a Ray auth token (ray get-auth-token --generate)")
-    return tok
+def _ray_start() -> list[str]:
+    """`ray start` with every listener of the node on 127.0.0.1 (see cluster.ray_runtime)."""
+    return [sys.executable, "-m", "cluster.ray_runtime"]
 
 
 class LocalCluster:
@@ -61,7 +53,9 @@ class LocalCluster:
         self.log_dir = Path(log_dir or os.environ.get("TMPDIR", "/tmp")) / f"ray-local-{self.port}"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.token = ensure_auth_token()
-        self.env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        # loopback mode for every process of the cluster and for drivers run in this environment
+        self.env = dict(os.environ, **loopback_node_env(), RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: list[subprocess.Popen] = []
         try:
@@ -78,7 +72,7 @@ class LocalCluster:
         # cluster) holds the defaults, and a node whose job agent cannot bind accepts no jobs
         ports = [f"--{name}-port={free_port()}" for name in ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
                                                              "metrics-export", "node-manager", "object-manager")]
-        cmd = _ray_cli() + ["start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--disable-usage-stats"] + ports + args
+        cmd = _ray_start() + ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--disable-usage-stats"] + ports + args
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.nodes.append(p)
         return p

@@ -28,18 +28,11 @@ import uuid
 from pathlib import Path
 
 from cluster.errors import ClusterError
+from cluster.ray_runtime import auth_token
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipelines", "retrieval", "cluster")
-
-
-def auth_token() -> str | None:
-    """Ray's auth token from the environment or its default file, or None."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    return path.read_text().strip() if path.is_file() else None
 
 
 @contextlib.contextmanager

@@ -108,11 +108,31 @@ def check_port(host: str, port: int) -> None:
             raise ClusterError(f"serve: port {port} on {host} {why}; choose another with --port") from None
 
 
+def _replica_grpc_on_loopback() -> None:
+    """Ray Serve 2.60 binds each replica's inter-deployment gRPC server to [::] (all interfaces)
+    whatever the node's address. On a loopback node (the embedded Ray, cluster.local_cluster) bind
+    it to 127.0.0.1 like every other listener. Runs in the replica, before Serve starts that server;
+    the listening-socket test fails if a Ray upgrade moves the call."""
+    import ray
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+    if ray.util.get_node_ip_address() != "127.0.0.1" or getattr(bind, "loopback", False):
+        return
+
+    def bind_loopback(server, address: str):
+        return bind(server, address.replace("[::]:", "127.0.0.1:", 1))
+
+    bind_loopback.loopback = True
+    replica.add_port_to_grpc_server = bind_loopback
+
+
 @serve.deployment(name="QueryService", max_ongoing_requests=64, health_check_period_s=5)
 class QueryService:
     """Serve replica: loads the index once; batches concurrent requests into shared solves."""
 
     def __init__(self, run_dir: str, limits: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.0):
+        _replica_grpc_on_loopback()
         self.index = QueryIndex(run_dir, limits=ServiceLimits(**limits))
         self.limits = self.index.limits
         self._rank_batch.set_max_batch_size(max_batch_size)

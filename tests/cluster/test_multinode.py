@@ -138,3 +138,14 @@ def test_job_api_refuses_requests_without_the_token(cluster):
     req = urllib.request.Request(f"{cluster.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {cluster.token}"})
     with urllib.request.urlopen(req, timeout=10) as r:
         assert r.status == 200
+
+
+def test_every_node_listens_on_loopback_only(cluster):
+    """Issue 11: GCS, raylets, agents, metrics exporters, Ray Client server, job API: all 127.0.0.1."""
+    from cluster.listeners import tree_listeners
+
+    socks = tree_listeners([p.pid for p in cluster.nodes])
+    ports = {s.port for s in socks}
+    assert cluster.port in ports and int(cluster.dashboard_url.rsplit(":", 1)[1]) in ports, socks
+    assert len({s.pid for s in socks}) >= 4, socks  # head and worker processes, not just one
+    assert [s for s in socks if not s.loopback] == []

@@ -70,6 +70,19 @@ def test_proxy_binds_to_loopback_only(service):
         socket.create_connection((ip, port), timeout=3).close()
 
 
+def test_embedded_ray_and_the_service_listen_on_loopback_only(service):
+    """Issue 11: every listening socket of this process tree (the embedded Ray's GCS, raylet, agents,
+    metrics exporters, workers, Serve's proxy and replicas) is bound to 127.0.0.1."""
+    import os
+
+    from cluster.listeners import tree_listeners
+
+    _, port = service
+    socks = tree_listeners([os.getpid()])
+    assert port in {s.port for s in socks} and len(socks) >= 6, socks
+    assert [s for s in socks if not s.loopback] == []
+
+
 @pytest.mark.slow
 def test_retrieval_serve_command(tiny_run, tmp_path):
     """`retrieval serve RUN` as documented: starts, answers, stops on Ctrl-C (its own embedded Ray)."""
