@@ -4,7 +4,9 @@ HTTP API (JSON only; request data is never unpickled):
     POST /query    body as in `pipelines.service`, Content-Type application/json
                    -> 200 {"method", "topk", "results": [...]}
                    4xx {"error": "..."} for malformed or oversized requests (415 without the JSON
-                   content type, 405 for another method)
+                   content type, 405 for another method, 408 for a body not whole within
+                   body_timeout_s, 429 past the per-client cap of slow uploads); 503 past the
+                   overall cap of slow uploads (both with Retry-After)
     GET  /healthz  -> {"status": "ok", "n": database size, "dim", "pid", "rss_bytes"}
 
 `handle_request` is the whole HTTP handling, a plain coroutine (tested without Ray Serve); the
@@ -54,26 +56,80 @@ def _error(message: str, status: int, headers: dict | None = None) -> JSONRespon
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it exceeds `limit` bytes, declared or streamed."""
+class UploadGuard:
+    """Counts the uploads whose body is still arriving after `slow_upload_s`, per client address and
+    in all, and refuses one over either cap: 429 past `max_slow_uploads_per_client`, 503 past
+    `max_slow_uploads`. One per replica; used from its event loop only."""
+
+    def __init__(self, limits: ServiceLimits):
+        self.limits = limits
+        self.total = 0
+        self.by_client: dict[str, int] = {}
+
+    def enter(self, client: str) -> None:
+        lim = self.limits
+        if self.by_client.get(client, 0) >= lim.max_slow_uploads_per_client:
+            raise RequestError(f"too many slow uploads from {client[:64]} (at most {lim.max_slow_uploads_per_client} "
+                               "bodies may trickle in at once): send the body at once or retry later", 429)
+        if self.total >= lim.max_slow_uploads:
+            raise RequestError(f"the service is receiving {self.total} slow uploads, its limit: retry later", 503)
+        self.total += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+
+    def leave(self, client: str) -> None:
+        self.total -= 1
+        n = self.by_client.pop(client) - 1
+        if n:
+            self.by_client[client] = n
+
+
+async def read_body(request: Request, limits: ServiceLimits, uploads: UploadGuard | None = None) -> bytes:
+    """The request body, refused as soon as it exceeds `max_request_bytes` (413, declared or
+    streamed), when it is not whole within `body_timeout_s` (408), or when it is still arriving
+    after `slow_upload_s` and `uploads` counts too many such bodies (429/503). The body is read in
+    a task so that waiting on it never cancels the read midway."""
+    limit = limits.max_request_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(f"request body of {declared} bytes exceeds the limit of {limit}", 413)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(f"request body exceeds the limit of {limit} bytes", 413)
-    return bytes(body)
+
+    async def pull() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise RequestError(f"request body exceeds the limit of {limit} bytes", 413)
+
+    task = asyncio.ensure_future(pull())
+    client = request.client.host if request.client else "unknown"
+    counted = False
+    try:
+        done, _ = await asyncio.wait({task}, timeout=limits.slow_upload_s)
+        if not done:
+            if uploads is not None:
+                uploads.enter(client)
+                counted = True
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, limits.body_timeout_s - limits.slow_upload_s))
+            if not done:
+                raise RequestError(f"request body not received within {limits.body_timeout_s:g} s", 408)
+        task.result()  # a 413 raised while streaming
+        return bytes(body)
+    finally:
+        if not task.done():
+            task.cancel()
+        if counted:
+            uploads.leave(client)
 
 
 def _is_json(content_type: str | None) -> bool:
     return bool(content_type) and content_type.split(";", 1)[0].strip().lower() == "application/json"
 
 
-async def handle_request(request: Request, index: Any, rank: Callable[[Any], Awaitable[dict]]) -> JSONResponse:
-    """One HTTP request to the service: routes, method, content type, body size and JSON checks
-    (each refusal a 4xx with a message), then `index.parse` (in a thread) and `rank(parsed)`."""
+async def handle_request(request: Request, index: Any, rank: Callable[[Any], Awaitable[dict]],
+                         uploads: UploadGuard | None = None) -> JSONResponse:
+    """One HTTP request to the service: routes, method, content type, body size, upload time and
+    JSON checks (each refusal a 4xx, or a 503 when too many slow uploads run, with a message), then
+    `index.parse` (in a thread) and `rank(parsed)`."""
     path = request.url.path.rstrip("/") or "/"
     if path == "/healthz":
         if request.method not in ("GET", "HEAD"):
@@ -88,11 +144,11 @@ async def handle_request(request: Request, index: Any, rank: Callable[[Any], Awa
     if not _is_json(content_type):
         return _error(f"Content-Type must be application/json, got {(content_type or 'none')[:100]!r}", 415)
     try:
-        payload = decode_request(await read_body(request, index.limits.max_request_bytes))
+        payload = decode_request(await read_body(request, index.limits, uploads))
         parsed = await asyncio.to_thread(index.parse, payload)
         return JSONResponse(await rank(parsed))
     except RequestError as e:
-        return _error(str(e), e.status)
+        return _error(str(e), e.status, {"Retry-After": "1"} if e.status in (429, 503) else None)
 
 
 def check_port(host: str, port: int) -> None:
@@ -127,7 +183,9 @@ def _replica_grpc_on_loopback() -> None:
     replica.add_port_to_grpc_server = bind_loopback
 
 
-@serve.deployment(name="QueryService", max_ongoing_requests=64, health_check_period_s=5)
+# Slow uploads hold a slot while their body trickles in, but at most `max_slow_uploads` (32) of
+# them for at most `body_timeout_s`: the other slots stay free for queries and health checks.
+@serve.deployment(name="QueryService", max_ongoing_requests=128, health_check_period_s=5)
 class QueryService:
     """Serve replica: loads the index once; batches concurrent requests into shared solves."""
 
@@ -135,11 +193,12 @@ class QueryService:
         _replica_grpc_on_loopback()
         self.index = QueryIndex(run_dir, limits=ServiceLimits(**limits))
         self.limits = self.index.limits
+        self.uploads = UploadGuard(self.limits)
         self._rank_batch.set_max_batch_size(max_batch_size)
         self._rank_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def __call__(self, request: Request) -> JSONResponse:
-        return await handle_request(request, self.index, self._rank_batch)
+        return await handle_request(request, self.index, self._rank_batch, self.uploads)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _rank_batch(self, parsed: list) -> list[dict]:

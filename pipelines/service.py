@@ -23,6 +23,7 @@ import json
 import logging
 import reprlib
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,15 @@ class ServiceLimits:
     max_image_bytes: int = 8 * 1024 * 1024  # one encoded image
     max_image_pixels: int = 40_000_000  # decompression-bomb guard (as ingest)
     max_request_pixels: int = 64_000_000  # pixels summed over a request's images: bounds its decode work
+    max_decode_seconds: float = 5.0  # decode time per request: no further image is decoded past it (413)
+    # slow uploads (HTTP): a body still arriving `slow_upload_s` after the request reached the replica
+    # counts against the caps below (429 per client, 503 overall); any body must be whole within
+    # `body_timeout_s` (408). A body that arrives promptly is never counted, so stalled clients cannot
+    # make valid queries wait.
+    body_timeout_s: float = 10.0
+    slow_upload_s: float = 0.5
+    max_slow_uploads: int = 32
+    max_slow_uploads_per_client: int = 8
 
 
 @dataclass
@@ -238,10 +248,16 @@ class QueryIndex:
         return data, size
 
     def _decode_check(self, images: list[bytes], rows: list[int]) -> None:
-        """Decode each image fully (truncated files, bombs, sizes), once the request's total is known."""
+        """Decode each image fully (truncated files, bombs, sizes), once the request's total is known;
+        no image is decoded once the request has spent `max_decode_seconds` decoding (413)."""
         from .ingest import validate_image
 
-        for data, i in zip(images, rows):
+        budget = self.limits.max_decode_seconds
+        t0 = time.monotonic()
+        for j, (data, i) in enumerate(zip(images, rows)):
+            if j and time.monotonic() - t0 > budget:
+                raise RequestError(f"decoding this request's images took over {budget:g} s (stopped before queries[{i}]): "
+                                   "send fewer or smaller images per request", 413)
             try:
                 validate_image(data, max_pixels=self.limits.max_image_pixels)
             except ValueError as e:

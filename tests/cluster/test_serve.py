@@ -21,7 +21,8 @@ def service(ray_session, tiny_run):
     from cluster.ray_serve import start_service
 
     port = free_port()
-    url = start_service(tiny_run[0].out, port=port, num_cpus=0.25, limits=ServiceLimits(max_queries=64, max_request_bytes=100_000))
+    url = start_service(tiny_run[0].out, port=port, num_cpus=0.25, limits=ServiceLimits(max_queries=64, max_request_bytes=100_000,
+                                                                                                    body_timeout_s=4, slow_upload_s=0.3))
     yield url, port
     serve.shutdown()
 
@@ -81,6 +82,50 @@ def test_embedded_ray_and_the_service_listen_on_loopback_only(service):
     socks = tree_listeners([os.getpid()])
     assert port in {s.port for s in socks} and len(socks) >= 6, socks
     assert [s for s in socks if not s.loopback] == []
+
+
+def _status(sock: socket.socket) -> int:
+    head = b""
+    while b"\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return 0
+        head += chunk
+    return int(head.split()[1])
+
+
+def test_stalled_uploads_do_not_block_valid_queries(service, tiny_run):
+    """Issue 11 item 2, over real HTTP on loopback: 64 clients send headers and part of a body, then
+    stall. Valid queries and /healthz keep answering meanwhile; each stalled upload is refused
+    (429 past the per-client cap at once, 408 once body_timeout_s has passed)."""
+    import time
+
+    url, port = service
+    idx = QueryIndex(tiny_run[0].out)
+    stalled = []
+    for _ in range(64):
+        s = socket.create_connection(("127.0.0.1", port), timeout=20)
+        s.sendall(b"POST /query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"queries\": ")
+        stalled.append(s)
+    t0 = time.monotonic()
+    try:
+        time.sleep(0.5)
+        lat = []
+        with QueryClient(url, timeout=10) as c:
+            for i in range(10):
+                t = time.perf_counter()
+                got = c.query(keys=idx.keys[i:i + 1], method="none", topk=5)
+                lat.append(time.perf_counter() - t)
+                assert got["results"][0]["keys"][0] == idx.keys[i]
+            assert c.health()["status"] == "ok"
+        statuses = [_status(s) for s in stalled]
+        waited = time.monotonic() - t0
+    finally:
+        for s in stalled:
+            s.close()
+    assert max(lat) < 2.0, lat  # answered while the uploads stall (not after body_timeout_s)
+    assert sorted(set(statuses)) == [408, 429] and statuses.count(408) == 8, statuses  # 8 = per-client cap
+    assert waited < 4 + 5, waited
 
 
 @pytest.mark.slow

@@ -195,3 +195,89 @@ def test_decode_work_per_request_is_bounded_before_any_decode(tiny_run, monkeypa
     with pytest.raises(RequestError, match="not an image") as e:
         index.parse({"method": "knn", "queries": [{"image": base64.b64encode(b"nope").decode()}]})
     assert e.value.status == 422
+
+
+def test_decode_time_budget_stops_decoding(tiny_run, monkeypatch):
+    """Issue 11 item 8: once a request has spent max_decode_seconds decoding, no further image of it
+    is decoded (413), so a request of many slow-to-decode images cannot hold a replica."""
+    import base64
+    import io
+    import time
+
+    from PIL import Image
+
+    import pipelines.ingest
+    from pipelines.service import QueryIndex
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, format="PNG")
+    img = base64.b64encode(buf.getvalue()).decode()
+    index = QueryIndex(tiny_run[0].out, limits=ServiceLimits(max_decode_seconds=0.05), warm=("knn",))
+    decoded = []
+    real = pipelines.ingest.validate_image
+
+    def slow_decode(data, **kw):  # each decode as slow as a 6000x6000 PNG, scaled down
+        decoded.append(1)
+        time.sleep(0.03)
+        return real(data, **kw)
+
+    monkeypatch.setattr(pipelines.ingest, "validate_image", slow_decode)
+    with pytest.raises(RequestError, match="took over 0.05 s") as e:
+        index.parse({"method": "knn", "queries": [{"image": img}] * 10})
+    assert e.value.status == 413 and len(decoded) == 2  # stopped after the budget, not after 10 decodes
+
+
+def _trickle_request(client: str, declared: int = 1000):
+    """A request whose body sends 10 bytes and then stalls (never more_body=False)."""
+    from starlette.requests import Request
+
+    headers = [(b"content-length", str(declared).encode()), (b"content-type", b"application/json")]
+    scope = {"type": "http", "method": "POST", "path": "/query", "raw_path": b"/query", "headers": headers, "query_string": b"",
+             "root_path": "", "scheme": "http", "server": ("127.0.0.1", 8000), "client": (client, 50000), "http_version": "1.1"}
+    sent = []
+
+    async def receive():
+        if not sent:
+            sent.append(1)
+            return {"type": "http.request", "body": b"x" * 10, "more_body": True}
+        await asyncio.sleep(3600)
+
+    return Request(scope, receive)
+
+
+def test_slow_uploads_are_capped_per_client_and_overall_and_time_out():
+    """Issue 11 item 2 (HTTP layer): bodies still arriving after slow_upload_s count against a
+    per-client cap (429) and an overall cap (503); every body must be whole within body_timeout_s
+    (408); a prompt body is never counted, even from a client at its cap."""
+    index = FakeIndex()
+    index.limits = ServiceLimits(body_timeout_s=0.6, slow_upload_s=0.05, max_slow_uploads=4, max_slow_uploads_per_client=2)
+    guard = ray_serve.UploadGuard(index.limits)
+
+    async def echo(parsed):
+        return {"ranked": parsed}
+
+    async def go():
+        clients = ["10.0.0.1"] * 3 + ["10.0.0.2"] * 2 + ["10.0.0.3"]
+        slow = [asyncio.create_task(ray_serve.handle_request(_trickle_request(c), index, echo, guard)) for c in clients]
+        await asyncio.sleep(0.2)  # every slow one has been counted or refused by now
+        counted = (guard.total, dict(guard.by_client))
+        from starlette.requests import Request
+
+        scope = _trickle_request("10.0.0.1").scope | {"headers": [(b"content-length", str(len(OK_BODY)).encode()),
+                                                                   (b"content-type", b"application/json")]}
+        msgs = [{"type": "http.request", "body": OK_BODY, "more_body": False}]
+
+        async def receive():
+            return msgs.pop(0)
+
+        prompt = await ray_serve.handle_request(Request(scope, receive), index, echo, guard)
+        done = await asyncio.gather(*slow)
+        return counted, prompt, [r.status_code for r in done], done
+
+    counted, prompt, statuses, responses = asyncio.run(go())
+    assert counted == (4, {"10.0.0.1": 2, "10.0.0.2": 2})
+    assert prompt.status_code == 200  # a whole body from a client at its cap is answered
+    assert statuses == [408, 408, 429, 408, 408, 503]
+    assert responses[2].headers["retry-after"] == "1" and b"slow uploads" in responses[2].body
+    assert b"not received within 0.6 s" in responses[0].body
+    assert guard.total == 0 and guard.by_client == {}  # every slot given back
