@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from ray import serve
-from starlette.requests import Request
+from ray.exceptions import TaskCancelledError
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from cluster.errors import ClusterError
@@ -95,12 +96,16 @@ async def read_body(request: Request, limits: ServiceLimits, uploads: UploadGuar
     body = bytearray()
 
     async def pull() -> None:
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > limit:
-                raise RequestError(f"request body exceeds the limit of {limit} bytes", 413)
+        try:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise RequestError(f"request body exceeds the limit of {limit} bytes", 413)
+        except (ClientDisconnect, TaskCancelledError):  # the client left mid-body (Serve cancels the receive)
+            raise RequestError("the client disconnected before sending the whole body", 400) from None
 
     task = asyncio.ensure_future(pull())
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # an outcome nobody awaits is not logged
     client = request.client.host if request.client else "unknown"
     counted = False
     try:

@@ -119,6 +119,8 @@ class ExtractConfig:
     actor_num_cpus: float = 1.0
     decode_num_cpus: float = 0.5  # CPUs per Ray decode task (decoding runs apart from the model actors)
     torch_threads: int = _min(0, 0)  # 0: leave torch's default
+    # where the model runs: "auto" = the GPU when the process sees one (a Ray actor given a GPU), else CPU
+    device: str = _choice("auto", ("auto", "cpu", "cuda"))
     whitening: str = _choice("pca", WHITENINGS)  # "pca", "lw" (learned on mutual-NN pairs mined without labels) or "none"
     whitening_dim: int = _min(512, 0)  # 0: every dimension the data supports
     whitening_shrinkage: float = 0.1

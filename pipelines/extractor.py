@@ -39,6 +39,15 @@ def to_input(im: Image.Image, *, max_side: int, mean=INPUT_MEAN, std=INPUT_STD) 
     return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
+def torch_device(name: str) -> torch.device:
+    """"auto" -> cuda when this process sees a GPU, else cpu; "cuda" without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("extract: device = \"cuda\" but this process sees no GPU (use \"auto\" or \"cpu\")")
+    return torch.device(name)
+
+
 class DescriptorExtractor:
     """Callable: batch of image bytes (+ optional boxes) -> (B, C) float32 L2-normalised descriptors.
 
@@ -50,12 +59,16 @@ class DescriptorExtractor:
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
         self.model, self.info = load_backbone(cfg.backbone, cfg.weights)
+        self.device = torch_device(cfg.device)
         kw = {"p": cfg.gem_p} if cfg.pooling == "gem" else {}
         # a fine-tuned checkpoint carries its own head (learned GeM p, optional whitening layer)
         head = getattr(self.model, "retrieval_head", None)
         self.pool = head if head is not None else make_pooling(cfg.pooling, **kw)
         if head is not None and cfg.pooling != "gem":
             log.warning("extract: weights are a fine-tuned checkpoint; its learned GeM head replaces pooling=%r", cfg.pooling)
+        self.model.to(self.device)
+        if isinstance(self.pool, torch.nn.Module):
+            self.pool.to(self.device)
         if not cfg.scales or any(s <= 0 for s in cfg.scales):
             raise ValueError(f"extract: scales must be positive, got {cfg.scales}")
 
@@ -85,14 +98,14 @@ class DescriptorExtractor:
             vs = []
             for si, s in enumerate(self.cfg.scales):
                 x = torch.from_numpy(to_input(im, max_side=max(8, round(self.cfg.max_side * s)),
-                                              mean=self.model.input_mean, std=self.model.input_std))[None]
+                                              mean=self.model.input_mean, std=self.model.input_std))[None].to(self.device)
                 fmap = self.model.features(x)
                 vs.append(l2n(self.pool(fmap))[0])
                 if self.cfg.regions and si == 0:
                     r, b = regional(fmap, geom)
                     regions.append(r)
                     region_boxes.append(b)
-            out[i] = combine_scales(torch.stack(vs), p=self.cfg.scale_p).numpy()
+            out[i] = combine_scales(torch.stack(vs), p=self.cfg.scale_p).cpu().numpy()
         res = {"vector": out}
         if self.cfg.regions:
             res["regions"], res["region_boxes"] = regions, region_boxes
@@ -121,7 +134,7 @@ def regional(fmap: torch.Tensor, geom: Sequence[float]) -> tuple[np.ndarray, np.
     sx, sy = float(geom[0]) / w, float(geom[1]) / h
     ox, oy = float(geom[2]), float(geom[3])
     b = np.array([[x0 * sx + ox, y0 * sy + oy, (x0 + rw) * sx + ox, (y0 + rh) * sy + oy] for y0, x0, rh, rw in regs], np.float32)
-    return v[0].numpy().astype(np.float32), b.reshape(-1, 4)
+    return v[0].cpu().numpy().astype(np.float32), b.reshape(-1, 4)
 
 
 def combine_scales(v: torch.Tensor, *, p: float = 1.0) -> torch.Tensor:

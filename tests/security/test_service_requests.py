@@ -281,3 +281,22 @@ def test_slow_uploads_are_capped_per_client_and_overall_and_time_out():
     assert responses[2].headers["retry-after"] == "1" and b"slow uploads" in responses[2].body
     assert b"not received within 0.6 s" in responses[0].body
     assert guard.total == 0 and guard.by_client == {}  # every slot given back
+
+
+def test_client_leaving_mid_body_is_a_4xx_not_a_500():
+    from starlette.requests import Request
+
+    scope = _trickle_request("10.0.0.9").scope
+    msgs = [{"type": "http.request", "body": b'{"queries"', "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return msgs.pop(0)
+
+    async def go():
+        async def echo(parsed):
+            return {"ranked": parsed}
+
+        return await ray_serve.handle_request(Request(scope, receive), FakeIndex(), echo, None)
+
+    resp = asyncio.run(go())
+    assert resp.status_code == 400 and b"disconnected" in resp.body
