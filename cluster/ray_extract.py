@@ -83,6 +83,22 @@ def map_batches_actor_pool(ds, cls, *, constructor_args: tuple, actors: int, num
     )
 
 
+def extraction_fits(*, actors: int, actor_cpus: float, decode_cpus: float, cluster_cpus: float, cluster_gpus: float = 0.0) -> str | None:
+    """Why an extraction of `actors` model actors cannot run well on a cluster of `cluster_cpus`
+    CPUs and `cluster_gpus` GPUs, or None when it can. The actors hold their CPUs for the whole
+    job; decoding runs as Ray Data tasks of `decode_cpus` each on what is left, so at least one
+    decode task's worth of CPUs must stay free (else the actors starve the reads and the job hangs).
+    With GPUs each actor takes one, so there must be a GPU per actor."""
+    if cluster_gpus >= 1 and actors > cluster_gpus:
+        return f"{actors} extraction actors need one GPU each and the cluster has {cluster_gpus:g}: set [extract].actors <= {int(cluster_gpus)}"
+    free = cluster_cpus - actors * actor_cpus
+    if free < decode_cpus:
+        return (f"{actors} extraction actors x {actor_cpus:g} CPUs leave {max(free, 0):g} of the cluster's {cluster_cpus:g} CPUs for "
+                f"decode tasks of {decode_cpus:g} CPUs each: lower [extract].actors or actor_num_cpus (the actors would starve "
+                "the reads and the job would hang)")
+    return None
+
+
 def extract_shards_ray(
     shards: list[Path],
     make_extractor: Callable[[], Any],
@@ -116,7 +132,14 @@ def extract_shards_ray(
             del expected[name]
     if not expected:
         return
-    num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    resources = ray.cluster_resources()
+    num_gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    why = extraction_fits(actors=actors, actor_cpus=num_cpus, decode_cpus=decode_num_cpus, cluster_cpus=resources.get("CPU", 0.0),
+                          cluster_gpus=resources.get("GPU", 0.0))
+    if why:
+        from .errors import ClusterError
+
+        raise ClusterError(f"ray extract: {why}")
     columns = ["id", "image"] + (["bbox"] if with_boxes else [])
     ds = ray.data.read_parquet([str(by_name[n]) for n in expected], include_paths=True).select_columns(columns + ["path"])
     ds = ds.map_batches(_Decode(prepare), num_cpus=decode_num_cpus, batch_size=batch_size, batch_format="numpy")
