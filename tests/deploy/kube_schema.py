@@ -45,18 +45,21 @@ def to_json_schema(node: Any) -> Any:
     return out
 
 
-def crd_schema(crd_path: Path, version: str = "v1") -> tuple[str, dict]:
-    """(kind, JSON Schema) of the CRD's `version`."""
-    crd = yaml.safe_load(Path(crd_path).read_text())
+def load_crd(crd_path: Path) -> dict:
+    """A CRD file, parsed with libyaml when available (the files are megabytes)."""
+    return yaml.load(Path(crd_path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def crd_schema(crd: dict, version: str = "v1") -> tuple[str, dict]:
+    """(kind, JSON Schema) of a loaded CRD's `version`."""
     (ver,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     schema = to_json_schema(ver["schema"]["openAPIV3Schema"])
     schema["properties"]["metadata"] = OBJECT_META
     return crd["spec"]["names"]["kind"], schema
 
 
-def cel_paths(crd_path: Path, version: str = "v1") -> list[tuple[str, ...]]:
+def cel_paths(crd: dict, version: str = "v1") -> list[tuple[str, ...]]:
     """Property paths (from the resource root) that carry CEL rules this validator cannot evaluate."""
-    crd = yaml.safe_load(Path(crd_path).read_text())
     (ver,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     found = []
 
