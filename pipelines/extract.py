@@ -111,8 +111,15 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
     total = sum(read_table(p, ["id"]).num_rows for p in todo)
     t0 = time.perf_counter()
     make = functools.partial(DescriptorExtractor, cfg)
+    first: list[tuple[float, int]] = []  # (seconds, images) at the first descriptors out: start-up cost
+
     with tqdm(total=total, desc="extract", unit="img") as bar:
-        for path, ids, vecs, extra in ENGINES[cfg.engine](todo, make, with_boxes=with_boxes, progress=bar.update, cfg=cfg):
+        def progress(n: int) -> None:
+            if not first:
+                first.append((time.perf_counter() - t0, n))
+            bar.update(n)
+
+        for path, ids, vecs, extra in ENGINES[cfg.engine](todo, make, with_boxes=with_boxes, progress=progress, cfg=cfg):
             src = read_table(path, ["id", "key"])
             keys, src_ids = src.column("key").to_pylist(), src.column("id").to_numpy()
             rejects = extra.get("rejects", [])
@@ -135,7 +142,10 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
     for k, r in zip(rej_t.column("key").to_pylist()[:20], rej_t.column("reason").to_pylist()[:20]):
         log.warning("extract: rejected %s: %s", k, r)
     log.info("extract: %d images in %.1f s (%.1f img/s), %d rejects", total, dt, total / dt if dt > 0 and total else 0.0, len(rej_t))
-    return {"images": total, "seconds": dt, "params": phash, "rejects": len(rej_t)}
+    start_s, start_n = first[0] if first else (dt, total)
+    steady = (total - start_n) / (dt - start_s) if dt > start_s and total > start_n else None
+    return {"images": total, "seconds": dt, "params": phash, "rejects": len(rej_t), "first_result_s": start_s,
+            "steady_img_s": steady}
 
 
 def save_whitening(w: Whitening, path: Path, *, params: dict) -> None:

@@ -63,6 +63,31 @@ def test_ray_extraction_equals_in_process(ray_session, local_run, tmp_path, tiny
         np.testing.assert_allclose(a[2], b[2], atol=1e-5)
 
 
+def test_ray_extraction_streams_in_blocks(ray_session, local_run, monkeypatch):
+    """Decoding and the model run side by side: the images reach the actors in many small blocks
+    (Ray Data's reader would otherwise pack every shard into one block, and decoding would finish
+    before the model starts), and the descriptors are unchanged."""
+    import functools
+    from pathlib import Path
+
+    import cluster.ray_extract as rx
+    from pipelines.extractor import DescriptorExtractor, prepare
+    from pipelines.shards import list_shards
+
+    cfg, _ = local_run
+    monkeypatch.setattr(rx, "TARGET_BLOCK_BYTES", 16 << 10)
+    shards = list_shards(Path(cfg.out) / "images")
+    calls = []
+    got = {}
+    for shard, ids, vec, _extra in rx.extract_shards_ray(shards, functools.partial(DescriptorExtractor, cfg.extract),
+                                                          prepare=functools.partial(prepare, cfg=cfg.extract), actors=1, num_cpus=0.5,
+                                                          batch_size=4, progress=calls.append):
+        got.update(zip(ids.tolist(), vec))
+    assert len(calls) > len(shards)  # many small batches, not one block per dataset
+    ref_ids, _, ref = load_descriptors(Path(cfg.out) / "features")
+    np.testing.assert_allclose(np.stack([got[i] for i in ref_ids.tolist()]), ref, atol=1e-5)
+
+
 def test_extract_crash_resumes_without_recomputing(local_run, tmp_path, tiny_benchmark, monkeypatch):
     import pipelines.extract as ex
 
