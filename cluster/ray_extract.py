@@ -149,6 +149,9 @@ def extract_shards_ray(
     # stream: the actors start on the first decoded images while the rest decode.
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.target_max_block_size = TARGET_BLOCK_BYTES
+    # the stage draws its own progress bar: Ray Data's bars and plan printouts would repeat it
+    data_ctx.enable_progress_bars = False
+    data_ctx.print_on_execution_start = False
     ds = ray.data.read_parquet([str(by_name[n]) for n in expected], include_paths=True).select_columns(columns + ["path"])
     ds = ds.map_batches(_Decode(prepare), num_cpus=decode_num_cpus, batch_size=batch_size, batch_format="numpy")
     ds = map_batches_actor_pool(

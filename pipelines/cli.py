@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import ConfigError, absolute_paths, config_to_toml, load_config
+from .config import ConfigError, RunConfig, absolute_paths, config_to_toml, load_config
 
 log = logging.getLogger("retrieval")
 STAGE_ORDER = ["ingest", "extract", "graph", "query", "evaluate"]
@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         sp = add(name, help=help_)
         sp.add_argument("config", help="TOML run configuration (see deploy/configs/demo.toml)")
         sp.add_argument("--out", help="run directory (overrides `out` in the config)")
-        sp.add_argument("--engine", choices=["ray", "local"], help="extraction engine (overrides [extract].engine)")
+        if name in ("run", "extract"):
+            sp.add_argument("--engine", choices=["ray", "local"], help="extraction engine (overrides [extract].engine)")
+        elif name == "graph":
+            sp.add_argument("--engine", choices=["ray", "local"], help="graph engine (overrides [graph].engine)")
         if name == "query":
             sp.add_argument("--queries", help="batch query job: Parquet file of queries (`key`, optional `vector` or `image`)")
             sp.add_argument("--methods", help="comma-separated methods for the batch job (default: [query].methods)")
@@ -48,26 +51,31 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--engine", choices=["ray", "local"], help="training engine (overrides [train].engine)")
     tr.add_argument("--workers", type=int, help="Ray Train workers (overrides [train].num_workers)")
     srv = add("serve", help="query service on Ray Serve over a finished run directory")
-    srv.add_argument("run_dir")
+    srv.add_argument("run_dir", help="a finished run directory (descriptors, and the graph for diffusion)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--replicas", type=int, default=1)
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port of the service (default 8000)")
+    srv.add_argument("--replicas", type=int, default=1, help="replicas, each holding the whole index")
     srv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     srv.add_argument("--max-batch", type=int, default=16, help="requests batched into one solve")
     srv.add_argument("--max-queries", type=int, default=1024, help="queries per request")
     srv.add_argument("--address", default="", help="Ray cluster to join (default: embedded local Ray)")
     smt = add("submit", help="submit a pipeline run to a Ray cluster (Ray Jobs API)")
-    smt.add_argument("config")
+    smt.add_argument("config", help="TOML run configuration (packaged with the code as the job's working directory)")
     smt.add_argument("--address", default="", help="the cluster's job API, http://HEAD:8265 (or RAY_ADDRESS)")
     smt.add_argument("--out", help="run directory (on storage every node sees)")
     smt.add_argument("--stage", default="run", choices=["run"] + STAGE_ORDER, help="what to run (default: all stages)")
     smt.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit status follows the job's")
     for name, help_ in [("status", "a submitted job's status"), ("logs", "a submitted job's logs")]:
         sp = add(name, help=help_)
-        sp.add_argument("job")
-        sp.add_argument("--address", default="")
+        sp.add_argument("job", help="the job id `submit` printed (for a run directory: retrieval show RUN)")
+        sp.add_argument("--address", default="", help="the cluster's job API, http://HEAD:8265 (or RAY_ADDRESS)")
         if name == "logs":
-            sp.add_argument("--follow", "-f", action="store_true")
+            sp.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    shw = add("show", help="what a run directory holds: stages done, sizes, timings, mAP, where the report and ranks are")
+    shw.add_argument("run_dir", help="a run directory (the config's `out`)")
+    cfgp = add("config", help="print a configuration as TOML: every default, or a file's resolved values")
+    cfgp.add_argument("config", nargs="?", help="TOML run configuration (omit for the defaults)")
+    cfgp.add_argument("--defaults", action="store_true", help="print the built-in defaults (the same as omitting CONFIG)")
     imp = add("import-descriptors", help="precomputed descriptors (.npy/.fvecs/.mat/.parquet) -> descriptor shards")
     imp.add_argument("database", help="database descriptors file, rows are descriptors")
     imp.add_argument("--out", required=True, help="run directory to create")
@@ -100,6 +108,8 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # faiss logs each CPU-specific build it tries and cannot load (a dynamic-dispatch wheel): noise
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         return _command(args)
     except Exception as e:
@@ -119,6 +129,18 @@ def _command(args) -> int:
                            variable=args.variable, transpose=args.transpose, shard_size=args.shard_size)
         print(f"descriptors: {Path(args.out) / 'descriptors'}")
         return 0
+    if args.command == "show":
+        from .show import run_summary
+
+        print("\n".join(run_summary(args.run_dir)))
+        return 0
+    if args.command == "config":
+        cfg = load_config(args.config) if args.config and not args.defaults else RunConfig()
+        print(config_to_toml(cfg), end="")
+        return 0
+    if args.command in ("status", "logs") and Path(args.job).is_dir():
+        raise ValueError(f"{args.command} reports a job submitted to a cluster; {args.job} is a run directory: "
+                         f"use `retrieval show {args.job}`")
     if args.command in ("serve", "submit", "status", "logs"):
         return _cluster_command(args)
     cfg = load_config(args.config)
@@ -127,8 +149,11 @@ def _command(args) -> int:
         cfg.out = args.out
     if args.command == "train":
         return _train(cfg, args)
-    if args.engine:
-        cfg.extract.engine = args.engine
+    if getattr(args, "engine", None):
+        if args.command == "graph":
+            cfg.graph.engine = args.engine
+        else:
+            cfg.extract.engine = args.engine
     from .evaluate import format_table
     from .run import run_stages
 
@@ -146,6 +171,10 @@ def _command(args) -> int:
         print("\nmAP (%)\n" + format_table(res["evaluate"]["metrics"]))
         print(f"\nresults: {out / 'metrics.json'}\nreport:  {res['evaluate']['report']}\nranks:   {out / 'ranks'}")
         print(f"timings (s): {res['timings']}")
+    else:  # no ground truth: still say what the run holds and where
+        from .show import run_summary
+
+        print("\n" + "\n".join(run_summary(cfg.out)))
     return 0
 
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
+
+log = logging.getLogger(__name__)
 
 # Allowed values of the string options whose registry is the dispatch of a stage or engine.
 EXTRACT_ENGINES: tuple[str, ...] = ("local", "ray")
@@ -221,7 +224,7 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    out: str = _path("runs/demo")
+    out: str = _path()  # run directory; a config file without it writes to runs/<config file name>
     log_level: str = _choice("INFO", LOG_LEVELS)
     ray_address: str = ""  # empty: embedded local Ray
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
@@ -288,6 +291,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
     for k, v in (overrides or {}).items():
         data[k] = v
+    if not data.get("out"):  # never a shared default folder: one collection's run must not replace another's
+        data["out"] = f"runs/{path.stem}"
+        log.info("config: %s sets no `out`: this run writes to %s", path, data["out"])
     return _build(RunConfig, data, "")
 
 

@@ -156,6 +156,15 @@ def save_whitening(w: Whitening, path: Path, *, params: dict) -> None:
     write_bytes(buf.getvalue(), path)
 
 
+def whitening_params(path: Path) -> str | None:
+    """The params a saved whitening was learned with (repr of a dict), or None."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["params"]) if "params" in z.files else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def load_whitening(path: Path) -> Whitening:
     with np.load(path, allow_pickle=False) as z:
         return Whitening(mean=z["mean"], proj=z["proj"], kind=str(z["kind"]))
@@ -211,9 +220,20 @@ def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whiten
     if cfg.whitening not in WHITENINGS:  # a config built in code: learn_whitening would silently take "lw"
         raise ValueError(f"extract: unknown whitening {cfg.whitening!r}; expected one of {', '.join(WHITENINGS)}")
     if cfg.whitening != "none" and whitening is None and learn:
-        whitening = learn_whitening(F, cfg)
-        save_whitening(whitening, wpath, params={"kind": cfg.whitening, "dim": cfg.whitening_dim, "shrinkage": cfg.whitening_shrinkage})
-        log.info("extract: %s whitening learned on %d descriptors: %d -> %d dims", cfg.whitening, len(ids), F.shape[1], whitening.dim)
+        # learned from these features with these settings before (a rerun): reused, not relearned
+        wparams = {"kind": cfg.whitening, "dim": cfg.whitening_dim, "shrinkage": cfg.whitening_shrinkage,
+                   "features_sha256_16": hashlib.sha256(ids.tobytes() + F.tobytes()).hexdigest()[:16]}
+        if whitening_params(wpath) == repr(wparams):
+            whitening = load_whitening(wpath)
+            log.info("extract: %s whitening unchanged (same features and settings): reused", cfg.whitening)
+        else:
+            whitening = learn_whitening(F, cfg)
+            save_whitening(whitening, wpath, params=wparams)
+            log.info("extract: %s whitening learned on %d descriptors: %d -> %d dims", cfg.whitening, len(ids), F.shape[1], whitening.dim)
+            if cfg.whitening_dim and whitening.dim < cfg.whitening_dim:
+                log.warning("extract: whitening_dim = %d, but %d descriptors support only %d dimensions: whitened to %d "
+                            "(set [extract].whitening_dim = %d to say so, or 0 for every dimension the data supports)",
+                            cfg.whitening_dim, len(ids), whitening.dim, whitening.dim, whitening.dim)
     X = whitening.apply(F) if (whitening is not None and cfg.whitening != "none") else l2_normalize(F)
     whash = hashlib.sha256(X.tobytes()).hexdigest()[:16]
     ddir = out_dir / "descriptors"

@@ -148,4 +148,9 @@ def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:
     }
     write_graph(W, gdir, block_rows=cfg.block_rows, manifest=manifest)
     log.info("graph: n=%d k=%d nnz=%d isolated=%d in %.2f s", stats.n, cfg.k, stats.nnz, stats.isolated, dt)
+    if stats.isolated:
+        log.warning("graph: %d of %d images have no mutual neighbour among their %d nearest (diffusion cannot reach them and "
+                    "ranks them by similarity only)%s", stats.isolated, stats.n, cfg.k,
+                    f"; k = {cfg.k} is large for {stats.n} images: try [graph].k = {max(2, min(cfg.k, stats.n // 4))}"
+                    if cfg.k > stats.n // 4 else "")
     return manifest

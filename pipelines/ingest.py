@@ -9,6 +9,7 @@ skipped on rerun.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import warnings
@@ -185,6 +186,22 @@ def validate_image(data: bytes, *, max_pixels: int) -> tuple[int, int]:
     return w, h
 
 
+def _refuse_other_collection(spec: str | Path, out_dir: Path) -> None:
+    """IngestError when `out_dir` already holds the ingest of another input: a run never replaces
+    another collection's shards (the same input, grown or not, is ingested again in place)."""
+    prev = out_dir / "ingest.json"
+    if not prev.is_file():
+        return
+    try:
+        old = json.loads(prev.read_text()).get("source_abs") or str(Path(json.loads(prev.read_text())["source"]).resolve())
+    except (ValueError, KeyError, TypeError):
+        return
+    new = str(Path(spec).resolve())
+    if old != new:
+        raise IngestError(f"ingest: {out_dir} already holds the images of {old}; this run ingests {new}. Choose another "
+                          "output folder (`out` in the config, or --out), or delete that one to replace it")
+
+
 def ingest(
     spec: str | Path,
     out_dir: str | Path,
@@ -199,6 +216,7 @@ def ingest(
     Returns: summary dict (images, rejects, shards), also written to `out_dir/ingest.json`.
     """
     out_dir = Path(out_dir)
+    _refuse_other_collection(spec, out_dir)
     sources = list_sources(spec, cfg)
     exts = {e.lower() for e in cfg.extensions}
     phash = params_hash({"cfg": cfg, "keys": [s.key for s in sources], "boxes": boxes or {}})
@@ -248,7 +266,8 @@ def ingest(
     write_table(all_rejects.replace_schema_metadata(None), out_dir / "rejects.parquet", params=phash)
     for key, reason in zip(all_rejects.column("key").to_pylist()[:20], all_rejects.column("reason").to_pylist()[:20]):
         log.warning("ingest: rejected %s: %s", key, reason)
-    summary = {"images": n_img, "rejects": n_rej, "shards": len(chunks), "source": str(spec), "params": phash}
+    summary = {"images": n_img, "rejects": n_rej, "shards": len(chunks), "source": str(spec), "source_abs": str(Path(spec).resolve()),
+               "params": phash}
     if n_img == 0:
         raise IngestError(f"ingest: none of the {len(sources)} inputs in {spec} is a readable image (see {out_dir / 'rejects.parquet'})")
     write_json(summary, out_dir / "ingest.json")

@@ -82,3 +82,24 @@ def run_query(run_dir: Path, query_dir: Path, cfg: QueryConfig) -> dict:
         log.info("query: %s on %d queries in %.3f s (ranker built in %.3f s)", m, len(qkeys), dt, t_build)
     write_json(summary, run_dir / "ranks" / "stats.json")
     return summary
+
+
+def read_ranks(run_dir: str | Path, method: str, topk: int | None = None) -> pa.Table:
+    """`ranks/<method>.parquet` with the ranked database keys beside their ids: one row per query,
+    `query`, `keys` (list of str), `ids`, `scores` (the first `topk` of each, or all).
+
+        from pipelines.query import read_ranks; print(read_ranks("runs/demo", "diffusion", 10).to_pandas())
+    """
+    from .shards import read_table
+
+    run_dir = Path(run_dir)
+    path = run_dir / "ranks" / f"{method}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"ranks: {path} does not exist (run the query stage with method {method!r})")
+    t = read_table(path, ["query", "ids", "scores"])
+    ids, keys, _ = load_descriptors(run_dir / "descriptors", dense=False)
+    key_of = dict(zip(ids.tolist(), keys))
+    ranked = [r[:topk] for r in t.column("ids").to_pylist()]
+    return pa.table({"query": t.column("query"), "keys": pa.array([[key_of[i] for i in r] for r in ranked], pa.list_(pa.string())),
+                     "ids": pa.array(ranked, pa.list_(pa.int64())),
+                     "scores": pa.array([r[:topk] for r in t.column("scores").to_pylist()], pa.list_(pa.float32()))})

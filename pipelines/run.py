@@ -135,6 +135,32 @@ def start_engines(cfg: RunConfig, stages: list[str]) -> None:
         init_ray(cfg.ray_address)
 
 
+def missing_inputs(cfg: RunConfig, run_dir: Path, stages: list[str]) -> str | None:
+    """Why `stages` cannot run on `run_dir` (a stage's input is neither there nor made by an earlier
+    stage of this run), naming the stage to run first; None when they can. Checked before any
+    engine starts, so a wrong order fails in a second, not after Ray's start-up."""
+    from retrieval.rankers import GRAPH_METHODS
+
+    made: set[str] = set()
+    produces = {"ingest": "images", "extract": "descriptors", "graph": "graph", "query": "ranks"}
+    present = {"images": any((run_dir / "images").glob("part-*.parquet")),
+               "descriptors": (run_dir / "manifest.json").is_file() and (run_dir / "descriptors").is_dir(),
+               "graph": (run_dir / "graph" / "manifest.json").is_file(),
+               "ranks": any((run_dir / "ranks").glob("*.parquet"))}
+    needs = {"extract": ["images"], "graph": ["descriptors"], "evaluate": ["ranks"],
+             "query": ["descriptors"] + (["graph"] if GRAPH_METHODS & set(cfg.query.methods) else []),
+             "train": [] if cfg.train.images else ["images"]}
+    by = {v: k for k, v in produces.items()}
+    for s in stages:
+        for need in needs.get(s, []):
+            if need not in made and not present[need]:
+                return (f"{s}: {run_dir} has no {need} yet: run the {by[need]} stage first "
+                        f"(`retrieval {by[need]} CONFIG`, or `retrieval run CONFIG` for every stage)")
+        if s in produces:
+            made.add(produces[s])
+    return None
+
+
 # stages that only read the run's outputs (their results are metrics and the report): they leave
 # config.resolved.json, which records the configuration that produced the outputs, as it is
 READ_ONLY_STAGES = {"evaluate"}
@@ -150,10 +176,15 @@ def run_stages(cfg: RunConfig, stages: list[str]) -> dict:
     checkpoint exists), so `run` and `extract` use the fine-tuned network."""
     if cfg.train.enabled and "extract" in stages and "train" not in stages:
         stages = stages[: stages.index("extract")] + ["train"] + stages[stages.index("extract") :]
+    if not cfg.out:
+        raise ValueError("config: no run directory: set `out` (or pass --out)")
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     if "ingest" in stages or "evaluate" in stages:
         resolve_dataset(cfg, run_dir)
+    why = missing_inputs(cfg, run_dir, stages)
+    if why:
+        raise ValueError(why)
     if set(stages) - READ_ONLY_STAGES:  # the configuration that produced the outputs; evaluating them changes nothing
         write_json(config_to_dict(cfg), run_dir / "config.resolved.json")
     start_engines(cfg, stages)
@@ -164,6 +195,8 @@ def run_stages(cfg: RunConfig, stages: list[str]) -> dict:
         results[s] = STAGES[s](cfg, run_dir)
         timings[s] = round(time.perf_counter() - t0, 2)
         log.info("stage %s done in %.1f s", s, timings[s])
-    write_json(timings, run_dir / f"timings.{'-'.join(stages) if len(set(stages) - {'train'}) < len(STAGES) - 1 else 'run'}.json")
+        # one timings record per run directory: each stage's latest time, written as it finishes
+        tpath = run_dir / "timings.json"
+        write_json({**(read_json(tpath) if tpath.is_file() else {}), s: timings[s]}, tpath)
     results["timings"] = timings
     return results

@@ -281,3 +281,32 @@ def test_rmac_with_regional_whitening_runs_end_to_end(tmp_path, tiny_benchmark):
     assert (out / "region_whitening.npz").is_file() and not (out / "queries" / "region_whitening.npz").exists()
     assert json.loads((out / "manifest.json").read_text())["region_whitening"] is True
     assert set(json.loads((out / "metrics.json").read_text())) == {"knn", "aqe", "diffusion"}
+
+
+def test_show_summarises_a_run_and_read_ranks_gives_keys(local_run, tmp_path, capsys):
+    """Issue 12 items 2 and 6: `retrieval show RUN` says what a run holds and where; ranks read back
+    with database keys; `retrieval config` prints a configuration that loads back unchanged."""
+    from pathlib import Path
+
+    from pipelines.cli import main
+    from pipelines.config import config_to_dict, load_config
+    from pipelines.query import read_ranks
+    from pipelines.show import run_summary
+
+    cfg, _ = local_run
+    text = "\n".join(run_summary(cfg.out))
+    for stage in ("ingest", "extract", "graph", "query", "evaluate"):
+        assert f"{stage:<9} done" in text, text
+    assert f"report: {Path(cfg.out) / 'report.html'}" in text and "next:" not in text and "diffusion" in text
+    assert "next: retrieval ingest" in "\n".join(run_summary(tmp_path))
+    t = read_ranks(cfg.out, "diffusion", 3)
+    ids, keys, _ = load_descriptors(Path(cfg.out) / "descriptors", dense=False)
+    key_of = dict(zip(ids.tolist(), keys))
+    for row_ids, row_keys in zip(t.column("ids").to_pylist(), t.column("keys").to_pylist()):
+        assert len(row_ids) == 3 and row_keys == [key_of[i] for i in row_ids]
+    assert main(["config", "--defaults"]) == 0
+    dumped = tmp_path / "defaults.toml"
+    dumped.write_text(capsys.readouterr().out.replace('out = ""', 'out = "x"', 1))
+    from pipelines.config import RunConfig
+
+    assert config_to_dict(load_config(dumped)) == config_to_dict(RunConfig(out="x"))

@@ -120,3 +120,51 @@ def test_rerun_skips_finished_shards_and_resumes_after_crash(folder, tmp_path, m
     assert s["images"] == ref["images"]
     for p in sorted((tmp_path / "ref" / "images").glob("part-*.parquet")):
         assert pq.read_table(p).equals(pq.read_table(out / "images" / p.name))
+
+
+def test_a_run_never_replaces_another_collections_shards(folder, tmp_path):
+    """Issue 12 item 1: ingesting another input into a folder that holds a collection is refused
+    (shards untouched); the same input, grown, is ingested in place."""
+    out = tmp_path / "run"
+    first = ingest(folder, out, IngestConfig(shard_size=3))
+    before = {p.name: p.read_bytes() for p in (out / "images").iterdir()}
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(_jpeg(3))
+    with pytest.raises(IngestError, match="already holds the images of"):
+        ingest(other, out, IngestConfig(shard_size=3))
+    assert {p.name: p.read_bytes() for p in (out / "images").iterdir()} == before
+    (folder / "zz_new.jpg").write_bytes(_jpeg(11))
+    grown = ingest(folder, out, IngestConfig(shard_size=3))
+    assert grown["images"] == first["images"] + 1
+
+
+def test_a_config_without_out_writes_to_a_folder_named_after_it(tmp_path):
+    from pipelines.config import load_config
+
+    cfg = tmp_path / "holiday-photos.toml"
+    cfg.write_text('[dataset]\ndatabase = "x"\n')
+    assert load_config(cfg).out == "runs/holiday-photos"
+    cfg.write_text('out = "elsewhere"\n')
+    assert load_config(cfg).out == "elsewhere"
+
+
+def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path):
+    """Issue 12 item 4: checked before any engine starts."""
+    from pipelines.config import RunConfig
+    from pipelines.run import missing_inputs, run_stages
+
+    cfg = RunConfig(out=str(tmp_path / "r"))
+    (tmp_path / "r").mkdir()
+    assert "run the ingest stage first" in missing_inputs(cfg, tmp_path / "r", ["extract"])
+    assert missing_inputs(cfg, tmp_path / "r", ["ingest", "extract", "graph", "query", "evaluate"]) is None
+    with pytest.raises(ValueError, match="no descriptors yet: run the extract stage first"):
+        run_stages(cfg, ["graph"])
+    cfg.query.methods = ["knn"]
+    assert "extract stage first" in missing_inputs(cfg, tmp_path / "r", ["query"])
+    assert "query stage first" in missing_inputs(cfg, tmp_path / "r", ["evaluate"])
+    (tmp_path / "r" / "descriptors").mkdir()  # descriptors there (as after extract or import-descriptors), no graph
+    (tmp_path / "r" / "manifest.json").write_text("{}")
+    assert missing_inputs(cfg, tmp_path / "r", ["query"]) is None  # kNN needs no graph
+    cfg.query.methods = ["knn", "diffusion"]
+    assert "no graph yet: run the graph stage first" in missing_inputs(cfg, tmp_path / "r", ["query"])
