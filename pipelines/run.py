@@ -81,33 +81,46 @@ def stage_graph(cfg: RunConfig, run_dir: Path) -> dict:
 
 def stage_query(cfg: RunConfig, run_dir: Path) -> dict:
     from .query import run_query
+    from .report import write_report
 
-    return run_query(run_dir, run_dir / "queries", cfg.query)
+    res = run_query(run_dir, run_dir / "queries", cfg.query)
+    if not cfg.dataset.gnd and not cfg.benchmark.enabled:  # no ground truth, no evaluate: the report still shows setup and results
+        report = write_report(run_dir, db_keys=_db_keys(run_dir), query_dir=run_dir / "queries", n_queries=cfg.evaluate.report_queries,
+                              topk=cfg.evaluate.report_topk, extra_html=_training_html(cfg, run_dir))
+        log.info("query: report (results without ground truth) in %s", report)
+    return res
+
+
+def _db_keys(run_dir: Path) -> list[str]:
+    """Database keys indexed by image id ("" for ids that have no descriptor)."""
+    from .descriptors import load_descriptors
+
+    ids, keys, _ = load_descriptors(run_dir / "descriptors", dense=False)
+    db_keys = [""] * (int(ids.max()) + 1 if len(ids) else 0)
+    for i, k in zip(ids.tolist(), keys):
+        db_keys[i] = k
+    return db_keys
+
+
+def _training_html(cfg: RunConfig, run_dir: Path) -> str:
+    from .report import training_html
+
+    log_path = Path(cfg.train.out or run_dir / "train") / "metrics.jsonl"
+    return training_html([json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else [])
 
 
 def stage_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
-    from .descriptors import load_descriptors
     from .evaluate import format_table, run_evaluate
     from .groundtruth import read_ground_truth
     from .report import write_report
 
     if not cfg.dataset.gnd:  # resolved by run_stages
         raise ValueError("config: evaluation needs [dataset].gnd (or an enabled [benchmark])")
-    ids, keys, _ = load_descriptors(run_dir / "descriptors", dense=False)
-    db_keys = [""] * (int(ids.max()) + 1 if len(ids) else 0)  # indexed by image id; "" for rejected ids
-    for i, k in zip(ids.tolist(), keys):
-        db_keys[i] = k
+    db_keys = _db_keys(run_dir)
     metrics = run_evaluate(run_dir, Path(cfg.dataset.gnd), cfg.evaluate, db_keys=db_keys, methods=cfg.query.methods)
-    detail = read_json(run_dir / "evaluation.json")["methods"]
-    proto = "M" if "M" in next(iter(detail.values())) else "classic"
-    aps = {m: d[proto]["aps"] for m, d in detail.items()}
-    from .report import training_html
-
-    log_path = Path(cfg.train.out or run_dir / "train") / "metrics.jsonl"
-    train_rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
-    report = write_report(run_dir, metrics, read_ground_truth(cfg.dataset.gnd), db_keys=db_keys, query_dir=run_dir / "queries",
-                          n_queries=cfg.evaluate.report_queries, topk=cfg.evaluate.report_topk, aps=aps,
-                          extra_html=training_html(train_rows))
+    report = write_report(run_dir, db_keys=db_keys, query_dir=run_dir / "queries", gt=read_ground_truth(cfg.dataset.gnd),
+                          evaluation=read_json(run_dir / "evaluation.json"), n_queries=cfg.evaluate.report_queries,
+                          topk=cfg.evaluate.report_topk, extra_html=_training_html(cfg, run_dir))
     log.info("evaluate: mAP (%%)\n%s", format_table(metrics))
     return {"metrics": metrics, "report": str(report)}
 

@@ -115,3 +115,33 @@ def revisited_map(
 ) -> dict[str, MapResult]:
     """Revisited Oxford/Paris evaluation: {'E': MapResult, 'M': ..., 'H': ...}."""
     return {p: compute_map(ranks, revisited_gnd(gnd, p), kappas) for p in REVISITED_PROTOCOLS}
+
+
+def precision_recall_curve(ranks: np.ndarray, gnd: Sequence[Mapping[str, Sequence[int]]],
+                           recall_levels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean interpolated precision at fixed recall levels over queries with positives (junk removed
+    from each ranking as in compute_map).
+
+    Args:
+        ranks: (nq, n) int database indices, best first (rows may be truncated).
+        gnd: per query {"ok": positives, "junk": ignored}.
+        recall_levels: (L,) in [0, 1]; default 0, 0.05, ..., 1.
+    Returns: (recall_levels (L,), precision (L,) float64 in [0, 1]); the interpolated precision at
+    recall r is the best precision at any recall >= r (0 where the ranking never reaches r).
+    """
+    levels = np.linspace(0.0, 1.0, 21) if recall_levels is None else np.asarray(recall_levels, np.float64)
+    curves = []
+    for q, g in enumerate(gnd):
+        pos = np.asarray(g.get("ok", ()), np.int64)
+        if pos.size == 0:
+            continue
+        found = positive_positions(ranks[q], pos, np.asarray(g.get("junk", ()), np.int64))
+        if found.size == 0:
+            curves.append(np.zeros_like(levels))
+            continue
+        recall = np.arange(1, found.size + 1) / pos.size
+        precision = np.arange(1, found.size + 1) / (found + 1.0)
+        best = np.maximum.accumulate(precision[::-1])[::-1]  # best precision at this recall or beyond
+        idx = np.searchsorted(recall, levels, side="left")
+        curves.append(np.where(idx < found.size, best[np.minimum(idx, found.size - 1)], 0.0))
+    return levels, (np.mean(curves, axis=0) if curves else np.zeros_like(levels))

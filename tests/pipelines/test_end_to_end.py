@@ -310,3 +310,70 @@ def test_show_summarises_a_run_and_read_ranks_gives_keys(local_run, tmp_path, ca
     from pipelines.config import RunConfig
 
     assert config_to_dict(load_config(dumped)) == config_to_dict(RunConfig(out="x"))
+
+
+def _html_problems(text: str) -> list[str]:
+    """Unbalanced tags and references outside the file (the report must stand alone)."""
+    from html.parser import HTMLParser
+
+    void = {"img", "br", "meta", "input", "hr", "link"}
+
+    class Check(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack, self.bad = [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in void:
+                self.stack.append(tag)
+            for k, v in attrs:
+                if k in ("src", "href") and v and not v.startswith(("data:", "#")):
+                    self.bad.append(f"external {k}={v[:60]}")
+
+        def handle_endtag(self, tag):
+            if not self.stack or self.stack.pop() != tag:
+                self.bad.append(f"unbalanced </{tag}>")
+
+    c = Check()
+    c.feed(text)
+    return c.bad + [f"unclosed <{t}>" for t in c.stack]
+
+
+def test_report_has_what_a_researcher_reads(local_run):
+    """Issue 12, the report page: setup, mAP and mP@k per protocol, PR curves and a per-query AP
+    scatter (inline SVG), timings and solver statistics, a sortable per-query AP table, example
+    grids down to the first mistake with the query image, every query's results; one file."""
+    from pathlib import Path
+
+    cfg, _ = local_run
+    text = (Path(cfg.out) / "report.html").read_text()
+    assert _html_problems(text) == []
+    for needle in ("<h2>Setup", "relevant to no query", "efficientnet_lite0", "k 5, gamma 3.0", "versions", "torch ",
+                   "<h2>Results", "M mP@5", "H mAP", "precision-recall", "per-query AP:", "<h2>Timings", "queries/s",
+                   "CG iterations", "class='sortable'", "<script>", "first mistake at rank", "positives: ", "class='q'",
+                   "All queries: top 10"):
+        assert needle in text, needle
+    assert text.count("<polyline") == 3 and text.count("<circle") == 6  # a curve per method, a dot per query
+
+
+def test_report_without_ground_truth_still_shows_results(tmp_path):
+    """Issue 12 item 2: a run without ground truth gets a report after its query stage."""
+    import numpy as np
+
+    from pipelines.config import RunConfig
+    from pipelines.import_descriptors import import_descriptors
+    from pipelines.run import run_stages
+    from retrieval.whitening import l2_normalize
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "db.npy", l2_normalize(rng.normal(size=(60, 8))).astype(np.float32))
+    np.save(tmp_path / "q.npy", l2_normalize(rng.normal(size=(4, 8))).astype(np.float32))
+    run = tmp_path / "run"
+    import_descriptors(run, tmp_path / "db.npy", queries=tmp_path / "q.npy")
+    cfg = RunConfig(out=str(run))
+    cfg.graph.k, cfg.query.methods = 5, ["knn", "diffusion"]
+    run_stages(cfg, ["graph", "query"])
+    text = (run / "report.html").read_text()
+    assert _html_problems(text) == []
+    assert "<h2>Setup" in text and "60 x 8" in text and "All queries: top 10" in text and "db00000000" in text
+    assert "<h2>Results" not in text and "Per-query AP" not in text  # the mAP parts need ground truth

@@ -104,3 +104,15 @@ def test_query_without_positives_is_excluded():
 def test_shape_is_checked():
     with pytest.raises(ValueError, match="ranks must be"):
         compute_map(np.zeros((3, 1), dtype=int), [{"ok": [0]}, {"ok": [1]}])
+
+
+def test_precision_recall_curve_by_hand():
+    from retrieval.metrics import precision_recall_curve
+
+    # positives 1 and 3 of 2; item 9 is junk and removed: ranking 9,1,5,3 -> 1 at 0, 3 at 2
+    ranks = np.array([[9, 1, 5, 3], [7, 8, 0, 2]])
+    gnd = [{"ok": [1, 3], "junk": [9]}, {"ok": [4], "junk": []}]
+    levels, prec = precision_recall_curve(ranks, gnd, np.array([0.0, 0.5, 1.0]))
+    # query 0: recall 0.5 at precision 1, recall 1 at precision 2/3; query 1 never finds its positive
+    np.testing.assert_allclose(prec, [(1.0 + 0) / 2, (1.0 + 0) / 2, (2 / 3 + 0) / 2])
+    assert levels.tolist() == [0.0, 0.5, 1.0]
