@@ -150,6 +150,7 @@ def write_report(
             a, b = list(aps)[0], list(aps)[-1]
             plots.append(rp.ap_scatter_svg(np.asarray(aps[a], float), np.asarray(aps[b], float), qkeys, a, b))
         parts.append("<h2>Plots</h2>" + "".join(plots))
+        parts.append(rp.sweeps_html(_json(run_dir / "sweeps.json")))
     parts.append(extra_html)
     parts.append(rp.timings_html(_json(run_dir / "timings.json"), _json(run_dir / "ranks" / "stats.json")))
     if aps:

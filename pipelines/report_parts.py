@@ -142,3 +142,56 @@ def per_query_table(qkeys: list[str], aps: dict[str, list[float]]) -> str:
     rows = [[q] + [float(aps[m][i]) if np.isfinite(aps[m][i]) else "-" for m in methods] for i, q in enumerate(qkeys)]
     return ("<h2>Per-query AP</h2><p>AP (%) of every query; click a column to sort.</p>"
             + table(["query"] + methods, rows, cls="sortable") + SORT_JS)
+
+
+def line_plot_svg(series: dict[str, list[tuple[float, float]]], xlab: str, ylab: str, title: str, *, log_x: bool = False) -> str:
+    """Small line plot: one polyline per series of (x, y) points, y in % (0-100 axis fitted to the data)."""
+    w, h, pad = 340, 220, 40
+    pts_all = [p for s in series.values() for p in s]
+    if not pts_all:
+        return ""
+    tx = (lambda x: np.log10(x)) if log_x else (lambda x: x)
+    xs, ys = [tx(x) for x, _ in pts_all], [y for _, y in pts_all]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = np.floor(min(ys) - 1), np.ceil(max(ys) + 1)
+    fx = lambda x: pad + (tx(x) - x0) / (x1 - x0) * (w - 2 * pad)  # noqa: E731
+    fy = lambda y: h - pad - (y - y0) / (y1 - y0) * (h - 2 * pad)  # noqa: E731
+    lines = []
+    for i, (name, pts) in enumerate(series.items()):
+        c = PALETTE[i % len(PALETTE)]
+        poly = " ".join(f"{fx(x):.1f},{fy(y):.1f}" for x, y in sorted(pts))
+        dots = "".join(f"<circle cx='{fx(x):.1f}' cy='{fy(y):.1f}' r='2.5' fill='{c}'><title>{html.escape(name)}: {x:g} -> {y:.2f}</title></circle>"
+                       for x, y in pts)
+        lines.append(f"<polyline fill='none' stroke='{c}' stroke-width='2' points='{poly}'/>{dots}"
+                     f"<text x='{w - pad}' y='{pad + 12 * i + 4}' font-size='10' fill='{c}' text-anchor='end'>{html.escape(name)}</text>")
+    xt = sorted({x for x, _ in pts_all})
+    ticks = "".join(f"<text x='{fx(x):.0f}' y='{h - pad + 13}' font-size='9' text-anchor='middle'>{x:g}</text>" for x in xt)
+    yt = f"<text x='{pad - 4}' y='{fy(y0) + 3:.0f}' font-size='9' text-anchor='end'>{y0:g}</text><text x='{pad - 4}' y='{fy(y1) + 3:.0f}' font-size='9' text-anchor='end'>{y1:g}</text>"
+    return (f"<svg class='plot' width='{w}' height='{h}'><rect x='{pad}' y='{pad}' width='{w - 2 * pad}' height='{h - 2 * pad}' fill='none' stroke='#999'/>"
+            f"{ticks}{yt}{''.join(lines)}<text x='{pad}' y='{pad - 8}' font-size='12'>{html.escape(title)}</text>"
+            f"<text x='{w / 2:.0f}' y='{h - 4}' font-size='11' text-anchor='middle'>{html.escape(xlab)}</text>"
+            f"<text x='12' y='{h / 2:.0f}' font-size='11' transform='rotate(-90 12 {h / 2:.0f})' text-anchor='middle'>{html.escape(ylab)}</text></svg>")
+
+
+def sweeps_html(sweeps: dict) -> str:
+    """The parameter sweeps of `pipelines.benchmarks.sweeps` (RUN/sweeps.json): Medium mAP against
+    whitening dims (per shrinkage), graph k (per kq) and alpha, plotted and tabulated."""
+    if not sweeps:
+        return ""
+    plots, tables = [], []
+    wh = sweeps.get("whitening") or []
+    if wh:
+        series = {f"shrinkage {s}": [(r["dims"], r["M"]) for r in wh if r["shrinkage"] == s] for s in sorted({r["shrinkage"] for r in wh})}
+        plots.append(line_plot_svg(series, "whitening dims", "M mAP (kNN)", "PCA-whitening", log_x=True))
+        tables.append(table(["dims", "shrinkage", "E", "M", "H"], [[r["dims"], r["shrinkage"], float(r["E"]), float(r["M"]), float(r["H"])] for r in wh]))
+    gr = sweeps.get("graph") or []
+    if gr:
+        series = {f"kq {q}": [(r["k"], r["M"]) for r in gr if r["kq"] == q] for q in sorted({r["kq"] for r in gr})}
+        plots.append(line_plot_svg(series, "graph k", "M mAP (diffusion)", "graph k"))
+        tables.append(table(["k", "kq", "isolated", "E", "M", "H"], [[r["k"], r["kq"], r["isolated"], float(r["E"]), float(r["M"]), float(r["H"])] for r in gr]))
+    al = sweeps.get("alpha") or []
+    if al:
+        plots.append(line_plot_svg({f"k {al[0]['k']}": [(r["alpha"], r["M"]) for r in al]}, "alpha", "M mAP (diffusion)", "alpha"))
+        tables.append(table(["alpha", "E", "M", "H"], [[r["alpha"], float(r["E"]), float(r["M"]), float(r["H"])] for r in al]))
+    return ("<h2>Parameter sweeps</h2><p>From <code>python -m pipelines.benchmarks.sweeps</code> on this run (mAP %).</p>"
+            + "".join(plots) + "<details><summary>tables</summary>" + "".join(tables) + "</details>")

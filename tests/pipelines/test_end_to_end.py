@@ -354,6 +354,27 @@ def test_report_has_what_a_researcher_reads(local_run):
                    "All queries: top 10"):
         assert needle in text, needle
     assert text.count("<polyline") == 3 and text.count("<circle") == 6  # a curve per method, a dot per query
+    assert "Parameter sweeps" not in text  # none was run
+
+
+def test_report_shows_parameter_sweeps_when_run(local_run, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from pipelines.benchmarks.sweeps import main as sweeps
+    from pipelines.run import run_stages
+
+    cfg, _ = local_run
+    run = tmp_path / "run"
+    shutil.copytree(cfg.out, run)
+    assert sweeps(["--run", str(run)]) == 0
+    swept = json.loads((run / "sweeps.json").read_text())
+    assert {r["k"] for r in swept["graph"]} == {5, 10, 15, 20, 30, 50} and len(swept["alpha"]) == 5
+    cfg2 = tiny_run_config(run)
+    run_stages(cfg2, ["evaluate"])
+    text = (run / "report.html").read_text()
+    assert _html_problems(text) == []
+    assert "Parameter sweeps" in text and "PCA-whitening" in text and ">graph k<" in text and ">alpha<" in text
 
 
 def test_report_without_ground_truth_still_shows_results(tmp_path):
