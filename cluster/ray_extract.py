@@ -74,10 +74,12 @@ class _Decode:
 
 def map_batches_actor_pool(ds, cls, *, constructor_args: tuple, actors: int, num_cpus: float, num_gpus: float, batch_size: int):
     """The one wrapper around Ray Data's version-sensitive `map_batches` arguments for actor pools."""
+    import ray
+
     return ds.map_batches(
         cls,
         fn_constructor_args=constructor_args,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` is deprecated since Ray 2.51
         num_cpus=num_cpus,
         num_gpus=num_gpus or None,
         batch_size=batch_size,
@@ -152,6 +154,8 @@ def extract_shards_ray(
     # the stage draws its own progress bar: Ray Data's bars and plan printouts would repeat it
     data_ctx.enable_progress_bars = False
     data_ctx.print_on_execution_start = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we know
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
     ds = ray.data.read_parquet([str(by_name[n]) for n in expected], include_paths=True).select_columns(columns + ["path"])
     ds = ds.map_batches(_Decode(prepare), num_cpus=decode_num_cpus, batch_size=batch_size, batch_format="numpy")
     ds = map_batches_actor_pool(

@@ -114,6 +114,8 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> None:
     else:
         log.info("ray: starting embedded local Ray")
         ensure_auth_token()
+        if "RAY_AUTH_MODE" not in os.environ:  # Ray's default for a new local cluster, said explicitly (no warning)
+            _token_auth_on()
         loopback_node()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
 

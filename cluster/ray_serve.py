@@ -229,7 +229,11 @@ def start_service(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
 
 
 def stop_service() -> None:
-    serve.shutdown()
+    """Shut the service down (nothing to do when Ray never started)."""
+    import ray
+
+    if ray.is_initialized():
+        serve.shutdown()
 
 
 def build_app(args: dict):

@@ -220,15 +220,25 @@ def _cluster_command(args) -> int:
             raise FileNotFoundError(f"serve: {args.run_dir} has no descriptors/ (run the pipeline first)")
         if not args.address:
             check_port(args.host, args.port)
-        init_ray(args.address)
-        url = start_service(args.run_dir, host=args.host, port=args.port, replicas=args.replicas, num_cpus=args.num_cpus,
-                            limits=ServiceLimits(max_queries=args.max_queries), max_batch_size=args.max_batch)
-        print(f"query service at {url}/query (health: {url}/healthz); Ctrl-C stops it", flush=True)
-        try:
+        import signal
+
+        def stop(signum, frame):  # SIGTERM (a service manager, `kill`) stops it as quietly as Ctrl-C
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        try:  # a stop while the service is still starting is a stop too, not a traceback
+            init_ray(args.address)
+            signal.signal(signal.SIGTERM, stop)  # Ray installs its own SIGTERM handler when it starts: ours again
+            url = start_service(args.run_dir, host=args.host, port=args.port, replicas=args.replicas, num_cpus=args.num_cpus,
+                                limits=ServiceLimits(max_queries=args.max_queries), max_batch_size=args.max_batch)
+            print(f"query service at {url}/query (health: {url}/healthz); Ctrl-C stops it", flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             stop_service()
+            print("query service stopped", flush=True)
         return 0
     from cluster import ray_jobs
 

@@ -151,6 +151,12 @@ class QueryIndex:
         self.weights_sha256 = manifest.get("weights_sha256")
         self.ids, self.keys, self.X = load_descriptors(self.run_dir / "descriptors", dense=False)
         self.row_of_key = {k: i for i, k in enumerate(self.keys)}
+        # the run's query set (queries/descriptors) is queryable by key too, after the database's keys
+        self.query_vectors: dict[str, np.ndarray] = {}
+        if (self.run_dir / "queries" / "descriptors").is_dir():
+            _, qkeys, QX = load_descriptors(self.run_dir / "queries" / "descriptors", dense=False)
+            if QX.shape[1:] == self.X.shape[1:]:
+                self.query_vectors = {k: QX[i] for i, k in enumerate(qkeys) if k not in self.row_of_key}
         self.rankers = Rankers(self.X, self.query_cfg, graph_dir=self.run_dir / "graph")
         self.has_graph = self.rankers.has_graph
         ready = [m for m in warm if m not in GRAPH_METHODS or self.has_graph]
@@ -197,9 +203,13 @@ class QueryIndex:
                 raise RequestError(f"queries[{i}] must be an object with exactly one of 'key', 'vector', 'image'")
             kind, value = next(iter(q.items()))
             if kind == "key":
-                if not isinstance(value, str) or value not in self.row_of_key:
-                    raise RequestError(f"queries[{i}]: unknown database key {_show.repr(value)}", 404 if isinstance(value, str) else 400)
-                Q[i] = self.X[self.row_of_key[value]]
+                if isinstance(value, str) and value in self.row_of_key:
+                    Q[i] = self.X[self.row_of_key[value]]
+                elif isinstance(value, str) and value in self.query_vectors:
+                    Q[i] = self.query_vectors[value]
+                else:
+                    raise RequestError(f"queries[{i}]: unknown key {_show.repr(value)} (neither a database image nor one of the "
+                                       "run's queries)", 404 if isinstance(value, str) else 400)
                 names.append(value)
             elif kind == "vector":
                 Q[i] = self._vector(value, i)

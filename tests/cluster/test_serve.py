@@ -129,8 +129,10 @@ def test_stalled_uploads_do_not_block_valid_queries(service, tiny_run):
 
 
 @pytest.mark.slow
-def test_retrieval_serve_command(tiny_run, tmp_path):
-    """`retrieval serve RUN` as documented: starts, answers, stops on Ctrl-C (its own embedded Ray)."""
+@pytest.mark.parametrize("stop_signal", ["SIGINT", "SIGTERM"])
+def test_retrieval_serve_command(tiny_run, tmp_path, stop_signal):
+    """`retrieval serve RUN` as documented: starts, answers, stops on Ctrl-C or SIGTERM quietly
+    (exit 0, no traceback; its own embedded Ray)."""
     import os
     import signal
     import subprocess
@@ -157,9 +159,10 @@ def test_retrieval_serve_command(tiny_run, tmp_path):
             {"queries": [{"key": k} for k in idx.keys[:2]], "method": "diffusion", "topk": 3})["results"]]
         c.close()
     finally:
-        os.killpg(p.pid, signal.SIGINT)
+        os.kill(p.pid, getattr(signal, stop_signal))
         try:
-            p.wait(timeout=60)
+            out, _ = p.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+            out, _ = p.communicate()
+    assert p.returncode == 0 and "query service stopped" in out and "Traceback" not in out, out[-3000:]

@@ -47,8 +47,8 @@ BAD = [
     ([], 400, "JSON object"),
     ({"queries": []}, 400, "non-empty"),
     ({"queries": [{"key": "x"}], "extra": 1}, 400, "unknown field"),
-    ({"queries": [{"key": "nope"}]}, 404, "unknown database key"),
-    ({"queries": [{"key": 5}]}, 400, "unknown database key"),
+    ({"queries": [{"key": "nope"}]}, 404, "unknown key"),
+    ({"queries": [{"key": 5}]}, 400, "unknown key"),
     ({"queries": [{"vector": [1.0, 2.0]}]}, 422, "list of 16 numbers"),
     ({"queries": [{"vector": [0.0] * 16}]}, 422, "non-zero"),
     ({"queries": [{"vector": ["a"] * 16}]}, 400, "numbers only"),
@@ -67,7 +67,7 @@ BAD = [
     ({"queries": [{"vector": [10**400] + [1.0] * 15}]}, 422, "float64 range"),
     ({"queries": [{"vector": [1e308] * 16}]}, 422, "norm overflows"),
     ({"queries": [{"vector": [float("inf")] + [1.0] * 15}]}, 422, "finite"),
-    ({"queries": [{"key": "k" * 1_000_000}]}, 404, r"unknown database key 'k+\.\.\.k+'$"),
+    ({"queries": [{"key": "k" * 1_000_000}]}, 404, r"unknown key 'k+\.\.\.k+' \("),
 ]
 
 
@@ -176,3 +176,19 @@ def test_index_files_with_pickled_objects_are_refused(tiny_run, tmp_path):
     np.savez(block, **arrays)
     with pytest.raises(ValueError, match="allow_pickle"):
         QueryIndex(run)
+
+
+def test_the_runs_query_images_are_queryable_by_key(tiny_run):
+    """Issue 12 item 8: a key of the run's query set (not in the database) ranks its descriptor."""
+    from pathlib import Path
+
+    from pipelines.descriptors import load_descriptors
+    from pipelines.service import QueryIndex
+
+    run = Path(tiny_run[0].out)
+    _, qkeys, Q = load_descriptors(run / "queries" / "descriptors")
+    idx = QueryIndex(run, warm=("knn",))
+    assert qkeys[0] not in idx.row_of_key
+    by_key = idx.answer({"queries": [{"key": qkeys[0]}], "method": "knn", "topk": 5})["results"][0]
+    by_vec = idx.answer({"queries": [{"vector": Q[0].tolist()}], "method": "knn", "topk": 5})["results"][0]
+    assert by_key["keys"] == by_vec["keys"] and by_key["query"] == qkeys[0]

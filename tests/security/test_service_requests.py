@@ -143,7 +143,7 @@ def imported_index(tmp_path):
     ({"queries": [{"vector": [1.0] * 8}], "method": ["knn"]}, 400, "unknown method"),
     ({"queries": [{"vector": [10**400] + [1.0] * 7}], "method": "knn"}, 422, "float64 range"),
     ({"queries": [{"vector": [1e308] * 8}], "method": "knn"}, 422, "overflows"),
-    ({"queries": [{"key": [[[["x"]]]]}], "method": "knn"}, 400, "unknown database key"),
+    ({"queries": [{"key": [[[["x"]]]]}], "method": "knn"}, 400, "unknown key"),
     ({"queries": [{"vector": [1.0] * 8}], "method": "diffusion"}, 422, "needs the graph"),
 ])
 def test_malformed_values_get_4xx_over_http(imported_index, payload, status, msg):
