@@ -398,3 +398,52 @@ def test_report_without_ground_truth_still_shows_results(tmp_path):
     assert _html_problems(text) == []
     assert "<h2>Setup" in text and "60 x 8" in text and "All queries: top 10" in text and "db00000000" in text
     assert "<h2>Results" not in text and "Per-query AP" not in text  # the mAP parts need ground truth
+
+
+def test_noop_rerun_of_extract_reuses_whitening(local_run, tmp_path, caplog):
+    """Issue 12 item 7: nothing changed, nothing relearned (the whitening file is left as it was)."""
+    import logging
+    from pathlib import Path
+
+    cfg, _ = local_run
+    run = tmp_path / "run"
+    shutil.copytree(cfg.out, run)
+    before = (run / "whitening.npz").read_bytes()
+    cfg2 = tiny_run_config(run)
+    with caplog.at_level(logging.INFO, logger="pipelines.extract"):
+        run_stages(cfg2, ["extract"])
+    assert "whitening unchanged" in caplog.text and "whitening learned" not in caplog.text
+    assert (run / "whitening.npz").read_bytes() == before
+    cfg2.extract.whitening_dim = 8  # a changed setting is learned again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.extract"):
+        run_stages(cfg2, ["extract"])
+    assert "whitening learned" in caplog.text
+    assert json.loads((Path(run) / "timings.json").read_text())["extract"] > 0
+
+
+def test_small_collections_get_warnings_with_what_to_set(tmp_path, caplog):
+    """Issue 12 item 3: k too large for the collection (isolated images) and a whitening_dim the
+    data cannot support are said, with the number and the setting to change."""
+    import logging
+
+    from pipelines.config import ExtractConfig, GraphConfig
+    from pipelines.extract import finalize_descriptors
+    from pipelines.graph import run_graph
+    from pipelines.import_descriptors import import_descriptors
+    from retrieval.whitening import l2_normalize
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=64)  # 30 images around one direction, 2 opposite: mutual neighbours are lopsided
+    X = l2_normalize(np.vstack([base + 0.3 * rng.normal(size=(30, 64)), -base + 0.3 * rng.normal(size=(2, 64))])).astype(np.float32)
+    np.save(tmp_path / "db.npy", X)
+    run = tmp_path / "run"
+    import_descriptors(run, tmp_path / "db.npy")
+    with caplog.at_level(logging.WARNING):
+        run_graph(run, GraphConfig(k=5, index="flat"))
+    assert "6 of 32 images have no mutual neighbour among their 5 nearest" in caplog.text
+    caplog.clear()
+    shutil.copytree(run / "descriptors", run / "features")
+    with caplog.at_level(logging.WARNING):
+        finalize_descriptors(run, ExtractConfig(whitening="pca", whitening_dim=512))
+    assert "whitening_dim = 512, but 32 descriptors support only" in caplog.text
