@@ -126,3 +126,40 @@ def mutual_nn_pairs(I: np.ndarray, *, rank: int = 1) -> np.ndarray:
     ok = (nn >= 0) & (nn != i)
     mutual = ok & (nn[np.clip(nn, 0, n - 1)] == i) & (i < nn)
     return np.stack([i[mutual], nn[mutual]], axis=1)
+
+
+def merge_knn(D: np.ndarray, I: np.ndarray, D2: np.ndarray, I2: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise union of two candidate lists, the `kk` most similar kept (best first).
+
+    Args:
+        D, I: (n, a) similarities and indices; D2, I2: (n, b) more candidates for the same rows
+           (disjoint from the first: e.g. the same rows searched against newly added items).
+        kk: entries kept per row.
+    Returns: (n, kk) float32 similarities, (n, kk) int64 indices; ties keep the first list's order
+    (stable sort), as a search over the concatenated database would rank the lower index first.
+    """
+    Dc = np.concatenate([D, D2], axis=1)
+    Ic = np.concatenate([I, I2], axis=1)
+    order = np.argsort(-Dc, axis=1, kind="stable")[:, :kk]
+    return np.take_along_axis(Dc, order, axis=1).astype(np.float32), np.take_along_axis(Ic, order, axis=1).astype(np.int64)
+
+
+def extend_knn(D_old: np.ndarray, I_old: np.ndarray, X_old: np.ndarray, X_new: np.ndarray, *, knn) -> tuple[np.ndarray, np.ndarray]:
+    """Self-kNN lists of the rows of [X_old; X_new] from the lists of X_old, without searching
+    old against old again: the new rows are searched against everything, the old rows only against
+    the new ones, and each old list is merged with its new candidates.
+
+    Args:
+        D_old, I_old: (n_old, kk) self-kNN of X_old (as `knn(X_old, X_old, kk)` gave them).
+        X_old: (n_old, d), X_new: (n_new, d) float32; new items get indices n_old .. n_old + n_new - 1.
+        knn: `knn(queries, database, kk) -> (D, I)`, the search used for the old lists.
+    Returns: (n_old + n_new, kk) similarities and indices; with an exact `knn` equal to searching
+    the whole collection at once (up to ties). Cost: n_new x (n_old + n_new) + n_old x n_new
+    distances instead of (n_old + n_new)^2.
+    """
+    n_old, kk = I_old.shape
+    X_all = np.vstack([X_old, X_new])
+    D_n, I_n = knn(X_new, X_all, kk)  # new rows against everything
+    D_o, I_o = knn(X_old, X_new, min(kk, X_new.shape[0]))  # old rows against the new items only
+    D_m, I_m = merge_knn(D_old, I_old, D_o, np.where(I_o >= 0, I_o + n_old, -1), kk)
+    return np.vstack([D_m, D_n]).astype(np.float32), np.vstack([I_m, I_n]).astype(np.int64)

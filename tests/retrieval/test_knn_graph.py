@@ -104,3 +104,26 @@ def test_non_reciprocal_symmetrises_by_max(rng):
     Ar = affinity_from_knn(D, I, gamma=1.0, reciprocal=True)
     assert sp.csr_matrix(A - A.T).count_nonzero() == 0
     assert A.nnz >= Ar.nnz
+
+
+def test_extended_knn_graph_equals_a_rebuild():
+    """Issue 13: adding images updates the kNN lists (new rows searched against everything, old rows
+    against the new ones only) and the graph equals a full rebuild with an exact index."""
+    from retrieval.graph import extend_knn, graph_from_knn
+    from retrieval.knn import knn_search
+    from retrieval.whitening import l2_normalize
+
+    rng = np.random.default_rng(3)
+    X = l2_normalize(rng.normal(size=(600, 24))).astype(np.float32)
+    old, new = X[:500], X[500:]
+    k = 10
+    D0, I0 = knn_search(old, old, k + 1)
+    D, I = extend_knn(D0, I0, old, new, knn=knn_search)
+    Df, If = knn_search(X, X, k + 1)
+    np.testing.assert_array_equal(I, If)
+    np.testing.assert_allclose(D, Df, atol=1e-6)
+    W, st = graph_from_knn(D, I, gamma=3.0)
+    Wf, stf = graph_from_knn(Df, If, gamma=3.0)
+    assert (W != Wf).nnz == 0 and st == stf
+    # the old rows' lists really changed (new items entered them), so the merge is exercised
+    assert (I[:500] >= 500).any()
