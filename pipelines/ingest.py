@@ -202,6 +202,84 @@ def _refuse_other_collection(spec: str | Path, out_dir: Path) -> None:
                           "output folder (`out` in the config, or --out), or delete that one to replace it")
 
 
+def _write_chunk(chunk: list[Source], si: int, next_id: int, img_dir: Path, rej_dir: Path, cfg: IngestConfig, exts: set[str],
+                 boxes: dict | None, params: str) -> tuple[int, int, int]:
+    """Read, validate and write one shard (images + rejects); ids from `next_id` on.
+    Returns (images written, rejects written, the next free id)."""
+    rows = {k: [] for k in IMAGE_SCHEMA.names}
+    rejects = {"key": [], "reason": []}
+    for src in chunk:
+        try:
+            if src.reject is not None:
+                raise ValueError(src.reject)
+            if src.path is not None and Path(src.path).suffix.lower() not in exts:
+                raise ValueError(f"unsupported extension {Path(src.path).suffix!r}")
+            data = src.read()
+            w, h = validate_image(data, max_pixels=cfg.max_pixels)
+        except (ValueError, OSError) as e:
+            rejects["key"].append(src.key)
+            rejects["reason"].append(str(e))
+            continue
+        rows["id"].append(next_id)
+        rows["key"].append(src.key)
+        rows["image"].append(data)
+        rows["width"].append(w)
+        rows["height"].append(h)
+        rows["bbox"].append([float(v) for v in boxes[src.key]] if boxes and src.key in boxes else None)
+        next_id += 1
+    write_table(pa.table(rows, schema=IMAGE_SCHEMA), img_dir / shard_name(si), params=params)
+    write_table(pa.table(rejects, schema=REJECT_SCHEMA), rej_dir / shard_name(si), params=params)
+    return len(rows["id"]), len(rejects["key"]), next_id
+
+
+def _append_new(spec, sources: list[Source], out_dir: Path, cfg: IngestConfig, exts: set[str], boxes: dict | None,
+                cfg_hash: str) -> dict | None:
+    """Grow a finished ingest of the same input with its new images only: existing shards and ids
+    stay as they are, new images get the next ids in new shards. None (ingest anew) when images of
+    the previous ingest left the input."""
+    img_dir, rej_dir = out_dir / "images", out_dir / "rejects"
+    known: dict[str, int] = {}
+    for p in list_shards(img_dir):
+        t = read_table(p, ["id", "key"])
+        known.update(zip(t.column("key").to_pylist(), t.column("id").to_pylist()))
+    rejected = {k for p in list_shards(rej_dir) for k in read_table(p, ["key"]).column("key").to_pylist()}
+    gone = (set(known) | rejected) - {s.key for s in sources}
+    if gone:
+        log.warning("ingest: %d image(s) of the previous ingest are no longer in %s (e.g. %s): ingesting anew, ids may change",
+                    len(gone), spec, sorted(gone)[:3])
+        return None
+    new = [s for s in sources if s.key not in known and s.key not in rejected]
+    si = len(list_shards(img_dir))
+    next_id = max(known.values(), default=-1) + 1
+    if new:
+        log.info("ingest: %d new image(s) in %s: appended from id %d, existing ids unchanged", len(new), spec, next_id)
+    for i in tqdm(range(0, len(new), cfg.shard_size), desc="ingest (new images)", unit="shard", disable=not new):
+        _, _, next_id = _write_chunk(new[i:i + cfg.shard_size], si, next_id, img_dir, rej_dir, cfg, exts, boxes,
+                                     params=f"append:{cfg_hash}:{si}:{next_id}")
+        si += 1
+    return _finish(spec, out_dir, si, cfg_hash, appended=len(new))
+
+
+def _finish(spec, out_dir: Path, n_shards: int, cfg_hash: str, **extra) -> dict:
+    """rejects.parquet and ingest.json from the shards on disk; the summary."""
+    img_dir, rej_dir = out_dir / "images", out_dir / "rejects"
+    n_img = sum(pq.read_metadata(p).num_rows for p in list_shards(img_dir))
+    rej = [read_table(p) for p in list_shards(rej_dir)]
+    all_rejects = pa.concat_tables(rej) if rej else pa.table({"key": [], "reason": []}, schema=REJECT_SCHEMA)
+    params = params_hash({"cfg_hash": cfg_hash, "shards": n_shards, "images": n_img, "rejects": len(all_rejects)})
+    write_table(all_rejects.replace_schema_metadata(None), out_dir / "rejects.parquet", params=params)
+    for key, reason in zip(all_rejects.column("key").to_pylist()[:20], all_rejects.column("reason").to_pylist()[:20]):
+        log.warning("ingest: rejected %s: %s", key, reason)
+    summary = {"images": n_img, "rejects": len(all_rejects), "shards": n_shards, "source": str(spec),
+               "source_abs": str(Path(spec).resolve()), "params": params, "cfg_hash": cfg_hash, **extra}
+    if n_img == 0:
+        raise IngestError(f"ingest: none of the {len(all_rejects)} inputs in {spec} is a readable image "
+                          f"(see {out_dir / 'rejects.parquet'})")
+    write_json(summary, out_dir / "ingest.json")
+    log.info("ingest: %d images in %d shards, %d rejects -> %s", n_img, n_shards, len(all_rejects), img_dir)
+    return summary
+
+
 def ingest(
     spec: str | Path,
     out_dir: str | Path,
@@ -211,6 +289,11 @@ def ingest(
 ) -> dict:
     """Ingest a collection into `out_dir/images` and `out_dir/rejects.parquet`.
 
+    Ids never change as a collection grows: over a finished ingest of the same input with the same
+    settings, only the images not seen before are read, appended with the next ids in new shards.
+    Otherwise (first ingest, other settings, images removed) the input is ingested from scratch,
+    finished shards of an interrupted ingest skipped.
+
     Args:
         boxes: optional key -> (x0, y0, x1, y1) query boxes stored in the `bbox` column.
     Returns: summary dict (images, rejects, shards), also written to `out_dir/ingest.json`.
@@ -219,57 +302,27 @@ def ingest(
     _refuse_other_collection(spec, out_dir)
     sources = list_sources(spec, cfg)
     exts = {e.lower() for e in cfg.extensions}
+    cfg_hash = params_hash({"cfg": cfg, "boxes": boxes or {}})
+    prev = out_dir / "ingest.json"
+    if prev.is_file() and json.loads(prev.read_text()).get("cfg_hash") == cfg_hash:
+        grown = _append_new(spec, sources, out_dir, cfg, exts, boxes, cfg_hash)
+        if grown is not None:
+            return grown
     phash = params_hash({"cfg": cfg, "keys": [s.key for s in sources], "boxes": boxes or {}})
     img_dir, rej_dir = out_dir / "images", out_dir / "rejects"
     chunks = [sources[i : i + cfg.shard_size] for i in range(0, len(sources), cfg.shard_size)]
     next_id = 0
-    n_img = n_rej = 0
     for si, chunk in enumerate(tqdm(chunks, desc="ingest", unit="shard")):
         path, rpath = img_dir / shard_name(si), rej_dir / shard_name(si)
         shard_params = f"{phash}:{si}:{next_id}"
         if shard_done(path, params=shard_params) and shard_done(rpath, params=shard_params):
-            n = pq.read_metadata(path).num_rows
-            log.debug("ingest: shard %d done (%d images), skipping", si, n)
-            next_id += n
-            n_img += n
-            n_rej += pq.read_metadata(rpath).num_rows
+            log.debug("ingest: shard %d done, skipping", si)
+            next_id += pq.read_metadata(path).num_rows
             continue
-        rows = {k: [] for k in IMAGE_SCHEMA.names}
-        rejects = {"key": [], "reason": []}
-        for src in chunk:
-            try:
-                if src.reject is not None:
-                    raise ValueError(src.reject)
-                if src.path is not None and Path(src.path).suffix.lower() not in exts:
-                    raise ValueError(f"unsupported extension {Path(src.path).suffix!r}")
-                data = src.read()
-                w, h = validate_image(data, max_pixels=cfg.max_pixels)
-            except (ValueError, OSError) as e:
-                rejects["key"].append(src.key)
-                rejects["reason"].append(str(e))
-                continue
-            rows["id"].append(next_id)
-            rows["key"].append(src.key)
-            rows["image"].append(data)
-            rows["width"].append(w)
-            rows["height"].append(h)
-            rows["bbox"].append([float(v) for v in boxes[src.key]] if boxes and src.key in boxes else None)
-            next_id += 1
-        write_table(pa.table(rows, schema=IMAGE_SCHEMA), path, params=shard_params)
-        write_table(pa.table(rejects, schema=REJECT_SCHEMA), rpath, params=shard_params)
-        n_img += len(rows["id"])
-        n_rej += len(rejects["key"])
+        _, _, next_id = _write_chunk(chunk, si, next_id, img_dir, rej_dir, cfg, exts, boxes, params=shard_params)
     # drop shards of an earlier, larger ingest into the same folder
     for stale in list_shards(img_dir)[len(chunks) :] + list_shards(rej_dir)[len(chunks) :]:
         stale.unlink()
-    all_rejects = pa.concat_tables([read_table(p) for p in list_shards(rej_dir)]) if chunks else pa.table({}, schema=REJECT_SCHEMA)
-    write_table(all_rejects.replace_schema_metadata(None), out_dir / "rejects.parquet", params=phash)
-    for key, reason in zip(all_rejects.column("key").to_pylist()[:20], all_rejects.column("reason").to_pylist()[:20]):
-        log.warning("ingest: rejected %s: %s", key, reason)
-    summary = {"images": n_img, "rejects": n_rej, "shards": len(chunks), "source": str(spec), "source_abs": str(Path(spec).resolve()),
-               "params": phash}
-    if n_img == 0:
+    if not chunks:
         raise IngestError(f"ingest: none of the {len(sources)} inputs in {spec} is a readable image (see {out_dir / 'rejects.parquet'})")
-    write_json(summary, out_dir / "ingest.json")
-    log.info("ingest: %d images in %d shards, %d rejects -> %s", n_img, len(chunks), n_rej, img_dir)
-    return summary
+    return _finish(spec, out_dir, len(chunks), cfg_hash)

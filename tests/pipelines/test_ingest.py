@@ -168,3 +168,51 @@ def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path):
     assert missing_inputs(cfg, tmp_path / "r", ["query"]) is None  # kNN needs no graph
     cfg.query.methods = ["knn", "diffusion"]
     assert "no graph yet: run the graph stage first" in missing_inputs(cfg, tmp_path / "r", ["query"])
+
+
+def _ids_by_key(out):
+    t = pa.concat_tables([pq.read_table(p, columns=["id", "key"]) for p in sorted((out / "images").glob("part-*.parquet"))])
+    return dict(zip(t.column("key").to_pylist(), t.column("id").to_pylist()))
+
+
+def test_ids_never_change_as_images_are_added(folder, tmp_path, monkeypatch, caplog):
+    """Issue 13 / the mission: images added to the input (keys sorting before and after the old
+    ones) get the next ids in new shards; old shards and ids are untouched; a crash while
+    appending resumes; a removed image makes ingest start anew, said in a warning."""
+    import logging
+
+    import pipelines.ingest as ing
+
+    out = tmp_path / "run"
+    ingest(folder, out, IngestConfig(shard_size=3))
+    before_ids = _ids_by_key(out)
+    before_bytes = {p.name: p.read_bytes() for p in (out / "images").glob("part-*.parquet")}
+    for name, seed in [("aa_first.jpg", 21), ("mm_middle.jpg", 22), ("zz_last.jpg", 23), ("zz_last2.jpg", 24)]:
+        (folder / name).write_bytes(_jpeg(seed))
+    real, calls = ing.write_table, {"n": 0}
+
+    def crashing(table, path, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first new shard written (images + rejects), crash in the second
+            raise KeyboardInterrupt("injected crash")
+        return real(table, path, **kw)
+
+    monkeypatch.setattr(ing, "write_table", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(folder, out, IngestConfig(shard_size=3))
+    monkeypatch.setattr(ing, "write_table", real)
+    grown = ingest(folder, out, IngestConfig(shard_size=3))
+    ids = _ids_by_key(out)
+    assert {k: ids[k] for k in before_ids} == before_ids  # nothing renumbered
+    new = {k: v for k, v in ids.items() if k not in before_ids}
+    assert sorted(new) == ["aa_first.jpg", "mm_middle.jpg", "zz_last.jpg", "zz_last2.jpg"]
+    assert sorted(new.values()) == list(range(max(before_ids.values()) + 1, max(before_ids.values()) + 5))
+    for name, data in before_bytes.items():
+        assert (out / "images" / name).read_bytes() == data
+    assert grown["images"] == len(before_ids) + 4 and grown["appended"] == 1  # the crash had written a shard of 3 new ones
+    again = ingest(folder, out, IngestConfig(shard_size=3))  # nothing new: nothing written
+    assert again["appended"] == 0 and _ids_by_key(out) == ids
+    (folder / "ok_0.jpg").unlink()
+    with caplog.at_level(logging.WARNING, logger="pipelines.ingest"):
+        ingest(folder, out, IngestConfig(shard_size=3))
+    assert "no longer in" in caplog.text and "ids may change" in caplog.text
