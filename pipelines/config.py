@@ -127,6 +127,9 @@ class ExtractConfig:
     whitening: str = _choice("pca", WHITENINGS)  # "pca", "lw" (learned on mutual-NN pairs mined without labels) or "none"
     whitening_dim: int = _min(512, 0)  # 0: every dimension the data supports
     whitening_shrinkage: float = 0.1
+    # a grown collection keeps the whitening learned before it grew (descriptors of earlier images
+    # stay as they were, so their graph rows can be kept); true learns it again on everything
+    relearn_whitening: bool = False
 
 
 @dataclass

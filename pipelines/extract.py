@@ -156,6 +156,20 @@ def save_whitening(w: Whitening, path: Path, *, params: dict) -> None:
     write_bytes(buf.getvalue(), path)
 
 
+def _features_hash(ids: np.ndarray, F: np.ndarray, n: int) -> str:
+    """Hash of the first n (id, feature) rows."""
+    return hashlib.sha256(np.ascontiguousarray(ids[:n]).tobytes() + np.ascontiguousarray(F[:n]).tobytes()).hexdigest()[:16]
+
+
+def _literal(text: str | None):
+    import ast
+
+    try:
+        return ast.literal_eval(text) if text else None
+    except (ValueError, SyntaxError):
+        return None
+
+
 def whitening_params(path: Path) -> str | None:
     """The params a saved whitening was learned with (repr of a dict), or None."""
     try:
@@ -220,12 +234,19 @@ def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whiten
     if cfg.whitening not in WHITENINGS:  # a config built in code: learn_whitening would silently take "lw"
         raise ValueError(f"extract: unknown whitening {cfg.whitening!r}; expected one of {', '.join(WHITENINGS)}")
     if cfg.whitening != "none" and whitening is None and learn:
-        # learned from these features with these settings before (a rerun): reused, not relearned
-        wparams = {"kind": cfg.whitening, "dim": cfg.whitening_dim, "shrinkage": cfg.whitening_shrinkage,
-                   "features_sha256_16": hashlib.sha256(ids.tobytes() + F.tobytes()).hexdigest()[:16]}
-        if whitening_params(wpath) == repr(wparams):
+        # learned with these settings on these features (a rerun), or on the first rows of a
+        # collection that has grown since (ids are appended): reused, not relearned, unless asked
+        settings = {"kind": cfg.whitening, "dim": cfg.whitening_dim, "shrinkage": cfg.whitening_shrinkage}
+        wparams = {**settings, "rows": int(len(ids)), "features_sha256_16": _features_hash(ids, F, len(ids))}
+        old = _literal(whitening_params(wpath))
+        n0 = old.get("rows", -1) if isinstance(old, dict) else -1
+        same = (isinstance(old, dict) and {k: old.get(k) for k in settings} == settings and 0 < n0 <= len(ids)
+                and old.get("features_sha256_16") == _features_hash(ids, F, n0))
+        if same and (n0 == len(ids) or not cfg.relearn_whitening):
             whitening = load_whitening(wpath)
-            log.info("extract: %s whitening unchanged (same features and settings): reused", cfg.whitening)
+            log.info("extract: %s whitening reused: %s", cfg.whitening, "same features and settings" if n0 == len(ids) else
+                     f"learned on the first {n0} of {len(ids)} descriptors (the collection grew; set "
+                     "[extract].relearn_whitening = true to learn it on all)")
         else:
             whitening = learn_whitening(F, cfg)
             save_whitening(whitening, wpath, params=wparams)

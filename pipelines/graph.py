@@ -122,8 +122,53 @@ def build_graph_sharded(X: np.ndarray, cfg: GraphConfig):
     return W, stats, info
 
 
+def _rows_hash(X: np.ndarray, n: int) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(X[:n]).tobytes()).hexdigest()[:16]
+
+
+def save_knn(folder: Path, D: np.ndarray, I: np.ndarray, X: np.ndarray) -> None:
+    """The self-kNN lists behind the graph (`knn.npz`), with a hash of the rows they were searched
+    for: what a later, grown collection needs to update the graph instead of rebuilding it."""
+    from .shards import _atomic
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, D=D.astype(np.float32, copy=False), I=I.astype(np.int64, copy=False), rows=np.int64(len(X)), rows_sha256_16=np.array(_rows_hash(X, len(X))))
+
+    _atomic(folder / "knn.npz", write)
+
+
+def _grown_knn(gdir: Path, X: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """kNN lists of X from the saved lists of its first rows (the collection grew by appended ids,
+    same graph settings, exact index): new rows searched against all, old rows against the new
+    ones only. None when the saved lists do not apply."""
+    from retrieval.graph import extend_knn
+
+    man = read_json(gdir / "manifest.json") if (gdir / "manifest.json").is_file() else {}
+    if cfg.index != "flat" or man.get("cfg_hash") != params_hash({"cfg": cfg}) or not (gdir / "knn.npz").is_file():
+        return None
+    with np.load(gdir / "knn.npz", allow_pickle=False) as z:
+        n0, h0 = int(z["rows"]), str(z["rows_sha256_16"])
+        if not 0 < n0 < len(X) or _rows_hash(X, n0) != h0:
+            return None
+        D0, I0 = z["D"], z["I"]
+    t0 = time.perf_counter()
+
+    def knn(Q: np.ndarray, B: np.ndarray, kk: int):
+        return search_index(build_index(B, IndexSpec("flat")), Q, kk)
+
+    D, I = extend_knn(D0, I0, X[:n0], X[n0:], knn=knn)
+    log.info("graph: the collection grew from %d to %d rows: kNN lists updated (new rows against all, old rows against the new)",
+             n0, len(X))
+    return D, I, {"index": "flat", "engine": "local", "updated_from_rows": n0, "seconds_search": time.perf_counter() - t0}
+
+
 def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:
-    """Build the graph of `run_dir/descriptors` into `run_dir/graph`; skipped when up to date."""
+    """Build the graph of `run_dir/descriptors` into `run_dir/graph`; skipped when up to date, and
+    updated rather than rebuilt when the collection only grew (appended ids, unchanged earlier
+    descriptors, same settings, exact index): equal to a rebuild."""
     desc_manifest = read_json(run_dir / "manifest.json")
     phash = params_hash({"cfg": cfg, "descriptors": desc_manifest.get("descriptors_sha256_16")})
     gdir = run_dir / "graph"
@@ -131,7 +176,17 @@ def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:
         log.info("graph: up to date, skipping")
         return read_json(gdir / "manifest.json")
     _, _, X = load_descriptors(run_dir / "descriptors", dense=False)  # graph rows follow ascending ids
-    W, stats, info = build_graph_sharded(X, cfg)
+    t0 = time.perf_counter()
+    grown = _grown_knn(gdir, X, cfg)
+    if grown is not None:
+        D, I, info = grown
+    else:
+        D, I, info = self_knn_engine(X, cfg)
+    W, stats = graph_from_knn(D, I, gamma=cfg.gamma, reciprocal=cfg.reciprocal)
+    info["seconds"] = time.perf_counter() - t0
+    gdir.mkdir(parents=True, exist_ok=True)
+    save_knn(gdir, D, I, X)
+    del D, I
     dt = info["seconds"]
     manifest = {
         **info,
@@ -145,6 +200,7 @@ def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:
         "degree": {"min": stats.degree_min, "mean": stats.degree_mean, "max": stats.degree_max},
         "seconds": dt,
         "params": phash,
+        "cfg_hash": params_hash({"cfg": cfg}),
     }
     write_graph(W, gdir, block_rows=cfg.block_rows, manifest=manifest)
     log.info("graph: n=%d k=%d nnz=%d isolated=%d in %.2f s", stats.n, cfg.k, stats.nnz, stats.isolated, dt)

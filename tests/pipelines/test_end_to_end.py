@@ -412,7 +412,7 @@ def test_noop_rerun_of_extract_reuses_whitening(local_run, tmp_path, caplog):
     cfg2 = tiny_run_config(run)
     with caplog.at_level(logging.INFO, logger="pipelines.extract"):
         run_stages(cfg2, ["extract"])
-    assert "whitening unchanged" in caplog.text and "whitening learned" not in caplog.text
+    assert "whitening reused: same features and settings" in caplog.text and "whitening learned" not in caplog.text
     assert (run / "whitening.npz").read_bytes() == before
     cfg2.extract.whitening_dim = 8  # a changed setting is learned again
     caplog.clear()
@@ -447,3 +447,31 @@ def test_small_collections_get_warnings_with_what_to_set(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         finalize_descriptors(run, ExtractConfig(whitening="pca", whitening_dim=512))
     assert "whitening_dim = 512, but 32 descriptors support only" in caplog.text
+
+
+def test_grown_collection_keeps_its_whitening_unless_asked(tmp_path, caplog):
+    """Issue 13: descriptors of earlier images do not change when images are added (the whitening
+    learned before is reused); relearn_whitening = true learns it on everything."""
+    import logging
+
+    from pipelines.config import ExtractConfig
+    from pipelines.descriptors import write_descriptors
+    from pipelines.extract import finalize_descriptors
+
+    rng = np.random.default_rng(0)
+    F = rng.normal(size=(60, 12)).astype(np.float32)
+    (tmp_path / "features").mkdir()
+    write_descriptors(tmp_path / "features" / "part-00000.parquet", np.arange(40), [f"k{i}" for i in range(40)], F[:40], params="f0")
+    cfg = ExtractConfig(whitening="pca", whitening_dim=8)
+    finalize_descriptors(tmp_path, cfg)
+    _, _, X0 = load_descriptors(tmp_path / "descriptors")
+    write_descriptors(tmp_path / "features" / "part-00001.parquet", np.arange(40, 60), [f"k{i}" for i in range(40, 60)], F[40:], params="f1")
+    with caplog.at_level(logging.INFO, logger="pipelines.extract"):
+        finalize_descriptors(tmp_path, cfg)
+    assert "learned on the first 40 of 60 descriptors" in caplog.text
+    _, _, X1 = load_descriptors(tmp_path / "descriptors")
+    np.testing.assert_array_equal(X1[:40], X0)  # the earlier rows are unchanged
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.extract"):
+        finalize_descriptors(tmp_path, ExtractConfig(whitening="pca", whitening_dim=8, relearn_whitening=True))
+    assert "whitening learned on 60 descriptors" in caplog.text

@@ -156,3 +156,40 @@ def test_rankers_are_built_once_and_answer_like_the_query_stage(imported):
         np.testing.assert_array_equal(r.ids, np.array(stage["ids"]))  # import ids are the rows 0..n-1
         assert rankers.get(m) is rankers.get(m)
     assert (run / "graph" / "spectral-r20-a0.99.npz").is_file()  # the embedding is cached beside the graph
+
+
+def test_graph_of_a_grown_collection_is_updated_and_equals_a_rebuild(tmp_path, caplog):
+    """Issue 13: appended descriptors (earlier rows unchanged) update the saved kNN lists instead
+    of searching everything again; the graph equals one built from scratch."""
+    import logging
+
+    from pipelines.config import GraphConfig
+    from pipelines.descriptors import write_descriptors
+    from pipelines.graph import load_graph, run_graph
+    from pipelines.shards import write_json
+    from retrieval.whitening import l2_normalize
+
+    X = l2_normalize(np.random.default_rng(5).normal(size=(700, 16))).astype(np.float32)
+
+    def run_with(folder, n_rows, parts):
+        (folder / "descriptors").mkdir(parents=True, exist_ok=True)
+        for i, (a, b) in enumerate(parts):
+            write_descriptors(folder / "descriptors" / f"part-{i:05d}.parquet", np.arange(a, b), [f"k{j}" for j in range(a, b)], X[a:b],
+                              params=str(i))
+        write_json({"n": n_rows, "descriptors_sha256_16": f"h{n_rows}"}, folder / "manifest.json")
+
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    cfg = GraphConfig(k=8, index="flat", block_rows=100)
+    run_with(grown, 600, [(0, 300), (300, 600)])
+    run_graph(grown, cfg)
+    run_with(grown, 700, [(0, 300), (300, 600), (600, 700)])
+    with caplog.at_level(logging.INFO, logger="pipelines.graph"):
+        man = run_graph(grown, cfg)
+    assert "grew from 600 to 700 rows" in caplog.text and man["updated_from_rows"] == 600
+    run_with(fresh, 700, [(0, 300), (300, 600), (600, 700)])
+    run_graph(fresh, cfg)
+    (Wg, _), (Wf, _) = load_graph(grown / "graph"), load_graph(fresh / "graph")
+    assert (Wg != Wf).nnz == 0 and Wg.nnz > 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.graph"):  # other settings: built again, not updated
+        assert "updated_from_rows" not in run_graph(grown, GraphConfig(k=6, index="flat", block_rows=100))
