@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--address", default="", help="the cluster's job API, http://HEAD:8265 (or RAY_ADDRESS)")
         if name == "logs":
             sp.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    addp = add("add", help="add images to a finished run: only they are ingested and extracted, ids never change, the graph is updated")
+    addp.add_argument("config", help="TOML run configuration of the run to grow")
+    addp.add_argument("--images", required=True, help="the new images: a folder, a .txt list of paths, or a Parquet file")
+    addp.add_argument("--out", help="run directory (overrides `out` in the config)")
     shw = add("show", help="what a run directory holds: stages done, sizes, timings, mAP, where the report and ranks are")
     shw.add_argument("run_dir", help="a run directory (the config's `out`)")
     cfgp = add("config", help="print a configuration as TOML: every default, or a file's resolved values")
@@ -149,6 +153,16 @@ def _command(args) -> int:
         cfg.out = args.out
     if args.command == "train":
         return _train(cfg, args)
+    if args.command == "add":
+        from .ingest import ingest_added
+        from .run import run_stages
+        from .show import run_summary
+
+        res = ingest_added(args.images, cfg.out, cfg.ingest)
+        print(f"added {res['appended']} image(s) from {args.images}; {res['images']} in the collection")
+        run_stages(cfg, ["extract", "graph"])
+        print("\n".join(run_summary(cfg.out)))
+        return 0
     if getattr(args, "engine", None):
         if args.command == "graph":
             cfg.graph.engine = args.engine

@@ -147,7 +147,8 @@ def _grown_knn(gdir: Path, X: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray,
     from retrieval.graph import extend_knn
 
     man = read_json(gdir / "manifest.json") if (gdir / "manifest.json").is_file() else {}
-    if cfg.index != "flat" or man.get("cfg_hash") != params_hash({"cfg": cfg}) or not (gdir / "knn.npz").is_file():
+    exact = IndexSpec(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe).resolve(len(X)).kind == "flat"
+    if not exact or man.get("cfg_hash") != params_hash({"cfg": cfg}) or not (gdir / "knn.npz").is_file():
         return None
     with np.load(gdir / "knn.npz", allow_pickle=False) as z:
         n0, h0 = int(z["rows"]), str(z["rows_sha256_16"])

@@ -232,8 +232,48 @@ def _write_chunk(chunk: list[Source], si: int, next_id: int, img_dir: Path, rej_
     return len(rows["id"]), len(rejects["key"]), next_id
 
 
+def _all_sources(spec, added: list[str], cfg: IngestConfig) -> list[Source]:
+    """The sources of the input and of every batch added to it (`retrieval add`); keys must be unique."""
+    sources = list_sources(spec, cfg)
+    seen = {s.key for s in sources}
+    for extra in added:
+        more = list_sources(extra, cfg)
+        clash = sorted(seen & {s.key for s in more})
+        if clash:
+            raise IngestError(f"ingest: {extra} has {len(clash)} image key(s) the collection already holds (e.g. {clash[:3]}): "
+                              "keys are paths relative to their folder; put the new images under a subfolder of their own")
+        seen |= {s.key for s in more}
+        sources += more
+    return sources
+
+
+def ingest_added(new: str | Path, out_dir: str | Path, cfg: IngestConfig) -> dict:
+    """Add the images of `new` (folder, list or Parquet) to a finished ingest in `out_dir`: they
+    get the next ids in new shards, nothing else is read or rewritten, and later reruns of the
+    ingest keep them (the batch is recorded in ingest.json)."""
+    out_dir = Path(out_dir)
+    prev = out_dir / "ingest.json"
+    if not prev.is_file():
+        raise IngestError(f"add: {out_dir} has no finished ingest to add to: run `retrieval ingest` (or `run`) first")
+    info = json.loads(prev.read_text())
+    new_abs = str(Path(new).resolve())
+    if not Path(new).exists():
+        raise IngestError(f"add: {new} does not exist")
+    added = info.get("added", []) + ([new_abs] if new_abs not in info.get("added", []) else [])
+    spec = info.get("source_abs") or info["source"]
+    sources = _all_sources(spec, added, cfg)
+    cfg_hash = info.get("cfg_hash")
+    if cfg_hash != params_hash({"cfg": cfg, "boxes": {}}):
+        raise IngestError(f"add: the [ingest] settings differ from those {out_dir} was ingested with: adding would renumber; "
+                          "use the same settings")
+    grown = _append_new(spec, sources, out_dir, cfg, {e.lower() for e in cfg.extensions}, None, cfg_hash, added=added)
+    if grown is None:
+        raise IngestError(f"add: images of {out_dir} are no longer in their inputs: rerun `retrieval ingest` first")
+    return grown
+
+
 def _append_new(spec, sources: list[Source], out_dir: Path, cfg: IngestConfig, exts: set[str], boxes: dict | None,
-                cfg_hash: str) -> dict | None:
+                cfg_hash: str, *, added: list[str] = ()) -> dict | None:
     """Grow a finished ingest of the same input with its new images only: existing shards and ids
     stay as they are, new images get the next ids in new shards. None (ingest anew) when images of
     the previous ingest left the input."""
@@ -257,7 +297,7 @@ def _append_new(spec, sources: list[Source], out_dir: Path, cfg: IngestConfig, e
         _, _, next_id = _write_chunk(new[i:i + cfg.shard_size], si, next_id, img_dir, rej_dir, cfg, exts, boxes,
                                      params=f"append:{cfg_hash}:{si}:{next_id}")
         si += 1
-    return _finish(spec, out_dir, si, cfg_hash, appended=len(new))
+    return _finish(spec, out_dir, si, cfg_hash, appended=len(new), added=list(added))
 
 
 def _finish(spec, out_dir: Path, n_shards: int, cfg_hash: str, **extra) -> dict:
@@ -300,12 +340,13 @@ def ingest(
     """
     out_dir = Path(out_dir)
     _refuse_other_collection(spec, out_dir)
-    sources = list_sources(spec, cfg)
+    prev = out_dir / "ingest.json"
+    added = json.loads(prev.read_text()).get("added", []) if prev.is_file() else []
+    sources = _all_sources(spec, added, cfg)
     exts = {e.lower() for e in cfg.extensions}
     cfg_hash = params_hash({"cfg": cfg, "boxes": boxes or {}})
-    prev = out_dir / "ingest.json"
     if prev.is_file() and json.loads(prev.read_text()).get("cfg_hash") == cfg_hash:
-        grown = _append_new(spec, sources, out_dir, cfg, exts, boxes, cfg_hash)
+        grown = _append_new(spec, sources, out_dir, cfg, exts, boxes, cfg_hash, added=added)
         if grown is not None:
             return grown
     phash = params_hash({"cfg": cfg, "keys": [s.key for s in sources], "boxes": boxes or {}})
@@ -325,4 +366,4 @@ def ingest(
         stale.unlink()
     if not chunks:
         raise IngestError(f"ingest: none of the {len(sources)} inputs in {spec} is a readable image (see {out_dir / 'rejects.parquet'})")
-    return _finish(spec, out_dir, len(chunks), cfg_hash)
+    return _finish(spec, out_dir, len(chunks), cfg_hash, added=list(added))

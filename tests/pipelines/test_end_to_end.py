@@ -475,3 +475,38 @@ def test_grown_collection_keeps_its_whitening_unless_asked(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="pipelines.extract"):
         finalize_descriptors(tmp_path, ExtractConfig(whitening="pca", whitening_dim=8, relearn_whitening=True))
     assert "whitening learned on 60 descriptors" in caplog.text
+
+
+def test_retrieval_add_grows_a_run_in_place(local_run, tmp_path, capsys):
+    """Issue 13: `retrieval add CONFIG --images NEW` ingests and extracts only the new images, keeps
+    every earlier id and descriptor, and updates the graph instead of rebuilding it."""
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    from pipelines.cli import main
+    from pipelines.config import config_to_toml
+
+    cfg, _ = local_run
+    run = tmp_path / "run"
+    shutil.copytree(cfg.out, run)
+    ids0, keys0, X0 = load_descriptors(run / "descriptors")
+    new = tmp_path / "new" / "extra"
+    new.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        (new / f"x{i}.jpg").write_bytes(buf.getvalue())
+    conf = tmp_path / "c.toml"
+    cfg2 = tiny_run_config(run)
+    conf.write_text(config_to_toml(cfg2))
+    assert main(["add", str(conf), "--images", str(tmp_path / "new")]) == 0
+    assert "added 4 image(s)" in capsys.readouterr().out
+    ids1, keys1, X1 = load_descriptors(run / "descriptors")
+    assert ids1.size == ids0.size + 4 and keys1[: len(keys0)] == keys0
+    np.testing.assert_array_equal(ids1[: ids0.size], ids0)
+    np.testing.assert_allclose(X1[: ids0.size], X0, atol=1e-6)  # earlier descriptors unchanged (whitening kept)
+    gman = json.loads((Path(run) / "graph" / "manifest.json").read_text())
+    assert gman["n"] == ids1.size and gman["updated_from_rows"] == ids0.size

@@ -216,3 +216,30 @@ def test_ids_never_change_as_images_are_added(folder, tmp_path, monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="pipelines.ingest"):
         ingest(folder, out, IngestConfig(shard_size=3))
     assert "no longer in" in caplog.text and "ids may change" in caplog.text
+
+
+def test_retrieval_add_appends_a_batch_and_reruns_keep_it(folder, tmp_path):
+    """Issue 13: `add` appends another folder's images with the next ids; a later rerun of the
+    ingest keeps them (and their ids); a batch whose keys clash is refused with a reason."""
+    from pipelines.ingest import ingest_added
+
+    out = tmp_path / "run"
+    ingest(folder, out, IngestConfig(shard_size=3))
+    before = _ids_by_key(out)
+    batch = tmp_path / "batch" / "flickr"
+    batch.mkdir(parents=True)
+    for i in range(4):
+        (batch / f"d{i}.jpg").write_bytes(_jpeg(40 + i))
+    res = ingest_added(tmp_path / "batch", out, IngestConfig(shard_size=3))
+    ids = _ids_by_key(out)
+    assert res["appended"] == 4 and {k: ids[k] for k in before} == before
+    assert sorted(v for k, v in ids.items() if k.startswith("flickr/")) == list(range(max(before.values()) + 1, max(before.values()) + 5))
+    again = ingest(folder, out, IngestConfig(shard_size=3))  # the input's own rerun keeps the added batch
+    assert again["appended"] == 0 and _ids_by_key(out) == ids
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (clash / "ok_1.jpg").write_bytes(_jpeg(50))
+    with pytest.raises(IngestError, match="already holds"):
+        ingest_added(clash, out, IngestConfig(shard_size=3))
+    with pytest.raises(IngestError, match="no finished ingest"):
+        ingest_added(batch, tmp_path / "empty", IngestConfig())
