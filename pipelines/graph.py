@@ -14,7 +14,7 @@ from retrieval.knn import IndexSpec, build_index, recall_at_k, search_index, sea
 
 from .config import GraphConfig, params_hash
 from .descriptors import load_descriptors
-from .shards import read_json, write_bytes, write_json
+from .shards import read_json, write_bytes, write_json, write_npz
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +131,8 @@ def _rows_hash(X: np.ndarray, n: int) -> str:
 def save_knn(folder: Path, D: np.ndarray, I: np.ndarray, X: np.ndarray) -> None:
     """The self-kNN lists behind the graph (`knn.npz`), with a hash of the rows they were searched
     for: what a later, grown collection needs to update the graph instead of rebuilding it."""
-    from .shards import _atomic
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, D=D.astype(np.float32, copy=False), I=I.astype(np.int64, copy=False), rows=np.int64(len(X)), rows_sha256_16=np.array(_rows_hash(X, len(X))))
-
-    _atomic(folder / "knn.npz", write)
+    write_npz(folder / "knn.npz", D=D.astype(np.float32, copy=False), I=I.astype(np.int64, copy=False), rows=np.int64(len(X)),
+              rows_sha256_16=np.array(_rows_hash(X, len(X))))
 
 
 def _grown_knn(gdir: Path, X: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray, dict] | None:

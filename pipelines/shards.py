@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -62,6 +63,15 @@ def write_json(obj: Any, path: str | Path) -> None:
     _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+def write_npz(path: str | Path, **arrays) -> None:
+    """NumPy arrays to an .npz file, atomically (streamed to a temporary file, then renamed)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    _atomic(Path(path), write)
+
+
 def write_bytes(data: bytes, path: str | Path) -> None:
     _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
@@ -71,8 +81,6 @@ def read_json(path: str | Path) -> Any:
 
 
 def _json_default(o):
-    import numpy as np
-
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
