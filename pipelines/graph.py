@@ -113,12 +113,18 @@ def self_knn_engine(X: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray, np.nda
     return D, I, info
 
 
-def build_graph_sharded(X: np.ndarray, cfg: GraphConfig):
-    """(W, stats, info): reciprocal kNN graph from the sharded self-kNN."""
+def build_graph_sharded(X: np.ndarray, cfg: GraphConfig, *, gdir: Path | None = None):
+    """(W, stats, info): reciprocal kNN graph from the sharded self-kNN. With `gdir` (the graph
+    stage's folder), the kNN lists saved there are updated when the collection only grew, and the
+    new lists are saved there for the next time."""
     t0 = time.perf_counter()
-    D, I, info = self_knn_engine(X, cfg)
+    grown = _grown_knn(gdir, X, cfg) if gdir is not None else None
+    D, I, info = grown if grown is not None else self_knn_engine(X, cfg)
     W, stats = graph_from_knn(D, I, gamma=cfg.gamma, reciprocal=cfg.reciprocal)
     info["seconds"] = time.perf_counter() - t0
+    if gdir is not None:
+        gdir.mkdir(parents=True, exist_ok=True)
+        save_knn(gdir, D, I, X)
     return W, stats, info
 
 
@@ -172,17 +178,7 @@ def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:
         log.info("graph: up to date, skipping")
         return read_json(gdir / "manifest.json")
     _, _, X = load_descriptors(run_dir / "descriptors", dense=False)  # graph rows follow ascending ids
-    t0 = time.perf_counter()
-    grown = _grown_knn(gdir, X, cfg)
-    if grown is not None:
-        D, I, info = grown
-    else:
-        D, I, info = self_knn_engine(X, cfg)
-    W, stats = graph_from_knn(D, I, gamma=cfg.gamma, reciprocal=cfg.reciprocal)
-    info["seconds"] = time.perf_counter() - t0
-    gdir.mkdir(parents=True, exist_ok=True)
-    save_knn(gdir, D, I, X)
-    del D, I
+    W, stats, info = build_graph_sharded(X, cfg, gdir=gdir)
     dt = info["seconds"]
     manifest = {
         **info,
