@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .config import IngestConfig, params_hash
-from .shards import list_shards, read_table, shard_done, shard_name, write_json, write_table
+from .shards import list_shards, read_json_or, read_table, shard_done, shard_name, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -186,16 +186,13 @@ def validate_image(data: bytes, *, max_pixels: int) -> tuple[int, int]:
     return w, h
 
 
-def _refuse_other_collection(spec: str | Path, out_dir: Path) -> None:
-    """IngestError when `out_dir` already holds the ingest of another input: a run never replaces
-    another collection's shards (the same input, grown or not, is ingested again in place)."""
-    prev = out_dir / "ingest.json"
-    if not prev.is_file():
+def _refuse_other_collection(spec: str | Path, out_dir: Path, prev: dict) -> None:
+    """IngestError when `out_dir` already holds the ingest (`prev`: its ingest.json) of another
+    input: a run never replaces another collection's shards (the same input, grown or not, is
+    ingested again in place)."""
+    if not isinstance(prev, dict) or not (prev.get("source_abs") or prev.get("source")):
         return
-    try:
-        old = json.loads(prev.read_text()).get("source_abs") or str(Path(json.loads(prev.read_text())["source"]).resolve())
-    except (ValueError, KeyError, TypeError):
-        return
+    old = prev.get("source_abs") or str(Path(prev["source"]).resolve())
     new = str(Path(spec).resolve())
     if old != new:
         raise IngestError(f"ingest: {out_dir} already holds the images of {old}; this run ingests {new}. Choose another "
@@ -339,13 +336,13 @@ def ingest(
     Returns: summary dict (images, rejects, shards), also written to `out_dir/ingest.json`.
     """
     out_dir = Path(out_dir)
-    _refuse_other_collection(spec, out_dir)
-    prev = out_dir / "ingest.json"
-    added = json.loads(prev.read_text()).get("added", []) if prev.is_file() else []
+    prev = read_json_or(out_dir / "ingest.json", {})
+    _refuse_other_collection(spec, out_dir, prev)
+    added = prev.get("added", [])
     sources = _all_sources(spec, added, cfg)
     exts = {e.lower() for e in cfg.extensions}
     cfg_hash = params_hash({"cfg": cfg, "boxes": boxes or {}})
-    if prev.is_file() and json.loads(prev.read_text()).get("cfg_hash") == cfg_hash:
+    if prev.get("cfg_hash") == cfg_hash:
         grown = _append_new(spec, sources, out_dir, cfg, exts, boxes, cfg_hash, added=added)
         if grown is not None:
             return grown

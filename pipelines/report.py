@@ -4,14 +4,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from .groundtruth import GroundTruth
-from .shards import list_shards, read_table, write_bytes
+from .shards import list_shards, read_json_or, read_table, write_bytes
 
 COLORS = {"easy": "#1a9c3e", "hard": "#1a9c3e", "ok": "#1a9c3e", "junk": "#9a9a9a", "wrong": "#d62728"}
 
@@ -69,13 +68,6 @@ def _full_image(data: bytes, bbox=None, size: int = 200) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _ranks(run_dir: Path) -> dict[str, tuple[list[str], list[np.ndarray], list[np.ndarray]]]:
     """method -> (query keys, ranked database ids per query, scores per query), in METHODS order."""
     from retrieval.rankers import METHODS
@@ -129,9 +121,9 @@ def write_report(
         "img{margin:2px;vertical-align:middle} .q{border:4px solid #1f77b4} .row{margin:6px 0;white-space:nowrap;overflow-x:auto} "
         ".lab{display:inline-block;width:90px} .plot{margin-right:12px;border:1px solid #eee} small{color:#555}",
         f"</style></head><body><h1>Retrieval report</h1><p>Run directory: <code>{html.escape(str(run_dir))}</code></p>",
-        rp.setup_html(_json(run_dir / "config.resolved.json"), _json(run_dir / "ingest.json") or None,
-                      _json(query_dir / "ingest.json") or None, _json(run_dir / "manifest.json") or None,
-                      _json(run_dir / "graph" / "manifest.json") or None, distractors),
+        rp.setup_html(read_json_or(run_dir / "config.resolved.json", {}), read_json_or(run_dir / "ingest.json"),
+                      read_json_or(query_dir / "ingest.json"), read_json_or(run_dir / "manifest.json"),
+                      read_json_or(run_dir / "graph" / "manifest.json"), distractors),
     ]
     aps: dict[str, list[float]] = {}
     if gt is not None and evaluation:
@@ -150,9 +142,9 @@ def write_report(
             a, b = list(aps)[0], list(aps)[-1]
             plots.append(rp.ap_scatter_svg(np.asarray(aps[a], float), np.asarray(aps[b], float), qkeys, a, b))
         parts.append("<h2>Plots</h2>" + "".join(plots))
-        parts.append(rp.sweeps_html(_json(run_dir / "sweeps.json")))
+        parts.append(rp.sweeps_html(read_json_or(run_dir / "sweeps.json")))
     parts.append(extra_html)
-    parts.append(rp.timings_html(_json(run_dir / "timings.json"), _json(run_dir / "ranks" / "stats.json")))
+    parts.append(rp.timings_html(read_json_or(run_dir / "timings.json", {}), read_json_or(run_dir / "ranks" / "stats.json", {})))
     if aps:
         parts.append(rp.per_query_table(qkeys, aps))
     chosen = choose_queries(qkeys, aps, tuple(methods), n_queries)

@@ -80,6 +80,14 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_json_or(path: str | Path, default: Any = None) -> Any:
+    """A JSON file's content, or `default` when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
 def _json_default(o):
     if isinstance(o, np.generic):
         return o.item()

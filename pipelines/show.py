@@ -7,17 +7,11 @@ where the report and the ranks are, and the stage to run next when the run is in
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+from .shards import read_json_or
 
 
 def run_summary(run_dir: str | Path) -> list[str]:
@@ -27,19 +21,19 @@ def run_summary(run_dir: str | Path) -> list[str]:
         raise FileNotFoundError(f"show: {run} is not a run directory")
     lines = [f"run {run.resolve()}"]
     timings: dict = {}
-    timings.update(_json(run / "timings.json") or {})
+    timings.update(read_json_or(run / "timings.json", {}))
     took = lambda stage: f" ({timings[stage]:.1f} s)" if stage in timings else ""  # noqa: E731
     nxt = None
 
-    ing = _json(run / "ingest.json")
-    q_ing = _json(run / "queries" / "ingest.json")
+    ing = read_json_or(run / "ingest.json")
+    q_ing = read_json_or(run / "queries" / "ingest.json")
     if ing:
         q = f"; queries {q_ing['images']} ({q_ing['rejects']} rejected)" if q_ing else ""
         lines.append(f"  ingest    done{took('ingest')}: {ing['images']} images in {ing['shards']} shards, {ing['rejects']} rejected "
                      f"(rejects.parquet), from {ing.get('source_abs', ing['source'])}{q}")
-    man = _json(run / "manifest.json")
+    man = read_json_or(run / "manifest.json")
     if man:
-        qm = _json(run / "queries" / "manifest.json")
+        qm = read_json_or(run / "queries" / "manifest.json")
         how = f"{man.get('backbone', 'imported')} {man.get('pooling', '')} {man.get('max_side', '')} px, whitening {man.get('whitening', 'none')}"
         lines.append(f"  extract   done{took('extract')}: {man['n']} x {man['dim']} descriptors ({' '.join(how.split())})"
                      + (f"; queries {qm['n']}" if qm else ""))
@@ -49,7 +43,7 @@ def run_summary(run_dir: str | Path) -> list[str]:
     else:
         nxt = nxt or "ingest"
         lines.append("  ingest    not run")
-    g = _json(run / "graph" / "manifest.json")
+    g = read_json_or(run / "graph" / "manifest.json")
     if g:
         lines.append(f"  graph     done{took('graph')}: n {g['n']}, k {g['k']}, gamma {g['gamma']}, {g['nnz']} edges, "
                      f"{g['isolated']} isolated")
@@ -64,7 +58,7 @@ def run_summary(run_dir: str | Path) -> list[str]:
     else:
         nxt = nxt or "query"
         lines.append("  query     not run" + ("" if (run / "queries").is_dir() else " (no queries ingested)"))
-    metrics = _json(run / "metrics.json")
+    metrics = read_json_or(run / "metrics.json")
     if metrics:
         from .evaluate import format_table
 
