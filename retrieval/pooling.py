@@ -147,7 +147,13 @@ def egm_regional(x: torch.Tensor, saliency: torch.Tensor, *, eps: float = 1e-6, 
 def fs_egm(x: torch.Tensor, *, eps: float = 1e-6, **egm_kw) -> torch.Tensor:
     """FS.EGM (Simeoni et al.): EGM regions of the FS map, max-pooled each, L2-normalised and summed as in
     R-MAC. (B, C, H, W) -> (B, C), not normalised."""
-    vecs, _ = egm_regional(x, fs_map(x, eps=eps), eps=eps, **egm_kw)
+    return egm_pooling(x, fs_map(x, eps=eps), eps=eps, **egm_kw)
+
+
+def egm_pooling(x: torch.Tensor, saliency: torch.Tensor, *, eps: float = 1e-6, **egm_kw) -> torch.Tensor:
+    """EGM regions of a (B, H, W) saliency map, regional MAC L2-normalised and summed: FS.EGM with the FS
+    map, OS.EGM with the object-saliency map. (B, C, H, W) -> (B, C), not normalised."""
+    vecs, _ = egm_regional(x, saliency, eps=eps, **egm_kw)
     return torch.stack([v.sum(dim=0) for v in vecs])
 
 

@@ -35,3 +35,42 @@ def egm_regions(saliency: torch.Tensor | np.ndarray, **egm_kw) -> list[tuple[int
     if len(m) == 0:
         return [(0, 0, f.shape[0], f.shape[1])]
     return [(int(y0), int(x0), int(y1 - y0), int(x1 - x0)) for y0, x0, y1, x1 in m.boxes(f.shape)]
+
+
+def os_map(fmap: torch.Tensor, fs: torch.Tensor, search, f: np.ndarray, g: np.ndarray, *, k: int = 10,
+           exclude: np.ndarray | None = None, eps: float = 1e-6) -> np.ndarray:
+    """Object-saliency map (Simeoni et al.) of one image: S(p) = F^(p) sum_{i in N_p} sim(v_i, u_p) f_i g_i.
+
+    Args:
+        fmap: (C, H, W) activations; u_p is the L2-normalised activation vector at p.
+        fs: (H, W) its FS map; F^ = fs / max(fs).
+        search: `search(U, k) -> (D, I)` over the collection's M regional vectors v_i (inner product).
+        f: (M,) diffusion scores of the regions for this image's regions (local search);
+        g: (M,) global centrality of the regions.
+        k: neighbours N_p of each position; exclude: region rows left out of N_p (the image's own:
+            otherwise every position finds itself and the map stays the FS map).
+    Returns: (H, W) float64, non-negative.
+    """
+    C, H, W = fmap.shape
+    U = fmap.reshape(C, H * W).T
+    U = (U / (torch.linalg.vector_norm(U, dim=1, keepdim=True) + eps)).detach().cpu().numpy().astype(np.float32)
+    excl = np.asarray(exclude if exclude is not None else [], np.int64)
+    D, I = search(U, k + len(excl))
+    ok = (I >= 0) & ~np.isin(I, excl)
+    ok &= np.cumsum(ok, axis=1) <= k  # the first k neighbours that are not excluded
+    Ic = np.where(ok, I, 0)
+    contrib = np.where(ok, np.maximum(D, 0.0) * f[Ic] * g[Ic], 0.0).sum(axis=1)
+    F = fs.detach().cpu().numpy().astype(np.float64).reshape(H * W)
+    F = F / max(F.max(), eps)
+    return (F * contrib).reshape(H, W)
+
+
+def box_precision(S: np.ndarray, box: tuple[float, float, float, float]) -> float:
+    """Share of a (H, W) saliency map's mass inside box (y0, x0, y1, x1) in map cells (fractional
+    boundaries: a cell counts by the fraction of it the box covers). 0 for an empty map."""
+    H, W = S.shape
+    y0, x0, y1, x1 = box
+    ry = np.clip(np.minimum(np.arange(1, H + 1), y1) - np.maximum(np.arange(H), y0), 0, 1)
+    rx = np.clip(np.minimum(np.arange(1, W + 1), x1) - np.maximum(np.arange(W), x0), 0, 1)
+    total = float(S.sum())
+    return float((S * np.outer(ry, rx)).sum() / total) if total > 0 else 0.0
