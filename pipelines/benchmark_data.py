@@ -48,15 +48,19 @@ def build_benchmark(cfg: BenchmarkConfig, out: str | Path) -> Path:
     """
     out = Path(out)
     gnd_path = out / "gnd.json"
-    phash = params_hash(cfg)
+    phash = benchmark_hash(cfg)
     if gnd_path.is_file() and read_json(gnd_path).get("params") == phash:
         log.info("benchmark: %s is complete, skipping", out)
         return gnd_path
     overlap = set(cfg.train_landmarks) & set(cfg.test_landmarks)
     if overlap:
         raise ValueError(f"benchmark: landmarks {sorted(overlap)} are in both train and test")
+    lo, hi = (list(cfg.object_coverage) + [0.0, 0.0])[:2]
+    if cfg.mode == "clutter" and not (len(cfg.object_coverage) == 2 and 0 < lo <= hi <= 0.9):
+        raise ValueError(f"benchmark: object_coverage must be [min, max] with 0 < min <= max <= 0.9, got {cfg.object_coverage}")
     rng = np.random.default_rng(cfg.seed)
     clutter = [load_photo(n) for n in DISTRACTOR_SOURCES]
+    maker = _ViewMaker(cfg, clutter, rng)
     landmarks = list(cfg.test_landmarks) + list(cfg.train_landmarks)
     imlist: list[str] = []
     labels: list[tuple[str, str]] = []  # (landmark, label) per db image
@@ -68,15 +72,15 @@ def build_benchmark(cfg: BenchmarkConfig, out: str | Path) -> Path:
         # difficulties spread evenly so every landmark has a chain from easy to hard views
         diffs = (np.arange(cfg.views_per_landmark) + rng.uniform(size=cfg.views_per_landmark)) / cfg.views_per_landmark
         for vi, d in enumerate(diffs):
-            img, info = synthetic.make_view(photo, clutter, difficulty=d, rng=rng, size=cfg.image_size)
+            img, label = maker.view(photo, d)
             key = f"{name}_{vi:03d}.jpg"
             write_bytes(_jpeg(img, int(rng.integers(70, 95))), out / "db" / key)
             imlist.append(key)
-            labels.append((name, synthetic.label_view(info)))
+            labels.append((name, label))
             bar.update()
         if name in cfg.test_landmarks:
             for qi in range(cfg.queries_per_landmark):
-                img, info = synthetic.make_view(photo, clutter, difficulty=rng.uniform(0.0, 0.3), rng=rng, size=cfg.image_size)
+                img, info = maker.query(photo)
                 key = f"{name}_q{qi:02d}.jpg"
                 write_bytes(_jpeg(img, 90), out / "queries" / key)
                 queries.append({"key": key, "landmark": name, "bbx": list(info.bbox)})
@@ -84,7 +88,7 @@ def build_benchmark(cfg: BenchmarkConfig, out: str | Path) -> Path:
         else:
             bar.update(cfg.queries_per_landmark)
     for di in range(cfg.distractors):
-        img = synthetic.make_distractor(clutter, rng, size=cfg.image_size)
+        img = maker.distractor()
         key = f"distractor_{di:05d}.jpg"
         write_bytes(_jpeg(img, int(rng.integers(70, 95))), out / "db" / key)
         imlist.append(key)
@@ -108,9 +112,62 @@ def build_benchmark(cfg: BenchmarkConfig, out: str | Path) -> Path:
             "query_landmarks": [q["landmark"] for q in queries],
             "db_landmarks": [lm for lm, _ in labels],
             "label_counts": counts,
+            "mode": cfg.mode,
             "params": phash,
         },
         gnd_path,
     )
     log.info("benchmark: %d database images (%s), %d queries -> %s", len(imlist), counts, len(queries), out)
     return gnd_path
+
+
+def benchmark_hash(cfg: BenchmarkConfig) -> str:
+    """Parameters hash of a benchmark; the clutter-mode keys count only in clutter mode (so benchmarks
+    written before they existed stay complete)."""
+    import dataclasses
+
+    d = dataclasses.asdict(cfg)
+    if cfg.mode == "views":
+        for k in ("mode", "scenes", "object_coverage"):
+            d.pop(k)
+    return params_hash(d)
+
+
+class _ViewMaker:
+    """Database views, query views and distractors of one benchmark, in its mode."""
+
+    def __init__(self, cfg: BenchmarkConfig, clutter: list[np.ndarray], rng: np.random.Generator):
+        self.cfg, self.clutter, self.rng = cfg, clutter, rng
+        self.scenes = [synthetic.make_scene(clutter, rng, size=cfg.image_size) for _ in range(cfg.scenes)] if cfg.mode == "clutter" else []
+
+    def _coverage(self) -> float:
+        lo, hi = self.cfg.object_coverage
+        return float(np.exp(self.rng.uniform(np.log(lo), np.log(hi))))
+
+    def _scene(self) -> np.ndarray:
+        return self.scenes[self.rng.integers(len(self.scenes))]
+
+    def view(self, photo: np.ndarray, difficulty: float) -> tuple[np.ndarray, str]:
+        """(image uint8, label) of one database view."""
+        if self.cfg.mode == "clutter":
+            img, info = synthetic.place_object(self._scene(), photo, coverage=self._coverage(), difficulty=difficulty, rng=self.rng)
+            return img, synthetic.label_clutter_view(info)
+        img, info = synthetic.make_view(photo, self.clutter, difficulty=difficulty, rng=self.rng, size=self.cfg.image_size)
+        return img, synthetic.label_view(info)
+
+    def query(self, photo: np.ndarray) -> tuple[np.ndarray, synthetic.ViewInfo]:
+        """A query view (easy, difficulty <= 0.3) and its info (bbox: the object's box, the query crop)."""
+        d = self.rng.uniform(0.0, 0.3)
+        if self.cfg.mode == "clutter":
+            return synthetic.place_object(self._scene(), photo, coverage=self._coverage(), difficulty=d, rng=self.rng)
+        return synthetic.make_view(photo, self.clutter, difficulty=d, rng=self.rng, size=self.cfg.image_size)
+
+    def distractor(self) -> np.ndarray:
+        """An image of no landmark. Clutter mode: a shared scene with, half the time, an object-sized
+        patch of another texture in it (so "has an object" does not give the positives away)."""
+        if self.cfg.mode == "clutter":
+            patch = None
+            if self.rng.uniform() < 0.5:
+                patch = synthetic.background(self.clutter, (96, int(96 * self.rng.choice([0.75, 1.0, 1.33]))), self.rng)
+            return synthetic.place_object(self._scene(), patch, coverage=self._coverage(), difficulty=self.rng.uniform(0, 0.5), rng=self.rng)[0]
+        return synthetic.make_distractor(self.clutter, self.rng, size=self.cfg.image_size)

@@ -85,6 +85,11 @@ class BenchmarkConfig:
     test_landmarks: list[str] = field(
         default_factory=lambda: ["astronaut", "coffee", "rocket", "motorcycle", "camera", "coins", "clock", "hubble_deep_field"]
     )
+    # "views": each landmark seen large (the demo); "clutter": small objects (object_coverage of the
+    # frame) at random places in busy scenes that many images share, distractors included (INSTRE-like)
+    mode: str = _choice("views", ("views", "clutter"))
+    scenes: int = _min(16, 1)  # clutter mode: background scenes shared by all images
+    object_coverage: list[float] = field(default_factory=lambda: [0.05, 0.25])  # clutter mode: [min, max] fraction of the frame
 
 
 @dataclass

@@ -149,3 +149,60 @@ def label_view(info: ViewInfo, *, hard_from: float = 0.5, junk_visible: float = 
     if info.difficulty >= hard_from or info.visible < 0.6:
         return "hard"
     return "easy"
+
+
+def make_scene(sources: list[np.ndarray], rng: np.random.Generator, *, size: int = 288) -> np.ndarray:
+    """A busy background scene, (h, w, 3) float in [0, 1]: clutter plus several pasted patches of other
+    sources. Scenes are made once and shared by many images (recurring clutter)."""
+    h, w = size, int(size * rng.choice([0.75, 1.0, 1.33]))
+    img = background(sources, (h, w), rng)
+    for _ in range(rng.integers(2, 5)):
+        ph, pw = (rng.uniform(0.15, 0.45) * np.array([h, w])).astype(int)
+        y0, x0 = rng.integers(0, h - ph), rng.integers(0, w - pw)
+        img[y0 : y0 + ph, x0 : x0 + pw] = background(sources, (ph, pw), rng)
+    return img
+
+
+def place_object(scene: np.ndarray, obj: np.ndarray | None, *, coverage: float, difficulty: float,
+                 rng: np.random.Generator) -> tuple[np.ndarray, ViewInfo]:
+    """`obj` ((H, W, 3) float) pasted into a copy of `scene` so that it covers about `coverage` of the
+    frame, at a random place, under a mild projective warp growing with `difficulty`; then a random
+    crop-shift of the scene, lighting change and noise. obj None gives the scene alone (a distractor).
+
+    Returns: (h, w, 3) uint8 and ViewInfo (bbox of the object in the frame; coverage measured).
+    """
+    d = float(np.clip(difficulty, 0.0, 1.0))
+    h, w = scene.shape[:2]
+    # the scene itself moves a little between images: shift + scale, as a camera would
+    t = sktf.AffineTransform(scale=rng.uniform(0.9, 1.1), translation=rng.uniform(-0.08, 0.08, 2) * [w, h])
+    img = sktf.warp(scene, t, output_shape=(h, w), mode="reflect", order=1)
+    bbox, cov = (0.0, 0.0, float(w), float(h)), 0.0
+    if obj is not None:
+        lh, lw = obj.shape[:2]
+        s = np.sqrt(coverage * h * w / (lh * lw))
+        angle = rng.normal(0.0, np.deg2rad(3 + 20 * d))
+        half = np.array([lw, lh]) * s / 2
+        margin = np.minimum(half * 1.1, [w / 2, h / 2])
+        cx, cy = rng.uniform(margin[0], w - margin[0]), rng.uniform(margin[1], h - margin[1])
+        src = np.array([[0, 0], [lw, 0], [lw, lh], [0, lh]], dtype=np.float64)
+        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        dst = ((src - [lw / 2, lh / 2]) * s) @ rot.T + [cx, cy]
+        dst += rng.normal(0.0, 0.02 + 0.08 * d, size=(4, 2)) * [s * lw, s * lh]
+        H = _estimate_projective(src, dst)
+        fg = sktf.warp(obj, H.inverse, output_shape=(h, w), order=1, cval=0.0)
+        mask = sktf.warp(np.ones((lh, lw)), H.inverse, output_shape=(h, w), order=0, cval=0.0) > 0.5
+        img[mask] = fg[mask]
+        ys, xs = np.nonzero(mask)
+        if ys.size:
+            bbox = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        cov = float(mask.mean())
+    img = np.clip(img, 0, 1) ** np.exp(rng.normal(0.0, 0.1 + 0.25 * d))
+    img = img * rng.uniform(1 - 0.3 * d, 1 + 0.15 * d) * (1 + rng.normal(0, 0.03 + 0.06 * d, size=3))
+    img = img + rng.normal(0.0, 0.01 + 0.02 * d, size=img.shape)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), ViewInfo(d, 1.0 if obj is not None else 0.0, cov, bbox)
+
+
+def label_clutter_view(info: ViewInfo, *, hard_below: float = 0.1, hard_from: float = 0.5) -> str:
+    """Label of a small-object view: 'hard' when the object covers under `hard_below` of the frame or the
+    view is difficult, else 'easy' (the object is never occluded: no junk)."""
+    return "hard" if info.coverage < hard_below or info.difficulty >= hard_from else "easy"
