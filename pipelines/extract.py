@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from retrieval.whitening import Whitening, l2_normalize, learn_lw_whitening, learn_pca_whitening
 
-from .config import WHITENINGS, ExtractConfig, params_hash
+from .config import WHITENINGS, ExtractConfig, GraphConfig, params_hash
 from .descriptors import load_descriptors, write_descriptors
 from .extractor import DescriptorExtractor
 from .shards import list_shards, read_table, shard_done, write_bytes, write_json, write_table
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 ShardResult = tuple[Path, np.ndarray, np.ndarray, dict]
 
 
-def _feature_params(cfg: ExtractConfig) -> str:
+def feature_params(cfg: ExtractConfig) -> str:
     keys = ("backbone", "weights", "pooling", "gem_p", "max_side", "scales", "scale_p", "regions")
     params = {k: getattr(cfg, k) for k in keys}
     if cfg.regions and cfg.region_kind != "rmac":  # absent when default, so earlier runs' shards stay valid
@@ -63,7 +63,7 @@ def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bo
                 geo.append(g)
                 ok_ids.append(int(all_ids[j]))
             if pix:
-                r = extractor.embed(pix, geo)
+                r = extractor.embed(pix, geo, ids=ok_ids[len(ok_ids) - len(pix):])
                 vecs.append(r["vector"])
                 regs += r.get("regions", [])
                 rboxes += r.get("region_boxes", [])
@@ -96,8 +96,11 @@ def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool
 ENGINES = {"local": local_engine, "ray": ray_engine}
 
 
-def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, with_boxes: bool = False) -> dict:
-    """Raw pooled features for every image shard not already done; returns a summary."""
+def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, with_boxes: bool = False, make: Callable | None = None,
+                     folder: str = "features", extra_params: str = "") -> dict:
+    """Raw pooled features for every image shard not already done into `out_dir/folder`; returns a
+    summary. `make` builds the extractor in each worker (default: `DescriptorExtractor(cfg)`);
+    `extra_params` joins the shards' parameters (what else the features depend on)."""
     # fail fast in the driver, before any worker starts, on weights that are missing or unreadable
     # (engine and backbone names are checked when the configuration loads)
     from .models import resolve_weights
@@ -106,14 +109,14 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
     shards = list_shards(images_dir)
     if not shards:
         raise FileNotFoundError(f"extract: no image shards in {images_dir}; run `retrieval ingest` first")
-    fdir = out_dir / "features"
-    phash = _feature_params(cfg)
+    fdir = out_dir / folder
+    phash = feature_params(cfg) + (f"+{extra_params}" if extra_params else "")
     todo = [p for p in shards if not (shard_done(fdir / p.name, params=f"{phash}:{p.name}")
                                       and shard_done(fdir / "rejects" / p.name, params=f"{phash}:{p.name}"))]
     log.info("extract: %d of %d shards to do (engine=%s)", len(todo), len(shards), cfg.engine)
     total = sum(read_table(p, ["id"]).num_rows for p in todo)
     t0 = time.perf_counter()
-    make = functools.partial(DescriptorExtractor, cfg)
+    make = make or functools.partial(DescriptorExtractor, cfg)
     first: list[tuple[float, int]] = []  # (seconds, images) at the first descriptors out: start-up cost
 
     with tqdm(total=total, desc="extract", unit="img") as bar:
@@ -228,9 +231,10 @@ def regionally_whitened(out_dir: Path, ids: np.ndarray, cfg: ExtractConfig, *, l
 
 
 def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whitening | None = None, learn: bool = True,
-                         run_dir: Path | None = None) -> dict:
-    """features -> descriptors: learn (database) or apply (queries) whitening, L2, write shards."""
-    ids, keys, F = load_descriptors(out_dir / "features", dense=False)
+                         run_dir: Path | None = None, features: str = "features") -> dict:
+    """features (or `features` folder) -> descriptors: learn (database) or apply (queries) whitening,
+    L2, write shards."""
+    ids, keys, F = load_descriptors(out_dir / features, dense=False)
     if cfg.region_whitening:
         F = regionally_whitened(out_dir, ids, cfg, learn=learn, run_dir=run_dir)
     wpath = out_dir / "whitening.npz"
@@ -264,7 +268,7 @@ def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whiten
     for stale in list_shards(ddir):
         stale.unlink()
     # one descriptor shard per feature shard, same id ranges
-    for p in list_shards(out_dir / "features"):
+    for p in list_shards(out_dir / features):
         sid = read_table(p, ["id"]).column("id").to_numpy()
         if sid.size == 0:
             continue
@@ -298,9 +302,17 @@ def finalize_descriptors(out_dir: Path, cfg: ExtractConfig, *, whitening: Whiten
 
 
 def run_extract(out_dir: Path, cfg: ExtractConfig, *, with_boxes: bool = False, whitening: Whitening | None = None, learn: bool = True,
-                run_dir: Path | None = None) -> dict:
+                run_dir: Path | None = None, gcfg: GraphConfig | None = None) -> dict:
     """Full extract stage on `out_dir/images` (database: learn whitening; queries: apply the
-    database's, found in `run_dir`)."""
+    database's, found in `run_dir`). pooling = "os_egm" (object discovery) needs `gcfg`, the graph
+    settings of its region graph, and runs its two passes (pipelines/discover.py)."""
+    if cfg.pooling == "os_egm":
+        from .discover import extract_os_egm, first_pass
+
+        summary = extract_features(out_dir / "images", out_dir, first_pass(cfg), with_boxes=with_boxes)
+        summary["os"] = extract_os_egm(run_dir or out_dir, cfg, gcfg or GraphConfig(), with_boxes=with_boxes, out_dir=out_dir)
+        summary["manifest"] = finalize_descriptors(out_dir, cfg, whitening=whitening, learn=learn, run_dir=run_dir, features="os_features")
+        return summary
     summary = extract_features(out_dir / "images", out_dir, cfg, with_boxes=with_boxes)
     summary["manifest"] = finalize_descriptors(out_dir, cfg, whitening=whitening, learn=learn, run_dir=run_dir)
     return summary

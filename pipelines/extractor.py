@@ -89,8 +89,9 @@ class DescriptorExtractor:
         return self.embed([p for p, _ in prepared], [g for _, g in prepared])
 
     @torch.no_grad()
-    def embed(self, pixels: Sequence[np.ndarray], geoms: Sequence[Sequence[float]]) -> dict:
-        """Descriptors from `prepare`d images: (H, W, 3) uint8 arrays and their geometry."""
+    def embed(self, pixels: Sequence[np.ndarray], geoms: Sequence[Sequence[float]], ids: Sequence[int] | None = None) -> dict:
+        """Descriptors from `prepare`d images: (H, W, 3) uint8 arrays and their geometry (`ids`, the
+        images' ids, are for extractors whose output depends on the image's place in the collection)."""
         out = np.empty((len(pixels), self.dim), dtype=np.float32)
         regions, region_boxes = [], []
         for i, (px, geom) in enumerate(zip(pixels, geoms)):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from retrieval.rankers import GRAPH_METHODS, METHODS, Ranking
+from retrieval.rankers import GRAPH_METHODS, METHODS, REGION_METHODS, Ranking
 
 from .config import QueryConfig, params_hash
 from .descriptors import load_descriptors
@@ -53,7 +53,7 @@ def run_query(run_dir: Path, query_dir: Path, cfg: QueryConfig) -> dict:
     if unknown:
         raise ValueError(f"query: unknown method(s) {unknown}; known: {list(METHODS)}")
     db_ids, _, X = load_descriptors(run_dir / "descriptors", dense=False)
-    _, qkeys, Q = load_descriptors(query_dir / "descriptors", dense=False)
+    q_ids, qkeys, Q = load_descriptors(query_dir / "descriptors", dense=False)
     if Q.shape[1] != X.shape[1]:
         raise ValueError(f"query: query dimension {Q.shape[1]} != database dimension {X.shape[1]}")
     uses_graph = bool(GRAPH_METHODS & set(cfg.methods))
@@ -62,7 +62,10 @@ def run_query(run_dir: Path, query_dir: Path, cfg: QueryConfig) -> dict:
         raise ValueError(f"query: {run_dir / 'graph'} has no graph: run the graph stage first")
     inputs = params_hash({"db": read_json(run_dir / "manifest.json").get("descriptors_sha256_16"),
                           "q": read_json(query_dir / "manifest.json").get("descriptors_sha256_16"),
-                          "graph": read_json(run_dir / "graph" / "manifest.json").get("params") if uses_graph else None})
+                          "graph": read_json(run_dir / "graph" / "manifest.json").get("params") if uses_graph else None,
+                          **({"regions": read_json(run_dir / "regions" / "manifest.json").get("params")}
+                             if REGION_METHODS & set(cfg.methods) and (run_dir / "regions" / "manifest.json").is_file() else {})})
+    qregions = None
     summary = {}
     for m in cfg.methods:
         path = run_dir / "ranks" / f"{m}.parquet"
@@ -74,7 +77,11 @@ def run_query(run_dir: Path, query_dir: Path, cfg: QueryConfig) -> dict:
         t0 = time.perf_counter()
         rankers.get(m)  # built here, so that its build is timed apart from the ranking
         t_build = time.perf_counter() - t0
-        ranking = rankers.rank(m, Q, cfg.topk)
+        if m in REGION_METHODS and qregions is None:
+            from .regions import query_regions
+
+            qregions = query_regions(query_dir, run_dir, q_ids)
+        ranking = rankers.rank(m, Q, cfg.topk, regions=qregions if m in REGION_METHODS else None)
         dt = time.perf_counter() - t0 - t_build
         write_table(ranks_table(qkeys, ranking, db_ids), path, params=phash)  # methods rank rows; ranks store image ids
         summary[m] = {"queries": len(qkeys), "seconds": dt, "build_seconds": t_build,

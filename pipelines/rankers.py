@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from retrieval.rankers import (
-    GRAPH_METHODS, METHODS, AqeRanker, DiffusionRanker, KnnRanker, Ranker, Ranking, SpectralRanker, TruncatedRanker,
+    GRAPH_METHODS, METHODS, REGION_METHODS, AqeRanker, DiffusionRanker, KnnRanker, Ranker, Ranking, SpectralRanker, TruncatedRanker,
 )
 from retrieval.spectral import SpectralEmbedding, spectral_embedding
 
@@ -93,10 +93,16 @@ class Rankers:
                 log.info("rankers: %s built in %.2f s", method, time.perf_counter() - t0)
             return self._built[method]
 
-    def rank(self, method: str, Q: np.ndarray, topk: int) -> Ranking:
-        """Q (nq, d) float32 -> Ranking of database rows; topk <= 0 ranks the whole database."""
+    def rank(self, method: str, Q: np.ndarray, topk: int, *, regions: list[np.ndarray] | None = None) -> Ranking:
+        """Q (nq, d) float32 -> Ranking of database rows; topk <= 0 ranks the whole database.
+        The region methods rank the queries' `regions` (per query (R_q, d_r), regionally whitened)."""
         n = self.X.shape[0]
-        return self.get(method).rank(Q, n if topk <= 0 else min(topk, n))
+        k = n if topk <= 0 else min(topk, n)
+        if method in REGION_METHODS:
+            if regions is None or len(regions) != len(Q):
+                raise ValueError(f"{method} ranks by the queries' regions: extract the queries with [extract].regions = true")
+            return self.get(method).rank_regions(regions, k)
+        return self.get(method).rank(Q, k)
 
 
 def _diffusion(r: Rankers) -> Ranker:
@@ -130,6 +136,24 @@ def _petsc(r: Rankers) -> Ranker:
                        gamma=c.gamma, kq=c.kq, rtol=c.rtol, maxiter=c.maxiter)
 
 
+def _regional(r: Rankers) -> Ranker:
+    from retrieval.regional import RegionalDiffusionRanker
+
+    from .regions import load_region_index
+
+    c = r.cfg
+    if r.graph_dir is None:
+        raise ValueError("regional: this index has no run directory with a region index")
+    idx = load_region_index(r.graph_dir.parent)
+    if len(idx.ids) != r.X.shape[0]:
+        raise ValueError(f"the region index has regions of {len(idx.ids)} images but the database has {r.X.shape[0]}: "
+                         "run the graph stage again")
+    rknn = KnnRanker(idx.V)
+    solver = DiffusionRanker(rknn, idx.V, idx.W, alpha=c.alpha, gamma=c.gamma, kq=c.kq, rtol=c.rtol, maxiter=c.maxiter, batch=c.batch,
+                             matmul=c.matmul, dtype=np.dtype(c.dtype).type)
+    return RegionalDiffusionRanker(rknn, solver, idx.owner, r.X.shape[0], kq=c.kq, pool=c.region_pool)
+
+
 # the graph-block reader the PETSc ranks import (module:function), so cluster/ never imports pipelines/
 GRAPH_ROWS_READER = "pipelines.graph:read_graph_rows"
 
@@ -140,6 +164,7 @@ BUILDERS: dict[str, Callable[[Rankers], Ranker]] = {
     "truncated": _truncated,
     "spectral": _spectral,
     "petsc": _petsc,
+    "regional": _regional,
 }
 assert tuple(BUILDERS) == METHODS, "every method of retrieval.rankers.METHODS has exactly one builder"
-__all__ = ["BUILDERS", "GRAPH_METHODS", "METHODS", "Rankers", "spectral_cached"]
+__all__ = ["BUILDERS", "GRAPH_METHODS", "METHODS", "REGION_METHODS", "Rankers", "spectral_cached"]

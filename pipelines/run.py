@@ -56,10 +56,11 @@ def stage_ingest(cfg: RunConfig, run_dir: Path) -> dict:
 def stage_extract(cfg: RunConfig, run_dir: Path) -> dict:
     from .extract import load_whitening, run_extract
 
-    out = {"database": run_extract(run_dir, cfg.extract, learn=True)}
+    out = {"database": run_extract(run_dir, cfg.extract, learn=True, gcfg=cfg.graph)}
     if (run_dir / "queries" / "images").is_dir():
         w = load_whitening(run_dir / "whitening.npz") if cfg.extract.whitening != "none" else None
-        out["queries"] = run_extract(run_dir / "queries", cfg.extract, with_boxes=True, whitening=w, learn=False, run_dir=run_dir)
+        out["queries"] = run_extract(run_dir / "queries", cfg.extract, with_boxes=True, whitening=w, learn=False, run_dir=run_dir,
+                                     gcfg=cfg.graph)
     return out
 
 
@@ -74,9 +75,19 @@ def stage_train(cfg: RunConfig, run_dir: Path) -> dict:
 
 
 def stage_graph(cfg: RunConfig, run_dir: Path) -> dict:
+    from retrieval.rankers import REGION_METHODS
+
     from .graph import run_graph
 
-    return run_graph(run_dir, cfg.graph)
+    res = run_graph(run_dir, cfg.graph)
+    if REGION_METHODS & set(cfg.query.methods):  # regional diffusion: the region graph too
+        from .regions import run_region_graph
+
+        from .discover import first_pass
+
+        ecfg = first_pass(cfg.extract) if cfg.extract.pooling == "os_egm" else cfg.extract
+        res = {**res, "regions": run_region_graph(run_dir, cfg.graph, ecfg)}
+    return res
 
 
 def stage_query(cfg: RunConfig, run_dir: Path) -> dict:

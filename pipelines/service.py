@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.rankers import GRAPH_METHODS, METHODS, Ranking
+from retrieval.rankers import GRAPH_METHODS, METHODS, REGION_METHODS, Ranking
 
 from .config import ExtractConfig, QueryConfig, _build
 from .rankers import Rankers
@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 # what a request may name: every ranking method except the MPI solve (one process per request
 # would not serve), and "none" as an alias of kNN
-SERVICE_METHODS = {"none": "knn", **{m: m for m in METHODS if m != "petsc"}}
+# petsc: a batch method (MPI ranks per call); regional: ranks a query's regions, which the service's
+# queries (a key or a vector) do not carry: both run in the query stage and the batch query job
+SERVICE_METHODS = {"none": "knn", **{m: m for m in METHODS if m != "petsc" and m not in REGION_METHODS}}
 # built when the index loads, so that the first request pays for no set-up (spectral's
 # eigendecomposition is built on first use, or read from its cache in graph/)
 WARM_METHODS = ("knn", "aqe", "diffusion", "truncated")

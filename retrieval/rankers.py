@@ -28,8 +28,10 @@ from .truncated import TruncatedSolver
 
 # Every ranking method, in report order: the one registry of names (config checking, the service,
 # evaluation order and the stage's builders all read it).
-METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "spectral", "petsc")
+METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "spectral", "petsc", "regional")
 GRAPH_METHODS: frozenset[str] = frozenset({"diffusion", "truncated", "spectral", "petsc"})
+# methods that rank region sets over the region graph (`retrieval.regional`), not global vectors
+REGION_METHODS: frozenset[str] = frozenset({"regional"})
 
 
 @dataclass(frozen=True)

@@ -89,5 +89,5 @@ class RegionalDiffusionRanker:
         return Ranking(ids, scores, st)
 
     def rank(self, Q: np.ndarray, topk: int):
-        """Global query vectors (nq, d), each taken as a one-region query."""
+        """Query vectors (nq, d) in the regional space, each taken as a one-region query."""
         return self.rank_regions([q[None] for q in Q], topk)

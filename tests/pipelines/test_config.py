@@ -87,10 +87,13 @@ def test_a_value_outside_the_choices_names_key_and_allowed_values(tmp_path, sect
 def test_every_query_method_is_checked(tmp_path):
     from pipelines.config import METHODS
 
-    allowed = "knn, aqe, diffusion, truncated, spectral, petsc"
+    allowed = "knn, aqe, diffusion, truncated, spectral, petsc, regional"
     with pytest.raises(ConfigError, match=rf"config: query\.methods\[1\] must be one of {allowed}; got 'difusion'"):
         load_config(_write(tmp_path, '[query]\nmethods = ["knn", "difusion"]\n'))
-    assert load_config(_write(tmp_path, f"[query]\nmethods = {list(METHODS)!r}\n".replace("'", '"'))).query.methods == list(METHODS)
+    every = f"[query]\nmethods = {list(METHODS)!r}\n".replace("'", '"')
+    assert load_config(_write(tmp_path, every + "[extract]\nregions = true\n")).query.methods == list(METHODS)
+    with pytest.raises(ConfigError, match=r"config: query.methods has \"regional\" .* needs extract.regions = true"):
+        load_config(_write(tmp_path, every))
 
 
 def test_every_string_option_has_choices_or_is_a_path_and_defaults_are_allowed():
@@ -117,7 +120,8 @@ def test_choice_tuples_equal_their_registries():
     from pipelines import config, extract, train
 
     assert config.METHODS == tuple(retrieval.rankers.METHODS)
-    assert config.POOLINGS == tuple(retrieval.pooling.POOLINGS)
+    # os_egm is a collection-level pooling (pipelines/discover.py): not a function of one feature map
+    assert config.POOLINGS == tuple(retrieval.pooling.POOLINGS) + ("os_egm",)
     assert config.BACKBONES == tuple(retrieval.backbones.BACKBONES)
     assert config.LOSSES == tuple(retrieval.losses.LOSSES)
     assert config.MINERS == tuple(retrieval.mining.MINERS)

@@ -1,0 +1,143 @@
+"""Object discovery at extraction (`[extract].pooling = "os_egm"`, Simeoni et al.).
+
+Two passes over the images, both through the extraction engines (in-process or Ray actors):
+
+1. FS.EGM: global vectors and regional vectors (EGM regions of each image's FS map) -> `features/`;
+2. the region index of the database (`pipelines.regions`: whitened regional vectors and their
+   reciprocal kNN graph) and the regions' Katz centrality g, solved once (`regions/centrality.npy`);
+3. OS.EGM: each image is forwarded again; its local search f (diffusion on the region graph from
+   the image's own regions: database images seed their own region nodes, queries their regions'
+   nearest region nodes), the OS map S(p) = F^(p) sum_{i in N_p} sim(v_i, u_p) f_i g_i (own regions
+   left out of N_p), EGM regions re-detected on S, max-pooled, L2-normalised and summed ->
+   `os_features/`, whitened into `descriptors/` as any pooling.
+
+Local descriptors u_p are mapped through the regional whitening before they are compared with the
+(whitened) regional vectors v_i.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from retrieval.pooling import egm_pooling, egm_regional, l2n
+from retrieval.rankers import DiffusionRanker, KnnRanker
+from retrieval.regional import katz_centrality
+from retrieval.saliency import fs_map, os_map
+
+from .config import ExtractConfig, GraphConfig, params_hash
+from .extractor import DescriptorExtractor, to_input
+from .regions import load_region_index, load_region_whitening, run_region_graph
+from .shards import read_json, write_bytes
+
+log = logging.getLogger(__name__)
+
+OS_NEIGHBOURS = 10  # |N_p|: region neighbours of each position
+OS_KQ = 5  # region nodes seeded per query region (queries only; database images seed their own)
+OS_ALPHA = 0.99
+
+
+def first_pass(cfg: ExtractConfig) -> ExtractConfig:
+    """The FS.EGM pass of an os_egm extraction: global FS.EGM vectors plus their EGM regions."""
+    return dataclasses.replace(cfg, pooling="fs_egm", regions=True, region_kind="fs_egm", region_whitening=False)
+
+
+def centrality(run_dir: Path) -> np.ndarray:
+    """Katz centrality of the region graph's nodes, solved once per region index and kept."""
+    rdir = run_dir / "regions"
+    params = read_json(rdir / "manifest.json").get("params")
+    path = rdir / "centrality.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["params"]) == str(params):
+                return z["g"]
+    g, st = katz_centrality(load_region_index(run_dir).W, alpha=OS_ALPHA)
+    if not st.converged.all():
+        log.warning("discover: region centrality did not converge (residual %.2e)", float(st.residuals.max()))
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, g=g, params=np.array(str(params)))
+    write_bytes(buf.getvalue(), path)
+    return g
+
+
+class ObjectSaliencyExtractor:
+    """Image pixels -> OS.EGM descriptors, with the database's region index (see the module docstring).
+
+    Args: cfg: the extraction settings (backbone, max_side); run_dir: the database run (its `regions/`
+    and `descriptors`-order ids); own: the images are the database's (their region nodes seed the
+    local search and are left out of N_p) or not (queries).
+    """
+
+    def __init__(self, cfg: ExtractConfig, run_dir: str | Path, *, own: bool):
+        self.base = DescriptorExtractor(first_pass(dataclasses.replace(cfg, scales=[1.0])))
+        self.cfg, self.own = cfg, own
+        run_dir = Path(run_dir)
+        idx = load_region_index(run_dir)
+        self.owner, self.ids = idx.owner, idx.ids  # region -> row, row -> database image id
+        self.rknn = KnnRanker(idx.V)
+        self.solver = DiffusionRanker(self.rknn, idx.V, idx.W, alpha=OS_ALPHA, kq=OS_KQ)
+        self.g = centrality(run_dir)
+        self.white = load_region_whitening(run_dir)
+        starts = np.searchsorted(self.owner, np.arange(len(self.ids) + 1))
+        self.rows_of = {int(i): np.arange(starts[r], starts[r + 1]) for r, i in enumerate(self.ids)}
+
+    @property
+    def dim(self) -> int:
+        return self.base.dim
+
+    def _search(self, U: np.ndarray, k: int):
+        return self.rknn.search(self.white.apply(U), k)
+
+    @torch.no_grad()
+    def embed(self, pixels: Sequence[np.ndarray], geoms: Sequence[Sequence[float]], ids: Sequence[int] | None = None) -> dict:
+        """{"vector": (B, C) float32 L2-normalised OS.EGM descriptors} of `prepare`d images."""
+        from PIL import Image
+
+        m = self.base.model
+        fmaps, seeds = [], []
+        for j, px in enumerate(pixels):
+            im = Image.fromarray(np.asarray(px, dtype=np.uint8))
+            x = torch.from_numpy(to_input(im, max_side=self.cfg.max_side, mean=m.input_mean, std=m.input_std))[None].to(self.base.device)
+            fmap = m.features(x)
+            fmaps.append(fmap)
+            own = self.rows_of.get(int(ids[j]), np.zeros(0, np.int64)) if self.own and ids is not None else np.zeros(0, np.int64)
+            if len(own):  # a database image: its own region nodes are the seeds
+                seeds.append((np.ones(len(own), np.float32), own, own))
+            else:  # a query: its FS.EGM regions' nearest region nodes
+                vecs, _ = egm_regional(fmap, fs_map(fmap))
+                D, I = self.rknn.search(self.white.apply(vecs[0].cpu().numpy()), OS_KQ)
+                seeds.append((D.ravel(), I.ravel(), np.zeros(0, np.int64)))
+        width = max(len(s[1]) for s in seeds) if seeds else 1
+        Ds = np.zeros((len(seeds), width), np.float32)
+        Is = np.full((len(seeds), width), -1, np.int64)
+        for j, (d, i, _) in enumerate(seeds):
+            Ds[j, : len(d)], Is[j, : len(i)] = d, i
+        F_all, _ = self.solver.solve(Ds, Is) if seeds else (np.zeros((len(self.owner), 0)), None)
+        out = np.empty((len(fmaps), self.dim), np.float32)
+        for j, fmap in enumerate(fmaps):
+            S = os_map(fmap[0], fs_map(fmap)[0], self._search, F_all[:, j], self.g, k=OS_NEIGHBOURS, exclude=seeds[j][2])
+            v = egm_pooling(fmap, torch.from_numpy(S[None]).to(fmap.dtype))
+            out[j] = l2n(v)[0].cpu().numpy()
+        return {"vector": out}
+
+
+def extract_os_egm(run_dir: Path, cfg: ExtractConfig, gcfg: GraphConfig, *, with_boxes: bool, out_dir: Path) -> dict:
+    """OS.EGM features of `out_dir/images` into `out_dir/os_features` (resumable shard by shard) from
+    the FS.EGM features already in `out_dir/features` and the database run's region index."""
+    from .extract import extract_features
+
+    own = out_dir.resolve() == run_dir.resolve()
+    if own:
+        run_region_graph(run_dir, gcfg, first_pass(cfg))
+        centrality(run_dir)
+    rparams = read_json(run_dir / "regions" / "manifest.json").get("params")
+    make = functools.partial(ObjectSaliencyExtractor, cfg, str(run_dir), own=own)
+    return extract_features(out_dir / "images", out_dir, cfg, with_boxes=with_boxes, make=make, folder="os_features",
+                            extra_params=params_hash({"regions": rparams, "own": own, "k": OS_NEIGHBOURS, "kq": OS_KQ}))

@@ -1,0 +1,134 @@
+"""Region index: the database's regional vectors, PCA-whitened, and their reciprocal kNN graph.
+
+Built by the graph stage when the query methods include "regional" (regional diffusion), from the
+regional vectors that extraction stores with `[extract].regions = true` (R-MAC grid or FS.EGM
+regions, `region_kind`). Writes `regions/`:
+
+- `vectors.npy` (M, d) float32, L2-normalised after the regional whitening; `owner.npy` (M,) int64:
+  each region's database row, non-decreasing; `ids.npy` (n,) int64: the image id of each row
+  (ascending, as the descriptors' rows);
+- `whitening.npz`: the regional PCA-whitening, learned on the database's regions, applied to queries';
+- `graph/`: the region graph in the graph stage's own format (CSR row blocks, manifest), built by the
+  graph stage's own code (`pipelines.graph.build_graph_sharded`) with the same [graph] settings;
+- `manifest.json` last (its `params` make a rerun skip).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from retrieval.whitening import Whitening, learn_pca_whitening
+
+from .config import ExtractConfig, GraphConfig, params_hash
+from .shards import list_shards, read_json, read_table, write_bytes, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegionIndex:
+    """V (M, d) float32 whitened regional vectors, owner (M,) int64 rows, ids (n,) int64 image id per
+    row, W (M, M) CSR region graph, manifest."""
+
+    V: np.ndarray
+    owner: np.ndarray
+    ids: np.ndarray
+    W: sp.csr_matrix
+    manifest: dict
+
+
+def load_regions(out_dir: Path, ids: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(ids, raw regional vectors (R_i, C) float32 per id) from `out_dir/features`: of the images `ids`
+    in that order, or of every image there by ascending id."""
+    import pyarrow.parquet as pq
+
+    regs: dict[int, np.ndarray] = {}
+    for p in list_shards(out_dir / "features"):
+        if "regions" not in pq.read_schema(p).names:
+            raise ValueError(f"regions: {p} has no regional vectors: extract with [extract].regions = true")
+        t = read_table(p, ["id", "regions"])
+        for i, r in zip(t.column("id").to_pylist(), t.column("regions").to_pylist()):
+            regs[int(i)] = np.asarray(r, dtype=np.float32).reshape(len(r), -1)
+    if ids is None:
+        ids = np.array(sorted(regs), np.int64)
+    missing = [int(i) for i in ids if int(i) not in regs]
+    if missing:
+        raise ValueError(f"regions: {len(missing)} images have descriptors but no regional vectors (first: id {missing[0]})")
+    return np.asarray(ids, np.int64), [regs[int(i)] for i in ids]
+
+
+def _whiten(regions: list[np.ndarray], w: Whitening) -> list[np.ndarray]:
+    return [w.apply(r).astype(np.float32) for r in regions]
+
+
+def _save_whitening(w: Whitening, path: Path) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, kind=np.array(w.kind), mean=w.mean, proj=w.proj)
+    write_bytes(buf.getvalue(), path)
+
+
+def load_region_whitening(run_dir: Path) -> Whitening:
+    with np.load(run_dir / "regions" / "whitening.npz", allow_pickle=False) as z:
+        return Whitening(mean=z["mean"], proj=z["proj"], kind=str(z["kind"]))
+
+
+def run_region_graph(run_dir: Path, gcfg: GraphConfig, ecfg: ExtractConfig) -> dict:
+    """Build `run_dir/regions/` (see the module docstring) from the regional vectors in
+    `run_dir/features` (extracted with `ecfg`); skipped when up to date."""
+    from .extract import feature_params
+    from .graph import build_graph_sharded, write_graph
+
+    rdir = run_dir / "regions"
+    t0 = time.perf_counter()
+    ids, raw = load_regions(run_dir)
+    phash = params_hash({"graph": gcfg, "dim": ecfg.whitening_dim, "shrinkage": ecfg.whitening_shrinkage, "features": feature_params(ecfg),
+                         "ids": params_hash(ids.tolist())})
+    if (rdir / "manifest.json").is_file() and read_json(rdir / "manifest.json").get("params") == phash:
+        log.info("regions: up to date, skipping")
+        return read_json(rdir / "manifest.json")
+    w = learn_pca_whitening(np.concatenate(raw), dim=ecfg.whitening_dim or None, shrinkage=ecfg.whitening_shrinkage)
+    V = np.ascontiguousarray(np.concatenate(_whiten(raw, w)))
+    owner = np.repeat(np.arange(len(raw), dtype=np.int64), [len(r) for r in raw])
+    W, stats, info = build_graph_sharded(V, gcfg)
+    rdir.mkdir(parents=True, exist_ok=True)
+    for name, arr in (("vectors.npy", V), ("owner.npy", owner), ("ids.npy", ids)):
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        write_bytes(buf.getvalue(), rdir / name)
+    _save_whitening(w, rdir / "whitening.npz")
+    write_graph(W, rdir / "graph", block_rows=gcfg.block_rows,
+                manifest={**info, "n": stats.n, "k": gcfg.k, "gamma": gcfg.gamma, "nnz": stats.nnz, "isolated": stats.isolated})
+    manifest = {"format_version": 1, "images": len(raw), "regions": int(len(V)), "dim": int(V.shape[1]), "kind": ecfg.region_kind,
+                "regions_per_image": float(len(V) / max(len(raw), 1)), "graph_nnz": stats.nnz, "graph_isolated": stats.isolated,
+                "bytes_per_image": float(V.nbytes / max(len(raw), 1)), "seconds": time.perf_counter() - t0, "params": phash}
+    write_json(manifest, rdir / "manifest.json")
+    log.info("regions: %d regions of %d images (%.1f per image, d=%d), graph nnz=%d in %.1f s", len(V), len(raw),
+             manifest["regions_per_image"], V.shape[1], stats.nnz, manifest["seconds"])
+    return manifest
+
+
+def load_region_index(run_dir: Path) -> RegionIndex:
+    """The region index in `run_dir/regions`."""
+    from .graph import load_graph
+
+    rdir = run_dir / "regions"
+    if not (rdir / "manifest.json").is_file():
+        raise ValueError(f"{rdir} has no region index: run the graph stage with \"regional\" among [query].methods")
+    V = np.load(rdir / "vectors.npy", allow_pickle=False)
+    owner = np.load(rdir / "owner.npy", allow_pickle=False)
+    ids = np.load(rdir / "ids.npy", allow_pickle=False)
+    W, _ = load_graph(rdir / "graph")
+    if W.shape[0] != len(V) or len(owner) != len(V) or (len(owner) and owner.max() >= len(ids)):
+        raise ValueError(f"{rdir}: vectors, owners, ids and graph disagree ({len(V)}, {len(owner)}, {len(ids)}, {W.shape[0]})")
+    return RegionIndex(V, owner, ids, W, read_json(rdir / "manifest.json"))
+
+
+def query_regions(query_dir: Path, run_dir: Path, ids: np.ndarray) -> list[np.ndarray]:
+    """The queries' regional vectors (in `ids` order), whitened with the database's regional whitening."""
+    return _whiten(load_regions(query_dir, ids)[1], load_region_whitening(run_dir))

@@ -1,0 +1,82 @@
+"""Object discovery (pooling = "os_egm") and regional diffusion through the whole pipeline."""
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.descriptors import load_descriptors
+from pipelines.run import run_stages
+from tests.conftest import tiny_run_config
+
+STAGES = ["ingest", "extract", "graph", "query", "evaluate"]
+
+
+def _os_cfg(tmp_path, tiny_benchmark, name, engine="local"):
+    out = tmp_path / name
+    out.mkdir()
+    shutil.copytree(tiny_benchmark, out / "benchmark")
+    cfg = tiny_run_config(out, engine=engine)
+    cfg.extract = dataclasses.replace(cfg.extract, pooling="os_egm")
+    cfg.query.methods = ["knn", "diffusion", "regional"]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def os_run(tmp_path_factory, tiny_benchmark):
+    cfg = _os_cfg(tmp_path_factory.mktemp("os"), tiny_benchmark, "local")
+    return cfg, run_stages(cfg, STAGES)
+
+
+def test_os_egm_run_writes_both_passes_the_region_index_and_every_method(os_run):
+    cfg, res = os_run
+    out = Path(cfg.out)
+    assert json.loads((out / "manifest.json").read_text())["pooling"] == "os_egm"
+    fs_ids, _, FS = load_descriptors(out / "features")  # first pass: FS.EGM, with regions
+    os_ids, _, OS = load_descriptors(out / "os_features")
+    np.testing.assert_array_equal(fs_ids, os_ids)
+    assert "regions" in pq.read_schema(sorted((out / "features").glob("part-*.parquet"))[0]).names
+    cos = np.sum(FS * OS, axis=1) / (np.linalg.norm(FS, axis=1) * np.linalg.norm(OS, axis=1))
+    assert (cos < 0.999).sum() >= len(cos) // 4  # the OS map re-detects regions: descriptors move (3x3 maps here: not all)
+    man = json.loads((out / "regions" / "manifest.json").read_text())
+    assert man["images"] == len(fs_ids) and man["regions"] >= len(fs_ids) and man["kind"] == "fs_egm"
+    assert np.load(out / "regions" / "centrality.npz")["g"].shape == (man["regions"],)
+    assert set(json.loads((out / "metrics.json").read_text())) == {"knn", "diffusion", "regional"}
+    t = pq.read_table(out / "ranks" / "regional.parquet")
+    assert t.num_rows == len(load_descriptors(out / "queries" / "descriptors")[0])
+    assert sorted(t.column("ids")[0].as_py()) == sorted(fs_ids.tolist())  # a full ranking of the database
+
+
+def test_os_egm_crash_resumes_and_ray_equals_in_process(os_run, ray_session, tmp_path, tiny_benchmark, monkeypatch):
+    import pipelines.extract as ex
+
+    ref_cfg, _ = os_run
+    ref = Path(ref_cfg.out)
+    cfg = _os_cfg(tmp_path, tiny_benchmark, "ray", engine="ray")
+    run_stages(cfg, ["ingest"])
+    real = ex.write_descriptors
+    n = {"calls": 0}
+    shards = len(list((Path(cfg.out) / "images").glob("part-*.parquet")))
+
+    def crash_in_second_pass(*a, **k):  # first pass: one call per shard; then the OS pass
+        n["calls"] += 1
+        if n["calls"] == shards + 2:
+            raise RuntimeError("injected crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "write_descriptors", crash_in_second_pass)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_stages(cfg, ["extract"])
+    monkeypatch.setattr(ex, "write_descriptors", real)
+    out = Path(cfg.out)
+    assert len(list((out / "os_features").glob("part-*.parquet"))) == 1
+    res = run_stages(cfg, ["extract"])
+    assert res["extract"]["database"]["images"] == 0  # the first pass was complete
+    assert res["extract"]["database"]["os"]["images"] < sum(pq.read_metadata(p).num_rows for p in (out / "images").glob("*.parquet"))
+    for sub in ("features", "os_features", "descriptors", "queries/os_features"):
+        a, b = load_descriptors(ref / sub), load_descriptors(out / sub)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_allclose(a[2], b[2], atol=1e-5, err_msg=sub)  # Ray actors == in-process
