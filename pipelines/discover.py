@@ -128,16 +128,15 @@ class ObjectSaliencyExtractor:
         return {"vector": out}
 
 
-def extract_os_egm(run_dir: Path, cfg: ExtractConfig, gcfg: GraphConfig, *, with_boxes: bool, out_dir: Path) -> dict:
-    """OS.EGM features of `out_dir/images` into `out_dir/os_features` (resumable shard by shard) from
-    the FS.EGM features already in `out_dir/features` and the database run's region index."""
-    from .extract import extract_features
-
+def os_pass(run_dir: Path, out_dir: Path, cfg: ExtractConfig, gcfg: GraphConfig, *, features: str):
+    """What the OS.EGM pass of `out_dir` (the database run or its queries) needs, once the FS.EGM pass
+    is in `out_dir/features`: the database's region index and centrality are built (database only),
+    then (make, extra_params): the extractor factory for the engines and what its output depends on.
+    `features`: the FS.EGM pass's parameters (`pipelines.extract.feature_params`)."""
     own = out_dir.resolve() == run_dir.resolve()
     if own:
-        run_region_graph(run_dir, gcfg, first_pass(cfg))
+        run_region_graph(run_dir, gcfg, first_pass(cfg), features=features)
         centrality(run_dir)
     rparams = read_json(run_dir / "regions" / "manifest.json").get("params")
     make = functools.partial(ObjectSaliencyExtractor, cfg, str(run_dir), own=own)
-    return extract_features(out_dir / "images", out_dir, cfg, with_boxes=with_boxes, make=make, folder="os_features",
-                            extra_params=params_hash({"regions": rparams, "own": own, "k": OS_NEIGHBOURS, "kq": OS_KQ}))
+    return make, params_hash({"regions": rparams, "own": own, "k": OS_NEIGHBOURS, "kq": OS_KQ})

@@ -307,10 +307,12 @@ def run_extract(out_dir: Path, cfg: ExtractConfig, *, with_boxes: bool = False, 
     database's, found in `run_dir`). pooling = "os_egm" (object discovery) needs `gcfg`, the graph
     settings of its region graph, and runs its two passes (pipelines/discover.py)."""
     if cfg.pooling == "os_egm":
-        from .discover import extract_os_egm, first_pass
+        from .discover import first_pass, os_pass
 
         summary = extract_features(out_dir / "images", out_dir, first_pass(cfg), with_boxes=with_boxes)
-        summary["os"] = extract_os_egm(run_dir or out_dir, cfg, gcfg or GraphConfig(), with_boxes=with_boxes, out_dir=out_dir)
+        make, extra = os_pass(run_dir or out_dir, out_dir, cfg, gcfg or GraphConfig(), features=feature_params(first_pass(cfg)))
+        summary["os"] = extract_features(out_dir / "images", out_dir, cfg, with_boxes=with_boxes, make=make, folder="os_features",
+                                         extra_params=extra)
         summary["manifest"] = finalize_descriptors(out_dir, cfg, whitening=whitening, learn=learn, run_dir=run_dir, features="os_features")
         return summary
     summary = extract_features(out_dir / "images", out_dir, cfg, with_boxes=with_boxes)

@@ -78,16 +78,16 @@ def load_region_whitening(run_dir: Path) -> Whitening:
         return Whitening(mean=z["mean"], proj=z["proj"], kind=str(z["kind"]))
 
 
-def run_region_graph(run_dir: Path, gcfg: GraphConfig, ecfg: ExtractConfig) -> dict:
+def run_region_graph(run_dir: Path, gcfg: GraphConfig, ecfg: ExtractConfig, *, features: str) -> dict:
     """Build `run_dir/regions/` (see the module docstring) from the regional vectors in
-    `run_dir/features` (extracted with `ecfg`); skipped when up to date."""
-    from .extract import feature_params
+    `run_dir/features` (extracted with `ecfg`, whose parameters hash to `features`: see
+    `pipelines.extract.feature_params`); skipped when up to date."""
     from .graph import build_graph_sharded, write_graph
 
     rdir = run_dir / "regions"
     t0 = time.perf_counter()
     ids, raw = load_regions(run_dir)
-    phash = params_hash({"graph": gcfg, "dim": ecfg.whitening_dim, "shrinkage": ecfg.whitening_shrinkage, "features": feature_params(ecfg),
+    phash = params_hash({"graph": gcfg, "dim": ecfg.whitening_dim, "shrinkage": ecfg.whitening_shrinkage, "features": features,
                          "ids": params_hash(ids.tolist())})
     if (rdir / "manifest.json").is_file() and read_json(rdir / "manifest.json").get("params") == phash:
         log.info("regions: up to date, skipping")

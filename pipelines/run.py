@@ -84,9 +84,10 @@ def stage_graph(cfg: RunConfig, run_dir: Path) -> dict:
         from .regions import run_region_graph
 
         from .discover import first_pass
+        from .extract import feature_params
 
         ecfg = first_pass(cfg.extract) if cfg.extract.pooling == "os_egm" else cfg.extract
-        res = {**res, "regions": run_region_graph(run_dir, cfg.graph, ecfg)}
+        res = {**res, "regions": run_region_graph(run_dir, cfg.graph, ecfg, features=feature_params(ecfg))}
     return res
 
 
