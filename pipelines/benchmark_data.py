@@ -64,6 +64,7 @@ def build_benchmark(cfg: BenchmarkConfig, out: str | Path) -> Path:
     landmarks = list(cfg.test_landmarks) + list(cfg.train_landmarks)
     imlist: list[str] = []
     labels: list[tuple[str, str]] = []  # (landmark, label) per db image
+    db_boxes: list[list[float] | None] = []  # the landmark's box (x0, y0, x1, y1) in each db image
     total = len(landmarks) * (cfg.views_per_landmark + cfg.queries_per_landmark) + cfg.distractors
     bar = tqdm(total=total, desc="benchmark", unit="img")
     queries: list[dict] = []
@@ -72,11 +73,12 @@ def build_benchmark(cfg: BenchmarkConfig, out: str | Path) -> Path:
         # difficulties spread evenly so every landmark has a chain from easy to hard views
         diffs = (np.arange(cfg.views_per_landmark) + rng.uniform(size=cfg.views_per_landmark)) / cfg.views_per_landmark
         for vi, d in enumerate(diffs):
-            img, label = maker.view(photo, d)
+            img, label, box = maker.view(photo, d)
             key = f"{name}_{vi:03d}.jpg"
             write_bytes(_jpeg(img, int(rng.integers(70, 95))), out / "db" / key)
             imlist.append(key)
             labels.append((name, label))
+            db_boxes.append(list(box))
             bar.update()
         if name in cfg.test_landmarks:
             for qi in range(cfg.queries_per_landmark):
@@ -93,11 +95,13 @@ def build_benchmark(cfg: BenchmarkConfig, out: str | Path) -> Path:
         write_bytes(_jpeg(img, int(rng.integers(70, 95))), out / "db" / key)
         imlist.append(key)
         labels.append(("", "distractor"))
+        db_boxes.append(None)
         bar.update()
     bar.close()
     order = np.argsort(imlist)  # gnd indices follow the sorted key order used by ingest
     imlist = [imlist[i] for i in order]
     labels = [labels[i] for i in order]
+    db_boxes = [db_boxes[i] for i in order]
     gnd = []
     for q in queries:
         sel = {lab: [i for i, (lm, l) in enumerate(labels) if lm == q["landmark"] and l == lab] for lab in ("easy", "hard", "junk")}
@@ -111,6 +115,7 @@ def build_benchmark(cfg: BenchmarkConfig, out: str | Path) -> Path:
             "landmarks": {"train": list(cfg.train_landmarks), "test": list(cfg.test_landmarks)},
             "query_landmarks": [q["landmark"] for q in queries],
             "db_landmarks": [lm for lm, _ in labels],
+            "db_boxes": db_boxes,
             "label_counts": counts,
             "mode": cfg.mode,
             "params": phash,
@@ -147,13 +152,13 @@ class _ViewMaker:
     def _scene(self) -> np.ndarray:
         return self.scenes[self.rng.integers(len(self.scenes))]
 
-    def view(self, photo: np.ndarray, difficulty: float) -> tuple[np.ndarray, str]:
-        """(image uint8, label) of one database view."""
+    def view(self, photo: np.ndarray, difficulty: float) -> tuple[np.ndarray, str, tuple[float, float, float, float]]:
+        """(image uint8, label, the landmark's box (x0, y0, x1, y1)) of one database view."""
         if self.cfg.mode == "clutter":
             img, info = synthetic.place_object(self._scene(), photo, coverage=self._coverage(), difficulty=difficulty, rng=self.rng)
-            return img, synthetic.label_clutter_view(info)
+            return img, synthetic.label_clutter_view(info), info.bbox
         img, info = synthetic.make_view(photo, self.clutter, difficulty=difficulty, rng=self.rng, size=self.cfg.image_size)
-        return img, synthetic.label_view(info)
+        return img, synthetic.label_view(info), info.bbox
 
     def query(self, photo: np.ndarray) -> tuple[np.ndarray, synthetic.ViewInfo]:
         """A query view (easy, difficulty <= 0.3) and its info (bbox: the object's box, the query crop)."""

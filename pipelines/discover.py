@@ -98,6 +98,15 @@ class ObjectSaliencyExtractor:
     @torch.no_grad()
     def embed(self, pixels: Sequence[np.ndarray], geoms: Sequence[Sequence[float]], ids: Sequence[int] | None = None) -> dict:
         """{"vector": (B, C) float32 L2-normalised OS.EGM descriptors} of `prepare`d images."""
+        out = np.empty((len(pixels), self.dim), np.float32)
+        for j, (fmap, _, S) in enumerate(self.saliency(pixels, ids)):
+            v = egm_pooling(fmap, torch.from_numpy(S[None]).to(fmap.dtype))
+            out[j] = l2n(v)[0].cpu().numpy()
+        return {"vector": out}
+
+    @torch.no_grad()
+    def saliency(self, pixels: Sequence[np.ndarray], ids: Sequence[int] | None = None) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
+        """Per image: its feature map (1, C, H, W), FS map (H, W) and OS map (H, W) float64."""
         from PIL import Image
 
         m = self.base.model
@@ -119,13 +128,15 @@ class ObjectSaliencyExtractor:
         Is = np.full((len(seeds), width), -1, np.int64)
         for j, (d, i, _) in enumerate(seeds):
             Ds[j, : len(d)], Is[j, : len(i)] = d, i
-        F_all, _ = self.solver.solve(Ds, Is) if seeds else (np.zeros((len(self.owner), 0)), None)
-        out = np.empty((len(fmaps), self.dim), np.float32)
+        if not seeds:
+            return []
+        F_all, _ = self.solver.solve(Ds, Is)  # local search of every image of the batch: one block CG
+        out = []
         for j, fmap in enumerate(fmaps):
-            S = os_map(fmap[0], fs_map(fmap)[0], self._search, F_all[:, j], self.g, k=OS_NEIGHBOURS, exclude=seeds[j][2])
-            v = egm_pooling(fmap, torch.from_numpy(S[None]).to(fmap.dtype))
-            out[j] = l2n(v)[0].cpu().numpy()
-        return {"vector": out}
+            F = fs_map(fmap)[0]
+            S = os_map(fmap[0], F, self._search, F_all[:, j], self.g, k=OS_NEIGHBOURS, exclude=seeds[j][2])
+            out.append((fmap, F.cpu().numpy().astype(np.float64), S))
+        return out
 
 
 def os_pass(run_dir: Path, out_dir: Path, cfg: ExtractConfig, gcfg: GraphConfig, *, features: str):
@@ -140,3 +151,53 @@ def os_pass(run_dir: Path, out_dir: Path, cfg: ExtractConfig, gcfg: GraphConfig,
     rparams = read_json(run_dir / "regions" / "manifest.json").get("params")
     make = functools.partial(ObjectSaliencyExtractor, cfg, str(run_dir), own=own)
     return make, params_hash({"regions": rparams, "own": own, "k": OS_NEIGHBOURS, "kq": OS_KQ})
+
+
+def _heat(img: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """(h, w, 3) uint8 image with the (H, W) map S, upsampled and normalised, blended over it in a
+    blue-to-red colour scale."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    s = np.asarray(S, np.float64)
+    s = (s - s.min()) / max(s.max() - s.min(), 1e-12)
+    up = np.asarray(Image.fromarray((s * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR), np.float64) / 255.0
+    colour = np.stack([np.clip(2 * up, 0, 1), np.clip(2 - np.abs(4 * up - 2), 0, 1), np.clip(2 - 2 * up, 0, 1)], axis=-1)
+    return (0.45 * img + 0.55 * 255 * colour).clip(0, 255).astype(np.uint8)
+
+
+def saliency_html(run_dir: Path, cfg: ExtractConfig, *, n: int = 6, size: int = 160) -> str:
+    """An HTML section for the report: `n` database images (spread over the ids) with their FS and
+    OS maps as heat maps side by side."""
+    import base64
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from .extractor import prepare
+
+    rows = []
+    for p in sorted((run_dir / "images").glob("part-*.parquet")):
+        rows += pq.read_table(p, columns=["id", "key", "image"]).to_pylist()
+    if not rows or n <= 0:
+        return ""
+    pick = [rows[i] for i in np.unique(np.linspace(0, len(rows) - 1, n).round().astype(int))]
+    ex = ObjectSaliencyExtractor(cfg, run_dir, own=True)
+
+    def uri(a: np.ndarray) -> str:
+        im = Image.fromarray(a)
+        im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=80)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    cells = []
+    for r in pick:
+        px, _ = prepare(r["image"], None, cfg)
+        (_, F, S), = ex.saliency([px], [r["id"]])
+        cells.append(f"<tr><td>{r['key']}</td>" + "".join(f"<td><img src='{uri(a)}'></td>" for a in (px, _heat(px, F), _heat(px, S)))
+                     + "</tr>")
+    return ("<h2>Object discovery: FS and OS saliency</h2><p>Feature saliency (FS: sparse channels of this image) and object "
+            "saliency (OS: what the image shares with the rest of the collection, through the region graph), red = salient.</p>"
+            "<table><tr><th>image</th><th>photo</th><th>FS map</th><th>OS map</th></tr>" + "".join(cells) + "</table>")

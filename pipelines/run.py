@@ -132,9 +132,18 @@ def stage_evaluate(cfg: RunConfig, run_dir: Path) -> dict:
     metrics = run_evaluate(run_dir, Path(cfg.dataset.gnd), cfg.evaluate, db_keys=db_keys, methods=cfg.query.methods)
     report = write_report(run_dir, db_keys=db_keys, query_dir=run_dir / "queries", gt=read_ground_truth(cfg.dataset.gnd),
                           evaluation=read_json(run_dir / "evaluation.json"), n_queries=cfg.evaluate.report_queries,
-                          topk=cfg.evaluate.report_topk, extra_html=_training_html(cfg, run_dir))
+                          topk=cfg.evaluate.report_topk, extra_html=_training_html(cfg, run_dir) + _discovery_html(cfg, run_dir))
     log.info("evaluate: mAP (%%)\n%s", format_table(metrics))
     return {"metrics": metrics, "report": str(report)}
+
+
+def _discovery_html(cfg: RunConfig, run_dir: Path) -> str:
+    """FS and OS maps of a few database images, for runs that pool with object discovery."""
+    if cfg.extract.pooling != "os_egm" or cfg.evaluate.report_queries <= 0:
+        return ""
+    from .discover import saliency_html
+
+    return saliency_html(run_dir, cfg.extract, n=cfg.evaluate.report_queries)
 
 
 def ray_users(cfg: RunConfig, stages: list[str]) -> list[str]:

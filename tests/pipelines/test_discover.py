@@ -48,6 +48,8 @@ def test_os_egm_run_writes_both_passes_the_region_index_and_every_method(os_run)
     t = pq.read_table(out / "ranks" / "regional.parquet")
     assert t.num_rows == len(load_descriptors(out / "queries" / "descriptors")[0])
     assert sorted(t.column("ids")[0].as_py()) == sorted(fs_ids.tolist())  # a full ranking of the database
+    html = (out / "report.html").read_text()
+    assert "FS and OS saliency" in html and html.count("data:image/jpeg;base64") >= 3 * cfg.evaluate.report_queries
 
 
 def test_os_egm_crash_resumes_and_ray_equals_in_process(os_run, ray_session, tmp_path, tiny_benchmark, monkeypatch):

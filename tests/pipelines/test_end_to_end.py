@@ -236,14 +236,14 @@ class _CrashOnceExtractor:
         self.marker = marker
         self.dim = self.inner.dim
 
-    def embed(self, pixels, geoms):
+    def embed(self, pixels, geoms, ids=None):
         import os
         from pathlib import Path
 
         if not Path(self.marker).exists():
             Path(self.marker).write_text("crashed")
             os._exit(1)  # the Ray worker dies in the middle of a batch
-        return self.inner.embed(pixels, geoms)
+        return self.inner.embed(pixels, geoms, ids=ids)
 
 
 def test_ray_worker_killed_mid_run_loses_and_duplicates_nothing(ray_session, local_run, tmp_path, tiny_benchmark, monkeypatch):

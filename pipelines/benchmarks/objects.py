@@ -1,0 +1,131 @@
+"""Object discovery and regional diffusion: MAC, R-MAC, FS.EGM, OS.EGM x (kNN, alpha-QE, diffusion), and
+regional diffusion on R-MAC and EGM regions, with memory per image and query time; plus the precision
+of FS vs OS saliency on the objects' true boxes.
+
+    python -m pipelines.benchmarks.objects --config deploy/configs/clutter.toml --out runs/objects-clutter
+    python -m pipelines.benchmarks.objects --config deploy/configs/demo.toml --out runs/objects-demo
+
+Each variant is a run of the product's own stages (extract, graph, query, evaluate) on the config's
+ingested images, in OUT/<variant>. Writes OUT/results.json and OUT/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("objects")
+# variant -> (pooling, region kind stored for regional diffusion)
+VARIANTS = {"mac": ("mac", "rmac"), "rmac": ("rmac", "rmac"), "fs_egm": ("fs_egm", "fs_egm"), "os_egm": ("os_egm", "fs_egm")}
+REGIONAL_FROM = {"rmac": "R-MAC regions", "fs_egm": "EGM regions (FS map)"}  # variants whose run also ranks by regional diffusion
+
+
+def saliency_precision(run: Path, cfg, gnd: dict, *, sample: int, seed: int = 0) -> dict:
+    """Mean share of FS and OS saliency inside the landmark's true box over `sample` database views,
+    all and split by the object's coverage of the frame (below / above 10%)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.discover import ObjectSaliencyExtractor
+    from pipelines.extractor import prepare
+    from retrieval.saliency import box_precision
+
+    boxes = dict(zip(gnd["imlist"], gnd.get("db_boxes") or [None] * len(gnd["imlist"])))
+    if not any(boxes.values()):
+        raise ValueError("the benchmark's gnd.json has no db_boxes: rebuild it (delete its folder)")
+    rows = []
+    for p in sorted((run / "images").glob("part-*.parquet")):
+        t = pq.read_table(p, columns=["id", "key", "image", "width", "height"]).to_pylist()
+        rows += [r for r in t if boxes.get(r["key"])]
+    rng = np.random.default_rng(seed)
+    rows = [rows[i] for i in sorted(rng.choice(len(rows), min(sample, len(rows)), replace=False))]
+    ex = ObjectSaliencyExtractor(cfg.extract, run, own=True)
+    out = {"fs": [], "os": [], "coverage": []}
+    for r in rows:
+        px, _ = prepare(r["image"], None, cfg.extract)
+        (fmap, F, S), = ex.saliency([px], [r["id"]])
+        h, w = fmap.shape[-2:]
+        x0, y0, x1, y1 = boxes[r["key"]]
+        cell = (y0 * h / r["height"], x0 * w / r["width"], y1 * h / r["height"], x1 * w / r["width"])
+        out["fs"].append(box_precision(F, cell))
+        out["os"].append(box_precision(S, cell))
+        out["coverage"].append((x1 - x0) * (y1 - y0) / (r["width"] * r["height"]))
+    fs, os_, cov = (np.array(out[k]) for k in ("fs", "os", "coverage"))
+    res = {"images": len(rows), "fs": float(fs.mean()), "os": float(os_.mean()), "os_better": float((os_ > fs).mean())}
+    for name, sel in (("small", cov < 0.1), ("large", cov >= 0.1)):
+        if sel.any():
+            res[name] = {"images": int(sel.sum()), "fs": float(fs[sel].mean()), "os": float(os_[sel].mean())}
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="deploy/configs/clutter.toml")
+    ap.add_argument("--out", type=Path, default=Path("runs/objects-clutter"))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--saliency-sample", type=int, default=120, help="database views whose FS/OS box precision is measured")
+    a = ap.parse_args(argv)
+    from pipelines.benchmarks import ingested_run
+    from pipelines.run import run_stages
+
+    cfg, base = ingested_run(a.config)
+    gnd = json.loads(Path(cfg.dataset.gnd).read_text())
+    results: dict = {"config": a.config, "rows": {}, "regional": {}}
+    for name in a.variants:
+        pooling, kind = VARIANTS[name]
+        vcfg = copy.deepcopy(cfg)
+        run = a.out / name
+        vcfg.out, vcfg.benchmark.enabled = str(run), False  # the dataset is the base run's benchmark
+        vcfg.extract.pooling, vcfg.extract.regions, vcfg.extract.region_kind = pooling, True, kind
+        vcfg.query.methods = ["knn", "aqe", "diffusion"] + (["regional"] if name in REGIONAL_FROM else [])
+        for sub in ("images", "queries/images"):
+            if not (run / sub).exists():
+                (run / sub).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(base / sub, run / sub)
+        res = run_stages(vcfg, ["extract", "graph", "query", "evaluate"])
+        metrics = json.loads((run / "metrics.json").read_text())
+        man = json.loads((run / "manifest.json").read_text())
+        nq = len(gnd["qimlist"])
+        qsec = {m: (s.get("seconds") or 0.0) for m, s in res["query"].items() if isinstance(s, dict)}
+        extract_s = json.loads((run / "timings.json").read_text()).get("extract")
+        for m in ("knn", "aqe", "diffusion"):
+            results["rows"][f"{name}/{m}"] = {**metrics[m], "bytes_per_image": 4 * man["dim"], "ms_per_query": 1e3 * qsec.get(m, 0) / nq,
+                                              "extract_s": extract_s}
+        if "regional" in metrics:
+            rman = json.loads((run / "regions" / "manifest.json").read_text())
+            results["regional"][REGIONAL_FROM[name]] = {**metrics["regional"], "bytes_per_image": rman["bytes_per_image"],
+                                                        "regions_per_image": rman["regions_per_image"],
+                                                        "ms_per_query": 1e3 * qsec.get("regional", 0) / nq}
+        if name == "os_egm" and a.saliency_sample > 0:
+            results["saliency"] = saliency_precision(run, vcfg, gnd, sample=a.saliency_sample)
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = ["| method | QE | E | M | H | bytes/image | ms/query |", "|---|---|---|---|---|---|---|"]
+    for key, v in results["rows"].items():
+        name, m = key.split("/")
+        qe = {"knn": "none", "aqe": "alpha-QE", "diffusion": "diffusion"}[m]
+        lines.append(f"| {name.upper().replace('_', '.')} | {qe} | {v['E']:.2f} | {v['M']:.2f} | {v['H']:.2f} | {v['bytes_per_image']:.0f} | "
+                     f"{v['ms_per_query']:.2f} |")
+    for regs, v in results["regional"].items():
+        lines.append(f"| regional diffusion, {regs} ({v['regions_per_image']:.1f}/image) | - | {v['E']:.2f} | {v['M']:.2f} | {v['H']:.2f} | "
+                     f"{v['bytes_per_image']:.0f} | {v['ms_per_query']:.2f} |")
+    if "saliency" in results:
+        s = results["saliency"]
+        lines += ["", f"Saliency inside the true box (mean over {s['images']} database views): FS {s['fs']:.3f}, OS {s['os']:.3f} "
+                      f"(OS higher on {100 * s['os_better']:.0f}% of views)"]
+        for part in ("small", "large"):
+            if part in s:
+                lines.append(f"- object {'under' if part == 'small' else 'at least'} 10% of the frame ({s[part]['images']} views): "
+                             f"FS {s[part]['fs']:.3f}, OS {s[part]['os']:.3f}")
+    (a.out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
