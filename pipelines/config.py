@@ -121,6 +121,9 @@ class ExtractConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale: e.g. [1.0, 0.7071, 0.5] of max_side
     scale_p: float = 1.0  # generalised-mean exponent combining the scales
     regions: bool = False  # also store per-image regional vectors and their boxes
+    # fs_egm / os_egm: "equal" sums the EGM regions' vectors (as R-MAC), "mass" weights each by its
+    # component's share of the saliency (BENCHMARKS.md, "Object discovery": why it matters in clutter)
+    egm_weighting: str = _choice("equal", ("equal", "mass"))
     # which regions: "rmac" (the R-MAC grid) or "fs_egm" (EGM regions of the FS saliency map)
     region_kind: str = _choice("rmac", ("rmac", "fs_egm"))
     region_whitening: bool = False  # R-MAC from regional vectors PCA-whitened before summing (needs regions = true)

@@ -100,7 +100,7 @@ class ObjectSaliencyExtractor:
         """{"vector": (B, C) float32 L2-normalised OS.EGM descriptors} of `prepare`d images."""
         out = np.empty((len(pixels), self.dim), np.float32)
         for j, (fmap, _, S) in enumerate(self.saliency(pixels, ids)):
-            v = egm_pooling(fmap, torch.from_numpy(S[None]).to(fmap.dtype))
+            v = egm_pooling(fmap, torch.from_numpy(S[None]).to(fmap.dtype), weighting=self.cfg.egm_weighting)
             out[j] = l2n(v)[0].cpu().numpy()
         return {"vector": out}
 

@@ -36,6 +36,8 @@ def feature_params(cfg: ExtractConfig) -> str:
     params = {k: getattr(cfg, k) for k in keys}
     if cfg.regions and cfg.region_kind != "rmac":  # absent when default, so earlier runs' shards stay valid
         params["region_kind"] = cfg.region_kind
+    if cfg.pooling in ("fs_egm", "os_egm") and cfg.egm_weighting != "equal":
+        params["egm_weighting"] = cfg.egm_weighting
     return params_hash(params)
 
 

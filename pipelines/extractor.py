@@ -60,7 +60,7 @@ class DescriptorExtractor:
             torch.set_num_threads(cfg.torch_threads)
         self.model, self.info = load_backbone(cfg.backbone, cfg.weights)
         self.device = torch_device(cfg.device)
-        kw = {"p": cfg.gem_p} if cfg.pooling == "gem" else {}
+        kw = {"p": cfg.gem_p} if cfg.pooling == "gem" else {"weighting": cfg.egm_weighting} if cfg.pooling == "fs_egm" else {}
         # a fine-tuned checkpoint carries its own head (learned GeM p, optional whitening layer)
         head = getattr(self.model, "retrieval_head", None)
         self.pool = head if head is not None else make_pooling(cfg.pooling, **kw)

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from .saliency import egm_regions, fs_map
+from .saliency import egm_components, fs_map
 
 
 def mac(x: torch.Tensor) -> torch.Tensor:
@@ -133,28 +133,38 @@ def regional_mac(x: torch.Tensor, regions: list[tuple[int, int, int, int]], *, e
     return torch.stack([l2n(mac(x[:, y : y + h, x0 : x0 + w])[None], eps=eps)[0] for y, x0, h, w in regions])
 
 
-def egm_regional(x: torch.Tensor, saliency: torch.Tensor, *, eps: float = 1e-6, **egm_kw):
+def egm_regional(x: torch.Tensor, saliency: torch.Tensor, *, eps: float = 1e-6, weights: bool = False, **egm_kw):
     """Per image of (B, C, H, W) x: (R_b, C) L2-normalised MAC vectors over the EGM regions of its (H, W)
-    saliency map, and the regions [(y0, x0, h, w)] in map cells. Returns two lists of length B."""
-    vecs, regs = [], []
+    saliency map, and the regions [(y0, x0, h, w)] in map cells (two lists of length B); with
+    weights=True also the regions' mixture weights (a third list, (R_b,) each)."""
+    vecs, regs, wts = [], [], []
     for b in range(x.shape[0]):
-        r = egm_regions(saliency[b], **egm_kw)
+        r, w = egm_components(saliency[b], **egm_kw)
         vecs.append(regional_mac(x[b], r, eps=eps))
         regs.append(r)
-    return vecs, regs
+        wts.append(w)
+    return (vecs, regs, wts) if weights else (vecs, regs)
 
 
-def fs_egm(x: torch.Tensor, *, eps: float = 1e-6, **egm_kw) -> torch.Tensor:
+EGM_WEIGHTINGS: tuple[str, ...] = ("equal", "mass")
+
+
+def fs_egm(x: torch.Tensor, *, eps: float = 1e-6, weighting: str = "equal", **egm_kw) -> torch.Tensor:
     """FS.EGM (Simeoni et al.): EGM regions of the FS map, max-pooled each, L2-normalised and summed as in
     R-MAC. (B, C, H, W) -> (B, C), not normalised."""
-    return egm_pooling(x, fs_map(x, eps=eps), eps=eps, **egm_kw)
+    return egm_pooling(x, fs_map(x, eps=eps), eps=eps, weighting=weighting, **egm_kw)
 
 
-def egm_pooling(x: torch.Tensor, saliency: torch.Tensor, *, eps: float = 1e-6, **egm_kw) -> torch.Tensor:
+def egm_pooling(x: torch.Tensor, saliency: torch.Tensor, *, eps: float = 1e-6, weighting: str = "equal", **egm_kw) -> torch.Tensor:
     """EGM regions of a (B, H, W) saliency map, regional MAC L2-normalised and summed: FS.EGM with the FS
-    map, OS.EGM with the object-saliency map. (B, C, H, W) -> (B, C), not normalised."""
-    vecs, _ = egm_regional(x, saliency, eps=eps, **egm_kw)
-    return torch.stack([v.sum(dim=0) for v in vecs])
+    map, OS.EGM with the object-saliency map. weighting "equal": a plain sum, as R-MAC; "mass": each
+    region weighted by its component's share of the map's mass. (B, C, H, W) -> (B, C), not normalised."""
+    if weighting not in EGM_WEIGHTINGS:
+        raise ValueError(f"unknown EGM region weighting {weighting!r}; known: {list(EGM_WEIGHTINGS)}")
+    vecs, _, wts = egm_regional(x, saliency, eps=eps, weights=True, **egm_kw)
+    if weighting == "equal":
+        return torch.stack([v.sum(dim=0) for v in vecs])
+    return torch.stack([(torch.as_tensor(w, dtype=v.dtype, device=v.device)[:, None] * v).sum(dim=0) for v, w in zip(vecs, wts)])
 
 
 class RMAC(nn.Module):
@@ -177,8 +187,14 @@ class FS(nn.Module):
 
 
 class FSEGM(nn.Module):
+    def __init__(self, *, weighting: str = "equal"):
+        super().__init__()
+        if weighting not in EGM_WEIGHTINGS:
+            raise ValueError(f"unknown EGM region weighting {weighting!r}; known: {list(EGM_WEIGHTINGS)}")
+        self.weighting = weighting
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fs_egm(x)
+        return fs_egm(x, weighting=self.weighting)
 
 
 POOLINGS = {"mac": MAC, "spoc": SPoC, "gem": GeM, "rmac": RMAC, "crow": CroW, "fs": FS, "fs_egm": FSEGM}

@@ -26,15 +26,21 @@ def fs_map(x: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     return torch.einsum("bc,bchw->bhw", fs_channel_weights(x, eps=eps), x)
 
 
-def egm_regions(saliency: torch.Tensor | np.ndarray, **egm_kw) -> list[tuple[int, int, int, int]]:
+def egm_components(saliency: torch.Tensor | np.ndarray, **egm_kw) -> tuple[list[tuple[int, int, int, int]], np.ndarray]:
     """Regions (y0, x0, h, w) in map cells of the EGM components of one (H, W) saliency map, by decreasing
-    weight; the whole map when the map is empty. egm_kw go to `retrieval.egm.egm`."""
+    weight, and their mixture weights (R,) (summing to 1); the whole map (weight 1) when the map is
+    empty. egm_kw go to `retrieval.egm.egm`."""
     f = saliency.detach().cpu().numpy() if isinstance(saliency, torch.Tensor) else np.asarray(saliency)
     f = np.nan_to_num(f.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
     m = egm(f, **egm_kw)
     if len(m) == 0:
-        return [(0, 0, f.shape[0], f.shape[1])]
-    return [(int(y0), int(x0), int(y1 - y0), int(x1 - x0)) for y0, x0, y1, x1 in m.boxes(f.shape)]
+        return [(0, 0, f.shape[0], f.shape[1])], np.ones(1)
+    return [(int(y0), int(x0), int(y1 - y0), int(x1 - x0)) for y0, x0, y1, x1 in m.boxes(f.shape)], m.weights
+
+
+def egm_regions(saliency: torch.Tensor | np.ndarray, **egm_kw) -> list[tuple[int, int, int, int]]:
+    """The regions of `egm_components`."""
+    return egm_components(saliency, **egm_kw)[0]
 
 
 def os_map(fmap: torch.Tensor, fs: torch.Tensor, search, f: np.ndarray, g: np.ndarray, *, k: int = 10,

@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("objects")
-# variant -> (pooling, region kind stored for regional diffusion)
-VARIANTS = {"mac": ("mac", "rmac"), "rmac": ("rmac", "rmac"), "fs_egm": ("fs_egm", "fs_egm"), "os_egm": ("os_egm", "fs_egm")}
+# variant -> (pooling, region kind stored for regional diffusion, EGM region weighting)
+VARIANTS = {"mac": ("mac", "rmac", "equal"), "rmac": ("rmac", "rmac", "equal"), "fs_egm": ("fs_egm", "fs_egm", "equal"),
+            "os_egm": ("os_egm", "fs_egm", "equal"), "fs_egm_mass": ("fs_egm", "fs_egm", "mass"), "os_egm_mass": ("os_egm", "fs_egm", "mass")}
+DEFAULT_VARIANTS = ["mac", "rmac", "fs_egm", "os_egm"]
 REGIONAL_FROM = {"rmac": "R-MAC regions", "fs_egm": "EGM regions (FS map)"}  # variants whose run also ranks by regional diffusion
 
 
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="deploy/configs/clutter.toml")
     ap.add_argument("--out", type=Path, default=Path("runs/objects-clutter"))
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    ap.add_argument("--max-side", type=int, default=0, help="override [extract].max_side (feature-map resolution)")
     ap.add_argument("--saliency-sample", type=int, default=120, help="database views whose FS/OS box precision is measured")
     a = ap.parse_args(argv)
     from pipelines.benchmarks import ingested_run
@@ -77,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     gnd = json.loads(Path(cfg.dataset.gnd).read_text())
     results: dict = {"config": a.config, "rows": {}, "regional": {}}
     for name in a.variants:
-        pooling, kind = VARIANTS[name]
+        pooling, kind, weighting = VARIANTS[name]
         vcfg = copy.deepcopy(cfg)
         run = a.out / name
         vcfg.out, vcfg.benchmark.enabled = str(run), False  # the dataset is the base run's benchmark
         vcfg.extract.pooling, vcfg.extract.regions, vcfg.extract.region_kind = pooling, True, kind
+        vcfg.extract.egm_weighting = weighting
+        if a.max_side:
+            vcfg.extract.max_side = a.max_side
         vcfg.query.methods = ["knn", "aqe", "diffusion"] + (["regional"] if name in REGIONAL_FROM else [])
         for sub in ("images", "queries/images"):
             if not (run / sub).exists():
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             results["regional"][REGIONAL_FROM[name]] = {**metrics["regional"], "bytes_per_image": rman["bytes_per_image"],
                                                         "regions_per_image": rman["regions_per_image"],
                                                         "ms_per_query": 1e3 * qsec.get("regional", 0) / nq}
-        if name == "os_egm" and a.saliency_sample > 0:
+        if pooling == "os_egm" and a.saliency_sample > 0 and "saliency" not in results:
             results["saliency"] = saliency_precision(run, vcfg, gnd, sample=a.saliency_sample)
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -109,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, v in results["rows"].items():
         name, m = key.split("/")
         qe = {"knn": "none", "aqe": "alpha-QE", "diffusion": "diffusion"}[m]
-        lines.append(f"| {name.upper().replace('_', '.')} | {qe} | {v['E']:.2f} | {v['M']:.2f} | {v['H']:.2f} | {v['bytes_per_image']:.0f} | "
+        label = name.upper().replace("_MASS", " (mass)").replace("_", ".")
+        lines.append(f"| {label} | {qe} | {v['E']:.2f} | {v['M']:.2f} | {v['H']:.2f} | {v['bytes_per_image']:.0f} | "
                      f"{v['ms_per_query']:.2f} |")
     for regs, v in results["regional"].items():
         lines.append(f"| regional diffusion, {regs} ({v['regions_per_image']:.1f}/image) | - | {v['E']:.2f} | {v['M']:.2f} | {v['H']:.2f} | "

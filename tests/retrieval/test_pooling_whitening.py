@@ -163,3 +163,22 @@ def test_fs_egm_pools_the_salient_regions():
     z = torch.zeros(1, 3, 5, 5)
     _, regs = egm_regional(z, fs_map(z))
     assert regs == [[(0, 0, 5, 5)]]
+
+
+def test_egm_pooling_weightings():
+    from retrieval.pooling import egm_pooling, egm_regional
+    from retrieval.saliency import fs_map
+
+    x = torch.zeros(1, 4, 16, 16)
+    x[0, 0, 2:5, 2:5] = 3.0  # strong object, channel 0
+    x[0, 1, 10:12, 10:12] = 1.0  # weaker, smaller one, channel 1
+    S = fs_map(x)
+    vecs, regs, wts = egm_regional(x, S, weights=True)
+    assert len(regs[0]) == 2 and wts[0][0] > wts[0][1] and np.isclose(wts[0].sum(), 1.0)
+    torch.testing.assert_close(egm_pooling(x, S), vecs[0].sum(0)[None])
+    mass = egm_pooling(x, S, weighting="mass")
+    torch.testing.assert_close(mass, (torch.tensor(wts[0], dtype=torch.float32)[:, None] * vecs[0]).sum(0)[None])
+    assert mass[0, 0] > mass[0, 1]  # the heavier region dominates; equal weighting does not distinguish them
+    with pytest.raises(ValueError, match="unknown EGM region weighting"):
+        egm_pooling(x, S, weighting="max")
+    assert make_pooling("fs_egm", weighting="mass")(x).shape == (1, 4)
