@@ -21,9 +21,20 @@ def descriptor_table(ids: np.ndarray, keys: list[str], X: np.ndarray, regions: d
     vec = pa.FixedSizeListArray.from_arrays(pa.array(X.ravel(), pa.float32()), d)
     cols = {"id": pa.array(np.asarray(ids, np.int64)), "key": pa.array(keys, pa.string()), "vector": vec}
     if regions is not None:
-        cols["regions"] = pa.array([r.tolist() for r in regions["regions"]], pa.list_(pa.list_(pa.float32(), d)))
-        cols["region_boxes"] = pa.array([b.tolist() for b in regions["region_boxes"]], pa.list_(pa.list_(pa.float32(), 4)))
+        cols["regions"] = nested_vectors(regions["regions"], d)
+        cols["region_boxes"] = nested_vectors(regions["region_boxes"], 4)
     return pa.table(cols)
+
+
+def nested_vectors(arrays: list[np.ndarray], width: int) -> pa.ListArray:
+    """Per row an (R_i, width) array -> list<fixed_size_list<float32>[width]>, built from one
+    concatenated buffer and offsets (no Python object per value: 10^6 regions stay cheap)."""
+    counts = np.array([len(a) for a in arrays], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    flat = (np.concatenate([np.asarray(a, np.float32).reshape(-1, width) for a in arrays]) if len(arrays)
+            else np.zeros((0, width), np.float32))
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), width)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), inner)
 
 
 def write_descriptors(path: Path, ids: np.ndarray, keys: list[str], X: np.ndarray, *, params: str, regions: dict | None = None) -> None:

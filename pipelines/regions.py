@@ -43,18 +43,34 @@ class RegionIndex:
     manifest: dict
 
 
-def load_regions(out_dir: Path, ids: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(ids, raw regional vectors (R_i, C) float32 per id) from `out_dir/features`: of the images `ids`
-    in that order, or of every image there by ascending id."""
+def _shard_regions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids (n,) int64, regions per image (n,) int64, regional vectors (sum, C) float32) of one
+    features shard, read column-wise (no per-value Python objects)."""
     import pyarrow.parquet as pq
 
+    if "regions" not in pq.read_schema(path).names:
+        raise ValueError(f"regions: {path} has no regional vectors: extract with [extract].regions = true")
+    t = read_table(path, ["id", "regions"])
+    ids = t.column("id").to_numpy().astype(np.int64)
+    col = t.column("regions").combine_chunks()
+    if col.null_count:
+        raise ValueError(f"regions: {path} has images without regional vectors")
+    counts = np.diff(np.asarray(col.offsets)).astype(np.int64)
+    inner = col.flatten()  # fixed-size lists, one per region
+    dim = inner.type.list_size
+    vals = inner.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return ids, counts, vals.reshape(-1, dim)
+
+
+def load_regions(out_dir: Path, ids: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(ids, raw regional vectors (R_i, C) float32 per id) from `out_dir/features`: of the images `ids`
+    in that order, or of every image there by ascending id. For query sets and tests: the region
+    index reads the database shard by shard instead (`run_region_graph`)."""
     regs: dict[int, np.ndarray] = {}
     for p in list_shards(out_dir / "features"):
-        if "regions" not in pq.read_schema(p).names:
-            raise ValueError(f"regions: {p} has no regional vectors: extract with [extract].regions = true")
-        t = read_table(p, ["id", "regions"])
-        for i, r in zip(t.column("id").to_pylist(), t.column("regions").to_pylist()):
-            regs[int(i)] = np.asarray(r, dtype=np.float32).reshape(len(r), -1)
+        sid, counts, R = _shard_regions(p)
+        for i, part in zip(sid.tolist(), np.split(R, np.cumsum(counts)[:-1])):
+            regs[int(i)] = part
     if ids is None:
         ids = np.array(sorted(regs), np.int64)
     missing = [int(i) for i in ids if int(i) not in regs]
@@ -78,23 +94,60 @@ def load_region_whitening(run_dir: Path) -> Whitening:
         return Whitening(mean=z["mean"], proj=z["proj"], kind=str(z["kind"]))
 
 
+WHITEN_SAMPLE = 200_000  # regions the regional whitening is learned on: a sample spread over the shards
+
+
+def _whitened_regions(shards: list[Path], ecfg: ExtractConfig) -> tuple[np.ndarray, np.ndarray, Whitening]:
+    """Two passes over the feature shards: learn the regional PCA-whitening on a sample of at most
+    WHITEN_SAMPLE regions, then whiten shard by shard into one (M, d) float32 array (memory: the
+    whitened regions plus one shard's raw ones). Returns (V in shard order, regions per image, w)."""
+    rng = np.random.default_rng(0)
+    quota = max(1, WHITEN_SAMPLE // len(shards))
+    sample, counts = [], []
+    for p in shards:
+        _, c, R = _shard_regions(p)
+        counts.append(c)
+        sample.append(R if len(R) <= quota else R[np.sort(rng.choice(len(R), quota, replace=False))])
+    w = learn_pca_whitening(np.concatenate(sample), dim=ecfg.whitening_dim or None, shrinkage=ecfg.whitening_shrinkage)
+    del sample
+    counts = np.concatenate(counts)
+    V = np.empty((int(counts.sum()), w.dim), np.float32)
+    at = 0
+    for p in shards:
+        R = _shard_regions(p)[2]
+        V[at : at + len(R)] = w.apply(R)
+        at += len(R)
+    return V, counts, w
+
+
 def run_region_graph(run_dir: Path, gcfg: GraphConfig, ecfg: ExtractConfig, *, features: str) -> dict:
     """Build `run_dir/regions/` (see the module docstring) from the regional vectors in
     `run_dir/features` (extracted with `ecfg`, whose parameters hash to `features`: see
     `pipelines.extract.feature_params`); skipped when up to date."""
     from .graph import build_graph_sharded, write_graph
 
+    import hashlib
+
     rdir = run_dir / "regions"
     t0 = time.perf_counter()
-    ids, raw = load_regions(run_dir)
+    shards = list_shards(run_dir / "features")
+    if not shards:
+        raise ValueError(f"regions: no feature shards in {run_dir / 'features'}: run the extract stage first")
+    shard_ids = [read_table(p, ["id"]).column("id").to_numpy().astype(np.int64) for p in shards]
+    ids_in_shards = np.concatenate(shard_ids)
     phash = params_hash({"graph": gcfg, "dim": ecfg.whitening_dim, "shrinkage": ecfg.whitening_shrinkage, "features": features,
-                         "ids": params_hash(ids.tolist())})
+                         "ids": hashlib.sha256(ids_in_shards.tobytes()).hexdigest()[:16]})
     if (rdir / "manifest.json").is_file() and read_json(rdir / "manifest.json").get("params") == phash:
         log.info("regions: up to date, skipping")
         return read_json(rdir / "manifest.json")
-    w = learn_pca_whitening(np.concatenate(raw), dim=ecfg.whitening_dim or None, shrinkage=ecfg.whitening_shrinkage)
-    V = np.ascontiguousarray(np.concatenate(_whiten(raw, w)))
-    owner = np.repeat(np.arange(len(raw), dtype=np.int64), [len(r) for r in raw])
+    V, counts, w = _whitened_regions(shards, ecfg)
+    order = np.argsort(ids_in_shards, kind="stable")  # rows follow ascending ids, as the descriptors do
+    ids = ids_in_shards[order]
+    if not np.array_equal(order, np.arange(len(order))):
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        V = V[np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order])]
+        counts = counts[order]
+    owner = np.repeat(np.arange(len(ids), dtype=np.int64), counts)
     W, stats, info = build_graph_sharded(V, gcfg)
     rdir.mkdir(parents=True, exist_ok=True)
     for name, arr in (("vectors.npy", V), ("owner.npy", owner), ("ids.npy", ids)):
@@ -104,11 +157,13 @@ def run_region_graph(run_dir: Path, gcfg: GraphConfig, ecfg: ExtractConfig, *, f
     _save_whitening(w, rdir / "whitening.npz")
     write_graph(W, rdir / "graph", block_rows=gcfg.block_rows,
                 manifest={**info, "n": stats.n, "k": gcfg.k, "gamma": gcfg.gamma, "nnz": stats.nnz, "isolated": stats.isolated})
-    manifest = {"format_version": 1, "images": len(raw), "regions": int(len(V)), "dim": int(V.shape[1]), "kind": ecfg.region_kind,
-                "regions_per_image": float(len(V) / max(len(raw), 1)), "graph_nnz": stats.nnz, "graph_isolated": stats.isolated,
-                "bytes_per_image": float(V.nbytes / max(len(raw), 1)), "seconds": time.perf_counter() - t0, "params": phash}
+    n = len(ids)
+    manifest = {"format_version": 1, "images": n, "regions": int(len(V)), "dim": int(V.shape[1]), "kind": ecfg.region_kind,
+                "regions_per_image": float(len(V) / max(n, 1)), "graph_nnz": stats.nnz, "graph_isolated": stats.isolated,
+                "bytes_per_image": float(V.nbytes / max(n, 1)), "graph": {k: info.get(k) for k in ("index", "recall_at_k", "seconds")},
+                "seconds": time.perf_counter() - t0, "params": phash}
     write_json(manifest, rdir / "manifest.json")
-    log.info("regions: %d regions of %d images (%.1f per image, d=%d), graph nnz=%d in %.1f s", len(V), len(raw),
+    log.info("regions: %d regions of %d images (%.1f per image, d=%d), graph nnz=%d in %.1f s", len(V), n,
              manifest["regions_per_image"], V.shape[1], stats.nnz, manifest["seconds"])
     return manifest
 

@@ -35,7 +35,7 @@ def saliency_precision(run: Path, cfg, gnd: dict, *, sample: int, seed: int = 0)
 
     from pipelines.discover import ObjectSaliencyExtractor
     from pipelines.extractor import prepare
-    from retrieval.saliency import box_precision
+    from retrieval.saliency import box_precision, egm_regions
 
     boxes = dict(zip(gnd["imlist"], gnd.get("db_boxes") or [None] * len(gnd["imlist"])))
     if not any(boxes.values()):
@@ -47,18 +47,32 @@ def saliency_precision(run: Path, cfg, gnd: dict, *, sample: int, seed: int = 0)
     rng = np.random.default_rng(seed)
     rows = [rows[i] for i in sorted(rng.choice(len(rows), min(sample, len(rows)), replace=False))]
     ex = ObjectSaliencyExtractor(cfg.extract, run, own=True)
-    out = {"fs": [], "os": [], "coverage": []}
+    out: dict[str, list] = {k: [] for k in ("fs", "os", "coverage", "fs_peak", "os_peak", "regions", "union", "covered")}
     for r in rows:
         px, _ = prepare(r["image"], None, cfg.extract)
         (fmap, F, S), = ex.saliency([px], [r["id"]])
         h, w = fmap.shape[-2:]
         x0, y0, x1, y1 = boxes[r["key"]]
         cell = (y0 * h / r["height"], x0 * w / r["width"], y1 * h / r["height"], x1 * w / r["width"])
+        inside = np.zeros((h, w))
+        inside[int(cell[0]) : int(np.ceil(cell[2])), int(cell[1]) : int(np.ceil(cell[3]))] = 1
+        union = np.zeros((h, w))
+        regs = egm_regions(F)
+        for ry, rx, rh, rw in regs:
+            union[ry : ry + rh, rx : rx + rw] = 1
         out["fs"].append(box_precision(F, cell))
         out["os"].append(box_precision(S, cell))
         out["coverage"].append((x1 - x0) * (y1 - y0) / (r["width"] * r["height"]))
+        out["fs_peak"].append(inside.flat[int(np.argmax(F))])  # is the map's maximum on the object?
+        out["os_peak"].append(inside.flat[int(np.argmax(S))])
+        out["regions"].append(len(regs))  # FS.EGM regions: how many, how much of the image, how much of the object
+        out["union"].append(union.mean())
+        out["covered"].append((union * inside).sum() / max(inside.sum(), 1))
     fs, os_, cov = (np.array(out[k]) for k in ("fs", "os", "coverage"))
-    res = {"images": len(rows), "fs": float(fs.mean()), "os": float(os_.mean()), "os_better": float((os_ > fs).mean())}
+    res = {"images": len(rows), "fs": float(fs.mean()), "os": float(os_.mean()), "os_better": float((os_ > fs).mean()),
+           "map_cells": [int(h), int(w)], "fs_peak_on_object": float(np.mean(out["fs_peak"])), "os_peak_on_object": float(np.mean(out["os_peak"])),
+           "fs_egm_regions": float(np.mean(out["regions"])), "fs_egm_area": float(np.mean(out["union"])),
+           "fs_egm_object_covered": float(np.mean(out["covered"]))}
     for name, sel in (("small", cov < 0.1), ("large", cov >= 0.1)):
         if sel.any():
             res[name] = {"images": int(sel.sum()), "fs": float(fs[sel].mean()), "os": float(os_[sel].mean())}
@@ -78,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg, base = ingested_run(a.config)
     gnd = json.loads(Path(cfg.dataset.gnd).read_text())
-    results: dict = {"config": a.config, "rows": {}, "regional": {}}
+    prev = a.out / "results.json"  # variants run before (another invocation) are kept; rerun ones replaced
+    results: dict = json.loads(prev.read_text()) if prev.is_file() else {}
+    results = {"config": a.config, "rows": results.get("rows", {}), "regional": results.get("regional", {}),
+               **({"saliency": results["saliency"]} if "saliency" in results else {})}
     for name in a.variants:
         pooling, kind, weighting = VARIANTS[name]
         vcfg = copy.deepcopy(cfg)
@@ -107,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             results["regional"][REGIONAL_FROM[name]] = {**metrics["regional"], "bytes_per_image": rman["bytes_per_image"],
                                                         "regions_per_image": rman["regions_per_image"],
                                                         "ms_per_query": 1e3 * qsec.get("regional", 0) / nq}
-        if pooling == "os_egm" and a.saliency_sample > 0 and "saliency" not in results:
+        if pooling == "os_egm" and weighting == "equal" and a.saliency_sample > 0:
             results["saliency"] = saliency_precision(run, vcfg, gnd, sample=a.saliency_sample)
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -124,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if "saliency" in results:
         s = results["saliency"]
         lines += ["", f"Saliency inside the true box (mean over {s['images']} database views): FS {s['fs']:.3f}, OS {s['os']:.3f} "
-                      f"(OS higher on {100 * s['os_better']:.0f}% of views)"]
+                      f"(OS higher on {100 * s['os_better']:.0f}% of views); the map's maximum on the object: FS "
+                      f"{100 * s['fs_peak_on_object']:.0f}%, OS {100 * s['os_peak_on_object']:.0f}% ({s['map_cells'][0]}x{s['map_cells'][1]} "
+                      f"cells); FS.EGM: {s['fs_egm_regions']:.1f} regions per image covering {100 * s['fs_egm_area']:.0f}% of it and "
+                      f"{100 * s['fs_egm_object_covered']:.0f}% of the object"]
         for part in ("small", "large"):
             if part in s:
                 lines.append(f"- object {'under' if part == 'small' else 'at least'} 10% of the frame ({s[part]['images']} views): "

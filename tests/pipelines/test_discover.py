@@ -82,3 +82,23 @@ def test_os_egm_crash_resumes_and_ray_equals_in_process(os_run, ray_session, tmp
         a, b = load_descriptors(ref / sub), load_descriptors(out / sub)
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_allclose(a[2], b[2], atol=1e-5, err_msg=sub)  # Ray actors == in-process
+
+
+def test_regional_vectors_round_trip_through_a_shard_column_wise(tmp_path, rng):
+    from pipelines.descriptors import write_descriptors
+    from pipelines.regions import _shard_regions, load_regions
+
+    regs = [rng.normal(size=(r, 6)).astype(np.float32) for r in (3, 0, 1, 5)]
+    boxes = [rng.uniform(0, 9, size=(len(r), 4)).astype(np.float32) for r in regs]
+    ids = np.array([4, 5, 7, 9])
+    write_descriptors(tmp_path / "features" / "part-00000.parquet", ids, list("abcd"), rng.normal(size=(4, 6)), params="p",
+                      regions={"regions": regs, "region_boxes": boxes})
+    t = pq.read_table(tmp_path / "features" / "part-00000.parquet")
+    assert t.column("regions").to_pylist()[0] == regs[0].tolist()  # the same layout as a per-row conversion
+    sid, counts, R = _shard_regions(tmp_path / "features" / "part-00000.parquet")
+    np.testing.assert_array_equal(sid, ids)
+    np.testing.assert_array_equal(counts, [3, 0, 1, 5])
+    np.testing.assert_array_equal(R, np.concatenate(regs))
+    got_ids, got = load_regions(tmp_path, np.array([9, 4]))
+    np.testing.assert_array_equal(got[0], regs[3])
+    np.testing.assert_array_equal(got[1], regs[0])
