@@ -18,7 +18,7 @@ from retrieval.rankers import GRAPH_METHODS, METHODS, REGION_METHODS, Ranking
 from .config import QueryConfig, params_hash
 from .descriptors import load_descriptors
 from .rankers import Rankers
-from .shards import read_json, shard_done, write_json, write_table
+from .shards import read_json, read_json_or, shard_done, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,15 @@ def run_query(run_dir: Path, query_dir: Path, cfg: QueryConfig) -> dict:
                              if REGION_METHODS & set(cfg.methods) and (run_dir / "regions" / "manifest.json").is_file() else {})})
     qregions = None
     summary = {}
+    spath = run_dir / "ranks" / "stats.json"
+    before = read_json_or(spath, {})  # a skipped method keeps the figures of the run that made its ranks
     for m in cfg.methods:
         path = run_dir / "ranks" / f"{m}.parquet"
         phash = params_hash({"cfg": cfg, "method": m, "inputs": inputs})
         if shard_done(path, params=phash):
             log.info("query: %s ranks up to date, skipping", m)
-            summary[m] = {"skipped": True}
+            prev = before.get(m) if isinstance(before, dict) else None
+            summary[m] = {**(prev if isinstance(prev, dict) else {}), "skipped": True}
             continue
         t0 = time.perf_counter()
         rankers.get(m)  # built here, so that its build is timed apart from the ranking
@@ -87,7 +90,7 @@ def run_query(run_dir: Path, query_dir: Path, cfg: QueryConfig) -> dict:
         summary[m] = {"queries": len(qkeys), "seconds": dt, "build_seconds": t_build,
                       "queries_per_s": len(qkeys) / dt if dt > 0 else None, **solver_summary(ranking)}
         log.info("query: %s on %d queries in %.3f s (ranker built in %.3f s)", m, len(qkeys), dt, t_build)
-    write_json(summary, run_dir / "ranks" / "stats.json")
+    write_json(summary, spath)
     return summary
 
 
