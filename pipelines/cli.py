@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     addp.add_argument("config", help="TOML run configuration of the run to grow")
     addp.add_argument("--images", required=True, help="the new images: a folder, a .txt list of paths, or a Parquet file")
     addp.add_argument("--out", help="run directory (overrides `out` in the config)")
+    exp = add("experiment", help="a scaling experiment: a base collection, then levels of added distractors (resumable)")
+    exp.add_argument("config", help="TOML experiment configuration (e.g. deploy/experiments/demo-distractors.toml)")
     shw = add("show", help="what a run directory holds: stages done, sizes, timings, mAP, where the report and ranks are")
     shw.add_argument("run_dir", help="a run directory (the config's `out`)")
     cfgp = add("config", help="print a configuration as TOML: every default, or a file's resolved values")
@@ -137,6 +139,16 @@ def _command(args) -> int:
         from .show import run_summary
 
         print("\n".join(run_summary(args.run_dir)))
+        return 0
+    if args.command == "experiment":
+        from .experiment import load_experiment, run_experiment
+
+        ecfg = load_experiment(args.config)
+        records = run_experiment(ecfg)
+        for r in records:
+            maps = ", ".join(f"{m} {e.get('H', next(iter(e.values())))['map']:.2f}" for m, e in r["metrics"].items())
+            print(f"{r['level']:>9} distractors, {r['database']:>9} images: {maps}")
+        print(f"results: {Path(ecfg.out) / 'results.html'}")
         return 0
     if args.command == "config":
         cfg = load_config(args.config) if args.config and not args.defaults else RunConfig()

@@ -295,6 +295,11 @@ def _build(cls: type, data: dict, where: str):
     return cls(**kwargs)
 
 
+def build_config(cls: type, data: dict, where: str = ""):
+    """A config dataclass of another file format (an experiment's) from its TOML table, checked as a run config is."""
+    return _build(cls, data, where)
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Read a TOML run configuration; unknown keys and wrong types raise ConfigError."""
     path = Path(path)

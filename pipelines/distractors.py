@@ -1,0 +1,94 @@
+"""Distractor images for scaling experiments, and how distracting they are.
+
+There is no Flickr100k here, so `write_synthetic` makes a distractor collection that behaves like
+one: every image is generated from its own seed (seed, index), so a batch can be written in any
+order, resumed, and extended (image i is the same image whatever the batch), from scikit-image's
+photos and textures warped, recoloured, cropped and composed (`retrieval.synthetic.make_distractor`).
+Users with a real collection point the experiment at a folder instead (`user_batch`).
+
+`distractor_stats` measures what matters: each query's most similar distractor against its most
+similar positive, and the near-duplicate groups among the distractors (connected components of
+pairs above a similarity threshold).
+"""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .shards import write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def synthetic_name(i: int) -> str:
+    return f"dis{i:08d}.jpg"
+
+
+def write_synthetic(folder: Path, start: int, stop: int, *, seed: int, size: int = 288) -> Path:
+    """Distractors start..stop-1 as JPEGs in `folder` (those already there are kept)."""
+    from retrieval import synthetic
+
+    from .benchmark_data import DISTRACTOR_SOURCES, load_photo
+
+    todo = [i for i in range(start, stop) if not (folder / synthetic_name(i)).is_file()]
+    if todo:
+        sources = [load_photo(n) for n in DISTRACTOR_SOURCES]
+        for i in tqdm(todo, desc="distractors", unit="img"):
+            img = synthetic.make_distractor(sources, np.random.default_rng([seed, i]), size=size)
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=85)
+            write_bytes(buf.getvalue(), folder / synthetic_name(i))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def user_batch(source: str | Path, start: int, stop: int, list_path: Path, extensions: list[str]) -> Path:
+    """Images start..stop-1 (in sorted path order) of a user's distractor folder, as a list file that
+    ingest reads. ValueError when the folder holds fewer than `stop` images."""
+    exts = {e.lower() for e in extensions}
+    files = sorted(p for p in Path(source).rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    if len(files) < stop:
+        raise ValueError(f"experiment: distractors.source {source} holds {len(files)} images; the levels need {stop}")
+    write_bytes(("\n".join(str(p.resolve()) for p in files[start:stop]) + "\n").encode(), list_path)
+    return list_path
+
+
+def distractor_stats(X: np.ndarray, Q: np.ndarray, positives: list[np.ndarray], distractor_rows: np.ndarray, *,
+                     near_dup: float = 0.95, k: int = 10) -> dict:
+    """How distracting the distractors are, from whitened descriptors.
+
+    Args: X (n, d) database rows, Q (nq, d) queries, positives: per query the rows of its positives,
+    distractor_rows: rows of the distractors. Returns per-query medians and quantiles of the nearest
+    positive and nearest distractor similarity, the share of queries whose nearest distractor beats
+    their nearest positive, and the near-duplicate groups among distractors (pairs among each one's
+    k nearest distractors with similarity >= near_dup, joined transitively).
+    """
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    from retrieval.knn import exact_search
+
+    out: dict = {"distractors": int(len(distractor_rows))}
+    if len(distractor_rows) == 0:
+        return out
+    Dd = Q @ X[distractor_rows].T
+    near_d = Dd.max(axis=1)
+    near_p = np.array([(Q[i] @ X[p].T).max() if len(p) else np.nan for i, p in enumerate(positives)])
+    ok = np.isfinite(near_p)
+    out["nearest_positive"] = {q: float(np.quantile(near_p[ok], v)) for q, v in (("p10", 0.1), ("median", 0.5), ("p90", 0.9))}
+    out["nearest_distractor"] = {q: float(np.quantile(near_d, v)) for q, v in (("p10", 0.1), ("median", 0.5), ("p90", 0.9))}
+    out["queries_distractor_first"] = float((near_d[ok] > near_p[ok]).mean())
+    Xd = np.ascontiguousarray(X[distractor_rows])
+    D, I = exact_search(Xd, Xd, min(k + 1, len(Xd)))
+    rows, cols = np.nonzero((D >= near_dup) & (I != np.arange(len(Xd))[:, None]))
+    A = sp.csr_matrix((np.ones(len(rows)), (rows, I[rows, cols])), shape=(len(Xd), len(Xd)))
+    _, labels = connected_components(A, directed=False)
+    sizes = np.bincount(labels)
+    out["near_duplicate_groups"] = {"threshold": near_dup, "groups": int((sizes > 1).sum()), "largest": int(sizes.max()),
+                                    "in_groups": float(sizes[sizes > 1].sum() / len(Xd)), "distinct": int(len(sizes))}
+    return out

@@ -1,0 +1,238 @@
+"""Scaling experiments: a base collection with ground truth, then levels of added distractors.
+
+    retrieval experiment deploy/experiments/demo-distractors.toml
+
+One run directory (`OUT/run`) grows level by level: each level adds only its new distractor images
+(`ingest_added`: stable ids, new shards), extracts only them, updates the graph (exact index: new
+rows against all, old rows against the new), and ranks and evaluates every method. Each stage of a
+level runs in its own process (`isolate = true`) so its wall time and peak RSS are its own. A level
+is recorded (`OUT/levels/<distractors>.json` plus a snapshot of its metrics, evaluation, timings,
+config and report in `OUT/levels/<distractors>/`) only when all its stages are done: a killed
+experiment reruns from the first unrecorded level, and inside it every stage skips what it
+finished. `OUT/results.json`, `OUT/results.parquet` and `OUT/results.html` (plots) gather the levels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import METHODS, ConfigError, RunConfig, _choice, _min, _path, build_config, config_to_dict, config_to_toml, load_config, params_hash
+from .shards import read_json, read_json_or, write_bytes, write_json
+
+log = logging.getLogger(__name__)
+STAGES = ("extract", "graph", "query", "evaluate")
+
+
+@dataclass
+class DistractorConfig:
+    source: str = _path()  # "" = synthetic distractors; else a folder of your own (taken in sorted path order)
+    seed: int = 1
+    image_size: int = _min(288, 16)  # synthetic distractors: longer side in pixels
+
+
+@dataclass
+class ExperimentConfig:
+    base: str = _path()  # the run config of the base collection (with ground truth: [benchmark] or [dataset].gnd)
+    out: str = _path()  # experiment folder; "" = runs/experiments/<config file name>
+    levels: list[int] = _min([0, 1000], 0)  # distractors on top of the base at each level, increasing
+    methods: list[str] = _choice(["knn", "aqe", "diffusion"], METHODS)
+    isolate: bool = True  # each stage in its own process: its own time and peak memory (false: in-process, for tests)
+    distractors: DistractorConfig = field(default_factory=DistractorConfig)
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read an experiment TOML; unknown keys, wrong types and bad levels raise ConfigError naming the key."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment: file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"experiment: {path} is not valid TOML: {e}") from None
+    cfg = build_config(ExperimentConfig, data, "")
+    if not cfg.base:
+        raise ConfigError("experiment: base must name the run config of the base collection")
+    if not Path(cfg.base).is_file():
+        raise ConfigError(f"experiment: base = {cfg.base!r}: file not found")
+    if not cfg.levels or any(b <= a for a, b in zip(cfg.levels, cfg.levels[1:])):
+        raise ConfigError(f"experiment: levels must be a non-empty, strictly increasing list of distractor counts; got {cfg.levels}")
+    if cfg.distractors.source and not Path(cfg.distractors.source).is_dir():
+        raise ConfigError(f"experiment: distractors.source = {cfg.distractors.source!r} is not a folder")
+    cfg.out = cfg.out or f"runs/experiments/{path.stem}"
+    return cfg
+
+
+def run_config(ecfg: ExperimentConfig) -> RunConfig:
+    """The base run config, writing to OUT/run and ranking with the experiment's methods."""
+    cfg = load_config(ecfg.base)
+    cfg.out = str(Path(ecfg.out).resolve() / "run")
+    cfg.query.methods = list(ecfg.methods)
+    return cfg
+
+
+def _stage(cfg: RunConfig, stage: str, images: str | None) -> None:
+    """One step of a level: "ingest" (the base), "add" (a distractor batch) or a run stage."""
+    from .run import run_stages
+
+    if stage == "add":
+        from .ingest import ingest_added
+
+        ingest_added(images, cfg.out, cfg.ingest)
+    else:
+        run_stages(cfg, [stage])
+
+
+def _measured(ecfg: ExperimentConfig, cfg_path: Path, cfg: RunConfig, stage: str, images: str | None = None) -> dict:
+    """Run one step, in a child process when `isolate`: {"seconds", "peak_rss_gib"}."""
+    t0 = time.perf_counter()
+    if not ecfg.isolate:
+        _stage(cfg, stage, images)
+        return {"seconds": time.perf_counter() - t0, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "isolated": False}
+    cmd = [sys.executable, "-m", "pipelines.experiment", "--child", stage, "--run-config", str(cfg_path)] + (["--images", images] if images else [])
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = "\n".join(res.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"experiment: stage {stage} failed (exit {res.returncode}):\n{tail}")
+    rss = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_gib"]
+    return {"seconds": time.perf_counter() - t0, "peak_rss_gib": rss, "isolated": True}
+
+
+def _distractor_batch(ecfg: ExperimentConfig, cfg: RunConfig, start: int, stop: int) -> str:
+    from .distractors import user_batch, write_synthetic
+
+    out = Path(ecfg.out).resolve() / "distractors"
+    d = ecfg.distractors
+    if d.source:
+        return str(user_batch(d.source, start, stop, out / f"batch-{start:09d}-{stop:09d}.txt", cfg.ingest.extensions))
+    return str(write_synthetic(out / "images", start, stop, seed=d.seed, size=d.image_size))
+
+
+def _snapshot(run: Path, dest: Path) -> None:
+    for name in ("metrics.json", "evaluation.json", "timings.json", "config.resolved.json", "report.html", "ranks/stats.json"):
+        if (run / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run / name, dest / name)
+
+
+def _distraction(cfg: RunConfig, run: Path, n_base: int) -> dict:
+    """`distractors.distractor_stats` on the run's descriptors: rows with ids >= n_base are the added distractors."""
+    from .descriptors import load_descriptors
+    from .distractors import distractor_stats
+    from .groundtruth import read_ground_truth
+
+    ids, keys, X = load_descriptors(run / "descriptors", dense=False)
+    _, qkeys, Q = load_descriptors(run / "queries" / "descriptors", dense=False)
+    gt = read_ground_truth(cfg.dataset.gnd)
+    row_of = {k: r for r, k in enumerate(keys)}
+    q_of = {Path(k).with_suffix("").as_posix(): i for i, k in enumerate(gt.qimlist)}
+    positives = []
+    for k in qkeys:
+        g = gt.gnd[q_of[Path(k).with_suffix("").as_posix()]] if Path(k).with_suffix("").as_posix() in q_of else {}
+        pos = [gt.imlist[i] for part in ("easy", "hard", "ok") for i in g.get(part, [])]
+        positives.append(np.array([row_of[p] for p in pos if p in row_of], np.int64))
+    return distractor_stats(X, Q, positives, np.flatnonzero(ids >= n_base))
+
+
+def run_experiment(ecfg: ExperimentConfig) -> list[dict]:
+    """Every level of the experiment (skipping recorded ones); returns the level records."""
+    from .run import resolve_dataset
+
+    out = Path(ecfg.out).resolve()
+    cfg = run_config(ecfg)
+    run = Path(cfg.out)
+    eparams = params_hash({"run": config_to_dict(cfg), "distractors": ecfg.distractors})
+    meta = read_json_or(out / "experiment.json", {})
+    if meta and meta.get("params") != eparams:
+        raise ConfigError(f"experiment: {out} holds an experiment run with other settings (base config, methods or distractors); "
+                          "use another out, or delete it to start again")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "run.toml"
+    write_bytes(config_to_toml(cfg).encode(), cfg_path)
+    records, prev = [], 0
+    for li, level in enumerate(ecfg.levels):
+        rec_path = out / "levels" / f"{level:09d}.json"
+        rec = read_json_or(rec_path, None)
+        if isinstance(rec, dict) and rec.get("params") == eparams:
+            log.info("experiment: level %d recorded, skipping", level)
+            records.append(rec)
+            prev = level
+            continue
+        log.info("experiment: level %d (%d distractors to add)", level, level - prev)
+        stages = {}
+        if li == 0:
+            stages["ingest"] = _measured(ecfg, cfg_path, cfg, "ingest")
+            n_base = read_json(run / "ingest.json")["images"]
+            write_json({"params": eparams, "base_images": n_base, "config": str(ecfg.base)}, out / "experiment.json")
+        n_base = read_json(out / "experiment.json")["base_images"]
+        if level > prev or (li == 0 and level > 0):
+            t0 = time.perf_counter()
+            batch = _distractor_batch(ecfg, cfg, prev, level)
+            gen = time.perf_counter() - t0
+            stages["add"] = {**_measured(ecfg, cfg_path, cfg, "add", batch), "distractor_seconds": gen}
+        for s in STAGES:
+            stages[s] = _measured(ecfg, cfg_path, cfg, s)
+        resolve_dataset(cfg, run)
+        evaluation = read_json(run / "evaluation.json")
+        stats = read_json_or(run / "ranks" / "stats.json", {})
+        rec = {
+            "level": level, "database": int(read_json(run / "ingest.json")["images"]), "base_images": n_base,
+            "stages": stages,
+            "metrics": {m: {p: {"map": v["map"], "mpk": v.get("mpk", {})} for p, v in e.items()} for m, e in evaluation["methods"].items()},
+            "queries_per_s": {m: (s.get("queries") / s["seconds"] if s.get("seconds") else None) for m, s in stats.items() if isinstance(s, dict)},
+            "distraction": _distraction(cfg, run, n_base),
+            "run": str(run), "snapshot": f"levels/{level:09d}", "params": eparams,
+        }
+        _snapshot(run, out / "levels" / f"{level:09d}")
+        write_json(rec, rec_path)  # the level counts as done only now
+        records.append(rec)
+        prev = level
+    write_results(out, records)
+    return records
+
+
+def write_results(out: Path, records: list[dict]) -> None:
+    """results.json, results.parquet (one row per level x method x protocol) and results.html."""
+    import pyarrow as pa
+
+    from .experiment_report import results_html
+    from .shards import write_table
+
+    write_json(records, out / "results.json")
+    rows = [{"level": r["level"], "database": r["database"], "method": m, "protocol": p, "map": v["map"],
+             "mp10": v["mpk"].get("10"), "queries_per_s": r["queries_per_s"].get(m)}
+            for r in records for m, e in r["metrics"].items() for p, v in e.items()]
+    write_table(pa.Table.from_pylist(rows), out / "results.parquet")
+    write_bytes(results_html(records).encode(), out / "results.html")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child-process entry: run one step of a level and print its peak RSS as JSON."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", required=True)
+    ap.add_argument("--run-config", required=True)
+    ap.add_argument("--images")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    cfg = load_config(a.run_config)
+    _stage(cfg, a.child, a.images)
+    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The scaling-experiment runner on the tiny benchmark: levels grow one run, resume, refuse bad configs."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.config import ConfigError, config_to_toml
+from pipelines.descriptors import load_descriptors
+from pipelines.experiment import load_experiment, run_experiment
+from tests.conftest import tiny_run_config
+
+
+def _write(tmp_path, tiny_benchmark, name, levels, **extra) -> Path:
+    d = tmp_path / name
+    (d / "exp").mkdir(parents=True)
+    base = tiny_run_config(d / "base-run")
+    (d / "base.toml").write_text(config_to_toml(base))
+    # the benchmark is already built: copy it where the experiment's run will look for it
+    shutil.copytree(tiny_benchmark, d / "exp" / "run" / "benchmark")
+    body = [f'base = "{d / "base.toml"}"', f'out = "{d / "exp"}"', f"levels = {levels}", 'methods = ["knn", "diffusion"]', "isolate = false"]
+    body += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    body += ["[distractors]", "image_size = 64", "seed = 3"]
+    (d / "exp.toml").write_text("\n".join(body) + "\n")
+    return d / "exp.toml"
+
+
+def test_two_levels_grow_one_run_with_stable_ids_and_write_results(tmp_path, tiny_benchmark):
+    ecfg = load_experiment(_write(tmp_path, tiny_benchmark, "two", [0, 6]))
+    recs = run_experiment(ecfg)
+    out = Path(ecfg.out)
+    assert [r["level"] for r in recs] == [0, 6] and recs[1]["database"] == recs[0]["database"] + 6
+    assert set(recs[0]["metrics"]) == {"knn", "diffusion"} and all(0 <= recs[1]["metrics"]["knn"][p]["map"] <= 100 for p in "EMH")
+    assert set(recs[1]["stages"]) == {"add", "extract", "graph", "query", "evaluate"} and "ingest" in recs[0]["stages"]
+    assert recs[1]["distraction"]["distractors"] == 6 and "near_duplicate_groups" in recs[1]["distraction"]
+    ids, keys, _ = load_descriptors(out / "run" / "descriptors")
+    assert len(ids) == recs[1]["database"]
+    base_keys = json.loads((out / "levels" / "000000000" / "config.resolved.json").read_text())  # snapshot kept
+    assert base_keys["query"]["methods"] == ["knn", "diffusion"]
+    added = [k for k in keys if re.search(r"dis\d{8}\.jpg$", k)]
+    assert len(added) == 6 and all(i >= recs[0]["database"] for i, k in zip(ids, keys) if k in added)  # appended ids
+    html = (out / "results.html").read_text()
+    assert html.count("<svg") >= 6 and "levels/000000006/report.html" in html
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(out / "results.parquet").to_pydict()
+    assert set(t["level"]) == {0, 6} and set(t["method"]) == {"knn", "diffusion"}
+
+
+def test_resume_after_a_crash_mid_level_and_after_adding_levels(tmp_path, tiny_benchmark, monkeypatch):
+    import pipelines.experiment as ex
+
+    path = _write(tmp_path, tiny_benchmark, "resume", [0, 4])
+    ecfg = load_experiment(path)
+    real = ex._stage
+    calls = []
+
+    def crash_on_second_graph(cfg, stage, images):
+        calls.append(stage)
+        if stage == "graph" and calls.count("graph") == 2:
+            raise RuntimeError("injected crash")
+        return real(cfg, stage, images)
+
+    monkeypatch.setattr(ex, "_stage", crash_on_second_graph)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_experiment(ecfg)
+    monkeypatch.setattr(ex, "_stage", real)
+    out = Path(ecfg.out)
+    first = (out / "levels" / "000000000.json").stat().st_mtime_ns
+    assert not (out / "levels" / "000000004.json").exists()
+    recs = run_experiment(ecfg)  # resumes at level 4: its add is not repeated, level 0 is not redone
+    assert (out / "levels" / "000000000.json").stat().st_mtime_ns == first
+    assert recs[1]["database"] == recs[0]["database"] + 4
+    # a longer experiment with the same settings continues where this one stopped
+    path.write_text(path.read_text().replace("levels = [0, 4]", "levels = [0, 4, 7]"))
+    recs = run_experiment(load_experiment(path))
+    assert [r["database"] - recs[0]["database"] for r in recs] == [0, 4, 7]
+    assert (out / "levels" / "000000000.json").stat().st_mtime_ns == first
+    _, keys, X = load_descriptors(out / "run" / "descriptors")
+    assert len(set(keys)) == len(keys) and np.isfinite(X).all()  # nothing added twice
+
+
+def test_bad_experiment_configs_are_refused_with_the_key_named(tmp_path, tiny_benchmark):
+    with pytest.raises(ConfigError, match=r"levels must be a non-empty, strictly increasing"):
+        load_experiment(_write(tmp_path, tiny_benchmark, "a", [0, 0]))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['level'\]"):
+        load_experiment(_write(tmp_path, tiny_benchmark, "b", [0, 1], level=3))
+    p = _write(tmp_path, tiny_benchmark, "c", [0, 1])
+    p.write_text(p.read_text().replace("image_size = 64", "image_size = 4"))
+    with pytest.raises(ConfigError, match=r"distractors\.image_size must be >= 16"):
+        load_experiment(p)
+    p.write_text(p.read_text().replace("image_size = 4", "image_size = 64").replace('methods = ["knn", "diffusion"]', 'methods = ["knn", "difusion"]'))
+    with pytest.raises(ConfigError, match=r"methods\[1\] must be one of"):
+        load_experiment(p)
+    p.write_text(p.read_text().replace("difusion", "diffusion").replace("base.toml", "missing.toml"))
+    with pytest.raises(ConfigError, match=r"base = .*missing.toml.*not found"):
+        load_experiment(p)
+
+
+def test_isolated_stages_run_in_child_processes_and_report_their_memory(tmp_path, tiny_benchmark):
+    path = _write(tmp_path, tiny_benchmark, "iso", [2])
+    path.write_text(path.read_text().replace("isolate = false", "isolate = true"))
+    (rec,) = run_experiment(load_experiment(path))
+    assert set(rec["stages"]) == {"ingest", "add", "extract", "graph", "query", "evaluate"}
+    assert all(s["isolated"] and 0.05 < s["peak_rss_gib"] < 8 for s in rec["stages"].values())
+    assert rec["database"] == rec["base_images"] + 2
