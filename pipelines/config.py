@@ -300,15 +300,21 @@ def build_config(cls: type, data: dict, where: str = ""):
     return _build(cls, data, where)
 
 
+def read_toml(path: str | Path, what: str = "config") -> dict:
+    """A TOML file's table; ConfigError (prefixed with `what`) when it is missing or not TOML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what}: {path} is not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Read a TOML run configuration; unknown keys and wrong types raise ConfigError."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config: file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config: {path} is not valid TOML: {e}") from None
+    data = read_toml(path)
     for k, v in (overrides or {}).items():
         data[k] = v
     if not data.get("out"):  # never a shared default folder: one collection's run must not replace another's

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import METHODS, ConfigError, RunConfig, _choice, _min, _path, build_config, config_to_dict, config_to_toml, load_config, params_hash
+from .config import (
+    METHODS, ConfigError, RunConfig, _choice, _min, _path, build_config, config_to_dict, config_to_toml, load_config, params_hash, read_toml,
+)
 from .shards import read_json, read_json_or, write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -52,16 +54,8 @@ class ExperimentConfig:
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read an experiment TOML; unknown keys, wrong types and bad levels raise ConfigError naming the key."""
-    import tomllib
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment: file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"experiment: {path} is not valid TOML: {e}") from None
-    cfg = build_config(ExperimentConfig, data, "")
+    cfg = build_config(ExperimentConfig, read_toml(path, "experiment"), "")
     if not cfg.base:
         raise ConfigError("experiment: base must name the run config of the base collection")
     if not Path(cfg.base).is_file():

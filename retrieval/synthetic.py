@@ -130,14 +130,22 @@ def make_view(
     return img8, ViewInfo(d, min(visible, 1.0), coverage, bbox)
 
 
-def make_distractor(sources: list[np.ndarray], rng: np.random.Generator, *, size: int = 288) -> np.ndarray:
-    """A cluttered image of no landmark: warped crops of distractor sources. (h, w, 3) uint8."""
+def _collage(sources: list[np.ndarray], rng: np.random.Generator, size: int, patches: tuple[int, int],
+             extent: tuple[float, float]) -> np.ndarray:
+    """Clutter (`background`) with patches[0]..patches[1]-1 pasted patches of other clutter, each
+    extent[0]..extent[1] of the frame a side. (h, w, 3) float in [0, 1]."""
     h, w = size, int(size * rng.choice([0.75, 1.0, 1.33]))
     img = background(sources, (h, w), rng)
-    for _ in range(rng.integers(0, 3)):
-        ph, pw = (rng.uniform(0.2, 0.6) * np.array([h, w])).astype(int)
+    for _ in range(rng.integers(*patches)):
+        ph, pw = (rng.uniform(*extent) * np.array([h, w])).astype(int)
         y0, x0 = rng.integers(0, h - ph), rng.integers(0, w - pw)
         img[y0 : y0 + ph, x0 : x0 + pw] = background(sources, (ph, pw), rng)
+    return img
+
+
+def make_distractor(sources: list[np.ndarray], rng: np.random.Generator, *, size: int = 288) -> np.ndarray:
+    """A cluttered image of no landmark: warped crops of distractor sources. (h, w, 3) uint8."""
+    img = _collage(sources, rng, size, (0, 3), (0.2, 0.6))
     img = img + rng.normal(0.0, 0.02, size=img.shape)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
@@ -154,13 +162,7 @@ def label_view(info: ViewInfo, *, hard_from: float = 0.5, junk_visible: float = 
 def make_scene(sources: list[np.ndarray], rng: np.random.Generator, *, size: int = 288) -> np.ndarray:
     """A busy background scene, (h, w, 3) float in [0, 1]: clutter plus several pasted patches of other
     sources. Scenes are made once and shared by many images (recurring clutter)."""
-    h, w = size, int(size * rng.choice([0.75, 1.0, 1.33]))
-    img = background(sources, (h, w), rng)
-    for _ in range(rng.integers(2, 5)):
-        ph, pw = (rng.uniform(0.15, 0.45) * np.array([h, w])).astype(int)
-        y0, x0 = rng.integers(0, h - ph), rng.integers(0, w - pw)
-        img[y0 : y0 + ph, x0 : x0 + pw] = background(sources, (ph, pw), rng)
-    return img
+    return _collage(sources, rng, size, (2, 5), (0.15, 0.45))
 
 
 def place_object(scene: np.ndarray, obj: np.ndarray | None, *, coverage: float, difficulty: float,
