@@ -96,10 +96,11 @@ def _measured(ecfg: ExperimentConfig, cfg_path: Path, cfg: RunConfig, stage: str
         return {"seconds": time.perf_counter() - t0, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                 "isolated": False}
     cmd = [sys.executable, "-m", "pipelines.experiment", "--child", stage, "--run-config", str(cfg_path)] + (["--images", images] if images else [])
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its log and progress bars go to our stderr
+    if res.returncode == 2:  # the child printed the user error as one line
+        raise ValueError(f"experiment: stage {stage} of this level stopped on the error above")
     if res.returncode != 0:
-        tail = "\n".join(res.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(f"experiment: stage {stage} failed (exit {res.returncode}):\n{tail}")
+        raise RuntimeError(f"experiment: stage {stage} failed (exit {res.returncode}); its traceback is above")
     rss = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_gib"]
     return {"seconds": time.perf_counter() - t0, "peak_rss_gib": rss, "isolated": True}
 
@@ -222,8 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    cfg = load_config(a.run_config)
-    _stage(cfg, a.child, a.images)
+    from cluster.errors import ClusterError
+
+    from .errors import WeightsError
+
+    try:
+        _stage(load_config(a.run_config), a.child, a.images)
+    except (ValueError, FileNotFoundError, WeightsError, ClusterError) as e:  # the CLI's user errors (pipelines.cli.user_errors)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
     return 0
 

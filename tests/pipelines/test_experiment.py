@@ -106,3 +106,16 @@ def test_isolated_stages_run_in_child_processes_and_report_their_memory(tmp_path
     assert set(rec["stages"]) == {"ingest", "add", "extract", "graph", "query", "evaluate"}
     assert all(s["isolated"] and 0.05 < s["peak_rss_gib"] < 8 for s in rec["stages"].values())
     assert rec["database"] == rec["base_images"] + 2
+
+
+def test_a_user_error_in_an_isolated_stage_is_one_line(tmp_path, tiny_benchmark, capfd):
+    from pipelines.config import RunConfig
+
+    base = RunConfig(out=str(tmp_path / "x"))
+    base.dataset.database = str(tmp_path / "no-such-folder")
+    (tmp_path / "base.toml").write_text(config_to_toml(base))
+    (tmp_path / "exp.toml").write_text(f'base = "{tmp_path / "base.toml"}"\nout = "{tmp_path / "exp"}"\nlevels = [0]\n')
+    with pytest.raises(ValueError, match="experiment: stage ingest of this level stopped on the error above"):
+        run_experiment(load_experiment(tmp_path / "exp.toml"))
+    err = capfd.readouterr().err
+    assert "error: " in err and "no-such-folder" in err and "Traceback" not in err
