@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from retrieval.pooling import egm_pooling, egm_regional, l2n
-from retrieval.rankers import DiffusionRanker, KnnRanker
-from retrieval.regional import katz_centrality
+from retrieval.rankers import KnnRanker
+from retrieval.regional import katz_centrality, region_solver
 from retrieval.saliency import fs_map, os_map
 
 from .config import ExtractConfig, GraphConfig, params_hash
@@ -82,7 +82,8 @@ class ObjectSaliencyExtractor:
         idx = load_region_index(run_dir)
         self.owner, self.ids = idx.owner, idx.ids  # region -> row, row -> database image id
         self.rknn = KnnRanker(idx.V)
-        self.solver = DiffusionRanker(self.rknn, idx.V, idx.W, alpha=OS_ALPHA, kq=OS_KQ)
+        # exact local search on region graphs up to retrieval.regional.EXACT_MAX nodes, truncated above
+        self.solver = region_solver(self.rknn, idx.V, idx.W, alpha=OS_ALPHA, kq=OS_KQ)
         self.g = centrality(run_dir)
         self.white = load_region_whitening(run_dir)
         starts = np.searchsorted(self.owner, np.arange(len(self.ids) + 1))

@@ -137,7 +137,7 @@ def _petsc(r: Rankers) -> Ranker:
 
 
 def _regional(r: Rankers) -> Ranker:
-    from retrieval.regional import RegionalDiffusionRanker
+    from retrieval.regional import EXACT_MAX, RegionalDiffusionRanker, region_solver
 
     from .regions import load_region_index
 
@@ -149,8 +149,10 @@ def _regional(r: Rankers) -> Ranker:
         raise ValueError(f"the region index has regions of {len(idx.ids)} images but the database has {r.X.shape[0]}: "
                          "run the graph stage again")
     rknn = KnnRanker(idx.V)
-    solver = DiffusionRanker(rknn, idx.V, idx.W, alpha=c.alpha, gamma=c.gamma, kq=c.kq, rtol=c.rtol, maxiter=c.maxiter, batch=c.batch,
-                             matmul=c.matmul, dtype=np.dtype(c.dtype).type)
+    if len(idx.V) > EXACT_MAX:
+        log.info("regional: %d region nodes: truncated diffusion on %d-node subgraphs (exact up to %d)", len(idx.V), c.truncate_m, EXACT_MAX)
+    solver = region_solver(rknn, idx.V, idx.W, alpha=c.alpha, gamma=c.gamma, kq=c.kq, m=c.truncate_m, select=c.truncate_select,
+                           rtol=c.rtol, maxiter=c.maxiter, batch=c.batch, matmul=c.matmul, dtype=np.dtype(c.dtype).type)
     return RegionalDiffusionRanker(rknn, solver, idx.owner, r.X.shape[0], kq=c.kq, pool=c.region_pool)
 
 

@@ -19,6 +19,37 @@ import scipy.sparse as sp
 from .diffusion import SolveStats, block_cg, diffusion_operator, topk_columns
 
 POOLS: tuple[str, ...] = ("sum", "max")
+EXACT_MAX = 200_000  # region graphs up to this many nodes are solved exactly; larger ones by truncated diffusion
+
+
+class TruncatedScores:
+    """Truncated diffusion (`retrieval.truncated.TruncatedSolver`) behind the exact solver's interface,
+    `solve(D, I) -> (S (M, m) float32, SolveStats)`: each query's subgraph scores scattered into its
+    column, zero off the subgraph. What the regional ranker and the object-saliency local search use
+    on region graphs too large to solve whole per query (cost per query independent of M)."""
+
+    def __init__(self, solver):
+        self.solver = solver
+        self.n = solver.W.shape[0]
+
+    def solve(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, SolveStats]:
+        ids, scores, st = self.solver.solve(D, I)
+        S = np.zeros((self.n, len(ids)), np.float32)
+        for q, (i, s) in enumerate(zip(ids, scores)):
+            S[i, q] = s
+        return S, st
+
+
+def region_solver(knn, V: np.ndarray, W: sp.spmatrix, *, alpha: float = 0.99, gamma: float = 3.0, kq: int = 10, m: int = 2000,
+                  select: str = "mass", exact_max: int = EXACT_MAX, **exact):
+    """The solver of a region graph: the exact block CG (`retrieval.rankers.DiffusionRanker`, `exact`
+    its options) up to `exact_max` nodes, truncated diffusion on `m`-node subgraphs above."""
+    from .rankers import DiffusionRanker
+    from .truncated import TruncatedSolver
+
+    if W.shape[0] <= exact_max:
+        return DiffusionRanker(knn, V, W, alpha=alpha, gamma=gamma, kq=kq, **exact)
+    return TruncatedScores(TruncatedSolver(W, m=m, alpha=alpha, gamma=gamma, select=select))
 
 
 def katz_centrality(W: sp.spmatrix, *, alpha: float = 0.99, rtol: float = 1e-6, maxiter: int = 200) -> tuple[np.ndarray, SolveStats]:

@@ -102,3 +102,20 @@ def test_object_saliency_moves_from_unique_clutter_to_the_recurring_object():
     # clutter regions are weak but not zero, as in the formula) and helps in nearly every image
     assert os_prec.mean() > 0.6 and os_prec.mean() > 2 * fs_prec.mean()
     assert (os_prec > fs_prec).mean() >= 0.9
+
+
+def test_truncated_region_solver_over_the_whole_graph_equals_the_exact_solve():
+    from retrieval.regional import region_solver
+
+    X, _, Q, _ = make_manifold_dataset(ManifoldSpec(n=300, d=16, points_per_class=30, n_queries=6, seed=5))
+    W, _ = build_graph(X, k=8)
+    knn = KnnRanker(X)
+    D, I = knn.search(Q, 5)
+    exact = region_solver(knn, X, W, alpha=0.9, rtol=1e-10, maxiter=500)
+    trunc = region_solver(knn, X, W, alpha=0.9, m=len(X), select="bfs", exact_max=10)  # every reachable node: the whole graph
+    assert isinstance(exact, DiffusionRanker) and not isinstance(trunc, DiffusionRanker)
+    Se, _ = exact.solve(D, I)
+    St, _ = trunc.solve(D, I)
+    np.testing.assert_allclose(St, Se, rtol=1e-4, atol=1e-6 * Se.max())
+    small = region_solver(knn, X, W, alpha=0.9, m=40, exact_max=10).solve(D, I)[0]
+    assert ((small != 0).sum(axis=0) <= 40).all()  # truncated: scores only on each query's subgraph
