@@ -13,7 +13,6 @@ finished. `OUT/results.json`, `OUT/results.parquet` and `OUT/results.html` (plot
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import resource
