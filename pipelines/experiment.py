@@ -68,8 +68,10 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
 
 
 def run_config(ecfg: ExperimentConfig) -> RunConfig:
-    """The base run config, writing to OUT/run and ranking with the experiment's methods."""
-    cfg = load_config(ecfg.base)
+    """The base run config, writing to OUT/run and ranking with the experiment's methods (set before
+    the base is checked: its own methods are replaced, not validated)."""
+    query = read_toml(ecfg.base).get("query", {})
+    cfg = load_config(ecfg.base, overrides={"query": {**query, "methods": list(ecfg.methods)}} if isinstance(query, dict) else None)
     cfg.out = str(Path(ecfg.out).resolve() / "run")
     cfg.query.methods = list(ecfg.methods)
     return cfg

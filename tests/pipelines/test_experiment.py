@@ -119,3 +119,12 @@ def test_a_user_error_in_an_isolated_stage_is_one_line(tmp_path, tiny_benchmark,
         run_experiment(load_experiment(tmp_path / "exp.toml"))
     err = capfd.readouterr().err
     assert "error: " in err and "no-such-folder" in err and "Traceback" not in err
+
+
+def test_the_experiment_methods_replace_the_base_configs_own(tmp_path):
+    from pipelines.experiment import run_config
+
+    (tmp_path / "base.toml").write_text('[query]\nmethods = ["knn", "regional"]\nkq = 7\n')  # regional: invalid without regions
+    (tmp_path / "exp.toml").write_text(f'base = "{tmp_path / "base.toml"}"\nlevels = [0]\nmethods = ["knn", "aqe"]\n')
+    cfg = run_config(load_experiment(tmp_path / "exp.toml"))
+    assert cfg.query.methods == ["knn", "aqe"] and cfg.query.kq == 7
