@@ -111,17 +111,18 @@ class ObjectSaliencyExtractor:
         from PIL import Image
 
         m = self.base.model
-        fmaps, seeds = [], []
+        fmaps, fsmaps, seeds = [], [], []
         for j, px in enumerate(pixels):
             im = Image.fromarray(np.asarray(px, dtype=np.uint8))
             x = torch.from_numpy(to_input(im, max_side=self.cfg.max_side, mean=m.input_mean, std=m.input_std))[None].to(self.base.device)
             fmap = m.features(x)
             fmaps.append(fmap)
+            fsmaps.append(fs_map(fmap))
             own = self.rows_of.get(int(ids[j]), np.zeros(0, np.int64)) if self.own and ids is not None else np.zeros(0, np.int64)
             if len(own):  # a database image: its own region nodes are the seeds
                 seeds.append((np.ones(len(own), np.float32), own, own))
             else:  # a query: its FS.EGM regions' nearest region nodes
-                vecs, _ = egm_regional(fmap, fs_map(fmap))
+                vecs, _ = egm_regional(fmap, fsmaps[-1])
                 D, I = self.rknn.search(self.white.apply(vecs[0].cpu().numpy()), OS_KQ)
                 seeds.append((D.ravel(), I.ravel(), np.zeros(0, np.int64)))
         width = max(len(s[1]) for s in seeds) if seeds else 1
@@ -134,7 +135,7 @@ class ObjectSaliencyExtractor:
         F_all, _ = self.solver.solve(Ds, Is)  # local search of every image of the batch: one block CG
         out = []
         for j, fmap in enumerate(fmaps):
-            F = fs_map(fmap)[0]
+            F = fsmaps[j][0]
             S = os_map(fmap[0], F, self._search, F_all[:, j], self.g, k=OS_NEIGHBOURS, exclude=seeds[j][2])
             out.append((fmap, F.cpu().numpy().astype(np.float64), S))
         return out
