@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .shards import list_shards, read_table, write_table
+from retrieval.whitening import Whitening
+
+from .shards import list_shards, read_table, write_bytes, write_table
 
 
 class DescriptorError(ValueError):
@@ -99,3 +101,18 @@ def load_descriptors(folder: str | Path, *, dense: bool = True) -> tuple[np.ndar
     if dense and not np.array_equal(ids_a, np.arange(ids_a.size)):
         raise DescriptorError(f"ids in {folder} are not dense 0..{ids_a.size - 1}")
     return ids_a, keys, X
+
+
+def save_whitening(w: Whitening, path: Path, *, params: dict) -> None:
+    """A whitening and the parameters it was learned with, written atomically as .npz."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, kind=np.array(w.kind), mean=w.mean, proj=w.proj, params=np.array(repr(params)))
+    write_bytes(buf.getvalue(), path)
+
+
+def load_whitening(path: Path) -> Whitening:
+    """A whitening written by `save_whitening`."""
+    with np.load(path, allow_pickle=False) as z:
+        return Whitening(mean=z["mean"], proj=z["proj"], kind=str(z["kind"]))

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from retrieval.whitening import Whitening, l2_normalize, learn_lw_whitening, learn_pca_whitening
 
 from .config import WHITENINGS, ExtractConfig, GraphConfig, params_hash
-from .descriptors import load_descriptors, write_descriptors
+from .descriptors import load_descriptors, load_whitening, save_whitening, write_descriptors
 from .extractor import DescriptorExtractor
 from .shards import list_shards, read_table, shard_done, write_bytes, write_json, write_table
 
@@ -156,14 +156,6 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
             "steady_img_s": steady}
 
 
-def save_whitening(w: Whitening, path: Path, *, params: dict) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, kind=np.array(w.kind), mean=w.mean, proj=w.proj, params=np.array(repr(params)))
-    write_bytes(buf.getvalue(), path)
-
-
 def _features_hash(ids: np.ndarray, F: np.ndarray, n: int) -> str:
     """Hash of the first n (id, feature) rows."""
     return hashlib.sha256(np.ascontiguousarray(ids[:n]).tobytes() + np.ascontiguousarray(F[:n]).tobytes()).hexdigest()[:16]
@@ -185,11 +177,6 @@ def whitening_params(path: Path) -> str | None:
             return str(z["params"]) if "params" in z.files else None
     except (OSError, ValueError, KeyError):
         return None
-
-
-def load_whitening(path: Path) -> Whitening:
-    with np.load(path, allow_pickle=False) as z:
-        return Whitening(mean=z["mean"], proj=z["proj"], kind=str(z["kind"]))
 
 
 def learn_whitening(F: np.ndarray, cfg: ExtractConfig) -> Whitening:

@@ -26,6 +26,7 @@ import scipy.sparse as sp
 from retrieval.whitening import Whitening, learn_pca_whitening
 
 from .config import ExtractConfig, GraphConfig, params_hash
+from .descriptors import load_whitening, save_whitening
 from .shards import list_shards, read_json, read_table, write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -83,15 +84,8 @@ def _whiten(regions: list[np.ndarray], w: Whitening) -> list[np.ndarray]:
     return [w.apply(r).astype(np.float32) for r in regions]
 
 
-def _save_whitening(w: Whitening, path: Path) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, kind=np.array(w.kind), mean=w.mean, proj=w.proj)
-    write_bytes(buf.getvalue(), path)
-
-
 def load_region_whitening(run_dir: Path) -> Whitening:
-    with np.load(run_dir / "regions" / "whitening.npz", allow_pickle=False) as z:
-        return Whitening(mean=z["mean"], proj=z["proj"], kind=str(z["kind"]))
+    return load_whitening(run_dir / "regions" / "whitening.npz")
 
 
 WHITEN_SAMPLE = 200_000  # regions the regional whitening is learned on: a sample spread over the shards
@@ -154,7 +148,8 @@ def run_region_graph(run_dir: Path, gcfg: GraphConfig, ecfg: ExtractConfig, *, f
         buf = io.BytesIO()
         np.save(buf, arr)
         write_bytes(buf.getvalue(), rdir / name)
-    _save_whitening(w, rdir / "whitening.npz")
+    save_whitening(w, rdir / "whitening.npz", params={"kind": "pca-regions", "dim": ecfg.whitening_dim,
+                                                      "shrinkage": ecfg.whitening_shrinkage})
     write_graph(W, rdir / "graph", block_rows=gcfg.block_rows,
                 manifest={**info, "n": stats.n, "k": gcfg.k, "gamma": gcfg.gamma, "nnz": stats.nnz, "isolated": stats.isolated})
     n = len(ids)
