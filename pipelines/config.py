@@ -32,6 +32,7 @@ GRAPH_ENGINES: tuple[str, ...] = ("local", "ray")
 MATMULS: tuple[str, ...] = ("reordered", "scipy", "torch")
 DTYPES: tuple[str, ...] = ("float64", "float32")
 TRUNCATE_SELECTS: tuple[str, ...] = ("mass", "bfs")
+TRUNCATE_KERNELS: tuple[str, ...] = ("compiled", "scipy")  # retrieval.rankers.KERNELS
 PETSC_LAUNCHES: tuple[str, ...] = ("mpiexec", "ray")
 TRAIN_ENGINES: tuple[str, ...] = ("local", "ray")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -180,6 +181,8 @@ class QueryConfig:
     truncate_select: str = _choice("mass", TRUNCATE_SELECTS)
     truncate_hops: int = _min(8, 0)  # series terms of the "mass" selection
     truncate_beam: int = _min(0, 0)  # nodes kept per query at each "mass" step; 0 = truncate_m
+    truncate_edges: int = _min(0, 0)  # "mass" walks each node's strongest edges only, this many; 0 = all
+    truncate_kernel: str = _choice("compiled", TRUNCATE_KERNELS)  # "mass" in compiled code, or scipy (the reference)
     spectral_rank: int = _min(256, 1)  # eigenpairs kept by the "spectral" method
     petsc_ranks: int = _min(2, 1)  # MPI ranks of the "petsc" method
     # "mpiexec" (from this process) or "ray" (one rank per placement-group bundle)

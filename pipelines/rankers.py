@@ -114,7 +114,8 @@ def _diffusion(r: Rankers) -> Ranker:
 def _truncated(r: Rankers) -> Ranker:
     c = r.cfg
     return TruncatedRanker(r.knn, r.W, kq=c.kq, m=c.truncate_m, alpha=c.alpha, gamma=c.gamma, rtol=c.rtol, maxiter=c.maxiter,
-                           select=c.truncate_select, hops=c.truncate_hops, beam=c.truncate_beam or None)
+                           select=c.truncate_select, hops=c.truncate_hops, beam=c.truncate_beam or None, select_edges=c.truncate_edges,
+                           kernel=c.truncate_kernel)
 
 
 def _spectral(r: Rankers) -> Ranker:

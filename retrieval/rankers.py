@@ -30,6 +30,8 @@ from .truncated import TruncatedSolver
 # evaluation order and the stage's builders all read it).
 METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "spectral", "petsc", "regional")
 GRAPH_METHODS: frozenset[str] = frozenset({"diffusion", "truncated", "spectral", "petsc"})
+# engines of truncated diffusion's mass selection: the compiled kernel, or scipy (the reference)
+KERNELS: tuple[str, ...] = ("compiled", "scipy")
 # methods that rank region sets over the region graph (`retrieval.regional`), not global vectors
 REGION_METHODS: frozenset[str] = frozenset({"regional"})
 
@@ -151,12 +153,22 @@ def pad_with_knn(knn: KnnRanker, Q: np.ndarray, ids_list: list[np.ndarray], sc_l
 
 
 class TruncatedRanker:
-    """Truncated diffusion (retrieval.truncated.TruncatedSolver, built once): each query solved on
-    its subgraph of m nodes; the rest of the ranking by plain similarity."""
+    """Truncated diffusion, each query solved on its subgraph of m nodes, the rest of the ranking
+    by plain similarity. Mass selection runs in the compiled kernel
+    (retrieval.truncated_compiled, kernel="compiled"); kernel="scipy" and breadth-first selection
+    run retrieval.truncated.TruncatedSolver, the reference it is tested against."""
 
-    def __init__(self, knn: KnnRanker, W: sp.spmatrix, *, kq: int = 10, **solver):
+    def __init__(self, knn: KnnRanker, W: sp.spmatrix, *, kq: int = 10, kernel: str = "compiled", **solver):
         self.knn, self.kq = knn, kq
-        self.solver = TruncatedSolver(W, **solver)
+        if kernel not in KERNELS:
+            raise ValueError(f"truncated diffusion: kernel must be one of {KERNELS}, got {kernel!r}")
+        if kernel == "compiled" and solver.get("select", "mass") == "mass":
+            from .truncated_compiled import CompiledTruncatedSolver
+
+            solver.pop("select", None)
+            self.solver = CompiledTruncatedSolver(W, **solver)
+        else:
+            self.solver = TruncatedSolver(W, **solver)
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
         D, I = self.knn.search(Q, self.kq)

@@ -63,6 +63,14 @@ def _keep_top_per_row(A: sp.csr_matrix, k: int) -> sp.csr_matrix:
     return sp.csr_matrix((A.data[keep], A.indices[keep], indptr), shape=A.shape)
 
 
+def strongest_edges(W: sp.csr_matrix, t: int) -> sp.csr_matrix:
+    """W with only each row's t largest weights (ties at the t-th kept), sorted indices: the graph
+    that mass selection walks when it is told to follow strong edges only (not symmetric)."""
+    Ws = _keep_top_per_row(sp.csr_matrix(W), t)
+    Ws.sort_indices()
+    return Ws
+
+
 def mass_neighbourhoods(W: sp.csr_matrix, D: np.ndarray, I: np.ndarray, m: int, *, alpha: float = 0.99, gamma: float = 3.0,
                         hops: int = 8, beam: int | None = None, batch: int = 128) -> list[np.ndarray]:
     """Per query, up to m nodes carrying the most diffusion mass: the first `hops` terms of the
@@ -111,10 +119,13 @@ class TruncatedSolver:
     the next); `solve(D, I)` answers a batch of queries (chunks of 128 in `threads` threads)."""
 
     def __init__(self, W: sp.spmatrix, *, m: int = 1000, alpha: float = 0.99, gamma: float = 3.0, rtol: float = 1e-6,
-                 maxiter: int = 100, select: str = "bfs", hops: int = 8, beam: int | None = None, threads: int | None = None):
+                 maxiter: int = 100, select: str = "bfs", hops: int = 8, beam: int | None = None, select_edges: int = 0,
+                 threads: int | None = None):
         if select not in SELECTIONS:
             raise ValueError(f"truncated diffusion: select must be one of {SELECTIONS}, got {select!r}")
         self.W = sp.csr_matrix(W)
+        # "mass" walks each node's select_edges strongest edges only (0: all); CG uses every edge
+        self.Wsel = strongest_edges(self.W, select_edges) if select_edges > 0 else self.W
         self.m, self.alpha, self.gamma, self.rtol, self.maxiter = min(m, self.W.shape[0]), alpha, gamma, rtol, maxiter
         self.select, self.hops, self.beam = select, hops, beam
         self.threads = max(1, threads or os.cpu_count() or 1)
@@ -124,7 +135,7 @@ class TruncatedSolver:
     def neighbourhoods(self, D: np.ndarray, I: np.ndarray) -> list[np.ndarray]:
         """Per query, its subgraph's node ids (the query's own neighbours included)."""
         if self.select == "mass":
-            return mass_neighbourhoods(self.W, D, I, self.m, alpha=self.alpha, gamma=self.gamma, hops=self.hops, beam=self.beam)
+            return mass_neighbourhoods(self.Wsel, D, I, self.m, alpha=self.alpha, gamma=self.gamma, hops=self.hops, beam=self.beam)
         return [graph_neighbourhood(self.W, I[q], self.m) for q in range(I.shape[0])]
 
     def _solve_one(self, d: np.ndarray, i: np.ndarray, nodes: np.ndarray):

@@ -120,6 +120,7 @@ def test_choice_tuples_equal_their_registries():
     from pipelines import config, extract, train
 
     assert config.METHODS == tuple(retrieval.rankers.METHODS)
+    assert config.TRUNCATE_KERNELS == tuple(retrieval.rankers.KERNELS)
     # os_egm is a collection-level pooling (pipelines/discover.py): not a function of one feature map
     assert config.POOLINGS == tuple(retrieval.pooling.POOLINGS) + ("os_egm",)
     assert config.BACKBONES == tuple(retrieval.backbones.BACKBONES)
