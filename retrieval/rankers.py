@@ -133,15 +133,18 @@ class DiffusionRanker:
         return Ranking(ids, scores, SolveStats(iters, res, conv))
 
 
-def pad_with_knn(knn: KnnRanker, Q: np.ndarray, ids_list: list[np.ndarray], sc_list: list[np.ndarray], k: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def pad_with_knn(knn: KnnRanker, Q: np.ndarray, ids_list: list[np.ndarray], sc_list: list[np.ndarray], k: int, *,
+                 neighbours: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(nq, k) rankings from per-query lists that may be shorter than k: the rest of each ranking
-    is filled with the remaining items by plain similarity (score 0)."""
+    is filled with the remaining items by plain similarity (score 0). `neighbours` (nq, >= k), each
+    query's top database rows when the caller has searched them already, saves the search."""
     nq = len(ids_list)
     out_i, out_s = np.empty((nq, k), np.int64), np.zeros((nq, k), np.float32)
     short = [q for q, ids in enumerate(ids_list) if len(ids) < k]  # only these are searched
     rest: dict[int, np.ndarray] = {}
-    if short:
+    if short and neighbours is not None and neighbours.shape[1] >= k:
+        rest = {q: neighbours[q, :k] for q in short}
+    elif short:
         Ik = knn.search(Q[short], k)[1]  # at most len(ids) of the top k are in a list: enough remain
         rest = dict(zip(short, Ik))
     for q, (ids, sc) in enumerate(zip(ids_list, sc_list)):
@@ -158,6 +161,8 @@ class TruncatedRanker:
     (retrieval.truncated_compiled, kernel="compiled"); kernel="scipy" and breadth-first selection
     run retrieval.truncated.TruncatedSolver, the reference it is tested against."""
 
+    pad_search_max = 10_000  # longer rankings search only the queries whose subgraph is short of k
+
     def __init__(self, knn: KnnRanker, W: sp.spmatrix, *, kq: int = 10, kernel: str = "compiled", **solver):
         self.knn, self.kq = knn, kq
         if kernel not in KERNELS:
@@ -171,9 +176,11 @@ class TruncatedRanker:
             self.solver = TruncatedSolver(W, **solver)
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
-        D, I = self.knn.search(Q, self.kq)
-        ids, sc, st = self.solver.solve(D, I)
-        I2, S2 = pad_with_knn(self.knn, Q, ids, sc, min(topk, self.knn.n))
+        k = min(topk, self.knn.n)
+        # one search serves both: the first kq neighbours seed the solve, the top k pad the ranking
+        D, I = self.knn.search(Q, max(self.kq, k) if k <= self.pad_search_max else self.kq)
+        ids, sc, st = self.solver.solve(D[:, : self.kq], I[:, : self.kq])
+        I2, S2 = pad_with_knn(self.knn, Q, ids, sc, k, neighbours=I)
         return Ranking(I2, S2, st)
 
 

@@ -302,6 +302,7 @@ class CompiledTruncatedSolver:
         self.threads, self.chunk = max(1, threads or os.cpu_count() or 1), chunk
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._scratch: queue.SimpleQueue = queue.SimpleQueue()
+        self.solve_chunk(np.zeros((1, 1)), np.full((1, 1), -1, np.int64))  # loads the compiled code now, not on a first query
 
     def _take_scratch(self):
         try:

@@ -1,0 +1,161 @@
+"""Online cost of diffusion for new queries, through the CLI: import -> graph -> query per method.
+
+    python -m pipelines.benchmarks.online --n 100000 --out runs/online
+    python -m pipelines.benchmarks.online --n 1000000 --index hnsw --exact-queries 200 --out runs/online
+
+The scale benchmark's manifold (same generator and seed) is written as .npy, then every stage runs
+as the user runs it, each in its own process (so its wall time and peak RSS are its own):
+`retrieval import-descriptors`, `retrieval graph CONFIG`, and `retrieval query CONFIG` once per
+variant (a variant is a [query] section: the method and its settings). The query stage's own
+stats give each method's ranking time (kNN search of the seeds included) and its build time; mAP
+is computed here from the ranks it wrote. The exact solve can run on the first `--exact-queries`
+only (a second run directory sharing the graph); every method's mAP is also given on those.
+Results: `OUT/N/online.json` and a Markdown table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("online")
+
+TRUNC = {"truncate_m": 2000, "truncate_hops": 8, "truncate_beam": 1000}
+# label -> [query] settings; the first two are the issue's table's methods, then the kernel variants
+VARIANTS: dict[str, dict] = {
+    "knn (exact search)": {"methods": ["knn"]},
+    "exact block CG float32": {"methods": ["diffusion"], "dtype": "float32", "rtol": 1e-5},
+    "truncated, scipy (m 2000, 8 hops, beam 1000)": {"methods": ["truncated"], **TRUNC, "truncate_kernel": "scipy"},
+    "truncated, compiled (m 2000, 8 hops, beam 1000)": {"methods": ["truncated"], **TRUNC},
+    "truncated, compiled (m 2000, 16 hops, beam 500)": {"methods": ["truncated"], **TRUNC, "truncate_hops": 16, "truncate_beam": 500},
+    "truncated, compiled, 10 strongest edges (m 2000, 16 hops, beam 1000)":
+        {"methods": ["truncated"], **TRUNC, "truncate_hops": 16, "truncate_edges": 10},
+}
+
+
+def _toml(out: Path, graph: dict, query: dict) -> str:
+    def val(v):
+        return json.dumps(v)  # numbers, strings and lists of strings are valid TOML as JSON
+
+    lines = [f"out = {val(str(out))}", "", "[graph]"] + [f"{k} = {val(v)}" for k, v in graph.items()]
+    lines += ["", "[query]"] + [f"{k} = {val(v)}" for k, v in query.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_child(cmd: list[str]) -> dict:
+    """Run one CLI command; its wall seconds and peak RSS (os.wait4's rusage of that child)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(f"online: {' '.join(cmd)} exited {p.returncode}")
+    return {"seconds": time.perf_counter() - t0, "peak_rss_gib": ru.ru_maxrss / 2**20}
+
+
+def _map(run: Path, method: str, gnd: list[dict], first: int) -> tuple[float, float]:
+    from pipelines.query import read_ranks
+    from retrieval.metrics import compute_map
+
+    t = read_ranks(run, method)
+    keys = t.column("query").to_pylist()
+    ids = np.array(t.column("ids").to_pylist(), np.int64)
+    order = np.argsort([int(k[1:]) for k in keys])  # imported queries are keyed q00000000, ...
+    ids = ids[order]
+    g = gnd[: len(ids)]
+    return compute_map(ids.T, g).map * 100, compute_map(ids[:first].T, g[:first]).map * 100
+
+
+def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, variants: list[str]) -> dict:
+    from pipelines.benchmarks.scale import step_gen
+    from retrieval.synthetic_manifold import positives
+
+    data = out / str(n)
+    if not (data / "X.npy").is_file():
+        data.mkdir(parents=True, exist_ok=True)
+        step_gen(data, n, nq)
+    Q = np.load(data / "Q.npy")[:nq]
+    gnd = [{"ok": p} for p in positives(np.load(data / "labels.npy"), np.load(data / "qlabels.npy")[:nq])]
+    exe = [sys.executable, "-m", "pipelines.cli"]
+    graph = {"k": k, "index": index}
+    res: dict = {"n": n, "queries": nq, "index": index, "k": k, "stages": {}, "methods": {}}
+    runs = {"all": (data / "run", nq)}
+    if 0 < exact_queries < nq:
+        runs["exact"] = (data / "run-exact", exact_queries)
+    for name, (run, m) in runs.items():
+        if not (run / "graph" / "manifest.json").is_file():
+            shutil.rmtree(run, ignore_errors=True)
+            np.save(data / f"Q-{m}.npy", Q[:m])
+            res["stages"][f"import ({name})"] = run_child(exe + ["import-descriptors", str(data / "X.npy"), "--out", str(run),
+                                                                 "--queries", str(data / f"Q-{m}.npy")])
+            if name == "all":
+                cfg = data / "graph.toml"
+                cfg.write_text(_toml(run, graph, {}))
+                res["stages"]["graph"] = run_child(exe + ["graph", str(cfg)])
+                res["stages"]["graph"].update(json.loads((run / "graph" / "manifest.json").read_text()).get("stats", {}))
+            else:  # the same graph, not built twice
+                shutil.copytree(runs["all"][0] / "graph", run / "graph")
+    for label in variants:
+        over = VARIANTS[label]
+        exact = over["methods"] == ["diffusion"]
+        run, m = runs["exact" if exact and "exact" in runs else "all"]
+        cfg = data / "query.toml"
+        cfg.write_text(_toml(run, graph, {"topk": 1000, "kq": 10, "alpha": 0.99, "gamma": 3.0, **over}))
+        shutil.rmtree(run / "ranks", ignore_errors=True)
+        stage = run_child(exe + ["query", str(cfg)])
+        method = over["methods"][0]
+        st = json.loads((run / "ranks" / "stats.json").read_text())[method]
+        mp, mfirst = _map(run, method, gnd, exact_queries or nq)
+        res["methods"][label] = {"queries": m, "seconds": st["seconds"], "ms_per_query": 1000 * st["seconds"] / m,
+                                 "build_seconds": st["build_seconds"], "map": mp, "map_first": mfirst,
+                                 "iterations_mean": st.get("iterations_mean"), "stage_seconds": stage["seconds"],
+                                 "peak_rss_gib": stage["peak_rss_gib"]}
+        log.info("%s: %.3f ms/query, mAP %.2f (first %d: %.2f), build %.1f s, peak %.2f GiB", label,
+                 res["methods"][label]["ms_per_query"], mp, exact_queries or nq, mfirst, st["build_seconds"], stage["peak_rss_gib"])
+    (data / "online.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def markdown(res: dict) -> str:
+    first = next((v["queries"] for v in res["methods"].values() if v["queries"] < res["queries"]), res["queries"])
+    rows = [f"N = {res['n']}, {res['index']} graph (k = {res['k']}), {res['queries']} new queries, top-1000", "",
+            "| stage | seconds | peak RSS GiB |", "|---|---|---|"]
+    rows += [f"| {s} | {v['seconds']:.1f} | {v['peak_rss_gib']:.2f} |" for s, v in res["stages"].items()]
+    rows += ["", f"| method | queries | ms / query | mAP | mAP, first {first} | build s | CG it | query stage peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, v in res["methods"].items():
+        it = f"{v['iterations_mean']:.1f}" if v.get("iterations_mean") is not None else ""
+        mp = f"{v['map']:.2f}" if v["queries"] == res["queries"] else ""
+        rows.append(f"| {label} | {v['queries']} | {v['ms_per_query']:.3f} | {mp} | {v['map_first']:.2f} | {v['build_seconds']:.1f} | "
+                    f"{it} | {v['peak_rss_gib']:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--out", default="runs/online")
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivf"])
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--exact-queries", type=int, default=0, help="the exact solve on the first this many queries only (0: all)")
+    ap.add_argument("--variants", nargs="+", type=int, help=f"indexes into {list(VARIANTS)} (default: all)")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    labels = list(VARIANTS)
+    chosen = [labels[i] for i in a.variants] if a.variants else labels
+    res = bench(Path(a.out), a.n, a.queries, a.index, a.k, a.exact_queries, chosen)
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
