@@ -11,6 +11,11 @@ stats give each method's ranking time (kNN search of the seeds included) and its
 is computed here from the ranks it wrote. The exact solve can run on the first `--exact-queries`
 only (a second run directory sharing the graph); every method's mAP is also given on those.
 Results: `OUT/N/online.json` and a Markdown table on stdout.
+
+    python -m pipelines.benchmarks.online --run runs/demo --gnd runs/demo/benchmark/gnd.json --out runs/online
+
+runs the same variants on a finished run with real ground truth (query + evaluate per variant, on a
+copy of its descriptors, queries and graph): `OUT/online-<run>.json`.
 """
 from __future__ import annotations
 
@@ -124,6 +129,42 @@ def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, va
     return res
 
 
+def bench_run(out: Path, run: Path, gnd: Path, variants: list[str]) -> dict:
+    """The same variants on a finished run with real ground truth (`retrieval query` then
+    `retrieval evaluate` per variant), on a copy of the run's descriptors, queries and graph."""
+    dest = out / f"run-{run.name}"
+    if not (dest / "graph" / "manifest.json").is_file():
+        shutil.rmtree(dest, ignore_errors=True)
+        keep = shutil.ignore_patterns("images", "features", "ranks")
+        for part in ("descriptors", "queries", "graph"):
+            shutil.copytree(run / part, dest / part, ignore=keep)
+        shutil.copy2(run / "manifest.json", dest / "manifest.json")
+    exe = [sys.executable, "-m", "pipelines.cli"]
+    res: dict = {"run": str(run), "gnd": str(gnd), "methods": {}}
+    for label in variants:
+        over = VARIANTS[label]
+        method = over["methods"][0]
+        cfg = out / "run-query.toml"
+        cfg.write_text(_toml(dest, {}, {"topk": 1000, "kq": 10, "alpha": 0.99, "gamma": 3.0, **over})
+                       + f"\n[dataset]\ngnd = {json.dumps(str(gnd.resolve()))}\n")
+        shutil.rmtree(dest / "ranks", ignore_errors=True)
+        run_child(exe + ["query", str(cfg)])
+        run_child(exe + ["evaluate", str(cfg)])
+        st = json.loads((dest / "ranks" / "stats.json").read_text())[method]
+        res["methods"][label] = {"map": json.loads((dest / "metrics.json").read_text())[method], "queries": st["queries"],
+                                 "ms_per_query": 1000 * st["seconds"] / st["queries"]}
+        log.info("%s: %s", label, res["methods"][label])
+    (out / f"online-{run.name}.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def markdown_run(res: dict) -> str:
+    rows = [f"{res['run']} (ground truth {res['gnd']})", "", "| method | queries | ms / query | mAP E | M | H |", "|---|---|---|---|---|---|"]
+    rows += [f"| {label} | {v['queries']} | {v['ms_per_query']:.3f} | {v['map'].get('E', v['map'].get('mAP', ''))} | "
+             f"{v['map'].get('M', '')} | {v['map'].get('H', '')} |" for label, v in res["methods"].items()]
+    return "\n".join(rows)
+
+
 def markdown(res: dict) -> str:
     first = next((v["queries"] for v in res["methods"].values() if v["queries"] < res["queries"]), res["queries"])
     rows = [f"N = {res['n']}, {res['index']} graph (k = {res['k']}), {res['queries']} new queries, top-1000", "",
@@ -148,10 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--exact-queries", type=int, default=0, help="the exact solve on the first this many queries only (0: all)")
     ap.add_argument("--variants", nargs="+", type=int, help=f"indexes into {list(VARIANTS)} (default: all)")
+    ap.add_argument("--run", type=Path, help="instead: a finished run directory (descriptors, queries, graph) ...")
+    ap.add_argument("--gnd", type=Path, help="... and its ground truth (any format `retrieval evaluate` reads)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     labels = list(VARIANTS)
     chosen = [labels[i] for i in a.variants] if a.variants else labels
+    if a.run:
+        if not a.gnd:
+            ap.error("--run needs --gnd")
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        print(markdown_run(bench_run(Path(a.out), a.run, a.gnd, chosen)))
+        return 0
     res = bench(Path(a.out), a.n, a.queries, a.index, a.k, a.exact_queries, chosen)
     print(markdown(res))
     return 0
