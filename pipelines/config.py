@@ -29,7 +29,7 @@ EXTRACT_ENGINES: tuple[str, ...] = ("local", "ray")
 WHITENINGS: tuple[str, ...] = ("pca", "lw", "none")
 GRAPH_INDEXES: tuple[str, ...] = ("flat", "ivf", "hnsw", "auto")
 GRAPH_ENGINES: tuple[str, ...] = ("local", "ray")
-MATMULS: tuple[str, ...] = ("reordered", "scipy", "torch")
+MATMULS: tuple[str, ...] = ("reordered", "scipy", "torch", "compiled")
 DTYPES: tuple[str, ...] = ("float64", "float32")
 TRUNCATE_SELECTS: tuple[str, ...] = ("mass", "bfs")
 TRUNCATE_KERNELS: tuple[str, ...] = ("compiled", "scipy")  # retrieval.rankers.KERNELS
@@ -174,7 +174,8 @@ class QueryConfig:
     aqe_n: int = _min(2, 0)
     aqe_alpha: float = 3.0
     batch: int = _min(128, 1)  # right-hand sides per block CG solve (memory O(N * batch))
-    matmul: str = _choice("reordered", MATMULS)  # sparse product for block CG: reordered (RCM + threads), scipy, or torch
+    # sparse product for block CG: reordered (RCM + threads), scipy, torch, or compiled (numba over the RCM order)
+    matmul: str = _choice("reordered", MATMULS)
     dtype: str = _choice("float64", DTYPES)  # CG arithmetic: float64 or float32
     truncate_m: int = _min(1000, 1)  # database neighbours forming a query's subgraph ("truncated" method)
     # how the subgraph is chosen: "mass" (most diffusion mass after truncate_hops steps) or "bfs"

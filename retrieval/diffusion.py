@@ -217,7 +217,7 @@ class PlainSparse:
 
 
 # sparse products for block CG, by name (`[query].matmul`)
-MATMULS = ("reordered", "scipy", "torch")
+MATMULS = ("reordered", "scipy", "torch", "compiled")
 
 
 def sparse_operator(A: sp.spmatrix, matmul: str = "reordered", *, dtype=np.float64):
@@ -229,6 +229,10 @@ def sparse_operator(A: sp.spmatrix, matmul: str = "reordered", *, dtype=np.float
         return PlainSparse(A, dtype=dtype)
     if matmul == "torch":
         return TorchSparse(A, dtype=dtype)
+    if matmul == "compiled":
+        from .compiled_spmm import CompiledSparse
+
+        return CompiledSparse(A, dtype=dtype)
     raise ValueError(f"unknown matmul {matmul!r}; expected one of {MATMULS}")
 
 

@@ -226,28 +226,53 @@ def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, p
     return res
 
 
-def _spmm_bound(W: sp.csr_matrix, alpha: float) -> dict:
-    """One block-CG iteration's sparse product (float64, 128 columns) against the memory-bandwidth bound."""
-    from retrieval.diffusion import ReorderedSparse, diffusion_operator
+def _spmm_bound(W: sp.csr_matrix, alpha: float, dtypes: tuple = (np.float64,), columns: int = 128, repeats: int = 3) -> dict:
+    """One block-CG iteration's sparse product (`columns` columns) per dtype and kernel (scipy's
+    plain product, scipy on the RCM order in threads, the compiled kernel) against two memory
+    bounds: `stream` (the matrix, the block read once and the result written once: every gathered
+    row of P from cache) and `gather` (every non-zero fetches its row of P from memory, no reuse)."""
+    from retrieval.diffusion import diffusion_operator, sparse_operator
 
     n = W.shape[0]
     bw = _bandwidth_gbs()
-    L64 = sp.csr_matrix(diffusion_operator(W, alpha))
-    P = np.random.default_rng(0).random((n, 128))
+    L = sp.csr_matrix(diffusion_operator(W, alpha))
+    out: dict = {"bandwidth_gbs": bw, "columns": columns}
+    for dt in dtypes:
+        dt = np.dtype(dt)
+        P = np.random.default_rng(0).random((n, columns)).astype(dt)
+        stream = L.nnz * (dt.itemsize + 4) + (n + 1) * 8 + 2 * P.nbytes
+        gather = L.nnz * (dt.itemsize + 4) + (n + 1) * 8 + L.nnz * columns * dt.itemsize + P.nbytes
+        row = {"stream_bytes": stream, "gather_bytes": gather, "stream_bound_seconds": stream / (bw * 1e9),
+               "gather_bound_seconds": gather / (bw * 1e9)}
+        for kind in ("scipy", "reordered", "compiled"):
+            op = sparse_operator(L, kind, dtype=dt.type)
+            Pp = op.permute(P)
+            op @ Pp
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                op @ Pp
+                ts.append(time.perf_counter() - t0)
+            t = min(ts)
+            row[kind] = {"seconds": t, "x_stream": t / row["stream_bound_seconds"], "x_gather": t / row["gather_bound_seconds"]}
+            del op, Pp
+        out[dt.name] = row
+    # the fields the methods step reported before (float64)
+    f64 = out.get("float64")
+    if f64:
+        out.update(seconds=f64["scipy"]["seconds"], seconds_reordered=f64["reordered"]["seconds"],
+                   seconds_compiled=f64["compiled"]["seconds"], bytes=f64["stream_bytes"], bound_seconds=f64["stream_bound_seconds"],
+                   ratio_measured_to_bound=f64["scipy"]["x_stream"], ratio_reordered_to_bound=f64["reordered"]["x_stream"],
+                   ratio_compiled_to_bound=f64["compiled"]["x_stream"])
+    return out
 
-    def timed(op, P):
-        op @ P
-        t0 = time.perf_counter()
-        for _ in range(3):
-            op @ P
-        return (time.perf_counter() - t0) / 3
 
-    bytes_moved = L64.nnz * (8 + 4) + (n + 1) * 4 + 2 * P.nbytes  # matrix once, block read + written once
-    bound = bytes_moved / (bw * 1e9)
-    t_plain = timed(L64, P)
-    t_re = timed(ReorderedSparse(L64), P)
-    return {"bandwidth_gbs": bw, "columns": 128, "seconds": t_plain, "seconds_reordered": t_re, "bytes": bytes_moved,
-            "bound_seconds": bound, "ratio_measured_to_bound": t_plain / bound, "ratio_reordered_to_bound": t_re / bound}
+def step_spmm(out: Path, graph: str, repeats: int = 3) -> dict:
+    """The sparse-product measurement alone, float64 and float32, on the graph of `graph` index."""
+    from pipelines.graph import load_graph
+
+    W, _ = load_graph(out / f"graph-{graph}")
+    return _spmm_bound(W, 0.99, dtypes=(np.float64, np.float32), repeats=repeats)
 
 
 def _run_child(args: list[str]) -> dict:
@@ -299,7 +324,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", nargs="?", default="all", choices=["all", "gen", "graph", "methods", "recall", "recall-hnsw", "knn"])
+    ap.add_argument("step", nargs="?", default="all", choices=["all", "gen", "graph", "methods", "recall", "recall-hnsw", "knn", "spmm"])
     ap.add_argument("--nlists", type=int, nargs="+", default=[1000, 4000])
     ap.add_argument("--nprobes", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
@@ -336,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             r = step_knn(out)
         elif a.step == "recall":
             r = step_recall(out, a.nlists, a.nprobes)
+        elif a.step == "spmm":
+            r = step_spmm(out, a.index)
         elif a.step == "graph":
             r = step_graph(out, a.index, a.k, a.nprobe, a.nlist, a.hnsw_m, a.ef_construction, a.ef_search)
         else:

@@ -113,6 +113,7 @@ def test_every_string_option_has_choices_or_is_a_path_and_defaults_are_allowed()
 def test_choice_tuples_equal_their_registries():
     """config.py copies the registries of retrieval/ modules that import torch or faiss: a drift fails here."""
     import retrieval.backbones
+    import retrieval.diffusion
     import retrieval.losses
     import retrieval.mining
     import retrieval.pooling
@@ -121,6 +122,7 @@ def test_choice_tuples_equal_their_registries():
 
     assert config.METHODS == tuple(retrieval.rankers.METHODS)
     assert config.TRUNCATE_KERNELS == tuple(retrieval.rankers.KERNELS)
+    assert config.MATMULS == tuple(retrieval.diffusion.MATMULS)
     # os_egm is a collection-level pooling (pipelines/discover.py): not a function of one feature map
     assert config.POOLINGS == tuple(retrieval.pooling.POOLINGS) + ("os_egm",)
     assert config.BACKBONES == tuple(retrieval.backbones.BACKBONES)

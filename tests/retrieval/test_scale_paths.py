@@ -74,7 +74,7 @@ def test_block_cg_float32_and_torch_match_float64(data, rng):
         np.testing.assert_allclose(Xa, X64, rtol=1e-3, atol=1e-3 * np.abs(X64).max())
 
 
-@pytest.mark.parametrize("matmul", ["scipy", "reordered", "torch"])
+@pytest.mark.parametrize("matmul", ["scipy", "reordered", "torch", "compiled"])
 def test_diffusion_ranker_equals_full_scores(data, matmul):
     W, _ = build_graph(data, k=8)
     D, I = knn_search(data[:30], data, 5)
