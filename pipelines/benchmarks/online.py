@@ -38,6 +38,7 @@ TRUNC = {"truncate_m": 2000, "truncate_hops": 8, "truncate_beam": 1000}
 VARIANTS: dict[str, dict] = {
     "knn (exact search)": {"methods": ["knn"]},
     "exact block CG float32": {"methods": ["diffusion"], "dtype": "float32", "rtol": 1e-5},
+    "exact block CG float32, compiled product": {"methods": ["diffusion"], "dtype": "float32", "rtol": 1e-5, "matmul": "compiled"},
     "truncated, scipy (m 2000, 8 hops, beam 1000)": {"methods": ["truncated"], **TRUNC, "truncate_kernel": "scipy"},
     "truncated, compiled (m 2000, 8 hops, beam 1000)": {"methods": ["truncated"], **TRUNC},
     "truncated, compiled (m 2000, 16 hops, beam 500)": {"methods": ["truncated"], **TRUNC, "truncate_hops": 16, "truncate_beam": 500},
@@ -110,7 +111,7 @@ def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, va
                 shutil.copytree(runs["all"][0] / "graph", run / "graph")
     for label in variants:
         over = VARIANTS[label]
-        exact = over["methods"] == ["diffusion"]
+        exact = over["methods"] == ["diffusion"]  # the exact solves share the exact-queries run
         run, m = runs["exact" if exact and "exact" in runs else "all"]
         cfg = data / "query.toml"
         cfg.write_text(_toml(run, graph, {"topk": 1000, "kq": 10, "alpha": 0.99, "gamma": 3.0, **over}))
