@@ -9,12 +9,11 @@ reordering) is the reference it is tested against.
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import scipy.sparse as sp
 from numba import njit
+
+from .rcm import RcmOrder
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -32,45 +31,22 @@ def _spmm_rows(indptr, indices, data, P, out, r0, r1):
             out[i, c] = acc[c]
 
 
-class CompiledSparse:
-    """`A @ P` in reverse Cuthill-McKee order (use `permute` on right-hand sides and `unpermute`
-    on solutions), rows split into `threads` blocks of equal non-zeros, each a compiled loop.
-    A (n, n) sparse; P (n, b) of `dtype` (float64 or float32)."""
+class CompiledSparse(RcmOrder):
+    """`A @ P` in reverse Cuthill-McKee order (`permute` right-hand sides, `unpermute` solutions),
+    rows split into a block of equal non-zeros per thread, each a compiled loop.
+    A (n, n) sparse; P (n, b) or (n,) of `dtype` (float64 or float32)."""
 
     def __init__(self, A: sp.spmatrix, *, dtype=np.float64, threads: int | None = None):
-        from scipy.sparse.csgraph import reverse_cuthill_mckee
-
-        A = sp.csr_matrix(A, dtype=dtype)
-        self.shape, self.dtype = A.shape, np.dtype(dtype).type
-        self.perm = reverse_cuthill_mckee(A, symmetric_mode=True).astype(np.int64)
-        Ap = A[self.perm][:, self.perm].tocsr()
-        Ap.sort_indices()
-        self.indptr, self.indices, self.data = Ap.indptr.astype(np.int64), Ap.indices.astype(np.int32), Ap.data
-        n = A.shape[0]
-        self.threads = max(1, threads or os.cpu_count() or 1)
-        cuts = np.searchsorted(self.indptr, np.linspace(0, Ap.nnz, self.threads + 1)).clip(0, n)
-        cuts[0], cuts[-1] = 0, n
-        self.blocks = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-        self._pool = ThreadPoolExecutor(len(self.blocks)) if len(self.blocks) > 1 else None
-        self @ np.zeros((n, 1), self.dtype)  # loads the compiled code now, not in the first solve
-
-    def permute(self, Y: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(Y[self.perm])
-
-    def unpermute(self, X: np.ndarray) -> np.ndarray:
-        out = np.empty_like(X)
-        out[self.perm] = X
-        return out
+        super().__init__(A, dtype=dtype, threads=threads)
+        self.dtype = np.dtype(dtype).type
+        self.indptr, self.indices, self.data = self.Ap.indptr.astype(np.int64), self.Ap.indices.astype(np.int32), self.Ap.data
+        del self.Ap
+        self @ np.zeros((self.shape[0], 1), self.dtype)  # loads the compiled code now, not in the first solve
 
     def __matmul__(self, P: np.ndarray) -> np.ndarray:
         P = np.asarray(P, dtype=self.dtype)
         vec = P.ndim == 1
         P = np.ascontiguousarray(P[:, None] if vec else P)
         out = np.empty((self.shape[0], P.shape[1]), dtype=self.dtype)
-        run = lambda blk: _spmm_rows(self.indptr, self.indices, self.data, P, out, blk[0], blk[1])  # noqa: E731
-        if self._pool is None:
-            for blk in self.blocks:
-                run(blk)
-        else:
-            list(self._pool.map(run, self.blocks))
+        self.run_blocks(lambda blk: _spmm_rows(self.indptr, self.indices, self.data, P, out, blk[0], blk[1]))
         return out[:, 0] if vec else out

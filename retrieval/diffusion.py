@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+
+from .rcm import RcmOrder
 
 log = logging.getLogger(__name__)
 
@@ -153,49 +153,30 @@ class TorchSparse:
         return (self._t @ torch.from_numpy(P)).numpy()
 
 
-class ReorderedSparse:
+class ReorderedSparse(RcmOrder):
     """`A @ P` on a bandwidth-reducing reordering of A, row blocks multiplied in parallel threads.
 
     Reverse Cuthill-McKee puts graph neighbours next to each other, so the rows of P a product
     touches stay in cache (2-3x on kNN graphs here); scipy's sparse kernels release the GIL, so
-    row blocks run on all cores. Works in the permuted space: use `permute` on right-hand sides and
-    `unpermute` on solutions.
+    row blocks run on all cores.
     """
 
     def __init__(self, A: sp.spmatrix, *, dtype=np.float64, threads: int | None = None):
-        from scipy.sparse.csgraph import reverse_cuthill_mckee
-
-        A = sp.csr_matrix(A, dtype=dtype)
-        self.shape, self.dtype = A.shape, dtype
-        self.perm = reverse_cuthill_mckee(A, symmetric_mode=True).astype(np.int64)
-        Ap = A[self.perm][:, self.perm].tocsr()
-        self.threads = max(1, threads or os.cpu_count() or 1)
-        n = A.shape[0]
-        # split rows so that each block holds about the same number of non-zeros
-        cuts = np.searchsorted(Ap.indptr, np.linspace(0, Ap.nnz, self.threads + 1)).clip(0, n)
-        cuts[0], cuts[-1] = 0, n
-        self.blocks = [(int(a), int(b), Ap[a:b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-        self._pool = ThreadPoolExecutor(len(self.blocks)) if len(self.blocks) > 1 else None
-
-    def permute(self, Y: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(Y[self.perm])
-
-    def unpermute(self, X: np.ndarray) -> np.ndarray:
-        out = np.empty_like(X)
-        out[self.perm] = X
-        return out
+        super().__init__(A, dtype=dtype, threads=threads)
+        self.rows = [self.Ap[a:b] for a, b in self.blocks]
+        del self.Ap
 
     def __matmul__(self, P: np.ndarray) -> np.ndarray:
         P = np.ascontiguousarray(P, dtype=self.dtype)
         if len(self.blocks) == 1:
-            return self.blocks[0][2] @ P
+            return self.rows[0] @ P
         out = np.empty((self.shape[0],) + P.shape[1:], dtype=self.dtype)
+        where = {blk: M for blk, M in zip(self.blocks, self.rows)}
 
         def run(blk):
-            a, b, M = blk
-            out[a:b] = M @ P
+            out[blk[0] : blk[1]] = where[blk] @ P
 
-        list(self._pool.map(run, self.blocks))
+        self.run_blocks(run)
         return out
 
 
