@@ -110,8 +110,10 @@ class DiffusionRanker:
 
     def solve(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, SolveStats]:
         """Scores (n, m) in node order for seeds D, I (m, kq), one block CG on the operator."""
-        X, st = block_cg(self.op, self.op.permute(query_vectors(D, I, self.n, gamma=self.gamma)), rtol=self.rtol,
-                         maxiter=self.maxiter, dtype=self.dtype)
+        Y = self.op.permute(query_vectors(D, I, self.n, gamma=self.gamma))
+        fused = getattr(self.op, "cg", None)  # the compiled operator brings its own fused recurrences
+        X, st = fused(Y, rtol=self.rtol, maxiter=self.maxiter) if fused else block_cg(self.op, Y, rtol=self.rtol, maxiter=self.maxiter,
+                                                                                      dtype=self.dtype)
         return self.op.unpermute(X), st
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:

@@ -45,3 +45,11 @@ class RcmOrder:
                 fn(blk)
         else:
             list(self._pool.map(fn, self.blocks))
+
+    def run_blocks_indexed(self, fn, blocks: list) -> None:
+        """fn(k, (start, stop)) for each (k, block) of `blocks`, in the threads."""
+        if self._pool is None:
+            for k, blk in blocks:
+                fn(k, blk)
+        else:
+            list(self._pool.map(lambda kb: fn(*kb), blocks))

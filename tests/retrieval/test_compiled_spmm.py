@@ -35,3 +35,18 @@ def test_block_cg_through_compiled_product(operator):
     Xc, st = block_cg(C, C.permute(B), rtol=1e-10, maxiter=1000)
     assert st.converged.all()
     np.testing.assert_allclose(C.unpermute(Xc), X, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-9), (np.float32, 1e-4)])
+def test_fused_block_cg_equals_block_cg(operator, dtype, rtol):
+    """Same iterates as the numpy recurrences: equal iteration counts, solutions to the tolerance;
+    a zero right-hand side stays zero and converged."""
+    B = np.random.default_rng(2).random((900, 6))
+    B[:, 3] = 0.0
+    C = CompiledSparse(operator, dtype=dtype, threads=3)
+    Bp = C.permute(B)
+    X, st = block_cg(C, Bp, rtol=rtol, maxiter=1000, dtype=dtype)
+    Xf, stf = C.cg(Bp, rtol=rtol, maxiter=1000)
+    np.testing.assert_array_equal(stf.iterations, st.iterations)
+    assert stf.converged.all() and (Xf[:, 3] == 0).all()
+    np.testing.assert_allclose(Xf, X, rtol=100 * rtol, atol=100 * rtol * np.abs(X).max())
