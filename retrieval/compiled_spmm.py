@@ -106,7 +106,7 @@ def block_cg_fused(op: CompiledSparse, B: np.ndarray, *, rtol: float = 1e-6, max
     n, m = B.shape
     nb = len(op.blocks)
     X, R, P = np.zeros((n, m), dt), B.copy(), B.copy()
-    part = np.zeros((nb, m), dt)
+    part = np.zeros((nb, m), np.float64)  # per-block sums in float64: a float32 sum over 10^5+ rows drifts
     bnorm = np.linalg.norm(B.astype(np.float64), axis=0)
     bnorm_safe = np.where(bnorm > 0, bnorm, 1.0)
     rr = np.einsum("ij,ij->j", B, B).astype(np.float64)
