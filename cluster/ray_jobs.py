@@ -84,6 +84,12 @@ def stage_job(config_toml: str, dest: Path) -> Path:
     return dest
 
 
+# The job's driver works from this directory (its run directory), not from the unpacked package:
+# Ray 2.60 unpacks a working_dir again (a new directory at the same path) when the job's own tasks
+# and actors start with it, which leaves the driver's current directory deleted under it.
+JOB_DIR_ENV = "RETRIEVAL_JOB_DIR"
+
+
 def submit_run(config_toml: str, *, out: str, address: str, command: str = "run", env: dict | None = None,
                submission_id: str | None = None, entrypoint_num_cpus: float = 0.0, agent_wait_s: float = 60.0) -> str:
     """Submit `retrieval <command> job.toml` as a Ray job, job.toml holding `config_toml` (a run
@@ -93,7 +99,7 @@ def submit_run(config_toml: str, *, out: str, address: str, command: str = "run"
     sid = submission_id or f"retrieval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     with tempfile.TemporaryDirectory(prefix="retrieval-job-") as tmp, _job_api(address):
         stage_job(config_toml, Path(tmp))
-        runtime_env = {"working_dir": tmp, "env_vars": {"PYTHONUNBUFFERED": "1", **(env or {})}}
+        runtime_env = {"working_dir": tmp, "env_vars": {"PYTHONUNBUFFERED": "1", JOB_DIR_ENV: str(out), **(env or {})}}
         t0 = time.monotonic()
         while True:
             try:

@@ -111,8 +111,25 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _job_workdir(args: argparse.Namespace) -> None:
+    """In a job submitted by `retrieval submit`, work from the run directory (see
+    cluster.ray_jobs.JOB_DIR_ENV): the config path is made absolute first."""
+    import os
+
+    from cluster.ray_jobs import JOB_DIR_ENV
+
+    job_dir = os.environ.get(JOB_DIR_ENV)
+    if not job_dir:
+        return
+    if getattr(args, "config", None):
+        args.config = str(Path(args.config).resolve())
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    os.chdir(job_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _job_workdir(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # faiss logs each CPU-specific build it tries and cannot load (a dynamic-dispatch wheel): noise
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)

@@ -14,6 +14,7 @@ import scipy.sparse as sp
 from numba import njit
 
 from .rcm import RcmOrder
+from .solve_stats import SolveStats
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -96,8 +97,6 @@ def block_cg_fused(op: CompiledSparse, B: np.ndarray, *, rtol: float = 1e-6, max
     recurrences make five with temporaries, and cost more than the product). Converged columns
     keep their values (step 0) but stay in the product. B (n, m) in op's (permuted) order.
     Returns X (n, m) and SolveStats, as block_cg."""
-    from .diffusion import SolveStats
-
     dt = op.dtype
     B = np.ascontiguousarray(B, dtype=dt)
     squeeze = B.ndim == 1

@@ -8,24 +8,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from .rcm import RcmOrder
+from .solve_stats import SolveStats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SolveStats:
-    """Per right-hand side: iterations run, final relative residual ||b - Ax|| / ||b||, converged."""
-
-    iterations: np.ndarray  # (m,) int64
-    residuals: np.ndarray  # (m,) float64
-    converged: np.ndarray  # (m,) bool
 
 
 def query_vectors(D: np.ndarray, I: np.ndarray, n: int, *, gamma: float = 3.0) -> np.ndarray:
