@@ -49,7 +49,7 @@ class CompiledSparse(RcmOrder):
         vec = P.ndim == 1
         P = np.ascontiguousarray(P[:, None] if vec else P)
         out = np.empty((self.shape[0], P.shape[1]), dtype=self.dtype)
-        self.run_blocks(lambda blk: _spmm_rows(self.indptr, self.indices, self.data, P, out, blk[0], blk[1]))
+        self.run_blocks(lambda k, blk: _spmm_rows(self.indptr, self.indices, self.data, P, out, blk[0], blk[1]))
         return out[:, 0] if vec else out
 
     def cg(self, B: np.ndarray, *, rtol: float = 1e-6, maxiter: int = 100):
@@ -111,18 +111,17 @@ def block_cg_fused(op: CompiledSparse, B: np.ndarray, *, rtol: float = 1e-6, max
     rr = np.einsum("ij,ij->j", B, B).astype(np.float64)
     active = np.sqrt(rr) > rtol * bnorm_safe
     iters = np.zeros(m, np.int64)
-    blocks = list(enumerate(op.blocks))
     for _ in range(maxiter):
         if not active.any():
             break
         Q = op @ P
-        op.run_blocks_indexed(lambda k, blk: _dots(P, Q, blk[0], blk[1], part[k]), blocks)
+        op.run_blocks(lambda k, blk: _dots(P, Q, blk[0], blk[1], part[k]))
         pq = part.sum(axis=0, dtype=np.float64)
         a = np.where(active & (pq != 0), rr / np.where(pq != 0, pq, 1.0), 0.0).astype(dt)
-        op.run_blocks_indexed(lambda k, blk: _step(X, R, P, Q, a, blk[0], blk[1], part[k]), blocks)
+        op.run_blocks(lambda k, blk: _step(X, R, P, Q, a, blk[0], blk[1], part[k]))
         rr_new = part.sum(axis=0, dtype=np.float64)
         beta = np.where(active, rr_new / np.where(rr != 0, rr, 1.0), 0.0).astype(dt)
-        op.run_blocks_indexed(lambda k, blk: _direction(P, R, beta, blk[0], blk[1]), blocks)
+        op.run_blocks(lambda k, blk: _direction(P, R, beta, blk[0], blk[1]))
         iters += active
         rr = np.where(active, rr_new, rr)
         active &= np.sqrt(rr) > rtol * bnorm_safe

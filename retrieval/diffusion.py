@@ -162,10 +162,9 @@ class ReorderedSparse(RcmOrder):
         if len(self.blocks) == 1:
             return self.rows[0] @ P
         out = np.empty((self.shape[0],) + P.shape[1:], dtype=self.dtype)
-        where = {blk: M for blk, M in zip(self.blocks, self.rows)}
 
-        def run(blk):
-            out[blk[0] : blk[1]] = where[blk] @ P
+        def run(k, blk):
+            out[blk[0] : blk[1]] = self.rows[k] @ P
 
         self.run_blocks(run)
         return out

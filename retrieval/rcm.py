@@ -39,17 +39,9 @@ class RcmOrder:
         return out
 
     def run_blocks(self, fn) -> None:
-        """fn((start, stop)) for every row block, in the threads."""
+        """fn(k, (start, stop)) for the k-th row block, every block, in the threads."""
         if self._pool is None:
-            for blk in self.blocks:
-                fn(blk)
-        else:
-            list(self._pool.map(fn, self.blocks))
-
-    def run_blocks_indexed(self, fn, blocks: list) -> None:
-        """fn(k, (start, stop)) for each (k, block) of `blocks`, in the threads."""
-        if self._pool is None:
-            for k, blk in blocks:
+            for k, blk in enumerate(self.blocks):
                 fn(k, blk)
         else:
-            list(self._pool.map(lambda kb: fn(*kb), blocks))
+            list(self._pool.map(fn, range(len(self.blocks)), self.blocks))

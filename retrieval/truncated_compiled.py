@@ -21,7 +21,8 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
-from .diffusion import SolveStats
+from .rcm import RcmOrder
+from .solve_stats import SolveStats
 
 
 _SUB = 8  # linear sub-buckets per power of two
@@ -283,13 +284,10 @@ class CompiledTruncatedSolver:
         # visits share cache lines (ids are mapped into this order and back)
         self.perm = self.inv = None
         if reorder:
-            from scipy.sparse.csgraph import reverse_cuthill_mckee
-
-            self.perm = reverse_cuthill_mckee(W, symmetric_mode=True).astype(np.int64)
+            order = RcmOrder(W, dtype=np.float32, threads=1)
+            self.perm, W = order.perm, order.Ap
             self.inv = np.empty_like(self.perm)
             self.inv[self.perm] = np.arange(self.n)
-            W = W[self.perm][:, self.perm].tocsr()
-            W.sort_indices()
         self.graph = (W.indptr.astype(np.int64), W.indices.astype(np.int32), W.data)
         self.sel = self.graph
         if select_edges > 0:
