@@ -296,7 +296,7 @@ class CompiledTruncatedSolver:
             Ws = strongest_edges(W, select_edges)
             self.sel = (Ws.indptr.astype(np.int64), Ws.indices.astype(np.int32), Ws.data)
         self.m, self.alpha, self.gamma, self.rtol, self.maxiter = min(m, self.n), alpha, gamma, rtol, maxiter
-        self.hops, self.beam, self.select_edges = hops, min(beam or self.m, self.n), select_edges
+        self.hops, self.beam = hops, min(beam or self.m, self.n)
         self.threads, self.chunk = max(1, threads or os.cpu_count() or 1), chunk
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._scratch: queue.SimpleQueue = queue.SimpleQueue()
@@ -313,14 +313,13 @@ class CompiledTruncatedSolver:
             sf[2] = 0.0
             return si, sf, np.zeros(n, np.int64), np.empty(_SPAN * _SUB, np.int64), np.zeros(1, np.int64)
 
-    def solve_chunk(self, D: np.ndarray, I: np.ndarray, *, keep: int | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, SolveStats]:
+    def solve_chunk(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, SolveStats]:
         """One chunk of queries in the calling thread (the GIL released). D, I (nq, kq) seeds.
         Returns ids (nq, keep) int64 database rows (-1 padded), scores (nq, keep) float64 sorted
-        descending, lengths (nq,) int64 and the CG stats; keep defaults to m + kq (the seeds stay
-        even past m; a tie at the m-th weight beyond that is cut)."""
+        descending, lengths (nq,) int64 and the CG stats; keep = m + kq (the seeds stay even past
+        m; a tie at the m-th weight beyond that is cut)."""
         nq = I.shape[0]
-        keep = self.m + I.shape[1] if keep is None else keep
+        keep = self.m + I.shape[1]
         ids = np.full((nq, keep), -1, np.int64)
         sc = np.zeros((nq, keep))
         ln, it, res = np.zeros(nq, np.int64), np.zeros(nq, np.int64), np.zeros(nq)
