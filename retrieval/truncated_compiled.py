@@ -12,7 +12,6 @@ numba is the one version-sensitive dependency; it is imported here only.
 """
 from __future__ import annotations
 
-import math
 import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
@@ -25,25 +24,27 @@ from .rcm import RcmOrder
 from .solve_stats import SolveStats
 
 
-_SUB = 8  # linear sub-buckets per power of two
+_SUB = 8  # linear sub-buckets per power of two: the leading 3 bits of the mantissa
 _SPAN = 64  # powers of two below the maximum kept apart; smaller values share the lowest bucket
 
 
 @njit(cache=True, nogil=True)
 def _top_threshold(vals: np.ndarray, nv: int, k: int, counts: np.ndarray, buf: np.ndarray) -> float:
     """The k-th largest of vals[:nv] (0 < k < nv; vals > 0): entries >= it are the top k, ties
-    included, as scipy's reference keeps them. A histogram over (exponent, leading mantissa bits)
-    finds the bucket holding the k-th value in one pass; only that bucket is partitioned."""
-    vmax = 0.0
-    for j in range(nv):
-        if vals[j] > vmax:
-            vmax = vals[j]
-    top = math.frexp(vmax)[1]
+    included, as scipy's reference keeps them. A histogram over (exponent, leading mantissa bits),
+    read straight from the float64 bits, finds the bucket holding the k-th value in one pass; only
+    that bucket is partitioned."""
+    bits = vals.view(np.int64)
+    bmax = bits[0]
+    for j in range(1, nv):  # positive doubles order as their bit patterns
+        if bits[j] > bmax:
+            bmax = bits[j]
+    top = (bmax >> 52) & 0x7FF
     nb = _SPAN * _SUB
     for b in range(nb):
         counts[b] = 0
     for j in range(nv):
-        counts[_bucket(vals[j], top)] += 1
+        counts[_bucket(bits[j], top)] += 1
     above = 0
     b = nb - 1
     while above + counts[b] < k:
@@ -51,7 +52,7 @@ def _top_threshold(vals: np.ndarray, nv: int, k: int, counts: np.ndarray, buf: n
         b -= 1
     nbuf = 0
     for j in range(nv):
-        if _bucket(vals[j], top) == b:
+        if _bucket(bits[j], top) == b:
             buf[nbuf] = vals[j]
             nbuf += 1
     r = k - above  # the r-th largest inside bucket b
@@ -60,12 +61,13 @@ def _top_threshold(vals: np.ndarray, nv: int, k: int, counts: np.ndarray, buf: n
 
 
 @njit(cache=True, nogil=True)
-def _bucket(v: float, top: int) -> int:
-    mant, ex = math.frexp(v)
-    e = ex - top + _SPAN - 1
+def _bucket(bits: int, top: int) -> int:
+    """Bucket of a positive double from its bits: (biased exponent relative to `top`, the biased
+    exponent of the maximum) x _SUB + the leading 3 mantissa bits; monotone in the value."""
+    e = ((bits >> 52) & 0x7FF) - top + _SPAN - 1
     if e < 0:
         return 0
-    return e * _SUB + int((mant - 0.5) * 2 * _SUB)
+    return e * _SUB + ((bits >> 49) & 7)
 
 
 @njit(cache=True, nogil=True)
@@ -87,31 +89,28 @@ def _select(indptr, indices, data, seeds, yv, m, alpha, hops, beam, cur_idx, cur
             cur_val[nc] = yv[s]
             nc += 1
     for _ in range(hops):
-        stamp += 1
+        # nxt_val is zero off this step's list, so a zero marks a node not reached yet: one random
+        # access per edge. Masses are positive, so a node is listed at its first non-zero term and
+        # the exact zeros that scipy's product drops never enter.
         nn = 0
         for c in range(nc):
             u = cur_idx[c]
             cv = cur_val[c]
             for e in range(indptr[u], indptr[u + 1]):
                 v = indices[e]
-                if mark[v] != stamp:
-                    mark[v] = stamp
+                w = cv * data[e]
+                if nxt_val[v] == 0.0:
+                    if w == 0.0:
+                        continue
                     nxt_idx[nn] = v
-                    nxt_val[v] = 0.0
                     nn += 1
-                nxt_val[v] += cv * data[e]
-        # drop exact zeros (as scipy's product does), scale by alpha
-        k = 0
-        for j in range(nn):
-            v = nxt_idx[j]
-            if nxt_val[v] != 0.0:
-                nxt_idx[k] = v
-                k += 1
-        nn = k
+                nxt_val[v] += w
         if nn == 0:
             break
-        for j in range(nn):
-            vals[j] = nxt_val[nxt_idx[j]] * alpha
+        for j in range(nn):  # scale by alpha; leave nxt_val zero again
+            v = nxt_idx[j]
+            vals[j] = nxt_val[v] * alpha
+            nxt_val[v] = 0.0
         thr = _top_threshold(vals, nn, beam, counts, buf) if nn > beam else -np.inf
         nc = 0
         for j in range(nn):
@@ -155,20 +154,20 @@ def _select(indptr, indices, data, seeds, yv, m, alpha, hops, beam, cur_idx, cur
 
 
 @njit(cache=True, nogil=True)
-def _solve_local(indptr, indices, data, nodes, pos, seeds, yv, alpha, rtol, maxiter):
-    """CG on (I - alpha W[nodes][:, nodes]) x = y. Returns x (s,), iterations, relative residual."""
+def _solve_local(indptr, indices, data, nodes, pos, seeds, yv, alpha, rtol, maxiter, li, lx):
+    """CG on (I - alpha W[nodes][:, nodes]) x = y. Returns x (s,), iterations, relative residual.
+    li (int32), lx (float64): scratch for the subgraph's edges, used when they hold every edge of
+    the rows (a fresh allocation per query would cost page faults at this size)."""
     s = nodes.size
     for j in range(s):
         pos[nodes[j]] = j
-    nnz = 0
+    bound = 0  # the rows' edges: room for the subgraph's, filled in one pass
     for j in range(s):
-        u = nodes[j]
-        for e in range(indptr[u], indptr[u + 1]):
-            if pos[indices[e]] >= 0:
-                nnz += 1
+        bound += indptr[nodes[j] + 1] - indptr[nodes[j]]
+    if bound > li.size:
+        li = np.empty(bound, np.int32)
+        lx = np.empty(bound)
     lp = np.zeros(s + 1, np.int64)
-    li = np.empty(nnz, np.int64)
-    lx = np.empty(nnz)
     nnz = 0
     for j in range(s):
         u = nodes[j]
@@ -226,11 +225,12 @@ def _solve_local(indptr, indices, data, nodes, pos, seeds, yv, alpha, rtol, maxi
 
 @njit(cache=True, nogil=True)
 def _chunk(indptr, indices, data, sindptr, sindices, sdata, seed_ids, seed_w, m, alpha, hops, beam, rtol, maxiter, keep,
-           out_ids, out_sc, out_len, out_it, out_res, scratch_i, scratch_f, mark, counts, stamp_box):
+           out_ids, out_sc, out_len, out_it, out_res, scratch_i, scratch_f, mark, counts, stamp_box, edge_i, edge_x):
     """Queries seed_ids/seed_w (nq, kq) one after another over reused scratch: scratch_i (5, n)
     int64 (cur_idx, nxt_idx, acc_idx, slot = -1, pos = -1), scratch_f (5, n) float64 (cur_val,
-    nxt_val, acc = 0, vals, buf), mark (n,) int64 stamps (stamp_box[0] the last used). Every
-    array is left as found (slot/pos -1, acc 0), so the next call needs no O(n) reset."""
+    nxt_val = 0, acc = 0, vals, buf), mark (n,) int64 stamps (stamp_box[0] the last used), edge_i/edge_x the
+    subgraph's edges. Every
+    array is left as found (slot/pos -1, nxt_val and acc 0), so the next call needs no O(n) reset."""
     cur_idx, nxt_idx, acc_idx, slot, pos = scratch_i[0], scratch_i[1], scratch_i[2], scratch_i[3], scratch_i[4]
     cur_val, nxt_val, acc, vals, buf = scratch_f[0], scratch_f[1], scratch_f[2], scratch_f[3], scratch_f[4]
     stamp = stamp_box[0]
@@ -252,7 +252,7 @@ def _chunk(indptr, indices, data, sindptr, sindices, sdata, seed_ids, seed_w, m,
         for j in range(na):
             acc[acc_idx[j]] = 0.0
             slot[acc_idx[j]] = -1
-        x, it, res = _solve_local(indptr, indices, data, nodes, pos, seeds, yv, alpha, rtol, maxiter)
+        x, it, res = _solve_local(indptr, indices, data, nodes, pos, seeds, yv, alpha, rtol, maxiter, edge_i, edge_x)
         order = np.argsort(-x, kind="mergesort")
         L = min(keep, order.size)
         for j in range(L):
@@ -297,6 +297,9 @@ class CompiledTruncatedSolver:
             self.sel = (Ws.indptr.astype(np.int64), Ws.indices.astype(np.int32), Ws.data)
         self.m, self.alpha, self.gamma, self.rtol, self.maxiter = min(m, self.n), alpha, gamma, rtol, maxiter
         self.hops, self.beam = hops, min(beam or self.m, self.n)
+        # edges of the heaviest m + 64 rows: room for any subgraph's edges (more seeds than 64 allocate)
+        deg = np.diff(self.graph[0])
+        self.edge_room = int(np.sort(deg)[-min(self.n, self.m + 64):].sum()) if self.n else 0
         self.threads, self.chunk = max(1, threads or os.cpu_count() or 1), chunk
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._scratch: queue.SimpleQueue = queue.SimpleQueue()
@@ -310,8 +313,9 @@ class CompiledTruncatedSolver:
             si = np.empty((5, n), np.int64)
             si[3:] = -1
             sf = np.empty((5, n))
-            sf[2] = 0.0
-            return si, sf, np.zeros(n, np.int64), np.empty(_SPAN * _SUB, np.int64), np.zeros(1, np.int64)
+            sf[1:3] = 0.0
+            return (si, sf, np.zeros(n, np.int64), np.empty(_SPAN * _SUB, np.int64), np.zeros(1, np.int64),
+                    np.empty(self.edge_room, np.int32), np.empty(self.edge_room))
 
     def solve_chunk(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, SolveStats]:
         """One chunk of queries in the calling thread (the GIL released). D, I (nq, kq) seeds.
