@@ -26,7 +26,7 @@ class PetscRanker:
         self.params = dict(reader=reader, ranks=ranks, alpha=alpha, gamma=gamma, rtol=rtol, maxiter=maxiter, timeout=timeout)
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
-        D, I = self.knn.search(Q, self.kq)
+        D, I = self.knn.seeds(Q, self.kq)
         if self.launch == "ray":
             from .petsc_ray import solve_on_ray as solve
         else:

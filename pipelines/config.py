@@ -33,6 +33,7 @@ MATMULS: tuple[str, ...] = ("reordered", "scipy", "torch", "compiled")
 DTYPES: tuple[str, ...] = ("float64", "float32")
 TRUNCATE_SELECTS: tuple[str, ...] = ("mass", "bfs")
 TRUNCATE_KERNELS: tuple[str, ...] = ("compiled", "scipy")  # retrieval.rankers.KERNELS
+SEED_SEARCHES: tuple[str, ...] = ("exact", "index")
 PETSC_LAUNCHES: tuple[str, ...] = ("mpiexec", "ray")
 TRAIN_ENGINES: tuple[str, ...] = ("local", "ray")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -167,6 +168,10 @@ class QueryConfig:
     methods: list[str] = _choice(["knn", "aqe", "diffusion"], METHODS)
     topk: int = _min(0, 0)  # ranked ids kept per query; 0 keeps the whole database
     kq: int = _min(10, 1)  # database neighbours that seed a diffusion query
+    # how the graph methods find those seeds: "exact" search, or "index": the approximate (HNSW/IVF)
+    # index the graph stage kept (built once over the database and kept with the graph when it has none)
+    seed_search: str = _choice("exact", SEED_SEARCHES)
+    seed_effort: int = _min(128, 1)  # "index": HNSW efSearch (IVF: nprobe)
     alpha: float = 0.99
     gamma: float = 3.0
     rtol: float = 1e-6

@@ -10,11 +10,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from retrieval.graph import graph_from_knn
-from retrieval.knn import IndexSpec, build_index, recall_at_k, search_index, search_shards, shard_bounds
+from retrieval.knn import (
+    IndexSpec, build_index, read_index, recall_at_k, search_index, search_shards, set_search_effort, shard_bounds, write_index,
+)
 
 from .config import GraphConfig, params_hash
 from .descriptors import load_descriptors
-from .shards import read_json, write_bytes, write_json, write_npz
+from .shards import read_json, read_json_or, write_bytes, write_json, write_npz, write_with
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,45 @@ def load_graph(folder: Path) -> tuple[sp.csr_matrix, dict]:
     return W, manifest
 
 
-def self_knn_engine(X: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Self-kNN lists (n, k+1) with the configured index and engine; measures approximate recall."""
+SEARCH_INDEX = "search-index.faiss"  # an approximate index over the graph's rows, kept for the seeds of new queries
+SEARCH_INDEX_META = "search-index.json"
+
+
+def save_search_index(folder: Path, index, spec: IndexSpec, graph_params: str) -> None:
+    """Keep `index` (over the rows of the graph whose manifest params are `graph_params`) in
+    `folder`: the file, then its description (so a half-written pair never matches a graph)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_with(folder / SEARCH_INDEX, lambda tmp: write_index(index, tmp))
+    write_json({"graph": graph_params, "n": int(index.ntotal), "d": int(index.d), "kind": spec.kind,
+                "hnsw": {"M": spec.hnsw_m, "efConstruction": spec.ef_construction} if spec.kind == "hnsw" else None,
+                "nlist": spec.nlist if spec.kind == "ivf" else None}, folder / SEARCH_INDEX_META)
+
+
+def load_search_index(folder: Path, X: np.ndarray, *, effort: int, build: IndexSpec | None = None):
+    """The approximate index kept with the graph in `folder` (over the rows of X), searching with
+    `effort` (HNSW efSearch / IVF nprobe). When none is kept for this graph, `build` (an HNSW or
+    IVF spec) builds one over X and keeps it there for the next time; without `build`, None."""
+    manifest = read_json(folder / "manifest.json")
+    meta = read_json_or(folder / SEARCH_INDEX_META, {})
+    index = None
+    if (meta.get("graph") == manifest.get("params") and meta.get("n") == X.shape[0] and meta.get("d") == X.shape[1]
+            and (folder / SEARCH_INDEX).is_file()):
+        index = read_index(folder / SEARCH_INDEX)
+    elif build is not None:
+        t0 = time.perf_counter()
+        spec = build.resolve(X.shape[0])
+        index = build_index(X, spec)
+        log.info("graph: built a %s index over %d rows for the seeds of new queries in %.1f s (kept in %s)", spec.kind, X.shape[0],
+                 time.perf_counter() - t0, folder)
+        save_search_index(folder, index, spec, manifest.get("params"))
+    if index is not None:
+        set_search_effort(index, effort)
+    return index
+
+
+def self_knn_engine(X: np.ndarray, cfg: GraphConfig, *, keep=None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Self-kNN lists (n, k+1) with the configured index and engine; measures approximate recall.
+    keep(index, spec): called with an approximate (HNSW/IVF) index once its search is done."""
     from tqdm import tqdm
 
     if cfg.engine not in ("local", "ray"):
@@ -97,11 +136,16 @@ def self_knn_engine(X: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray, np.nda
         else:
             D, I = search_shards(index, X, k, bounds, progress=bar.update)
     t_search = time.perf_counter() - t0 - t_index
+    t_keep = time.perf_counter()
+    if keep is not None and spec.kind != "flat":
+        keep(index, spec)
+    t_keep = time.perf_counter() - t_keep
+    del index
     info = {"index": spec.kind, "nlist": spec.nlist if spec.kind == "ivf" else None,
             "nprobe": spec.nprobe if spec.kind == "ivf" else None,
             "hnsw": {"M": spec.hnsw_m, "efConstruction": spec.ef_construction, "efSearch": spec.ef_search} if spec.kind == "hnsw" else None,
             "shards": len(bounds), "engine": cfg.engine,
-            "seconds_index": t_index, "seconds_search": t_search}
+            "seconds_index": t_index, "seconds_search": t_search, "seconds_keep_index": t_keep}
     if spec.kind != "flat" and cfg.recall_sample > 0:
         rng = np.random.default_rng(0)
         rows = np.sort(rng.choice(n, min(cfg.recall_sample, n), replace=False))
@@ -113,13 +157,15 @@ def self_knn_engine(X: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray, np.nda
     return D, I, info
 
 
-def build_graph_sharded(X: np.ndarray, cfg: GraphConfig, *, gdir: Path | None = None):
+def build_graph_sharded(X: np.ndarray, cfg: GraphConfig, *, gdir: Path | None = None, params: str = ""):
     """(W, stats, info): reciprocal kNN graph from the sharded self-kNN. With `gdir` (the graph
     stage's folder), the kNN lists saved there are updated when the collection only grew, and the
-    new lists are saved there for the next time."""
+    new lists are saved there for the next time; an approximate index is kept there too (for the
+    graph whose manifest will carry `params`), as the seed index of new queries."""
     t0 = time.perf_counter()
     grown = _grown_knn(gdir, X, cfg) if gdir is not None else None
-    D, I, info = grown if grown is not None else self_knn_engine(X, cfg)
+    keep = (lambda index, spec: save_search_index(gdir, index, spec, params)) if gdir is not None else None
+    D, I, info = grown if grown is not None else self_knn_engine(X, cfg, keep=keep)
     W, stats = graph_from_knn(D, I, gamma=cfg.gamma, reciprocal=cfg.reciprocal)
     info["seconds"] = time.perf_counter() - t0
     if gdir is not None:
@@ -178,7 +224,10 @@ def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:
         log.info("graph: up to date, skipping")
         return read_json(gdir / "manifest.json")
     _, _, X = load_descriptors(run_dir / "descriptors", dense=False)  # graph rows follow ascending ids
-    W, stats, info = build_graph_sharded(X, cfg, gdir=gdir)
+    W, stats, info = build_graph_sharded(X, cfg, gdir=gdir, params=phash)
+    if read_json_or(gdir / SEARCH_INDEX_META, {}).get("graph") != phash:  # an earlier graph's seed index: of no use to this one
+        for name in (SEARCH_INDEX_META, SEARCH_INDEX):
+            (gdir / name).unlink(missing_ok=True)
     dt = info["seconds"]
     manifest = {
         **info,

@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from retrieval.rankers import (
     GRAPH_METHODS, METHODS, REGION_METHODS, AqeRanker, DiffusionRanker, KnnRanker, Ranker, Ranking, SpectralRanker, TruncatedRanker,
 )
+from retrieval.knn import IndexSpec, build_index
 from retrieval.spectral import SpectralEmbedding, spectral_embedding
 
 from .config import QueryConfig
@@ -79,6 +80,19 @@ class Rankers:
             raise ValueError(f"graph has {self._W.shape[0]} nodes but the database has {self.X.shape[0]} descriptors")
         return self._W
 
+    def _seed_index(self):
+        """The approximate index the graph methods seed from (seed_search = "index"): the one the
+        graph stage kept, else one built over X now (HNSW with the graph stage's default settings)
+        and kept with the graph. Called under the lock."""
+        from .config import GraphConfig
+        from .graph import load_search_index
+
+        g = GraphConfig()
+        spec = IndexSpec(kind="hnsw", hnsw_m=g.hnsw_m, ef_construction=g.ef_construction, ef_search=self.cfg.seed_effort)
+        if self.graph_dir is not None and self.has_graph:
+            return load_search_index(self.graph_dir, self.X, effort=self.cfg.seed_effort, build=spec)
+        return build_index(self.X, spec)
+
     def get(self, method: str) -> Ranker:
         """The ranker of `method` (one of retrieval.rankers.METHODS), built once."""
         if method not in BUILDERS:
@@ -89,6 +103,8 @@ class Rankers:
         with self._lock:
             if method not in self._built:
                 t0 = time.perf_counter()
+                if method in GRAPH_METHODS and self.cfg.seed_search == "index" and self.knn.seed_index is None:
+                    self.knn.seed_index = self._seed_index()
                 self._built[method] = BUILDERS[method](self)
                 log.info("rankers: %s built in %.2f s", method, time.perf_counter() - t0)
             return self._built[method]

@@ -33,6 +33,11 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def write_with(path: str | Path, write: Callable[[str], None]) -> None:
+    """Atomically create `path` with `write(tmp_path)` (any writer that takes a file name)."""
+    _atomic(Path(path), write)
+
+
 def write_table(table: pa.Table, path: str | Path, *, params: str = "") -> None:
     """Write a Parquet file atomically, tagging it with the producing parameters' hash."""
     meta = dict(table.schema.metadata or {})

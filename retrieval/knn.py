@@ -11,6 +11,21 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# faiss searches a flat index with BLAS only when queries x d reaches this threshold (faiss 1.15:
+# 128000, i.e. under 1,000 queries of 128 dims it takes a per-pair loop that is 5-8x slower here
+# from 16 queries up; BENCHMARKS.md). Every batch goes through BLAS instead.
+FLAT_BLAS_THRESHOLD = 1
+
+
+def set_flat_blas_threshold(value: int) -> int:
+    """Set faiss's flat-search BLAS threshold (queries x d); returns the previous value."""
+    old = int(faiss.cvar.distance_compute_blas_threshold)
+    faiss.cvar.distance_compute_blas_threshold = int(value)
+    return old
+
+
+FAISS_DEFAULT_BLAS_THRESHOLD = set_flat_blas_threshold(FLAT_BLAS_THRESHOLD)
+
 
 def _as_f32(x: np.ndarray, name: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -44,10 +59,10 @@ def knn_search(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.nd
 def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, block_floats: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product as blocked matrix products (numpy's BLAS) and a partial sort.
 
-    The same result as `knn_search` (ties ordered by lower index). For a few queries it is 2-4x
-    faster than faiss's flat index on this project's machines (one query at 1e5 x 128: 1.3 vs
-    5.4 ms; faiss's wheel bundles an older OpenBLAS), for a thousand 3-4x slower (faiss fuses the
-    top-k into its blocked product): `KnnRanker` picks by batch size (BENCHMARKS.md). Memory: one
+    The same result as `knn_search` (ties ordered by lower index). For one query it is about 2x
+    faster than faiss's flat index on this project's machines (1e5 x 128: 1.4 vs 2.8 ms), from a
+    few queries on faiss (with BLAS for every batch, FLAT_BLAS_THRESHOLD) is faster: `KnnRanker`
+    picks by batch size (BENCHMARKS.md). Memory: one
     (block, n) float32 score block of at most `block_floats` values. Args: queries (nq, d) and
     database (n, d) float32 (pass it contiguous float32 to avoid a copy). Returns (D, I):
     (nq, min(k, n)) similarities descending and int64 indices.
@@ -142,6 +157,25 @@ def build_index(X: np.ndarray, spec: IndexSpec = IndexSpec()) -> faiss.Index:
         index.hnsw.efSearch = spec.ef_search
     index.add(x)
     return index
+
+
+def write_index(index: faiss.Index, path: str) -> None:
+    """Store a faiss index in the file `path` (streamed by faiss: no in-memory copy)."""
+    faiss.write_index(index, str(path))
+
+
+def read_index(path: str) -> faiss.Index:
+    """A faiss index stored by `write_index`."""
+    return faiss.read_index(str(path))
+
+
+def set_search_effort(index: faiss.Index, effort: int) -> None:
+    """How hard an approximate index searches: HNSW's efSearch, IVF's nprobe (flat: no-op)."""
+    hnsw = getattr(index, "hnsw", None)
+    if hnsw is not None:
+        hnsw.efSearch = int(effort)
+    elif hasattr(index, "nprobe"):
+        index.nprobe = int(effort)
 
 
 def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -53,12 +53,16 @@ class Ranker(Protocol):
 
 
 class KnnRanker:
-    """Exact inner-product search over X (n, d) float32 (kept contiguous, as given): blocked
-    matrix products (`retrieval.knn.exact_search`) for batches under `faiss_from` queries, faiss's
-    flat index (built on first use) from there: each is 2-4x faster than the other on its side
-    (BENCHMARKS.md)."""
+    """Exact inner-product search over X (n, d) float32 (kept contiguous, as given): a matrix
+    product and partial sort (`retrieval.knn.exact_search`) for batches under `faiss_from`
+    queries (one query: 2x faster), faiss's flat index (built on first use) from there (2-5x
+    faster from 16 queries up; BENCHMARKS.md).
 
-    def __init__(self, X: np.ndarray, *, faiss_from: int = 512):
+    seed_index: an approximate faiss index (HNSW or IVF) over the same rows, or None: the graph
+    methods then take their kq seeds from it (`seeds`), a fraction of the exact search's cost at
+    10^6 (BENCHMARKS.md); rankings by similarity (`search`) stay exact."""
+
+    def __init__(self, X: np.ndarray, *, faiss_from: int = 2, seed_index=None):
         self.X = np.ascontiguousarray(X, dtype=np.float32)
         if not np.isfinite(self.X).all():
             raise ValueError("database has NaN/inf values")
@@ -66,6 +70,7 @@ class KnnRanker:
         self.faiss_from = faiss_from
         self._index = None
         self._lock = threading.Lock()
+        self.seed_index = seed_index
 
     def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(D, I) (nq, min(k, n)): similarities descending and int64 rows."""
@@ -75,6 +80,16 @@ class KnnRanker:
             if self._index is None:
                 self._index = build_index(self.X, IndexSpec("flat"))
         return search_index(self._index, Q, k)
+
+    def seeds(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k database rows that seed a graph method's query: (D, I) (nq, min(k, n)) from
+        `seed_index` when one is set (approximate; -1 where it found fewer), exact otherwise."""
+        index = self.seed_index
+        if index is None:
+            return self.search(Q, k)
+        if index.ntotal != self.n:
+            raise ValueError(f"the seed index has {index.ntotal} rows but the database has {self.n}")
+        return search_index(index, Q, k)
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
         D, I = self.search(Q, topk)
@@ -120,7 +135,7 @@ class DiffusionRanker:
         n, nq = self.n, Q.shape[0]
         k = min(topk, n)
         full = k == n and n * nq <= self.full_limit
-        D, I = self.knn.search(Q, self.kq)
+        D, I = self.knn.seeds(Q, self.kq)
         ids, scores = np.empty((nq, k), np.int64), np.empty((nq, k), np.float32)
         iters, res, conv = np.zeros(nq, np.int64), np.zeros(nq), np.zeros(nq, bool)
         for a in range(0, nq, self.batch):
@@ -179,10 +194,12 @@ class TruncatedRanker:
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
         k = min(topk, self.knn.n)
-        # one search serves both: the first kq neighbours seed the solve, the top k pad the ranking
-        D, I = self.knn.search(Q, max(self.kq, k) if k <= self.pad_search_max else self.kq)
+        if self.knn.seed_index is not None:  # approximate seeds; only rankings shorter than k are searched (exactly) for the rest
+            D, I = self.knn.seeds(Q, self.kq)
+        else:  # one search serves both: the first kq neighbours seed the solve, the top k pad the ranking
+            D, I = self.knn.search(Q, max(self.kq, k) if k <= self.pad_search_max else self.kq)
         ids, sc, st = self.solver.solve(D[:, : self.kq], I[:, : self.kq])
-        I2, S2 = pad_with_knn(self.knn, Q, ids, sc, k, neighbours=I)
+        I2, S2 = pad_with_knn(self.knn, Q, ids, sc, k, neighbours=I if self.knn.seed_index is None else None)
         return Ranking(I2, S2, st)
 
 
@@ -195,6 +212,6 @@ class SpectralRanker:
         self.V = KnnRanker(emb.V)
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
-        D, I = self.knn.search(Q, self.kq)
+        D, I = self.knn.seeds(Q, self.kq)
         Z = self.emb.query(query_vectors_sparse(D, I, self.knn.n, gamma=self.gamma))
         return self.V.rank(Z, topk)

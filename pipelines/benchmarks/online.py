@@ -44,6 +44,14 @@ VARIANTS: dict[str, dict] = {
     "truncated, compiled (m 2000, 16 hops, beam 500)": {"methods": ["truncated"], **TRUNC, "truncate_hops": 16, "truncate_beam": 500},
     "truncated, compiled, 10 strongest edges (m 2000, 16 hops, beam 1000)":
         {"methods": ["truncated"], **TRUNC, "truncate_hops": 16, "truncate_edges": 10},
+    "truncated, compiled, HNSW seeds (m 2000, 8 hops, beam 1000)": {"methods": ["truncated"], **TRUNC, "seed_search": "index"},
+    "truncated, compiled, HNSW seeds (m 2000, 16 hops, beam 500)":
+        {"methods": ["truncated"], **TRUNC, "truncate_hops": 16, "truncate_beam": 500, "seed_search": "index"},
+    "truncated, compiled, HNSW seeds (m 1500, 10 hops, beam 800, rtol 1e-4)":
+        {"methods": ["truncated"], **TRUNC, "truncate_m": 1500, "truncate_hops": 10, "truncate_beam": 800, "rtol": 1e-4,
+         "seed_search": "index"},
+    "truncated, compiled, HNSW seeds, 10 strongest edges (m 2000, 16 hops, beam 1000)":
+        {"methods": ["truncated"], **TRUNC, "truncate_hops": 16, "truncate_edges": 10, "seed_search": "index"},
 }
 
 

@@ -197,3 +197,44 @@ def test_graph_of_a_grown_collection_is_updated_and_equals_a_rebuild(tmp_path, c
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipelines.graph"):  # other settings: built again, not updated
         assert "updated_from_rows" not in run_graph(grown, GraphConfig(k=6, index="flat", block_rows=100))
+
+
+def test_graph_keeps_its_approximate_index_and_new_queries_seed_from_it(imported, caplog):
+    """Issue 15: the graph stage's HNSW index is kept beside the graph (for that graph only) and
+    `seed_search = "index"` seeds the graph methods from it, with rankings that match the exact
+    seeds where the index finds the same neighbours; a flat graph gets one built once and kept;
+    a rebuilt graph drops the index of the graph before."""
+    import logging
+
+    from pipelines.graph import SEARCH_INDEX, SEARCH_INDEX_META
+    from pipelines.rankers import Rankers
+
+    run, X, Q = imported
+    gdir = run / "graph"
+    man = run_graph(run, GraphConfig(k=10, index="hnsw", recall_sample=0))
+    meta = json.loads((gdir / SEARCH_INDEX_META).read_text())
+    assert meta["graph"] == man["params"] and meta["n"] == 700 and meta["kind"] == "hnsw" and (gdir / SEARCH_INDEX).is_file()
+    stamp = (gdir / SEARCH_INDEX).stat().st_mtime_ns
+    common = dict(topk=50, kq=5, truncate_m=100, truncate_hops=4)
+    exact = Rankers(X, QueryConfig(**common), graph_dir=gdir)
+    approx = Rankers(X, QueryConfig(**common, seed_search="index", seed_effort=200), graph_dir=gdir)
+    for method in ("diffusion", "truncated", "spectral"):
+        a, e = approx.rank(method, Q, 50), exact.rank(method, Q, 50)
+        np.testing.assert_array_equal(a.ids, e.ids)  # 700 rows at efSearch 200: the same seeds
+    assert approx.knn.seed_index is not None and exact.knn.seed_index is None
+    assert (gdir / SEARCH_INDEX).stat().st_mtime_ns == stamp  # loaded, not built again
+    # the seeds really come from the index: a fault in it shows in the rankings
+    approx.knn.seed_index.reset()
+    with pytest.raises(ValueError, match="seed index has 0 rows"):
+        approx.rank("truncated", Q, 50)
+
+    run_graph(run, GraphConfig(k=10, index="flat"))  # a new graph: the old index is of no use to it
+    assert not (gdir / SEARCH_INDEX).exists() and not (gdir / SEARCH_INDEX_META).exists()
+    with caplog.at_level(logging.INFO, logger="pipelines.graph"):
+        stats = run_query(run, run / "queries", QueryConfig(methods=["truncated"], **common, seed_search="index"))
+    assert "built a hnsw index over 700 rows" in caplog.text and stats["truncated"]["queries"] == 10
+    assert json.loads((gdir / SEARCH_INDEX_META).read_text())["graph"] == json.loads((gdir / "manifest.json").read_text())["params"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.graph"):
+        Rankers(X, QueryConfig(**common, seed_search="index"), graph_dir=gdir).get("truncated")
+    assert "built a hnsw" not in caplog.text  # kept from the query before

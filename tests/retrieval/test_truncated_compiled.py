@@ -77,3 +77,23 @@ def test_truncated_ranker_kernels_agree(graph):
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
     with pytest.raises(ValueError, match="kernel"):
         TruncatedRanker(knn, W, kernel="cuda")
+
+
+def test_approximate_seeds_rank_like_exact_ones_and_short_rankings_are_padded_exactly(graph):
+    """TruncatedRanker with an HNSW seed index: the seeds come from the index, the tail of a
+    ranking shorter than topk from the exact search (only those queries are searched)."""
+    from retrieval.knn import IndexSpec, build_index, knn_search_numpy
+
+    X, W, _, _ = graph
+    Q = l2_normalize(X[:40] + 0.05 * np.random.default_rng(4).normal(size=(40, X.shape[1]))).astype(np.float32)
+    exact_knn = KnnRanker(X)
+    approx_knn = KnnRanker(X, seed_index=build_index(X, IndexSpec("hnsw", hnsw_m=16, ef_construction=200, ef_search=400)))
+    np.testing.assert_array_equal(approx_knn.seeds(Q, 10)[1], knn_search_numpy(Q, X, 10)[1])
+    for m in (40, 400):  # m 40 < topk: every ranking is padded with the exact top of the rest
+        a = TruncatedRanker(approx_knn, W, kq=10, m=m, hops=4).rank(Q, 100)
+        e = TruncatedRanker(exact_knn, W, kq=10, m=m, hops=4).rank(Q, 100)
+        np.testing.assert_array_equal(a.ids, e.ids)
+        assert all(len(set(r.tolist())) == 100 for r in a.ids)
+    approx_knn.seed_index = build_index(X[:100], IndexSpec("hnsw"))  # an index over other rows is refused
+    with pytest.raises(ValueError, match="seed index has 100 rows"):
+        TruncatedRanker(approx_knn, W, kq=10, m=40).rank(Q, 100)
