@@ -33,7 +33,7 @@ MATMULS: tuple[str, ...] = ("reordered", "scipy", "torch", "compiled")
 DTYPES: tuple[str, ...] = ("float64", "float32")
 TRUNCATE_SELECTS: tuple[str, ...] = ("mass", "bfs")
 TRUNCATE_KERNELS: tuple[str, ...] = ("compiled", "scipy")  # retrieval.rankers.KERNELS
-SEED_SEARCHES: tuple[str, ...] = ("exact", "index")
+SEED_SEARCHES: tuple[str, ...] = ("auto", "exact", "index")
 PETSC_LAUNCHES: tuple[str, ...] = ("mpiexec", "ray")
 TRAIN_ENGINES: tuple[str, ...] = ("local", "ray")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -168,9 +168,10 @@ class QueryConfig:
     methods: list[str] = _choice(["knn", "aqe", "diffusion"], METHODS)
     topk: int = _min(0, 0)  # ranked ids kept per query; 0 keeps the whole database
     kq: int = _min(10, 1)  # database neighbours that seed a diffusion query
-    # how the graph methods find those seeds: "exact" search, or "index": the approximate (HNSW/IVF)
-    # index the graph stage kept (built once over the database and kept with the graph when it has none)
-    seed_search: str = _choice("exact", SEED_SEARCHES)
+    # how the graph methods find those seeds: "exact" search; "index": the approximate (HNSW/IVF)
+    # index the graph stage kept (built once over the database and kept with the graph when it has none);
+    # "auto": that index when the graph stage kept one (an approximate graph), exact search otherwise
+    seed_search: str = _choice("auto", SEED_SEARCHES)
     seed_effort: int = _min(128, 1)  # "index": HNSW efSearch (IVF: nprobe)
     alpha: float = 0.99
     gamma: float = 3.0

@@ -62,6 +62,7 @@ class Rankers:
         self._lock = threading.Lock()
         self.knn = KnnRanker(X)
         self._built["knn"] = self.knn
+        self._seeds_chosen = False  # the seed index (cfg.seed_search) is looked up once, for the first graph method
 
     @property
     def has_graph(self) -> bool:
@@ -81,17 +82,21 @@ class Rankers:
         return self._W
 
     def _seed_index(self):
-        """The approximate index the graph methods seed from (seed_search = "index"): the one the
-        graph stage kept, else one built over X now (HNSW with the graph stage's default settings)
-        and kept with the graph. Called under the lock."""
+        """The approximate index the graph methods seed from, or None (exact seeds): with
+        seed_search = "index" the one the graph stage kept, else one built over X now (HNSW with
+        the graph stage's default settings) and kept with the graph; with "auto" only a kept one.
+        Called under the lock."""
         from .config import GraphConfig
         from .graph import load_search_index
 
+        mode = self.cfg.seed_search
+        if mode == "exact":
+            return None
         g = GraphConfig()
         spec = IndexSpec(kind="hnsw", hnsw_m=g.hnsw_m, ef_construction=g.ef_construction, ef_search=self.cfg.seed_effort)
         if self.graph_dir is not None and self.has_graph:
-            return load_search_index(self.graph_dir, self.X, effort=self.cfg.seed_effort, build=spec)
-        return build_index(self.X, spec)
+            return load_search_index(self.graph_dir, self.X, effort=self.cfg.seed_effort, build=spec if mode == "index" else None)
+        return build_index(self.X, spec) if mode == "index" else None
 
     def get(self, method: str) -> Ranker:
         """The ranker of `method` (one of retrieval.rankers.METHODS), built once."""
@@ -103,8 +108,9 @@ class Rankers:
         with self._lock:
             if method not in self._built:
                 t0 = time.perf_counter()
-                if method in GRAPH_METHODS and self.cfg.seed_search == "index" and self.knn.seed_index is None:
+                if method in GRAPH_METHODS and not self._seeds_chosen:
                     self.knn.seed_index = self._seed_index()
+                    self._seeds_chosen = True
                 self._built[method] = BUILDERS[method](self)
                 log.info("rankers: %s built in %.2f s", method, time.perf_counter() - t0)
             return self._built[method]

@@ -33,12 +33,13 @@ import numpy as np
 
 log = logging.getLogger("online")
 
-TRUNC = {"truncate_m": 2000, "truncate_hops": 8, "truncate_beam": 1000}
+TRUNC = {"truncate_m": 2000, "truncate_hops": 8, "truncate_beam": 1000, "seed_search": "exact"}
 # label -> [query] settings; the first two are the table's methods, then the kernel variants
 VARIANTS: dict[str, dict] = {
     "knn (exact search)": {"methods": ["knn"]},
-    "exact block CG float32": {"methods": ["diffusion"], "dtype": "float32", "rtol": 1e-5},
-    "exact block CG float32, compiled product": {"methods": ["diffusion"], "dtype": "float32", "rtol": 1e-5, "matmul": "compiled"},
+    "exact block CG float32": {"methods": ["diffusion"], "dtype": "float32", "rtol": 1e-5, "seed_search": "exact"},
+    "exact block CG float32, compiled product": {"methods": ["diffusion"], "dtype": "float32", "rtol": 1e-5, "matmul": "compiled",
+                                                 "seed_search": "exact"},
     "truncated, scipy (m 2000, 8 hops, beam 1000)": {"methods": ["truncated"], **TRUNC, "truncate_kernel": "scipy"},
     "truncated, compiled (m 2000, 8 hops, beam 1000)": {"methods": ["truncated"], **TRUNC},
     "truncated, compiled (m 2000, 16 hops, beam 500)": {"methods": ["truncated"], **TRUNC, "truncate_hops": 16, "truncate_beam": 500},

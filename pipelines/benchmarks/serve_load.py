@@ -44,6 +44,23 @@ def build_index_run(out: Path, n: int, nq: int, k: int) -> Path:
     return run
 
 
+def set_query_settings(run: Path, pairs: list[str]) -> dict:
+    """The run's [query] section (config.resolved.json) set to `pairs` ("key=value", JSON values;
+    a bare word is a string) over the defaults: every phase of this benchmark ranks with them."""
+    from pipelines.shards import read_json_or, write_json
+
+    query = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            query[key] = json.loads(value)
+        except ValueError:
+            query[key] = value
+    resolved = read_json_or(run / "config.resolved.json", {})
+    write_json({**resolved, "query": query}, run / "config.resolved.json")
+    return query
+
+
 BAD_BODIES = [
     b"{not json",
     json.dumps({"queries": [{"key": "no-such-key"}]}).encode(),
@@ -205,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-job-queries", type=int, default=2000)
     ap.add_argument("--batch-job-methods", nargs="+", default=["knn", "diffusion"])
     ap.add_argument("--batch-chunk", type=int, default=500)
+    ap.add_argument("--query", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="[query] settings of the index (JSON values), e.g. seed_search='\"index\"' truncate_hops=10; kept in the run's "
+                         "config.resolved.json, which the service and the in-process reference read")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
 
@@ -216,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.service import ServiceLimits
 
     run = build_index_run(args.out, args.n, 1000, args.k)
+    settings = set_query_settings(run, args.query)
     _, keys, _ = load_descriptors(run / "descriptors", dense=False)
     res_inproc = in_process_reference(run, args.methods, max(args.batches), args.topk)
     init_ray("", num_cpus=2)
@@ -223,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     url = start_service(run, port=free_port(), num_cpus=args.replica_cpus, batch_wait_timeout_s=args.batch_wait,
                         limits=ServiceLimits(max_queries=1024, max_topk=1000, max_request_bytes=1024 * 1024))
     t_deployed = time.perf_counter() - t_start
-    res = {"n": args.n, "k": args.k, "url": url, "phases": [], "in_process": res_inproc, "deploy_s": t_deployed}
+    res = {"n": args.n, "k": args.k, "query": settings, "url": url, "phases": [], "in_process": res_inproc, "deploy_s": t_deployed}
     try:
         with QueryClient(url) as c:
             c.query(keys=keys[:1], method=args.methods[0], topk=args.topk)

@@ -216,8 +216,11 @@ def test_graph_keeps_its_approximate_index_and_new_queries_seed_from_it(imported
     assert meta["graph"] == man["params"] and meta["n"] == 700 and meta["kind"] == "hnsw" and (gdir / SEARCH_INDEX).is_file()
     stamp = (gdir / SEARCH_INDEX).stat().st_mtime_ns
     common = dict(topk=50, kq=5, truncate_m=100, truncate_hops=4)
-    exact = Rankers(X, QueryConfig(**common), graph_dir=gdir)
+    exact = Rankers(X, QueryConfig(**common, seed_search="exact"), graph_dir=gdir)
     approx = Rankers(X, QueryConfig(**common, seed_search="index", seed_effort=200), graph_dir=gdir)
+    auto = Rankers(X, QueryConfig(**common, seed_effort=200), graph_dir=gdir)  # "auto": the kept index, as it exists
+    auto.get("diffusion")
+    assert auto.knn.seed_index is not None and auto.knn.seed_index.ntotal == 700
     for method in ("diffusion", "truncated", "spectral"):
         a, e = approx.rank(method, Q, 50), exact.rank(method, Q, 50)
         np.testing.assert_array_equal(a.ids, e.ids)  # 700 rows at efSearch 200: the same seeds
@@ -230,6 +233,9 @@ def test_graph_keeps_its_approximate_index_and_new_queries_seed_from_it(imported
 
     run_graph(run, GraphConfig(k=10, index="flat"))  # a new graph: the old index is of no use to it
     assert not (gdir / SEARCH_INDEX).exists() and not (gdir / SEARCH_INDEX_META).exists()
+    auto = Rankers(X, QueryConfig(**common), graph_dir=gdir)
+    auto.get("truncated")
+    assert auto.knn.seed_index is None and not (gdir / SEARCH_INDEX).exists()  # "auto" on an exact graph: exact seeds, nothing built
     with caplog.at_level(logging.INFO, logger="pipelines.graph"):
         stats = run_query(run, run / "queries", QueryConfig(methods=["truncated"], **common, seed_search="index"))
     assert "built a hnsw index over 700 rows" in caplog.text and stats["truncated"]["queries"] == 10
