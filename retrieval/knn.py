@@ -50,10 +50,8 @@ def knn_search(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.nd
     if q.shape[1] != x.shape[1]:
         raise ValueError(f"dimension mismatch: queries d={q.shape[1]}, database d={x.shape[1]}")
     k = min(int(k), x.shape[0])
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    D, I = index.search(q, k)
-    return D, I.astype(np.int64)
+    D, I = faiss.knn(q, x, k, faiss.METRIC_INNER_PRODUCT)  # the flat index's search, without copying the database into one
+    return D, I.astype(np.int64, copy=False)
 
 
 def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, block_floats: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
@@ -178,6 +176,15 @@ def set_search_effort(index: faiss.Index, effort: int) -> None:
         index.nprobe = int(effort)
 
 
+def stored_vectors(index: faiss.Index) -> np.ndarray | None:
+    """The (ntotal, d) float32 vectors a flat or HNSW-flat index stores, as a view into the index
+    (no copy; valid while the index lives), or None for an index that stores no plain vectors."""
+    storage = faiss.downcast_index(index.storage) if isinstance(index, faiss.IndexHNSW) else index
+    if not isinstance(storage, faiss.IndexFlat) or storage.ntotal == 0:
+        return None
+    return faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d).reshape(storage.ntotal, storage.d)
+
+
 def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(D, I) of shape (nq, k): similarities descending and int64 ids (-1 where fewer found)."""
     q = _as_f32(queries, "queries")
@@ -201,15 +208,17 @@ def search_shards(
     bounds: list[tuple[int, int]],
     *,
     progress: Callable[[int], None] | None = None,
+    ids: type = np.int64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Search the rows of X against `index`, one (start, stop) row shard at a time.
 
-    Memory stays O(n k) for the result plus one shard's search buffers. Returns (D, I), (n, k).
+    Memory stays O(n k) for the result plus one shard's search buffers. Returns (D, I), (n, k):
+    float32 similarities and ids of dtype `ids` (np.int32 halves them; -1 where none found).
     """
     n = X.shape[0]
     k = min(k, index.ntotal)
     D = np.empty((n, k), dtype=np.float32)
-    I = np.empty((n, k), dtype=np.int64)
+    I = np.empty((n, k), dtype=ids)
     for a, b in bounds:
         D[a:b], I[a:b] = search_index(index, X[a:b], k)
         if progress:

@@ -11,7 +11,6 @@ Ranked ids are database *rows* (0..n-1); callers map rows to their own ids.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +20,7 @@ import scipy.sparse as sp
 from .diffusion import (
     SolveStats, block_cg, diffusion_operator, query_vectors, query_vectors_sparse, rank_by_scores, sparse_operator, topk_columns,
 )
-from .knn import IndexSpec, build_index, exact_search, search_index
+from .knn import exact_search, knn_search, search_index
 from .query_expansion import alpha_qe
 from .spectral import SpectralEmbedding
 from .truncated import TruncatedSolver
@@ -55,8 +54,8 @@ class Ranker(Protocol):
 class KnnRanker:
     """Exact inner-product search over X (n, d) float32 (kept contiguous, as given): a matrix
     product and partial sort (`retrieval.knn.exact_search`) for batches under `faiss_from`
-    queries (one query: 2x faster), faiss's flat index (built on first use) from there (2-5x
-    faster from 16 queries up; BENCHMARKS.md).
+    queries (one query: 2x faster), faiss's flat search over X from there (2-5x faster from 16
+    queries up; BENCHMARKS.md).
 
     seed_index: an approximate faiss index (HNSW or IVF) over the same rows, or None: the graph
     methods then take their kq seeds from it (`seeds`), a fraction of the exact search's cost at
@@ -68,18 +67,13 @@ class KnnRanker:
             raise ValueError("database has NaN/inf values")
         self.n = self.X.shape[0]
         self.faiss_from = faiss_from
-        self._index = None
-        self._lock = threading.Lock()
         self.seed_index = seed_index
 
     def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(D, I) (nq, min(k, n)): similarities descending and int64 rows."""
         if len(Q) < self.faiss_from:
             return exact_search(Q, self.X, k)
-        with self._lock:
-            if self._index is None:
-                self._index = build_index(self.X, IndexSpec("flat"))
-        return search_index(self._index, Q, k)
+        return knn_search(Q, self.X, k)  # faiss's flat search over X itself (no index copy of the database)
 
     def seeds(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k database rows that seed a graph method's query: (D, I) (nq, min(k, n)) from

@@ -244,3 +244,40 @@ def test_graph_keeps_its_approximate_index_and_new_queries_seed_from_it(imported
     with caplog.at_level(logging.INFO, logger="pipelines.graph"):
         Rankers(X, QueryConfig(**common, seed_search="index"), graph_dir=gdir).get("truncated")
     assert "built a hnsw" not in caplog.text  # kept from the query before
+
+
+def test_graph_stage_holds_the_rows_once(tmp_path, monkeypatch):
+    """Issue 15 (offline memory): given a loader, the graph build drops the loaded rows once the
+    HNSW index holds them (its own copy serves as the queries), and builds the same graph."""
+    import gc
+    import weakref
+
+    import pipelines.graph as pg
+
+    class Rows(np.ndarray):  # an ndarray that can be watched with a weak reference
+        pass
+
+    X = l2_normalize(np.random.default_rng(2).normal(size=(600, 16))).astype(np.float32)
+    refs = []
+
+    def load():
+        rows = X.copy().view(Rows)
+        refs.append(weakref.ref(rows))
+        return rows
+
+    seen = {}
+    real = pg.save_search_index
+
+    def spy(folder, index, spec, params):  # called once the search is done, the index still alive
+        gc.collect()
+        seen["loaded rows alive"] = refs[0]() is not None
+        real(folder, index, spec, params)
+
+    monkeypatch.setattr(pg, "save_search_index", spy)
+    cfg = GraphConfig(k=8, index="hnsw", recall_sample=100)
+    W, stats, info = pg.build_graph_sharded(load, cfg, gdir=tmp_path / "g", params="p")
+    assert seen == {"loaded rows alive": False} and info["recall_at_k"] >= 0.95
+    W_ref, _, _ = pg.build_graph_sharded(X, cfg)
+    assert (W != W_ref).nnz == 0 and W.nnz > 0
+    with np.load(tmp_path / "g" / "knn.npz") as z:
+        assert z["I"].dtype == np.int32 and int(z["rows"]) == 600
