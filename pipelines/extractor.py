@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from retrieval.efficientnet_lite import INPUT_MEAN, INPUT_STD
-from retrieval.pooling import l2n, make_pooling
+from retrieval.pooling import egm_regional, l2n, make_pooling, rmac_regional, sum_regions
+from retrieval.saliency import fs_map
 
 from .config import ExtractConfig
 from .models import load_backbone
@@ -71,6 +72,7 @@ class DescriptorExtractor:
             self.pool.to(self.device)
         if not cfg.scales or any(s <= 0 for s in cfg.scales):
             raise ValueError(f"extract: scales must be positive, got {cfg.scales}")
+        self._egm_once = head is None and cfg.pooling == "fs_egm" and cfg.region_kind == "fs_egm"
 
     @property
     def dim(self) -> int:
@@ -101,11 +103,18 @@ class DescriptorExtractor:
                 x = torch.from_numpy(to_input(im, max_side=max(8, round(self.cfg.max_side * s)),
                                               mean=self.model.input_mean, std=self.model.input_std))[None].to(self.device)
                 fmap = self.model.features(x)
-                vs.append(l2n(self.pool(fmap))[0])
                 if self.cfg.regions and si == 0:
-                    r, b = regional(fmap, geom, kind=self.cfg.region_kind)
+                    if self._egm_once:  # the FS.EGM vector is the sum of these very regions: one EGM fit serves both
+                        vecs, regs, wts = egm_regional(fmap, fs_map(fmap), weights=True)
+                        vs.append(l2n(sum_regions(vecs, wts, weighting=self.cfg.egm_weighting))[0])
+                        r, b = region_boxes_of(fmap, vecs[0], regs[0], geom)
+                    else:
+                        vs.append(l2n(self.pool(fmap))[0])
+                        r, b = regional(fmap, geom, kind=self.cfg.region_kind)
                     regions.append(r)
                     region_boxes.append(b)
+                else:
+                    vs.append(l2n(self.pool(fmap))[0])
             out[i] = combine_scales(torch.stack(vs), p=self.cfg.scale_p).cpu().numpy()
         res = {"vector": out}
         if self.cfg.regions:
@@ -129,19 +138,21 @@ def regional(fmap: torch.Tensor, geom: Sequence[float], *, kind: str = "rmac") -
     """Regional vectors (R, C) of one (1, C, H, W) feature map and their boxes (R, 4) in original-image
     pixels; geom = (width, height, x0, y0) of the image region the map covers. kind "rmac": the R-MAC
     grid; "fs_egm": the EGM regions of the map's FS saliency."""
-    from retrieval.pooling import egm_regional, rmac_regional
-    from retrieval.saliency import fs_map
-
     if kind == "fs_egm":
         vecs, regs = egm_regional(fmap, fs_map(fmap))
-        v, regs = vecs[0][None], regs[0]
-    else:
-        v, regs = rmac_regional(fmap, include_global=False)
+        return region_boxes_of(fmap, vecs[0], regs[0], geom)
+    v, regs = rmac_regional(fmap, include_global=False)
+    return region_boxes_of(fmap, v[0], regs, geom)
+
+
+def region_boxes_of(fmap: torch.Tensor, vecs: torch.Tensor, regs, geom: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(R, C) regional vectors as float32 numpy and their regions [(y0, x0, h, w)] in map cells of
+    `fmap` as (R, 4) boxes (x0, y0, x1, y1) in original-image pixels (geom as in `regional`)."""
     h, w = fmap.shape[-2:]
     sx, sy = float(geom[0]) / w, float(geom[1]) / h
     ox, oy = float(geom[2]), float(geom[3])
     b = np.array([[x0 * sx + ox, y0 * sy + oy, (x0 + rw) * sx + ox, (y0 + rh) * sy + oy] for y0, x0, rh, rw in regs], np.float32)
-    return v[0].cpu().numpy().astype(np.float32), b.reshape(-1, 4)
+    return vecs.cpu().numpy().astype(np.float32), b.reshape(-1, 4)
 
 
 def combine_scales(v: torch.Tensor, *, p: float = 1.0) -> torch.Tensor:

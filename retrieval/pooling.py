@@ -162,6 +162,12 @@ def egm_pooling(x: torch.Tensor, saliency: torch.Tensor, *, eps: float = 1e-6, w
     if weighting not in EGM_WEIGHTINGS:
         raise ValueError(f"unknown EGM region weighting {weighting!r}; known: {list(EGM_WEIGHTINGS)}")
     vecs, _, wts = egm_regional(x, saliency, eps=eps, weights=True, **egm_kw)
+    return sum_regions(vecs, wts, weighting=weighting)
+
+
+def sum_regions(vecs: list[torch.Tensor], wts: list, *, weighting: str = "equal") -> torch.Tensor:
+    """Per image (R_b, C) regional vectors and (R_b,) mixture weights (as `egm_regional` gives
+    them) -> (B, C) their sum, plain ("equal") or weighted by the weights ("mass")."""
     if weighting == "equal":
         return torch.stack([v.sum(dim=0) for v in vecs])
     return torch.stack([(torch.as_tensor(w, dtype=v.dtype, device=v.device)[:, None] * v).sum(dim=0) for v, w in zip(vecs, wts)])

@@ -116,3 +116,29 @@ def test_torchvision_backbones_from_local_state_dict(tmp_path, name, channels, m
     assert load_backbone(name, "torchvision")[1]["backbone"] == name
     with pytest.raises(WeightsError, match="do not fit backbone"):
         load_backbone("resnet101", str(path))
+
+
+@pytest.mark.parametrize("weighting", ["equal", "mass"])
+def test_fs_egm_vector_and_its_regions_come_from_one_egm_fit(monkeypatch, weighting):
+    """Issue 14: the first os_egm pass (FS.EGM vectors with their EGM regions) fits EGM once per
+    image and gives what the two separate computations gave."""
+    import numpy as np
+
+    import retrieval.pooling as pooling
+    from pipelines.config import ExtractConfig
+    from pipelines.extractor import DescriptorExtractor
+
+    img = _photo_bytes()
+    cfg = ExtractConfig(max_side=192, pooling="fs_egm", egm_weighting=weighting, regions=True, region_kind="fs_egm")
+    fits = []
+    real = pooling.egm_components
+    monkeypatch.setattr(pooling, "egm_components", lambda *a, **k: fits.append(1) or real(*a, **k))
+    ex = DescriptorExtractor(cfg)
+    once = ex.extract([img, img])
+    assert len(fits) == 2  # one fit per image
+    ex._egm_once = False  # the separate computations: the pooling's fit, then the regions' fit
+    twice = ex.extract([img, img])
+    assert len(fits) == 2 + 4
+    np.testing.assert_allclose(once["vector"], twice["vector"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(once["regions"] + once["region_boxes"], twice["regions"] + twice["region_boxes"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
