@@ -227,7 +227,7 @@ def _solve_local(indptr, indices, data, nodes, pos, seeds, yv, alpha, rtol, maxi
 def _chunk(indptr, indices, data, sindptr, sindices, sdata, seed_ids, seed_w, m, alpha, hops, beam, rtol, maxiter, keep,
            out_ids, out_sc, out_len, out_it, out_res, scratch_i, scratch_f, mark, counts, stamp_box, edge_i, edge_x):
     """Queries seed_ids/seed_w (nq, kq) one after another over reused scratch: scratch_i (5, n)
-    int64 (cur_idx, nxt_idx, acc_idx, slot = -1, pos = -1), scratch_f (5, n) float64 (cur_val,
+    int32 (int64 past 2^31 nodes: cur_idx, nxt_idx, acc_idx, slot = -1, pos = -1), scratch_f (5, n) float64 (cur_val,
     nxt_val = 0, acc = 0, vals, buf), mark (n,) int64 stamps (stamp_box[0] the last used), edge_i/edge_x the
     subgraph's edges. Every
     array is left as found (slot/pos -1, nxt_val and acc 0), so the next call needs no O(n) reset."""
@@ -310,7 +310,7 @@ class CompiledTruncatedSolver:
             return self._scratch.get_nowait()
         except queue.Empty:
             n = self.n
-            si = np.empty((5, n), np.int64)
+            si = np.empty((5, n), np.int32 if n < 2**31 else np.int64)  # node ids and positions: half the cache footprint
             si[3:] = -1
             sf = np.empty((5, n))
             sf[1:3] = 0.0
