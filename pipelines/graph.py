@@ -100,8 +100,15 @@ def load_search_index(folder: Path, X: np.ndarray, *, effort: int, build: IndexS
     index = None
     if (meta.get("graph") == manifest.get("params") and meta.get("n") == X.shape[0] and meta.get("d") == X.shape[1]
             and (folder / SEARCH_INDEX).is_file()):
-        index = read_index(folder / SEARCH_INDEX)
-    elif build is not None:
+        try:
+            index = read_index(folder / SEARCH_INDEX)
+        except (RuntimeError, OSError) as e:  # a damaged file is a cache miss, not a failed query
+            log.warning("graph: the kept search index %s is unreadable (%s); %s", folder / SEARCH_INDEX, (str(e).splitlines() or [type(e).__name__])[0][:200],
+                        "building it again" if build is not None else "seeding by exact search")
+        if index is not None and (index.ntotal != X.shape[0] or index.d != X.shape[1]):
+            log.warning("graph: the kept search index %s does not match the database; ignoring it", folder / SEARCH_INDEX)
+            index = None
+    if index is None and build is not None:
         t0 = time.perf_counter()
         spec = build.resolve(X.shape[0])
         index = build_index(X, spec)

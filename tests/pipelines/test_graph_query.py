@@ -244,6 +244,16 @@ def test_graph_keeps_its_approximate_index_and_new_queries_seed_from_it(imported
     with caplog.at_level(logging.INFO, logger="pipelines.graph"):
         Rankers(X, QueryConfig(**common, seed_search="index"), graph_dir=gdir).get("truncated")
     assert "built a hnsw" not in caplog.text  # kept from the query before
+    # a damaged kept index is a warning and a cache miss: "auto" seeds exactly, "index" builds it again
+    (gdir / SEARCH_INDEX).write_bytes(b"not a faiss index")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.graph"):
+        auto = Rankers(X, QueryConfig(**common), graph_dir=gdir)
+        auto.get("truncated")
+        assert auto.knn.seed_index is None and "unreadable" in caplog.text
+        again = Rankers(X, QueryConfig(**common, seed_search="index"), graph_dir=gdir)
+        again.get("truncated")
+    assert again.knn.seed_index.ntotal == 700 and "built a hnsw index over 700 rows" in caplog.text
 
 
 def test_graph_stage_holds_the_rows_once(tmp_path, monkeypatch):
