@@ -45,12 +45,20 @@ def knn_search(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.nd
         k: neighbours per query; clipped to n.
     Returns: (D, I): (nq, k) float32 similarities (descending) and (nq, k) int64 database indices.
     """
+    return flat_search(queries, _as_f32(database, "database"), k)
+
+
+def flat_search(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`knn_search` over a database already checked (contiguous float32, finite: a ranker checks
+    it once, not per call); the queries are checked. faiss's flat search without copying the
+    database into an index."""
     q = _as_f32(queries, "queries")
-    x = _as_f32(database, "database")
-    if q.shape[1] != x.shape[1]:
-        raise ValueError(f"dimension mismatch: queries d={q.shape[1]}, database d={x.shape[1]}")
-    k = min(int(k), x.shape[0])
-    D, I = faiss.knn(q, x, k, faiss.METRIC_INNER_PRODUCT)  # the flat index's search, without copying the database into one
+    if database.dtype != np.float32 or not database.flags.c_contiguous:
+        raise ValueError("flat_search: the database must be contiguous float32")
+    if q.shape[1] != database.shape[1]:
+        raise ValueError(f"dimension mismatch: queries d={q.shape[1]}, database d={database.shape[1]}")
+    k = min(int(k), database.shape[0])
+    D, I = faiss.knn(q, database, k, faiss.METRIC_INNER_PRODUCT)
     return D, I.astype(np.int64, copy=False)
 
 

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from .diffusion import (
     SolveStats, block_cg, diffusion_operator, query_vectors, query_vectors_sparse, rank_by_scores, sparse_operator, topk_columns,
 )
-from .knn import exact_search, knn_search, search_index
+from .knn import exact_search, flat_search, search_index
 from .query_expansion import alpha_qe
 from .spectral import SpectralEmbedding
 from .truncated import TruncatedSolver
@@ -73,7 +73,7 @@ class KnnRanker:
         """(D, I) (nq, min(k, n)): similarities descending and int64 rows."""
         if len(Q) < self.faiss_from:
             return exact_search(Q, self.X, k)
-        return knn_search(Q, self.X, k)  # faiss's flat search over X itself (no index copy of the database)
+        return flat_search(Q, self.X, k)  # faiss's flat search over X itself (checked once, here; no index copy)
 
     def seeds(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k database rows that seed a graph method's query: (D, I) (nq, min(k, n)) from
