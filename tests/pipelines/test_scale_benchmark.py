@@ -19,3 +19,19 @@ def test_scale_benchmark_small(tmp_path):
     assert m["block CG float64"]["not_converged"] == 0
     assert m["spmm"]["ratio_measured_to_bound"] > 0
     assert "## Graph construction" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_exact_search_step_compares_the_three_paths_and_restores_the_threshold(tmp_path):
+    import faiss
+    import numpy as np
+
+    from pipelines.benchmarks.exact_search import step_knn
+    from retrieval.knn import FLAT_BLAS_THRESHOLD
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "X.npy", rng.normal(size=(500, 16)).astype(np.float32))
+    np.save(tmp_path / "Q.npy", rng.normal(size=(20, 16)).astype(np.float32))
+    rows = step_knn(tmp_path, grid=((1, 5), (20, 5)), repeats=1)["knn"]
+    assert [(r["queries"], r["k"]) for r in rows] == [(1, 5), (20, 5)]
+    assert all(r[key] > 0 for r in rows for key in ("faiss_default_ms", "faiss_ms", "blocked_ms"))
+    assert faiss.cvar.distance_compute_blas_threshold == FLAT_BLAS_THRESHOLD
