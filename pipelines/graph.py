@@ -166,14 +166,6 @@ def _search_self(index, X: np.ndarray, spec: IndexSpec, cfg: GraphConfig, *, kee
     return D, I, info
 
 
-def self_knn_engine(X: np.ndarray, cfg: GraphConfig, *, keep=None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Self-kNN lists (n, k+1) with the configured index and engine; measures approximate recall.
-    keep(index, spec): called with an approximate (HNSW/IVF) index once its search is done."""
-    index, spec, t_index = _self_index(X, cfg)
-    D, I, info = _search_self(index, X, spec, cfg, keep=keep)
-    return D, I, {**info, "seconds_index": t_index}
-
-
 def build_graph_sharded(X, cfg: GraphConfig, *, gdir: Path | None = None, params: str = ""):
     """(W, stats, info): reciprocal kNN graph from the sharded self-kNN. With `gdir` (the graph
     stage's folder), the kNN lists saved there are updated when the collection only grew, and the
