@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from cluster.errors import ClusterError
+from cluster.job_env import JOB_DIR_ENV
 from cluster.ray_runtime import auth_token
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,6 @@ def stage_job(config_toml: str, dest: Path) -> Path:
     return dest
 
 
-# The job's driver works from this directory (its run directory), not from the unpacked package:
-# Ray 2.60 unpacks a working_dir again (a new directory at the same path) when the job's own tasks
-# and actors start with it, which leaves the driver's current directory deleted under it.
-JOB_DIR_ENV = "RETRIEVAL_JOB_DIR"
 
 
 def submit_run(config_toml: str, *, out: str, address: str, command: str = "run", env: dict | None = None,

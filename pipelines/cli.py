@@ -113,10 +113,10 @@ def _one_line(e: BaseException) -> str:
 
 def _job_workdir(args: argparse.Namespace) -> None:
     """In a job submitted by `retrieval submit`, work from the run directory (see
-    cluster.ray_jobs.JOB_DIR_ENV): the config path is made absolute first."""
+    cluster.job_env.JOB_DIR_ENV): the config path is made absolute first."""
     import os
 
-    from cluster.ray_jobs import JOB_DIR_ENV
+    from cluster.job_env import JOB_DIR_ENV
 
     job_dir = os.environ.get(JOB_DIR_ENV)
     if not job_dir:
