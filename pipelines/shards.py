@@ -21,7 +21,10 @@ PARAMS_KEY = b"retrieval.params"
 FORMAT_VERSION = 1
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
+def write_with(path: str | Path, write: Callable[[str], None]) -> None:
+    """Atomically create `path` with `write(tmp_path)` (any writer that takes a file name): written
+    to a temporary name beside it, then renamed; nothing is left behind when the writer fails."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -33,17 +36,12 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def write_with(path: str | Path, write: Callable[[str], None]) -> None:
-    """Atomically create `path` with `write(tmp_path)` (any writer that takes a file name)."""
-    _atomic(Path(path), write)
-
-
 def write_table(table: pa.Table, path: str | Path, *, params: str = "") -> None:
     """Write a Parquet file atomically, tagging it with the producing parameters' hash."""
     meta = dict(table.schema.metadata or {})
     meta[PARAMS_KEY] = params.encode()
     table = table.replace_schema_metadata(meta)
-    _atomic(Path(path), lambda tmp: pq.write_table(table, tmp))
+    write_with(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def shard_done(path: str | Path, *, params: str = "") -> bool:
@@ -65,7 +63,7 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
 
 def write_json(obj: Any, path: str | Path) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+    write_with(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_npz(path: str | Path, **arrays) -> None:
@@ -74,11 +72,11 @@ def write_npz(path: str | Path, **arrays) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    _atomic(Path(path), write)
+    write_with(path, write)
 
 
 def write_bytes(data: bytes, path: str | Path) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+    write_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def read_json(path: str | Path) -> Any:
