@@ -40,6 +40,8 @@ LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Copies of registries in retrieval/ modules that import torch or faiss (loading a configuration stays
 # light); tests/pipelines/test_config.py asserts each equals its registry.
 METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "spectral", "petsc", "regional")  # retrieval.rankers.METHODS
+GRAPH_METHODS: frozenset[str] = frozenset({"diffusion", "truncated", "spectral", "petsc"})  # retrieval.rankers.GRAPH_METHODS
+REGION_METHODS: frozenset[str] = frozenset({"regional"})  # retrieval.rankers.REGION_METHODS
 POOLINGS: tuple[str, ...] = ("mac", "spoc", "gem", "rmac", "crow", "fs", "fs_egm", "os_egm")  # retrieval.pooling.POOLINGS + os_egm
 BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_lite3",
                               "efficientnet_lite4", "resnet101", "resnet50", "vgg16")  # retrieval.backbones.BACKBONES

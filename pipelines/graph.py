@@ -13,6 +13,7 @@ from retrieval.graph import graph_from_knn
 from retrieval.knn import (
     IndexSpec, build_index, knn_search, read_index, recall_at_k, search_shards, set_search_effort, shard_bounds, stored_vectors, write_index,
 )
+from retrieval.knn_update import extend_knn, extend_knn_searched
 
 from .config import GraphConfig, params_hash
 from .descriptors import load_descriptors
@@ -152,13 +153,8 @@ def _search_self(index, X: np.ndarray, spec: IndexSpec, cfg: GraphConfig, *, kee
             "nprobe": spec.nprobe if spec.kind == "ivf" else None,
             "hnsw": {"M": spec.hnsw_m, "efConstruction": spec.ef_construction, "efSearch": spec.ef_search} if spec.kind == "hnsw" else None,
             "shards": len(bounds), "engine": cfg.engine, "seconds_search": time.perf_counter() - t0}
-    if spec.kind != "flat" and cfg.recall_sample > 0:
-        rng = np.random.default_rng(0)
-        rows = np.sort(rng.choice(n, min(cfg.recall_sample, n), replace=False))
-        _, Iref = knn_search(X[rows], X, k)
-        info["recall_at_k"] = recall_at_k(I[rows], Iref)
-        info["recall_sample"] = int(rows.size)
-        log.info("graph: %s index recall@%d = %.4f on %d rows", spec.kind, k, info["recall_at_k"], rows.size)
+    if spec.kind != "flat":
+        info.update(_sample_recall(X, I, cfg))
     t_keep = time.perf_counter()
     if keep is not None and spec.kind != "flat":
         keep(index, spec)
@@ -192,7 +188,7 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
     X = load()
     n = X.shape[0]
     rows_hash = _rows_hash(X, n) if gdir is not None else ""
-    grown = _grown_knn(gdir, X, cfg) if gdir is not None else None
+    grown = _grown_knn(gdir, X, cfg, params) if gdir is not None else None
     if grown is not None:
         return (*grown, n, rows_hash)
     keep = (lambda index, spec: save_search_index(gdir, index, spec, params)) if gdir is not None else None
@@ -218,27 +214,68 @@ def save_knn(folder: Path, D: np.ndarray, I: np.ndarray, rows: int, rows_hash: s
     write_npz(folder / "knn.npz", D=D.astype(np.float32, copy=False), I=I, rows=np.int64(rows), rows_sha256_16=np.array(rows_hash))
 
 
-def _grown_knn(gdir: Path, X: np.ndarray, cfg: GraphConfig) -> tuple[np.ndarray, np.ndarray, dict] | None:
+def _grown_knn(gdir: Path, X: np.ndarray, cfg: GraphConfig, params: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """kNN lists of X from the saved lists of its first rows (the collection grew by appended ids,
-    same graph settings, exact index): new rows searched against all, old rows against the new
-    ones only. None when the saved lists do not apply."""
-    from retrieval.graph import extend_knn
-
-    man = read_json(gdir / "manifest.json") if (gdir / "manifest.json").is_file() else {}
-    exact = IndexSpec(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe).resolve(len(X)).kind == "flat"
-    if not exact or man.get("cfg_hash") != params_hash({"cfg": cfg}) or not (gdir / "knn.npz").is_file():
+    same graph settings): an exact index computes the new rows against all and the old rows
+    they enter in one product (`retrieval.knn_update.extend_knn`, equal to a rebuild); an
+    approximate one adds the new rows to the index kept with the graph, searches them, and merges
+    the old rows with their reverse neighbours (recall measured as for a build). None when the
+    saved lists (or, approximate, the kept index) do not apply."""
+    man = read_json_or(gdir / "manifest.json", {})
+    spec = IndexSpec(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction,
+                     ef_search=cfg.ef_search).resolve(len(X))
+    if man.get("cfg_hash") != params_hash({"cfg": cfg}) or not (gdir / "knn.npz").is_file():
         return None
     with np.load(gdir / "knn.npz", allow_pickle=False) as z:
         n0, h0 = int(z["rows"]), str(z["rows_sha256_16"])
-        if not 0 < n0 < len(X) or _rows_hash(X, n0) != h0:
-            return None
+        if not 0 < n0 < len(X) or z["I"].shape != (n0, cfg.k + 1) or _rows_hash(X, n0) != h0:
+            return None  # other rows, or lists shorter than k + 1 (a collection smaller than k): rebuilt
         D0, I0 = z["D"], z["I"]
+    index = None
+    if spec.kind != "flat":
+        meta = read_json_or(gdir / SEARCH_INDEX_META, {})
+        if not (meta.get("graph") == man.get("params") and meta.get("n") == n0 and meta.get("d") == X.shape[1]
+                and meta.get("kind") == spec.kind and (gdir / SEARCH_INDEX).is_file()):
+            return None
+        try:
+            index = read_index(gdir / SEARCH_INDEX)
+        except (RuntimeError, OSError) as e:
+            log.warning("graph: the kept index %s is unreadable (%s): building the graph again", gdir / SEARCH_INDEX,
+                        (str(e).splitlines() or [type(e).__name__])[0][:200])
+            return None
     t0 = time.perf_counter()
+    info = {"index": spec.kind, "engine": "local", "updated_from_rows": n0}
+    if index is None:
+        D, I, changed = extend_knn(D0, I0, X, n0)
+    else:
+        info["hnsw" if spec.kind == "hnsw" else "nprobe"] = (
+            {"M": spec.hnsw_m, "efConstruction": spec.ef_construction, "efSearch": spec.ef_search} if spec.kind == "hnsw" else spec.nprobe)
+        index.add(np.ascontiguousarray(X[n0:], dtype=np.float32))
+        info["seconds_index"] = time.perf_counter() - t0
+        set_search_effort(index, spec.ef_search if spec.kind == "hnsw" else spec.nprobe)
+        Dn, In = search_shards(index, X[n0:], cfg.k + 1, shard_bounds(len(X) - n0, cfg.shards), ids=I0.dtype.type)
+        D, I, changed = extend_knn_searched(D0, I0, Dn, In)
+        info.update(_sample_recall(X, I, cfg))
+        t_keep = time.perf_counter()
+        save_search_index(gdir, index, spec, params)
+        info["seconds_keep_index"] = time.perf_counter() - t_keep
+    info["seconds_search"] = time.perf_counter() - t0
+    info["updated_rows"] = changed
+    log.info("graph: the collection grew from %d to %d rows: kNN lists updated, not rebuilt (%s index; %d old lists took new rows)",
+             n0, len(X), spec.kind, changed)
+    return D, I, info
 
-    D, I = extend_knn(D0, I0, X[:n0], X[n0:], knn=knn_search)
-    log.info("graph: the collection grew from %d to %d rows: kNN lists updated (new rows against all, old rows against the new)",
-             n0, len(X))
-    return D, I, {"index": "flat", "engine": "local", "updated_from_rows": n0, "seconds_search": time.perf_counter() - t0}
+
+def _sample_recall(X: np.ndarray, I: np.ndarray, cfg: GraphConfig) -> dict:
+    """Recall@(k+1) of approximate self-kNN lists I against an exact search, on a sample of rows."""
+    if cfg.recall_sample <= 0:
+        return {}
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(len(X), min(cfg.recall_sample, len(X)), replace=False))
+    _, Iref = knn_search(X[rows], X, I.shape[1])
+    recall = recall_at_k(I[rows], Iref)
+    log.info("graph: recall@%d = %.4f on %d rows", I.shape[1], recall, rows.size)
+    return {"recall_at_k": recall, "recall_sample": int(rows.size)}
 
 
 def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:

@@ -12,12 +12,11 @@ fill the CSR (each row sorted by column), degrees, normalise in place.
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import scipy.sparse as sp
 from numba import njit
+
+from .threads import in_ranges
 
 _OWN = -1  # the entry's value comes from its own list (i < j)
 _DROP = -2  # not an edge: padding, self match, non-positive weight, not mutual, or a repeat
@@ -89,15 +88,6 @@ def _normalise(indptr, indices, data, inv, r0, r1):
             data[e] = np.float32(data[e] * inv[i] * inv[indices[e]])
 
 
-def _in_ranges(fn, n: int, threads: int) -> None:
-    cuts = [n * t // threads for t in range(threads + 1)]
-    if threads == 1:
-        fn(0, n)
-        return
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(lambda t: fn(cuts[t], cuts[t + 1]), range(threads)))
-
-
 def reciprocal_graph(D: np.ndarray, I: np.ndarray, *, gamma: float = 3.0, threads: int | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
     """W = D^-1/2 A D^-1/2 of the mutual-kNN affinity A, and the degrees of A.
 
@@ -113,21 +103,20 @@ def reciprocal_graph(D: np.ndarray, I: np.ndarray, *, gamma: float = 3.0, thread
         raise ValueError(f"reciprocal_graph: lists of {k} neighbours; at most {2**15 - 1}")
     D = np.ascontiguousarray(D, dtype=np.float32)
     I = np.ascontiguousarray(I)
-    threads = max(1, min(threads or os.cpu_count() or 1, n or 1))
     where = np.empty((n, k), np.int16)
     counts = np.empty(n, np.int64)
-    _in_ranges(lambda a, b: _mark(D, I, np.float32(gamma), a, b, where, counts), n, threads)
+    in_ranges(lambda a, b: _mark(D, I, np.float32(gamma), a, b, where, counts), n, threads)
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
     del counts
     nnz = int(indptr[-1])
     indices, data, deg = np.empty(nnz, np.int32), np.empty(nnz, np.float32), np.empty(n, np.float64)
-    _in_ranges(lambda a, b: _fill(D, I, np.float32(gamma), where, indptr, indices, data, deg, a, b), n, threads)
+    in_ranges(lambda a, b: _fill(D, I, np.float32(gamma), where, indptr, indices, data, deg, a, b), n, threads)
     del where
     inv = np.zeros(n)
     nz = deg > 0
     inv[nz] = 1.0 / np.sqrt(deg[nz])
-    _in_ranges(lambda a, b: _normalise(indptr, indices, data, inv, a, b), n, threads)
+    in_ranges(lambda a, b: _normalise(indptr, indices, data, inv, a, b), n, threads)
     if nnz < 2**31:
         indptr = indptr.astype(np.int32)
     W = sp.csr_matrix((data, indices, indptr), shape=(n, n))

@@ -121,6 +121,7 @@ def test_choice_tuples_equal_their_registries():
     from pipelines import config, extract, train
 
     assert config.METHODS == tuple(retrieval.rankers.METHODS)
+    assert config.GRAPH_METHODS == retrieval.rankers.GRAPH_METHODS and config.REGION_METHODS == retrieval.rankers.REGION_METHODS
     assert config.TRUNCATE_KERNELS == tuple(retrieval.rankers.KERNELS)
     assert config.MATMULS == tuple(retrieval.diffusion.MATMULS)
     # os_egm is a collection-level pooling (pipelines/discover.py): not a function of one feature map

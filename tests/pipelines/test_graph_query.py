@@ -1,5 +1,6 @@
 """Graph and query stages on imported descriptors: engines and solvers agree with the references."""
 import json
+import logging
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -197,6 +198,44 @@ def test_graph_of_a_grown_collection_is_updated_and_equals_a_rebuild(tmp_path, c
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipelines.graph"):  # other settings: built again, not updated
         assert "updated_from_rows" not in run_graph(grown, GraphConfig(k=6, index="flat", block_rows=100))
+
+
+def test_approximate_graph_of_a_grown_collection_is_updated_through_its_kept_index(tmp_path, caplog):
+    """Issue 13, approximate index: a grown collection adds its new rows to the HNSW index kept
+    with the graph, searches them there and merges the old lists with their reverse neighbours;
+    the recall of the updated lists is measured like a build's and stays close to it, the kept
+    index grows with the graph (for the next update and for the seeds of new queries), and a
+    missing kept index means a rebuild, not a failure."""
+    from pipelines.config import GraphConfig
+    from pipelines.descriptors import write_descriptors
+    from pipelines.graph import SEARCH_INDEX, SEARCH_INDEX_META, run_graph
+    from pipelines.shards import read_json, write_json
+    from retrieval.synthetic_manifold import ManifoldSpec, make_manifold_dataset
+
+    X = make_manifold_dataset(ManifoldSpec(n=3000, n_queries=1, shared_dim=16, seed=2))[0].astype(np.float32)
+    run = tmp_path / "run"
+
+    def grow_to(n_rows, a):  # a part with rows a .. n_rows - 1
+        (run / "descriptors").mkdir(parents=True, exist_ok=True)
+        write_descriptors(run / "descriptors" / f"part-{a:05d}.parquet", np.arange(a, n_rows), [f"k{j}" for j in range(a, n_rows)], X[a:n_rows],
+                          params=str(a))
+        write_json({"n": n_rows, "descriptors_sha256_16": f"h{n_rows}"}, run / "manifest.json")
+
+    cfg = GraphConfig(k=10, index="hnsw", hnsw_m=16, ef_construction=40, ef_search=64, recall_sample=300)
+    grow_to(2000, 0)
+    built = run_graph(run, cfg)
+    grow_to(3000, 2000)
+    with caplog.at_level(logging.INFO, logger="pipelines.graph"):
+        man = run_graph(run, cfg)
+    assert "grew from 2000 to 3000 rows" in caplog.text and man["updated_from_rows"] == 2000 and man["n"] == 3000
+    assert man["recall_at_k"] > 0.9 and man["recall_at_k"] > built["recall_at_k"] - 0.05, (man["recall_at_k"], built["recall_at_k"])
+    meta = read_json(run / "graph" / SEARCH_INDEX_META)
+    assert meta["n"] == 3000 and meta["graph"] == man["params"]
+    (run / "graph" / SEARCH_INDEX).unlink()  # no kept index: the next growth is a build
+    X = np.vstack([X, X[:50] * 0.5 + X[50:100] * 0.5])
+    X[3000:] /= np.linalg.norm(X[3000:], axis=1, keepdims=True)
+    grow_to(3050, 3000)
+    assert "updated_from_rows" not in run_graph(run, cfg)
 
 
 def test_graph_keeps_its_approximate_index_and_new_queries_seed_from_it(imported, caplog):
