@@ -13,7 +13,7 @@ from retrieval.graph import graph_from_knn
 from retrieval.knn import (
     IndexSpec, build_index, knn_search, read_index, recall_at_k, search_shards, set_search_effort, shard_bounds, stored_vectors, write_index,
 )
-from retrieval.knn_update import extend_knn, extend_knn_searched
+from retrieval.knn_update import extend_knn, extend_knn_searched, grown_lists
 
 from .config import GraphConfig, params_hash
 from .descriptors import load_descriptors
@@ -184,13 +184,27 @@ def build_graph_sharded(X, cfg: GraphConfig, *, gdir: Path | None = None, params
 
 def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
     """(D, I, info, n, rows hash) for build_graph_sharded: the rows loaded here, hashed, updated
-    from saved lists or searched; the loaded array is dropped once the index holds the rows."""
+    from saved lists or searched; the loaded array is dropped once an index holds the rows."""
     X = load()
     n = X.shape[0]
     rows_hash = _rows_hash(X, n) if gdir is not None else ""
-    grown = _grown_knn(gdir, X, cfg, params) if gdir is not None else None
-    if grown is not None:
-        return (*grown, n, rows_hash)
+    saved = _saved_lists(gdir, X, cfg) if gdir is not None else None
+    if saved is not None:
+        n0, D, I, index, spec = saved
+        t0 = time.perf_counter()
+        if index is not None:
+            index.add(np.ascontiguousarray(X[n0:], dtype=np.float32))
+            stored = stored_vectors(index)
+            if stored is not None:
+                X = stored  # the index's copy (a view): the loaded array's last reference goes here
+            del stored
+        info = _update_lists(D, I, X, n0, index, spec, cfg, t0)
+        if index is not None:
+            t_keep = time.perf_counter()
+            save_search_index(gdir, index, spec, params)
+            info["seconds_keep_index"] = time.perf_counter() - t_keep
+        del X, index
+        return D, I, info, n, rows_hash
     keep = (lambda index, spec: save_search_index(gdir, index, spec, params)) if gdir is not None else None
     index, spec, t_index = _self_index(X, cfg)
     stored = stored_vectors(index)
@@ -204,7 +218,7 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
 def _rows_hash(X: np.ndarray, n: int) -> str:
     import hashlib
 
-    return hashlib.sha256(np.ascontiguousarray(X[:n]).tobytes()).hexdigest()[:16]
+    return hashlib.sha256(memoryview(np.ascontiguousarray(X[:n])).cast("B")).hexdigest()[:16]  # no bytes copy
 
 
 def save_knn(folder: Path, D: np.ndarray, I: np.ndarray, rows: int, rows_hash: str) -> None:
@@ -214,56 +228,70 @@ def save_knn(folder: Path, D: np.ndarray, I: np.ndarray, rows: int, rows_hash: s
     write_npz(folder / "knn.npz", D=D.astype(np.float32, copy=False), I=I, rows=np.int64(rows), rows_sha256_16=np.array(rows_hash))
 
 
-def _grown_knn(gdir: Path, X: np.ndarray, cfg: GraphConfig, params: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """kNN lists of X from the saved lists of its first rows (the collection grew by appended ids,
-    same graph settings): an exact index computes the new rows against all and the old rows
-    they enter in one product (`retrieval.knn_update.extend_knn`, equal to a rebuild); an
-    approximate one adds the new rows to the index kept with the graph, searches them, and merges
-    the old rows with their reverse neighbours (recall measured as for a build). None when the
-    saved lists (or, approximate, the kept index) do not apply."""
+REVERSE_WIDTH = 2  # an approximate update searches each new row for 2 (k + 1) neighbours: the old rows it enters (BENCHMARKS.md)
+
+
+def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig):
+    """(n_old, D, I, index, spec) when the graph in `gdir` can be updated to the rows of X rather
+    than built again (the collection grew by appended ids, the first rows unchanged, same graph
+    settings, full saved lists; an approximate index: the one kept with that graph): D/I (N, k+1)
+    hold the saved lists in their first rows (`grown_lists`), index is None for an exact one.
+    None otherwise."""
     man = read_json_or(gdir / "manifest.json", {})
     spec = IndexSpec(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction,
                      ef_search=cfg.ef_search).resolve(len(X))
     if man.get("cfg_hash") != params_hash({"cfg": cfg}) or not (gdir / "knn.npz").is_file():
         return None
+    if spec.kind != "flat":
+        meta = read_json_or(gdir / SEARCH_INDEX_META, {})
+        if not (meta.get("graph") == man.get("params") and meta.get("d") == X.shape[1] and meta.get("kind") == spec.kind
+                and (gdir / SEARCH_INDEX).is_file()):
+            return None
     with np.load(gdir / "knn.npz", allow_pickle=False) as z:
         n0, h0 = int(z["rows"]), str(z["rows_sha256_16"])
         if not 0 < n0 < len(X) or z["I"].shape != (n0, cfg.k + 1) or _rows_hash(X, n0) != h0:
-            return None  # other rows, or lists shorter than k + 1 (a collection smaller than k): rebuilt
-        D0, I0 = z["D"], z["I"]
-    index = None
-    if spec.kind != "flat":
-        meta = read_json_or(gdir / SEARCH_INDEX_META, {})
-        if not (meta.get("graph") == man.get("params") and meta.get("n") == n0 and meta.get("d") == X.shape[1]
-                and meta.get("kind") == spec.kind and (gdir / SEARCH_INDEX).is_file()):
-            return None
-        try:
-            index = read_index(gdir / SEARCH_INDEX)
-        except (RuntimeError, OSError) as e:
-            log.warning("graph: the kept index %s is unreadable (%s): building the graph again", gdir / SEARCH_INDEX,
-                        (str(e).splitlines() or [type(e).__name__])[0][:200])
-            return None
-    t0 = time.perf_counter()
+            return None  # other rows, or lists shorter than k + 1 (a collection smaller than k): built again
+        D, I = grown_lists(z["D"], z["I"], len(X))
+    if spec.kind == "flat":
+        return n0, D, I, None, spec
+    try:
+        index = read_index(gdir / SEARCH_INDEX)
+    except (RuntimeError, OSError) as e:
+        log.warning("graph: the kept index %s is unreadable (%s): building the graph again", gdir / SEARCH_INDEX,
+                    (str(e).splitlines() or [type(e).__name__])[0][:200])
+        return None
+    if index.ntotal != n0 or index.d != X.shape[1]:
+        return None
+    return n0, D, I, index, spec
+
+
+def _update_lists(D: np.ndarray, I: np.ndarray, X: np.ndarray, n0: int, index, spec: IndexSpec, cfg: GraphConfig, t0: float) -> dict:
+    """Fill the lists of a grown collection in place (see `_saved_lists`): exact, one product of
+    the new rows with all (equal to a rebuild); approximate (`index` already holding all rows),
+    the new rows searched there and the old lists merged with their reverse neighbours, recall
+    measured like a build's. Returns the manifest's info."""
+    from tqdm import tqdm
+
     info = {"index": spec.kind, "engine": "local", "updated_from_rows": n0}
+    new = len(X) - n0
     if index is None:
-        D, I, changed = extend_knn(D0, I0, X, n0)
+        with tqdm(total=new, desc="graph update", unit="row") as bar:
+            changed = extend_knn(D, I, X, n0, progress=bar.update)
     else:
         info["hnsw" if spec.kind == "hnsw" else "nprobe"] = (
             {"M": spec.hnsw_m, "efConstruction": spec.ef_construction, "efSearch": spec.ef_search} if spec.kind == "hnsw" else spec.nprobe)
-        index.add(np.ascontiguousarray(X[n0:], dtype=np.float32))
         info["seconds_index"] = time.perf_counter() - t0
         set_search_effort(index, spec.ef_search if spec.kind == "hnsw" else spec.nprobe)
-        Dn, In = search_shards(index, X[n0:], cfg.k + 1, shard_bounds(len(X) - n0, cfg.shards), ids=I0.dtype.type)
-        D, I, changed = extend_knn_searched(D0, I0, Dn, In)
+        with tqdm(total=new, desc="graph update", unit="row") as bar:
+            Dn, In = search_shards(index, X[n0:], REVERSE_WIDTH * (cfg.k + 1), shard_bounds(new, cfg.shards), progress=bar.update, ids=I.dtype.type)
+        changed = extend_knn_searched(D, I, n0, Dn, In)
+        del Dn, In
         info.update(_sample_recall(X, I, cfg))
-        t_keep = time.perf_counter()
-        save_search_index(gdir, index, spec, params)
-        info["seconds_keep_index"] = time.perf_counter() - t_keep
     info["seconds_search"] = time.perf_counter() - t0
     info["updated_rows"] = changed
     log.info("graph: the collection grew from %d to %d rows: kNN lists updated, not rebuilt (%s index; %d old lists took new rows)",
              n0, len(X), spec.kind, changed)
-    return D, I, info
+    return info
 
 
 def _sample_recall(X: np.ndarray, I: np.ndarray, cfg: GraphConfig) -> dict:
@@ -289,7 +317,8 @@ def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:
         log.info("graph: up to date, skipping")
         return read_json(gdir / "manifest.json")
     # graph rows follow ascending ids; the rows are loaded inside, so that they can be dropped there
-    W, stats, info = build_graph_sharded(lambda: load_descriptors(run_dir / "descriptors", dense=False)[2], cfg, gdir=gdir, params=phash)
+    W, stats, info = build_graph_sharded(lambda: load_descriptors(run_dir / "descriptors", dense=False, keys=False)[2], cfg, gdir=gdir,
+                                         params=phash)
     if read_json_or(gdir / SEARCH_INDEX_META, {}).get("graph") != phash:  # an earlier graph's seed index: of no use to this one
         for name in (SEARCH_INDEX_META, SEARCH_INDEX):
             (gdir / name).unlink(missing_ok=True)

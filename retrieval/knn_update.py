@@ -22,6 +22,7 @@ Compiled passes (numba, the GIL released) run over row ranges in a thread each.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 from numba import njit
@@ -170,47 +171,99 @@ def _ids_dtype(n: int) -> type:
     return np.int32 if n < 2**31 else np.int64
 
 
-def _check_old(D_old: np.ndarray, I_old: np.ndarray, n_old: int) -> int:
-    if D_old.shape != I_old.shape or D_old.ndim != 2 or D_old.shape[0] != n_old:
-        raise ValueError(f"old kNN lists of shapes {D_old.shape} / {I_old.shape} do not cover the {n_old} old rows")
-    kk = D_old.shape[1]
-    if not 0 < kk <= n_old:
-        raise ValueError(f"old kNN lists of width {kk} for {n_old} rows: an update needs full lists (rebuild instead)")
+def grown_lists(D_old: np.ndarray, I_old: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """(D, I): (N, kk) float32 / int32 (int64 past 2^31 rows) lists with the old rows' lists
+    (n_old, kk) in their first rows, the rest to be filled by `extend_knn` or
+    `extend_knn_searched` (which work in place: the lists of a grown collection are held once)."""
+    D = np.empty((N, D_old.shape[1]), np.float32)
+    I = np.empty((N, D_old.shape[1]), _ids_dtype(N))
+    D[: len(D_old)], I[: len(I_old)] = D_old, I_old
+    return D, I
+
+
+def _check_lists(D: np.ndarray, I: np.ndarray, n_old: int) -> int:
+    if D.shape != I.shape or D.ndim != 2 or D.dtype != np.float32 or not D.flags.c_contiguous or not I.flags.c_contiguous:
+        raise ValueError(f"kNN lists of shapes {D.shape} / {I.shape}: expected one (N, kk) contiguous pair, float32 similarities")
+    kk = D.shape[1]
+    if not 0 < kk <= n_old < D.shape[0]:
+        raise ValueError(f"kNN lists of width {kk} for {n_old} old rows of {D.shape[0]}: an update needs full old lists and new rows")
     return kk
 
 
-def _merge_old(D: np.ndarray, I: np.ndarray, n_old: int, ci: np.ndarray, cj: np.ndarray, cs: np.ndarray, threads: int | None) -> None:
-    """Rows [0, n_old) of D/I (the old lists) merged with candidates (old row ci, new row cj,
-    similarity cs), listed by ascending cj."""
-    order = np.argsort(ci, kind="stable")  # by old row, each row's candidates still by ascending new id
-    ci, cj, cs = ci[order], cj[order].astype(np.int64), cs[order].astype(np.float32)
-    starts = np.searchsorted(ci, np.arange(n_old + 1))
+@njit(cache=True, nogil=True)
+def _bucket(ci, cj, cs, n_old):
+    """Candidates (old row ci, new row cj, similarity cs), listed by ascending cj, grouped by old
+    row (a counting sort, stable: each row's candidates still by ascending cj): (starts (n_old + 1),
+    cj, cs) in row order."""
+    starts = np.zeros(n_old + 1, np.int64)
+    for e in range(ci.shape[0]):
+        starts[ci[e] + 1] += 1
+    for i in range(n_old):
+        starts[i + 1] += starts[i]
+    pos = starts[:-1].copy()
+    oj = np.empty(ci.shape[0], np.int64)
+    os_ = np.empty(ci.shape[0], np.float32)
+    for e in range(ci.shape[0]):
+        p = pos[ci[e]]
+        oj[p] = cj[e]
+        os_[p] = cs[e]
+        pos[ci[e]] = p + 1
+    return starts, oj, os_
+
+
+@njit(cache=True, nogil=True)
+def _reverse(D_new, I_new, n_old, thr):
+    """The reverse neighbours of a searched update, grouped by old row as `_bucket` gives them:
+    new row n_old + j is a candidate of old row i when it lists i with a similarity above thr[i]."""
+    starts = np.zeros(n_old + 1, np.int64)
+    m, w = I_new.shape
+    for j in range(m):
+        for t in range(w):
+            i = I_new[j, t]
+            if 0 <= i < n_old and D_new[j, t] > thr[i]:
+                starts[i + 1] += 1
+    for i in range(n_old):
+        starts[i + 1] += starts[i]
+    pos = starts[:-1].copy()
+    oj = np.empty(starts[n_old], np.int64)
+    os_ = np.empty(starts[n_old], np.float32)
+    for j in range(m):
+        for t in range(w):
+            i = I_new[j, t]
+            if 0 <= i < n_old and D_new[j, t] > thr[i]:
+                oj[pos[i]] = n_old + j
+                os_[pos[i]] = D_new[j, t]
+                pos[i] += 1
+    return starts, oj, os_
+
+
+def _merge_old(D: np.ndarray, I: np.ndarray, n_old: int, starts: np.ndarray, cj: np.ndarray, cs: np.ndarray, threads: int | None) -> int:
+    """Rows [0, n_old) of D/I (the old lists) merged with their candidates cj/cs[starts[i]:
+    starts[i + 1]]; returns the number of rows that had any."""
     in_ranges(lambda a, b: _merge(D, I, starts, cj, cs, a, b), n_old, threads)
+    return int(np.count_nonzero(np.diff(starts)))
 
 
-def extend_knn(D_old: np.ndarray, I_old: np.ndarray, X: np.ndarray, n_old: int, *, tile_floats: int = TILE_FLOATS,
-               threads: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """Exact self-kNN lists of the rows of X from the lists of its first n_old rows.
+def extend_knn(D: np.ndarray, I: np.ndarray, X: np.ndarray, n_old: int, *, tile_floats: int = TILE_FLOATS,
+               threads: int | None = None, progress: Callable[[int], None] | None = None) -> int:
+    """Exact self-kNN lists of the rows of X, in place, from the lists of its first n_old rows.
 
     Args:
-        D_old, I_old: (n_old, kk) self-kNN of X[:n_old] (similarities descending, self included),
-           kk <= n_old.
+        D, I: (N, kk) lists (`grown_lists`): rows [0, n_old) hold the self-kNN of X[:n_old]
+           (similarities descending, self included, kk <= n_old); all rows are written here.
         X: (N, d) float32 rows, the old ones first (contiguous: else a copy is made).
         n_old: rows the old lists cover.
         tile_floats: size of one product tile (new rows x rows of X).
-    Returns: (D, I, changed): (N, kk) float32 similarities and int32 ids (int64 past 2^31 rows),
-    equal to a search of the whole collection up to rounding of the dot products and ties (lower
-    id first); `changed`: old rows whose list took a new row.
+        progress: called with the number of new rows done, block by block (from worker threads).
+    Returns: the number of old rows whose list took a new row. D/I then equal a search of the
+    whole collection up to rounding of the dot products and ties (lower id first).
     """
-    kk = _check_old(D_old, I_old, n_old)
+    kk = _check_lists(D, I, n_old)
     X = np.ascontiguousarray(X, dtype=np.float32)
     N = X.shape[0]
-    if not n_old < N:
-        raise ValueError(f"extend_knn: {N} rows do not grow the {n_old} old ones")
-    D = np.empty((N, kk), np.float32)
-    I = np.empty((N, kk), _ids_dtype(N))
-    D[:n_old], I[:n_old] = D_old, I_old
-    thr = np.ascontiguousarray(D_old[:, kk - 1], dtype=np.float32)
+    if N != D.shape[0]:
+        raise ValueError(f"extend_knn: {N} rows for lists of {D.shape[0]}")
+    thr = np.ascontiguousarray(D[:n_old, kk - 1])
     rows = max(1, min(N - n_old, ROWS))
     tile = max(1, min(N, tile_floats // rows))
     starts = list(range(n_old, N, rows))
@@ -238,38 +291,32 @@ def extend_knn(D_old: np.ndarray, I_old: np.ndarray, X: np.ndarray, n_old: int, 
             _finish(vals, idx, filled, D, I, a)
             keep = np.arange(cap)[None, :] < cnt[:, None]
             found[a] = (cand_i[keep], a + np.nonzero(keep)[0], cand_s[keep])
+            if progress is not None:
+                progress(b)
 
     workers = max(1, min(threads or os.cpu_count() or 1, len(starts)))
     with blas_threads(1):  # one product per core, not one product split across cores (its idle threads spin)
         in_ranges(lambda w0, w1: [blocks(w, workers) for w in range(w0, w1)], workers, workers)
     cis, cjs, css = zip(*(found[a] for a in starts))
-    ci = np.concatenate(cis)
-    _merge_old(D, I, n_old, ci, np.concatenate(cjs), np.concatenate(css), threads)
-    return D, I, int(np.unique(ci).size)
+    return _merge_old(D, I, n_old, *_bucket(np.concatenate(cis), np.concatenate(cjs), np.concatenate(css), n_old), threads)
 
 
-def extend_knn_searched(D_old: np.ndarray, I_old: np.ndarray, D_new: np.ndarray, I_new: np.ndarray, *,
-                        threads: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """Approximate self-kNN lists of a grown collection: the new rows' lists as searched in an
-    index holding all N rows, the old lists merged with their reverse neighbours among the new
-    rows (new row j listing old row i with s > thr_i).
+def extend_knn_searched(D: np.ndarray, I: np.ndarray, n_old: int, D_new: np.ndarray, I_new: np.ndarray, *,
+                        threads: int | None = None) -> int:
+    """Approximate self-kNN lists of a grown collection, in place: the new rows' lists as
+    searched in an index holding all N rows, the old lists merged with their reverse neighbours
+    among the new rows (new row j listing old row i with s > thr_i).
 
     Args:
-        D_old, I_old: (n_old, kk) lists of the old rows. D_new, I_new: (n_new, kk) lists of the
-           new rows (ids n_old .. N - 1), -1 where the index found none.
-    Returns: (D, I, changed) as `extend_knn`.
+        D, I: (N, kk) lists (`grown_lists`), rows [0, n_old) holding the old rows' lists.
+        D_new, I_new: (N - n_old, w) lists of the new rows (ids n_old .. N - 1, -1 where the index
+           found none), w >= kk: the first kk entries become the new rows' lists, all w are
+           reverse candidates (a longer search lists more of the old rows a new row enters).
+    Returns: the number of old rows whose list took a new row.
     """
-    n_old = D_old.shape[0]
-    kk = _check_old(D_old, I_old, n_old)
-    if D_new.shape != I_new.shape or D_new.ndim != 2 or D_new.shape[1] != kk:
-        raise ValueError(f"new kNN lists of shapes {D_new.shape} / {I_new.shape}; expected width {kk}")
-    N = n_old + D_new.shape[0]
-    D = np.concatenate([D_old, D_new]).astype(np.float32, copy=False)
-    I = np.concatenate([I_old, I_new]).astype(_ids_dtype(N), copy=False)
-    thr = D_old[:, kk - 1]
-    hit = (I_new >= 0) & (I_new < n_old)
-    hit[hit] = D_new[hit] > thr[I_new[hit]]
-    rows, _ = np.nonzero(hit)  # row-major: by ascending new row
-    ci = I_new[hit].astype(np.int64)
-    _merge_old(D, I, n_old, ci, n_old + rows, D_new[hit], threads)
-    return D, I, int(np.unique(ci).size)
+    kk = _check_lists(D, I, n_old)
+    if D_new.shape != I_new.shape or D_new.ndim != 2 or D_new.shape[0] != D.shape[0] - n_old or D_new.shape[1] < kk:
+        raise ValueError(f"new kNN lists of shapes {D_new.shape} / {I_new.shape}; expected {D.shape[0] - n_old} rows of width >= {kk}")
+    D[n_old:], I[n_old:] = D_new[:, :kk], I_new[:, :kk]
+    thr = np.ascontiguousarray(D[:n_old, kk - 1])
+    return _merge_old(D, I, n_old, *_reverse(np.ascontiguousarray(D_new, dtype=np.float32), np.ascontiguousarray(I_new), n_old, thr), threads)

@@ -123,7 +123,7 @@ def test_extended_knn_graph_equals_a_rebuild():
     rebuild with an exact index, whatever the tile size (tiles down to one row and a few columns)."""
     from retrieval.graph import graph_from_knn
     from retrieval.knn import knn_search
-    from retrieval.knn_update import extend_knn
+    from retrieval.knn_update import extend_knn, grown_lists
     from retrieval.whitening import l2_normalize
 
     rng = np.random.default_rng(3)
@@ -132,7 +132,8 @@ def test_extended_knn_graph_equals_a_rebuild():
     D0, I0 = knn_search(X[:n0], X[:n0], k + 1)
     Df, If = knn_search(X, X, k + 1)
     for tile in (1 << 21, 37):
-        D, I, changed = extend_knn(D0, I0, X, n0, tile_floats=tile)
+        D, I = grown_lists(D0, I0, len(X))
+        changed = extend_knn(D, I, X, n0, tile_floats=tile)
         assert I.dtype == np.int32 and D.dtype == np.float32
         _same_lists_up_to_ties(D, I, Df, If)
     assert changed == int((If[:n0] >= n0).any(axis=1).sum()) > 0  # the old lists new rows entered: merged
@@ -141,15 +142,17 @@ def test_extended_knn_graph_equals_a_rebuild():
     assert st.nnz == stf.nnz and st.isolated == stf.isolated  # the same edges, weights up to the dot products' rounding
     np.testing.assert_array_equal(W.indices, Wf.indices)
     np.testing.assert_allclose(W.data, Wf.data, rtol=1e-5)
-    with pytest.raises(ValueError, match="do not grow"):
-        extend_knn(D0, I0, X[:n0], n0)
+    with pytest.raises(ValueError, match="rows for lists of"):
+        extend_knn(D, I, X[:n0 + 5], n0)
+    with pytest.raises(ValueError, match="an update needs full old lists"):
+        extend_knn(*grown_lists(D0[:2, :3], I0[:2, :3], 4), X[:4], 2)
 
 
 def test_extended_knn_takes_a_hub_that_enters_many_old_lists():
     """A new row that enters more old lists than the scan's buffer holds (8 (k+1)): its block is
     scanned again with room for all, and the lists still equal a rebuild."""
     from retrieval.knn import knn_search
-    from retrieval.knn_update import extend_knn
+    from retrieval.knn_update import extend_knn, grown_lists
     from retrieval.whitening import l2_normalize
 
     rng = np.random.default_rng(4)
@@ -160,7 +163,8 @@ def test_extended_knn_takes_a_hub_that_enters_many_old_lists():
     D0, I0 = knn_search(X[:n0], X[:n0], kk)
     Df, If = knn_search(X, X, kk)
     assert (If[:n0] == n0).sum() > 8 * kk  # the hub really overflows the first buffer
-    D, I, _ = extend_knn(D0, I0, X, n0, tile_floats=1000)
+    D, I = grown_lists(D0, I0, len(X))
+    extend_knn(D, I, X, n0, tile_floats=1000)
     _same_lists_up_to_ties(D, I, Df, If)
 
 
@@ -169,7 +173,7 @@ def test_searched_update_merges_reverse_neighbours():
     new rows that list it and beat its last entry. With exact lists for the new rows, every old row
     whose new true neighbours all list it back equals the rebuild; recall stays high overall."""
     from retrieval.knn import knn_search, recall_at_k
-    from retrieval.knn_update import extend_knn_searched
+    from retrieval.knn_update import extend_knn_searched, grown_lists
     from retrieval.whitening import l2_normalize
 
     rng = np.random.default_rng(5)
@@ -178,7 +182,8 @@ def test_searched_update_merges_reverse_neighbours():
     D0, I0 = knn_search(X[:n0], X[:n0], kk)
     Dn, In = knn_search(X[n0:], X, kk)
     Df, If = knn_search(X, X, kk)
-    D, I, changed = extend_knn_searched(D0, I0, Dn, In)
+    D, I = grown_lists(D0, I0, len(X))
+    changed = extend_knn_searched(D, I, n0, Dn, In)
     np.testing.assert_array_equal(I[n0:], In)
     listed_by = [set() for _ in range(n0)]
     for j, row in enumerate(In):
@@ -189,5 +194,10 @@ def test_searched_update_merges_reverse_neighbours():
     np.testing.assert_array_equal(I[exact_rows], If[exact_rows])
     assert changed == sum(1 for i in range(n0) if (I[i] >= n0).any())
     assert recall_at_k(I, If) > 0.95
-    with pytest.raises(ValueError, match="expected width"):
-        extend_knn_searched(D0, I0, Dn[:, :3], In[:, :3])
+    Dw, Iw = knn_search(X[n0:], X, 2 * kk)  # longer new lists: more reverse candidates, the new lists themselves unchanged
+    D2, I2 = grown_lists(D0, I0, len(X))
+    changed2 = extend_knn_searched(D2, I2, n0, Dw, Iw)
+    np.testing.assert_array_equal(I2[n0:], In)
+    assert changed2 >= changed and recall_at_k(I2, If) > recall_at_k(I, If)
+    with pytest.raises(ValueError, match="width >= 8"):
+        extend_knn_searched(D2, I2, n0, Dn[:, :3], In[:, :3])
