@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from retrieval.graph import graph_from_knn
 from retrieval.knn import (
-    IndexSpec, build_index, knn_search, read_index, recall_at_k, search_shards, set_search_effort, shard_bounds, stored_vectors, write_index,
+    IndexSpec, build_index, knn_search, read_index, recall_at_k, search_self, set_search_effort, shard_bounds, stored_vectors, write_index,
 )
 from retrieval.knn_update import extend_knn, extend_knn_searched, grown_lists
 
@@ -148,7 +148,7 @@ def _search_self(index, X: np.ndarray, spec: IndexSpec, cfg: GraphConfig, *, kee
 
             D, I = search_shards_ray(index, X, bounds, k, progress=bar.update)
         else:
-            D, I = search_shards(index, X, k, bounds, progress=bar.update, ids=np.int32 if n < 2**31 else np.int64)
+            D, I = search_self(index, X, k, bounds, progress=bar.update, ids=np.int32 if n < 2**31 else np.int64)
     info = {"index": spec.kind, "nlist": spec.nlist if spec.kind == "ivf" else None,
             "nprobe": spec.nprobe if spec.kind == "ivf" else None,
             "hnsw": {"M": spec.hnsw_m, "efConstruction": spec.ef_construction, "efSearch": spec.ef_search} if spec.kind == "hnsw" else None,
@@ -193,11 +193,12 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
         n0, D, I, index, spec = saved
         t0 = time.perf_counter()
         if index is not None:
-            index.add(np.ascontiguousarray(X[n0:], dtype=np.float32))
-            stored = stored_vectors(index)
-            if stored is not None:
-                X = stored  # the index's copy (a view): the loaded array's last reference goes here
-            del stored
+            new_rows = np.array(X[n0:], dtype=np.float32, order="C")
+            if stored_vectors(index) is not None:  # the index stores plain vectors: the loaded rows go before it grows
+                X = None
+            index.add(new_rows)
+            del new_rows
+            X = stored_vectors(index) if X is None else X  # the index's copy (a view)
         info = _update_lists(D, I, X, n0, index, spec, cfg, t0)
         if index is not None:
             t_keep = time.perf_counter()
@@ -283,7 +284,8 @@ def _update_lists(D: np.ndarray, I: np.ndarray, X: np.ndarray, n0: int, index, s
         info["seconds_index"] = time.perf_counter() - t0
         set_search_effort(index, spec.ef_search if spec.kind == "hnsw" else spec.nprobe)
         with tqdm(total=new, desc="graph update", unit="row") as bar:
-            Dn, In = search_shards(index, X[n0:], REVERSE_WIDTH * (cfg.k + 1), shard_bounds(new, cfg.shards), progress=bar.update, ids=I.dtype.type)
+            Dn, In = search_self(index, X[n0:], REVERSE_WIDTH * (cfg.k + 1), shard_bounds(new, cfg.shards), first=n0, progress=bar.update,
+                                 ids=I.dtype.type)
         changed = extend_knn_searched(D, I, n0, Dn, In)
         del Dn, In
         info.update(_sample_recall(X, I, cfg))

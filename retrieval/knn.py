@@ -234,6 +234,39 @@ def search_shards(
     return D, I
 
 
+def search_self(
+    index: faiss.Index,
+    X: np.ndarray,
+    k: int,
+    bounds: list[tuple[int, int]],
+    *,
+    first: int = 0,
+    progress: Callable[[int], None] | None = None,
+    ids: type = np.int64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Self-kNN of rows that `index` holds: row r of X is the index's vector first + r. As
+    `search_shards`, except that an HNSW index starts each row's search at the row's own node on
+    level 0 (faiss `search_level_0`) instead of descending the upper levels from the global entry
+    point: at 10^6 the same recall in 20% less time (BENCHMARKS.md)."""
+    if not isinstance(index, faiss.IndexHNSW):
+        return search_shards(index, X, k, bounds, progress=progress, ids=ids)
+    n = X.shape[0]
+    k = min(k, index.ntotal)
+    D = np.empty((n, k), dtype=np.float32)
+    I = np.empty((n, k), dtype=ids)
+    for a, b in bounds:
+        q = _as_f32(X[a:b], "queries")
+        entry = np.arange(first + a, first + b, dtype=np.int32).reshape(-1, 1)  # faiss storage_idx_t
+        entry_sim = np.einsum("ij,ij->i", q, q).astype(np.float32).reshape(-1, 1)  # the entry's own similarity
+        Db, Ib = np.empty((b - a, k), np.float32), np.empty((b - a, k), np.int64)
+        index.search_level_0(b - a, faiss.swig_ptr(q), k, faiss.swig_ptr(entry), faiss.swig_ptr(entry_sim), faiss.swig_ptr(Db),
+                             faiss.swig_ptr(Ib), 1, 1)
+        D[a:b], I[a:b] = Db, Ib
+        if progress:
+            progress(b - a)
+    return D, I
+
+
 def self_knn(
     X: np.ndarray,
     k: int,

@@ -201,3 +201,28 @@ def test_searched_update_merges_reverse_neighbours():
     assert changed2 >= changed and recall_at_k(I2, If) > recall_at_k(I, If)
     with pytest.raises(ValueError, match="width >= 8"):
         extend_knn_searched(D2, I2, n0, Dn[:, :3], In[:, :3])
+
+
+def test_hnsw_self_search_starts_at_each_rows_own_node():
+    """An HNSW index searches the rows it holds from their own nodes on level 0: similarities
+    are the true inner products (self first), recall against an exact search as good as the
+    ordinary search's, and rows held at an offset (an update's new rows) are found the same way;
+    a flat index searches as before."""
+    from retrieval.knn import IndexSpec, build_index, knn_search, recall_at_k, search_self, search_shards, shard_bounds
+    from retrieval.synthetic_manifold import ManifoldSpec, make_manifold_dataset
+
+    X = make_manifold_dataset(ManifoldSpec(n=4000, n_queries=1, shared_dim=16, seed=3))[0].astype(np.float32)
+    index = build_index(X, IndexSpec(kind="hnsw", hnsw_m=16, ef_construction=40, ef_search=48))
+    bounds = shard_bounds(len(X), 3)
+    _, Iref = knn_search(X, X, 11)
+    D, I = search_self(index, X, 11, bounds, ids=np.int32)
+    Ds, Is = search_shards(index, X, 11, bounds)
+    assert I.dtype == np.int32 and (I[:, 0] == np.arange(len(X))).mean() > 0.99
+    assert recall_at_k(I, Iref) >= recall_at_k(Is, Iref) - 0.01 and recall_at_k(I, Iref) > 0.9
+    sims = np.einsum("ij,ij->i", X[I[:, 0]], X)  # the first entries' true values
+    np.testing.assert_allclose(D[:, 0], sims, rtol=1e-5)
+    assert (np.diff(D, axis=1) <= 1e-6).all()  # descending
+    D2, I2 = search_self(index, X[3000:], 11, shard_bounds(1000, 2), first=3000)
+    np.testing.assert_array_equal(I2, I[3000:])
+    Df, If = search_self(build_index(X, IndexSpec(kind="flat")), X[:50], 11, [(0, 50)])
+    np.testing.assert_array_equal(If, Iref[:50])
