@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -174,11 +175,15 @@ def build_graph_sharded(X, cfg: GraphConfig, *, gdir: Path | None = None, params
     t0 = time.perf_counter()
     load = X if callable(X) else (lambda rows=X: rows)
     D, I, info, n, rows_hash = _knn_lists(load, cfg, gdir, params)
-    W, stats = graph_from_knn(D, I, gamma=cfg.gamma, reciprocal=cfg.reciprocal)
+    with ThreadPoolExecutor(1) as writer:  # the lists are written while the graph is built from them
+        saved = None
+        if gdir is not None:
+            gdir.mkdir(parents=True, exist_ok=True)
+            saved = writer.submit(save_knn, gdir, D, I, n, rows_hash)
+        W, stats = graph_from_knn(D, I, gamma=cfg.gamma, reciprocal=cfg.reciprocal)
+        if saved is not None:
+            saved.result()
     info["seconds"] = time.perf_counter() - t0
-    if gdir is not None:
-        gdir.mkdir(parents=True, exist_ok=True)
-        save_knn(gdir, D, I, n, rows_hash)
     return W, stats, info
 
 
@@ -187,8 +192,9 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
     from saved lists or searched; the loaded array is dropped once an index holds the rows."""
     X = load()
     n = X.shape[0]
-    rows_hash = _rows_hash(X, n) if gdir is not None else ""
-    saved = _saved_lists(gdir, X, cfg) if gdir is not None else None
+    hashes = _rows_hashes(X, [n, _saved_rows(gdir)]) if gdir is not None else {}
+    rows_hash = hashes.get(n, "")
+    saved = _saved_lists(gdir, X, cfg, hashes) if gdir is not None else None
     if saved is not None:
         n0, D, I, index, spec = saved
         t0 = time.perf_counter()
@@ -216,10 +222,25 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
     return D, I, {**info, "seconds_index": t_index}, n, rows_hash
 
 
-def _rows_hash(X: np.ndarray, n: int) -> str:
+def _rows_hashes(X: np.ndarray, cuts: list[int]) -> dict[int, str]:
+    """{m: hash of X[:m]} for each m in cuts (0 < m <= n), in one pass over the rows (a running
+    sha256 read at each cut; the rows as they are in memory, no bytes copy)."""
     import hashlib
 
-    return hashlib.sha256(memoryview(np.ascontiguousarray(X[:n])).cast("B")).hexdigest()[:16]  # no bytes copy
+    h, out, at = hashlib.sha256(), {}, 0
+    for m in sorted({c for c in cuts if 0 < c <= X.shape[0]}):
+        h.update(memoryview(np.ascontiguousarray(X[at:m])).cast("B"))
+        out[m], at = h.copy().hexdigest()[:16], m
+    return out
+
+
+def _saved_rows(gdir: Path) -> int:
+    """The rows the saved kNN lists in `gdir` were searched for (0 when none can be read)."""
+    try:
+        with np.load(gdir / "knn.npz", allow_pickle=False) as z:
+            return int(z["rows"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def save_knn(folder: Path, D: np.ndarray, I: np.ndarray, rows: int, rows_hash: str) -> None:
@@ -232,7 +253,7 @@ def save_knn(folder: Path, D: np.ndarray, I: np.ndarray, rows: int, rows_hash: s
 REVERSE_WIDTH = 2  # an approximate update searches each new row for 2 (k + 1) neighbours: the old rows it enters (BENCHMARKS.md)
 
 
-def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig):
+def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig, hashes: dict[int, str]):
     """(n_old, D, I, index, spec) when the graph in `gdir` can be updated to the rows of X rather
     than built again (the collection grew by appended ids, the first rows unchanged, same graph
     settings, full saved lists; an approximate index: the one kept with that graph): D/I (N, k+1)
@@ -250,7 +271,7 @@ def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig):
             return None
     with np.load(gdir / "knn.npz", allow_pickle=False) as z:
         n0, h0 = int(z["rows"]), str(z["rows_sha256_16"])
-        if not 0 < n0 < len(X) or z["I"].shape != (n0, cfg.k + 1) or _rows_hash(X, n0) != h0:
+        if not 0 < n0 < len(X) or z["I"].shape != (n0, cfg.k + 1) or hashes.get(n0) != h0:
             return None  # other rows, or lists shorter than k + 1 (a collection smaller than k): built again
         D, I = grown_lists(z["D"], z["I"], len(X))
     if spec.kind == "flat":

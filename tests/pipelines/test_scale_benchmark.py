@@ -35,3 +35,17 @@ def test_exact_search_step_compares_the_three_paths_and_restores_the_threshold(t
     assert [(r["queries"], r["k"]) for r in rows] == [(1, 5), (20, 5)]
     assert all(r[key] > 0 for r in rows for key in ("faiss_default_ms", "faiss_ms", "blocked_ms"))
     assert faiss.cvar.distance_compute_blas_threshold == FLAT_BLAS_THRESHOLD
+
+
+@pytest.mark.timeout(300)
+def test_growth_benchmark_updates_and_compares_with_a_full_build(tmp_path):
+    """Issue 13: the growth benchmark drives the CLI (import, graph, import the grown rows,
+    graph = an update, fresh full build) and records each step; the exact update gives the full
+    build's graph (same nnz) and says which rows it came from."""
+    from pipelines.benchmarks.growth import markdown, run
+
+    r = run(tmp_path, 1500, "flat", 0.2, 8)
+    assert r["update"]["updated_from_rows"] == 1500 and r["update"]["n"] == r["full_grown"]["n"] == 1800
+    assert r["update"]["nnz"] == r["full_grown"]["nnz"] and "updated_from_rows" not in r["full_grown"]
+    assert all(r[s]["wall_s"] > 0 and r[s]["peak_gib"] > 0 for s in ("full_n", "update", "full_grown"))
+    assert "update / full build (flat)" in markdown(r) and (tmp_path / "growth-1500-flat.json").is_file()
