@@ -196,7 +196,7 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
     rows_hash = hashes.get(n, "")
     saved = _saved_lists(gdir, X, cfg, hashes) if gdir is not None else None
     if saved is not None:
-        n0, D, I, index, spec = saved
+        n0, index, spec = saved
         t0 = time.perf_counter()
         if index is not None:
             new_rows = np.array(X[n0:], dtype=np.float32, order="C")
@@ -205,6 +205,8 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
             index.add(new_rows)
             del new_rows
             X = stored_vectors(index) if X is None else X  # the index's copy (a view)
+        with np.load(gdir / "knn.npz", allow_pickle=False) as z:  # read after the index grew: its growth copies its storage
+            D, I = grown_lists(z["D"], z["I"], n)
         info = _update_lists(D, I, X, n0, index, spec, cfg, t0)
         if index is not None:
             t_keep = time.perf_counter()
@@ -254,11 +256,10 @@ REVERSE_WIDTH = 2  # an approximate update searches each new row for 2 (k + 1) n
 
 
 def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig, hashes: dict[int, str]):
-    """(n_old, D, I, index, spec) when the graph in `gdir` can be updated to the rows of X rather
-    than built again (the collection grew by appended ids, the first rows unchanged, same graph
-    settings, full saved lists; an approximate index: the one kept with that graph): D/I (N, k+1)
-    hold the saved lists in their first rows (`grown_lists`), index is None for an exact one.
-    None otherwise."""
+    """(n_old, index, spec) when the graph in `gdir` can be updated to the rows of X rather than
+    built again (the collection grew by appended ids, the first rows unchanged, same graph
+    settings, full saved lists `knn.npz`; an approximate index: the one kept with that graph, read
+    here; None for an exact one). None otherwise. The lists themselves are not read here."""
     man = read_json_or(gdir / "manifest.json", {})
     spec = IndexSpec(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction,
                      ef_search=cfg.ef_search).resolve(len(X))
@@ -271,11 +272,10 @@ def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig, hashes: dict[int, 
             return None
     with np.load(gdir / "knn.npz", allow_pickle=False) as z:
         n0, h0 = int(z["rows"]), str(z["rows_sha256_16"])
-        if not 0 < n0 < len(X) or z["I"].shape != (n0, cfg.k + 1) or hashes.get(n0) != h0:
-            return None  # other rows, or lists shorter than k + 1 (a collection smaller than k): built again
-        D, I = grown_lists(z["D"], z["I"], len(X))
+    if not 0 < n0 < len(X) or hashes.get(n0) != h0 or {_npz_shape(gdir / "knn.npz", a) for a in "DI"} != {(n0, cfg.k + 1)}:
+        return None  # other rows, or lists shorter than k + 1 (a collection smaller than k): built again
     if spec.kind == "flat":
-        return n0, D, I, None, spec
+        return n0, None, spec
     try:
         index = read_index(gdir / SEARCH_INDEX)
     except (RuntimeError, OSError) as e:
@@ -284,7 +284,17 @@ def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig, hashes: dict[int, 
         return None
     if index.ntotal != n0 or index.d != X.shape[1]:
         return None
-    return n0, D, I, index, spec
+    return n0, index, spec
+
+
+def _npz_shape(path: Path, name: str) -> tuple:
+    """The shape of array `name` in an .npz file, from its header only."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return tuple(read(f)[0])
 
 
 def _update_lists(D: np.ndarray, I: np.ndarray, X: np.ndarray, n0: int, index, spec: IndexSpec, cfg: GraphConfig, t0: float) -> dict:
