@@ -58,6 +58,16 @@ def _evict(vals, idx):
     return low
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _record(cand_i, cand_s, r, c_n, g, s):
+    """Old row g entered by new row r (similarity s): kept while the row's buffer has room,
+    counted always (a count past the buffer makes the caller scan the block again)."""
+    if c_n < cand_i.shape[1]:
+        cand_i[r, c_n] = g
+        cand_s[r, c_n] = s
+    return c_n + 1
+
+
 @njit(cache=True, nogil=True)
 def _scan_tile(T, c0, n_old, thr, vals, idx, filled, cnt, cand_i, cand_s):
     """One tile T (b, ct) of the product of b new rows with rows c0 .. c0 + ct - 1, tiles in
@@ -67,7 +77,6 @@ def _scan_tile(T, c0, n_old, thr, vals, idx, filled, cnt, cand_i, cand_s):
     both tests), entries one by one only in a chunk with a hit."""
     b, ct = T.shape
     kk = vals.shape[1]
-    cap = cand_i.shape[1]
     n_thr = max(0, min(ct, n_old - c0))  # entries c < n_thr are old rows
     for r in range(b):
         row = T[r]
@@ -78,10 +87,7 @@ def _scan_tile(T, c0, n_old, thr, vals, idx, filled, cnt, cand_i, cand_s):
             s = row[start]
             g = c0 + start
             if g < n_old and s > thr[g]:
-                if c_n < cap:
-                    cand_i[r, c_n] = g
-                    cand_s[r, c_n] = s
-                c_n += 1
+                c_n = _record(cand_i, cand_s, r, c_n, g, s)
             v[filled[r]] = s
             ix[filled[r]] = g
             filled[r] += 1
@@ -106,10 +112,7 @@ def _scan_tile(T, c0, n_old, thr, vals, idx, filled, cnt, cand_i, cand_s):
                     s = row[c]
                     g = c0 + c
                     if g < n_old and s > thr[g]:
-                        if c_n < cap:
-                            cand_i[r, c_n] = g
-                            cand_s[r, c_n] = s
-                        c_n += 1
+                        c_n = _record(cand_i, cand_s, r, c_n, g, s)
                     if s > v[low]:  # strictly: on a tie the kept entry (lower id) stays
                         v[low] = s
                         ix[low] = g
