@@ -3,8 +3,8 @@
     retrieval experiment deploy/experiments/demo-distractors.toml
 
 One run directory (`OUT/run`) grows level by level: each level adds only its new distractor images
-(`ingest_added`: stable ids, new shards), extracts only them, updates the graph (exact index: new
-rows against all, old rows against the new), and ranks and evaluates every method. Each stage of a
+(`ingest_added`: stable ids, new shards), extracts only them, updates the graph (exact index: one
+product of the new rows with all; HNSW/IVF: through the index kept with the graph), and ranks and evaluates every method. Each stage of a
 level runs in its own process (`isolate = true`) so its wall time and peak RSS are its own. A level
 is recorded (`OUT/levels/<distractors>.json` plus a snapshot of its metrics, evaluation, timings,
 config and report in `OUT/levels/<distractors>/`) only when all its stages are done: a killed
