@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def load_search_index(folder: Path, X: np.ndarray, *, effort: int, build: IndexS
         try:
             index = read_index(folder / SEARCH_INDEX)
         except (RuntimeError, OSError) as e:  # a damaged file is a cache miss, not a failed query
-            log.warning("graph: the kept search index %s is unreadable (%s); %s", folder / SEARCH_INDEX, (str(e).splitlines() or [type(e).__name__])[0][:200],
+            log.warning("graph: the kept search index %s is unreadable (%s); %s", folder / SEARCH_INDEX, _first_line(e),
                         "building it again" if build is not None else "seeding by exact search")
         if index is not None and (index.ntotal != X.shape[0] or index.d != X.shape[1]):
             log.warning("graph: the kept search index %s does not match the database; ignoring it", folder / SEARCH_INDEX)
@@ -205,15 +206,21 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
             index.add(new_rows)
             del new_rows
             X = stored_vectors(index) if X is None else X  # the index's copy (a view)
-        with np.load(gdir / "knn.npz", allow_pickle=False) as z:  # read after the index grew: its growth copies its storage
-            D, I = grown_lists(z["D"], z["I"], n)
-        info = _update_lists(D, I, X, n0, index, spec, cfg, t0)
-        if index is not None:
-            t_keep = time.perf_counter()
-            save_search_index(gdir, index, spec, params)
-            info["seconds_keep_index"] = time.perf_counter() - t_keep
-        del X, index
-        return D, I, info, n, rows_hash
+        try:
+            with np.load(gdir / "knn.npz", allow_pickle=False) as z:  # read after the index grew: its growth copies its storage
+                D, I = grown_lists(z["D"], z["I"], n)
+        except _UNREADABLE as e:
+            log.warning("graph: the saved kNN lists %s are unreadable (%s): building the graph again", gdir / "knn.npz", _first_line(e))
+            del X, index
+            X = load()
+        else:
+            info = _update_lists(D, I, X, n0, index, spec, cfg, t0)
+            if index is not None:
+                t_keep = time.perf_counter()
+                save_search_index(gdir, index, spec, params)
+                info["seconds_keep_index"] = time.perf_counter() - t_keep
+            del X, index
+            return D, I, info, n, rows_hash
     keep = (lambda index, spec: save_search_index(gdir, index, spec, params)) if gdir is not None else None
     index, spec, t_index = _self_index(X, cfg)
     stored = stored_vectors(index)
@@ -236,12 +243,19 @@ def _rows_hashes(X: np.ndarray, cuts: list[int]) -> dict[int, str]:
     return out
 
 
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # a damaged knn.npz: a rebuild, not a failure
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
 def _saved_rows(gdir: Path) -> int:
     """The rows the saved kNN lists in `gdir` were searched for (0 when none can be read)."""
     try:
         with np.load(gdir / "knn.npz", allow_pickle=False) as z:
             return int(z["rows"])
-    except (OSError, ValueError, KeyError):
+    except _UNREADABLE:
         return 0
 
 
@@ -270,17 +284,21 @@ def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig, hashes: dict[int, 
         if not (meta.get("graph") == man.get("params") and meta.get("d") == X.shape[1] and meta.get("kind") == spec.kind
                 and (gdir / SEARCH_INDEX).is_file()):
             return None
-    with np.load(gdir / "knn.npz", allow_pickle=False) as z:
-        n0, h0 = int(z["rows"]), str(z["rows_sha256_16"])
-    if not 0 < n0 < len(X) or hashes.get(n0) != h0 or {_npz_shape(gdir / "knn.npz", a) for a in "DI"} != {(n0, cfg.k + 1)}:
+    try:
+        with np.load(gdir / "knn.npz", allow_pickle=False) as z:
+            n0, h0 = int(z["rows"]), str(z["rows_sha256_16"])
+        shapes = {_npz_shape(gdir / "knn.npz", a) for a in "DI"}
+    except _UNREADABLE as e:
+        log.warning("graph: the saved kNN lists %s are unreadable (%s): building the graph again", gdir / "knn.npz", _first_line(e))
+        return None
+    if not 0 < n0 < len(X) or hashes.get(n0) != h0 or shapes != {(n0, cfg.k + 1)}:
         return None  # other rows, or lists shorter than k + 1 (a collection smaller than k): built again
     if spec.kind == "flat":
         return n0, None, spec
     try:
         index = read_index(gdir / SEARCH_INDEX)
     except (RuntimeError, OSError) as e:
-        log.warning("graph: the kept index %s is unreadable (%s): building the graph again", gdir / SEARCH_INDEX,
-                    (str(e).splitlines() or [type(e).__name__])[0][:200])
+        log.warning("graph: the kept index %s is unreadable (%s): building the graph again", gdir / SEARCH_INDEX, _first_line(e))
         return None
     if index.ntotal != n0 or index.d != X.shape[1]:
         return None
@@ -289,8 +307,6 @@ def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig, hashes: dict[int, 
 
 def _npz_shape(path: Path, name: str) -> tuple:
     """The shape of array `name` in an .npz file, from its header only."""
-    import zipfile
-
     with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as f:
         major, _ = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0

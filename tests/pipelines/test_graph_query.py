@@ -238,6 +238,45 @@ def test_approximate_graph_of_a_grown_collection_is_updated_through_its_kept_ind
     assert "updated_from_rows" not in run_graph(run, cfg)
 
 
+def test_damaged_saved_lists_mean_a_rebuild_not_a_failure(tmp_path, caplog):
+    """A knn.npz that cannot be read (garbage, or a data member whose CRC fails only when read in
+    full, after the kept HNSW index has already grown and the loaded rows were dropped) makes the
+    grown collection's graph a build, with a one-line warning; the result equals a fresh build."""
+    from pipelines.config import GraphConfig
+    from pipelines.descriptors import write_descriptors
+    from pipelines.graph import load_graph, run_graph
+    from pipelines.shards import write_json
+
+    X = l2_normalize(np.random.default_rng(8).normal(size=(900, 12))).astype(np.float32)
+    cfg = GraphConfig(k=6, index="hnsw", hnsw_m=8, ef_construction=40, ef_search=40, recall_sample=50)
+
+    def grow(run, n_rows, parts):
+        (run / "descriptors").mkdir(parents=True, exist_ok=True)
+        for a, b in parts:
+            write_descriptors(run / "descriptors" / f"part-{a:05d}.parquet", np.arange(a, b), [f"k{j}" for j in range(a, b)], X[a:b],
+                              params=str(a))
+        write_json({"n": n_rows, "descriptors_sha256_16": f"h{n_rows}"}, run / "manifest.json")
+
+    for damage in ("garbage", "crc"):
+        run = tmp_path / damage
+        grow(run, 600, [(0, 600)])
+        run_graph(run, cfg)
+        knn = run / "graph" / "knn.npz"
+        if damage == "garbage":
+            knn.write_bytes(b"PK\x03\x04 not a zip")
+        else:
+            raw = bytearray(knn.read_bytes())
+            raw[len(raw) // 3] ^= 0xFF  # inside the similarities' data, past every header
+            knn.write_bytes(bytes(raw))
+        grow(run, 700, [(0, 600), (600, 700)])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipelines.graph"):
+            man = run_graph(run, cfg)
+        assert "updated_from_rows" not in man and man["n"] == 700
+        assert "saved kNN lists" in caplog.text and "unreadable" in caplog.text
+        assert load_graph(run / "graph")[0].shape == (700, 700)
+
+
 def test_graph_keeps_its_approximate_index_and_new_queries_seed_from_it(imported, caplog):
     """Issue 15: the graph stage's HNSW index is kept beside the graph (for that graph only) and
     `seed_search = "index"` seeds the graph methods from it, with rankings that match the exact
