@@ -193,9 +193,10 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
     from saved lists or searched; the loaded array is dropped once an index holds the rows."""
     X = load()
     n = X.shape[0]
-    hashes = _rows_hashes(X, [n, _saved_rows(gdir)]) if gdir is not None else {}
+    header = _saved_header(gdir) if gdir is not None else None
+    hashes = _rows_hashes(X, [n, header[0] if header else 0]) if gdir is not None else {}
     rows_hash = hashes.get(n, "")
-    saved = _saved_lists(gdir, X, cfg, hashes) if gdir is not None else None
+    saved = _saved_lists(gdir, X, cfg, header, hashes) if header is not None else None
     if saved is not None:
         n0, index, spec = saved
         t0 = time.perf_counter()
@@ -250,13 +251,26 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
-def _saved_rows(gdir: Path) -> int:
-    """The rows the saved kNN lists in `gdir` were searched for (0 when none can be read)."""
+def _saved_header(gdir: Path) -> tuple[int, str, set] | None:
+    """(rows, their hash, the shapes of D and I) of the saved kNN lists in `gdir`, from the file's
+    small members and headers; None when there are none, or (with a warning) they are unreadable."""
+    path = gdir / "knn.npz"
+    if not path.is_file():
+        return None
     try:
-        with np.load(gdir / "knn.npz", allow_pickle=False) as z:
-            return int(z["rows"])
-    except _UNREADABLE:
-        return 0
+        with np.load(path, allow_pickle=False) as z:
+            n0, h0 = int(z["rows"]), str(z["rows_sha256_16"])
+        with zipfile.ZipFile(path) as zf:
+            shapes = set()
+            for name in ("D", "I"):
+                with zf.open(f"{name}.npy") as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shapes.add(tuple(read(f)[0]))
+    except _UNREADABLE as e:
+        log.warning("graph: the saved kNN lists %s are unreadable (%s): building the graph again", path, _first_line(e))
+        return None
+    return n0, h0, shapes
 
 
 def save_knn(folder: Path, D: np.ndarray, I: np.ndarray, rows: int, rows_hash: str) -> None:
@@ -269,28 +283,22 @@ def save_knn(folder: Path, D: np.ndarray, I: np.ndarray, rows: int, rows_hash: s
 REVERSE_WIDTH = 2  # an approximate update searches each new row for 2 (k + 1) neighbours: the old rows it enters (BENCHMARKS.md)
 
 
-def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig, hashes: dict[int, str]):
+def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig, header: tuple[int, str, set], hashes: dict[int, str]):
     """(n_old, index, spec) when the graph in `gdir` can be updated to the rows of X rather than
-    built again (the collection grew by appended ids, the first rows unchanged, same graph
-    settings, full saved lists `knn.npz`; an approximate index: the one kept with that graph, read
-    here; None for an exact one). None otherwise. The lists themselves are not read here."""
+    built again (the collection grew by appended ids, the first rows unchanged: `hashes` of X's
+    first rows against the saved lists' `header`; same graph settings; full lists; an approximate
+    index: the one kept with that graph, read here; None for an exact one). None otherwise."""
     man = read_json_or(gdir / "manifest.json", {})
     spec = IndexSpec(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction,
                      ef_search=cfg.ef_search).resolve(len(X))
-    if man.get("cfg_hash") != params_hash({"cfg": cfg}) or not (gdir / "knn.npz").is_file():
+    if man.get("cfg_hash") != params_hash({"cfg": cfg}):
         return None
     if spec.kind != "flat":
         meta = read_json_or(gdir / SEARCH_INDEX_META, {})
         if not (meta.get("graph") == man.get("params") and meta.get("d") == X.shape[1] and meta.get("kind") == spec.kind
                 and (gdir / SEARCH_INDEX).is_file()):
             return None
-    try:
-        with np.load(gdir / "knn.npz", allow_pickle=False) as z:
-            n0, h0 = int(z["rows"]), str(z["rows_sha256_16"])
-        shapes = {_npz_shape(gdir / "knn.npz", a) for a in "DI"}
-    except _UNREADABLE as e:
-        log.warning("graph: the saved kNN lists %s are unreadable (%s): building the graph again", gdir / "knn.npz", _first_line(e))
-        return None
+    n0, h0, shapes = header
     if not 0 < n0 < len(X) or hashes.get(n0) != h0 or shapes != {(n0, cfg.k + 1)}:
         return None  # other rows, or lists shorter than k + 1 (a collection smaller than k): built again
     if spec.kind == "flat":
@@ -303,14 +311,6 @@ def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig, hashes: dict[int, 
     if index.ntotal != n0 or index.d != X.shape[1]:
         return None
     return n0, index, spec
-
-
-def _npz_shape(path: Path, name: str) -> tuple:
-    """The shape of array `name` in an .npz file, from its header only."""
-    with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as f:
-        major, _ = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        return tuple(read(f)[0])
 
 
 def _update_lists(D: np.ndarray, I: np.ndarray, X: np.ndarray, n0: int, index, spec: IndexSpec, cfg: GraphConfig, t0: float) -> dict:
