@@ -5,8 +5,8 @@ The same graph as the numpy path of `retrieval.graph.affinity_from_knn` + `norma
 value taken from the list of min(i, j), so A is exactly symmetric), zero diagonal, then
 W = D^-1/2 A D^-1/2. Instead of sorting 2 n k edge keys, each list is sorted on its own (k
 entries, in cache) and each list entry (i, j) looks for i in j's sorted list by binary search, so
-the temporaries are O(n k) small arrays (the sorted ids, their int16 positions, a per-entry int16
-mark) beside the result: at 10^6 x 51 the numpy path's sort held about 2 GB. (A linear scan of j's
+the temporaries are O(n k) arrays (the sorted ids, their float32 weights, a per-entry int16 mark)
+beside the result: at 10^6 x 51 the numpy path's sort held about 2 GB. (A linear scan of j's
 list for i cost 51 compares per entry: 8 s of the 12 s the graph took at 1.1 x 10^6 rows.)
 
 Passes over row ranges in a thread per core (the GIL released): sort each list, mark mutual

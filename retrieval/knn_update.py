@@ -6,8 +6,9 @@ When rows X_new are appended to X_old (ids n_old .. N - 1), the lists of the gro
   last entry, s_ij > thr_i = D_old[i, kk - 1] (strictly: on a tie the old entry, of lower index,
   ranks first, as a search over the whole collection ranks it).
 
-Exact (`extend_knn`): one matrix product per block of new rows against all rows, read once by a
-compiled pass that keeps the row's top-kk and, in the same pass, the old rows the new row enters.
+Exact (`extend_knn`): the product of the new rows with all rows, tile by tile (a worker thread per
+core, each with one BLAS thread), each tile read once by a compiled pass that keeps the new rows'
+top-kk and, in the same pass, the old rows each new row enters.
 The product new x old is computed once and serves both sides (a new row's list and the old rows'
 candidates), so the distance work is n_new x N, 1/11 of a rebuild's N^2 when a collection grows by
 10%. The result equals a search of the whole collection (ties by lower id).
@@ -17,7 +18,8 @@ Approximate (`extend_knn_searched`): the new rows' lists come from an index that
 (reverse neighbours), the rule approximate kNN-graph updates use. Its recall is measured like a
 build's.
 
-Compiled passes (numba, the GIL released) run over row ranges in a thread each.
+Both merge the old lists with their candidates in place: a counting sort by old row (`_bucket`),
+then a compiled merge per row over row ranges in a thread each (numba, the GIL released).
 """
 from __future__ import annotations
 
@@ -216,28 +218,27 @@ def _bucket(ci, cj, cs, n_old):
 
 @njit(cache=True, nogil=True)
 def _reverse(D_new, I_new, n_old, thr):
-    """The reverse neighbours of a searched update, grouped by old row as `_bucket` gives them:
-    new row n_old + j is a candidate of old row i when it lists i with a similarity above thr[i]."""
-    starts = np.zeros(n_old + 1, np.int64)
+    """The reverse neighbours of a searched update as candidates (old row ci, new row cj,
+    similarity cs) by ascending cj, for `_bucket`: new row n_old + j is a candidate of old row i
+    when it lists i with a similarity above thr[i]."""
     m, w = I_new.shape
+    total = 0
     for j in range(m):
         for t in range(w):
             i = I_new[j, t]
             if 0 <= i < n_old and D_new[j, t] > thr[i]:
-                starts[i + 1] += 1
-    for i in range(n_old):
-        starts[i + 1] += starts[i]
-    pos = starts[:-1].copy()
-    oj = np.empty(starts[n_old], np.int64)
-    os_ = np.empty(starts[n_old], np.float32)
+                total += 1
+    ci = np.empty(total, np.int64)
+    cj = np.empty(total, np.int64)
+    cs = np.empty(total, np.float32)
+    e = 0
     for j in range(m):
         for t in range(w):
             i = I_new[j, t]
             if 0 <= i < n_old and D_new[j, t] > thr[i]:
-                oj[pos[i]] = n_old + j
-                os_[pos[i]] = D_new[j, t]
-                pos[i] += 1
-    return starts, oj, os_
+                ci[e], cj[e], cs[e] = i, n_old + j, D_new[j, t]
+                e += 1
+    return ci, cj, cs
 
 
 def _merge_old(D: np.ndarray, I: np.ndarray, n_old: int, starts: np.ndarray, cj: np.ndarray, cs: np.ndarray, threads: int | None) -> int:
@@ -322,4 +323,5 @@ def extend_knn_searched(D: np.ndarray, I: np.ndarray, n_old: int, D_new: np.ndar
         raise ValueError(f"new kNN lists of shapes {D_new.shape} / {I_new.shape}; expected {D.shape[0] - n_old} rows of width >= {kk}")
     D[n_old:], I[n_old:] = D_new[:, :kk], I_new[:, :kk]
     thr = np.ascontiguousarray(D[:n_old, kk - 1])
-    return _merge_old(D, I, n_old, *_reverse(np.ascontiguousarray(D_new, dtype=np.float32), np.ascontiguousarray(I_new), n_old, thr), threads)
+    candidates = _reverse(np.ascontiguousarray(D_new, dtype=np.float32), np.ascontiguousarray(I_new), n_old, thr)
+    return _merge_old(D, I, n_old, *_bucket(*candidates, n_old), threads)
