@@ -32,13 +32,33 @@ def _spmm_rows(indptr, indices, data, P, out, r0, r1):
             out[i, c] = acc[c]
 
 
-class CompiledSparse(RcmOrder):
-    """`A @ P` in reverse Cuthill-McKee order (`permute` right-hand sides, `unpermute` solutions),
-    rows split into a block of equal non-zeros per thread, each a compiled loop.
-    A (n, n) sparse; P (n, b) or (n,) of `dtype` (float64 or float32)."""
+@njit(cache=True, nogil=True, fastmath=True)
+def _spmm_rows_dot(indptr, indices, data, P, out, r0, r1, pq):
+    """_spmm_rows, and pq[c] = sum over rows r0:r1 of P[i, c] * out[i, c] (block CG's p.q) in the
+    same pass, while row i of P and of the output are in registers/L1."""
+    b = P.shape[1]
+    acc = np.empty(b, out.dtype)
+    for c in range(b):
+        pq[c] = 0.0
+    for i in range(r0, r1):
+        acc[:] = 0
+        for e in range(indptr[i], indptr[i + 1]):
+            j = indices[e]
+            w = data[e]
+            for c in range(b):
+                acc[c] += w * P[j, c]
+        for c in range(b):
+            out[i, c] = acc[c]
+            pq[c] += P[i, c] * acc[c]
 
-    def __init__(self, A: sp.spmatrix, *, dtype=np.float64, threads: int | None = None):
-        super().__init__(A, dtype=dtype, threads=threads)
+
+class CompiledSparse(RcmOrder):
+    """`A @ P` in a locality order (reverse Cuthill-McKee unless `perm` is given; `permute`
+    right-hand sides, `unpermute` solutions), rows split into a block of equal non-zeros per
+    thread, each a compiled loop. A (n, n) sparse; P (n, b) or (n,) of `dtype` (float64 or float32)."""
+
+    def __init__(self, A: sp.spmatrix, *, dtype=np.float64, threads: int | None = None, perm: np.ndarray | None = None):
+        super().__init__(A, dtype=dtype, threads=threads, perm=perm)
         self.dtype = np.dtype(dtype).type
         self.indptr, self.indices, self.data = self.Ap.indptr.astype(np.int64), self.Ap.indices.astype(np.int32), self.Ap.data
         del self.Ap
@@ -52,20 +72,15 @@ class CompiledSparse(RcmOrder):
         self.run_blocks(lambda k, blk: _spmm_rows(self.indptr, self.indices, self.data, P, out, blk[0], blk[1]))
         return out[:, 0] if vec else out
 
+    def matmul_dots(self, P: np.ndarray, part: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out = A @ P for contiguous P, out (n, b) of this dtype, with part[k] (b,) float64 = the
+        k-th row block's column sums of P * out (block CG's p.q, summed by the caller), in one pass."""
+        self.run_blocks(lambda k, blk: _spmm_rows_dot(self.indptr, self.indices, self.data, P, out, blk[0], blk[1], part[k]))
+        return out
+
     def cg(self, B: np.ndarray, *, rtol: float = 1e-6, maxiter: int = 100):
         """Block CG on this operator with fused vector updates (`block_cg_fused`)."""
         return block_cg_fused(self, B, rtol=rtol, maxiter=maxiter)
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _dots(P, Q, r0, r1, out):
-    """out[c] = sum over rows r0:r1 of P[i, c] * Q[i, c]."""
-    b = P.shape[1]
-    for c in range(b):
-        out[c] = 0.0
-    for i in range(r0, r1):
-        for c in range(b):
-            out[c] += P[i, c] * Q[i, c]
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -91,10 +106,22 @@ def _direction(P, R, beta, r0, r1):
             P[i, c] = R[i, c] + beta[c] * P[i, c]
 
 
+@njit(cache=True, nogil=True, fastmath=True)
+def _residual_sq(B, Q, r0, r1, out):
+    """out[c] = sum over rows r0:r1 of (B[i, c] - Q[i, c])^2, in float64 (Q None: of B[i, c]^2)."""
+    b = B.shape[1]
+    for c in range(b):
+        out[c] = 0.0
+    for i in range(r0, r1):
+        for c in range(b):
+            d = np.float64(B[i, c]) if Q is None else np.float64(B[i, c]) - np.float64(Q[i, c])
+            out[c] += d * d
+
+
 def block_cg_fused(op: CompiledSparse, B: np.ndarray, *, rtol: float = 1e-6, maxiter: int = 100):
     """`retrieval.diffusion.block_cg` on a CompiledSparse operator, in op's dtype, with the vector
-    updates of each iteration fused into three compiled passes over the row blocks (the numpy
-    recurrences make five with temporaries, and cost more than the product). Converged columns
+    updates of each iteration fused into the product (p.q) and two compiled passes over the row
+    blocks (the numpy recurrences make five with temporaries, and cost more than the product). Converged columns
     keep their values (step 0) but stay in the product. B (n, m) in op's (permuted) order.
     Returns X (n, m) and SolveStats, as block_cg."""
     dt = op.dtype
@@ -104,18 +131,18 @@ def block_cg_fused(op: CompiledSparse, B: np.ndarray, *, rtol: float = 1e-6, max
         B = B[:, None]
     n, m = B.shape
     nb = len(op.blocks)
-    X, R, P = np.zeros((n, m), dt), B.copy(), B.copy()
+    X, R, P, Q = np.zeros((n, m), dt), B.copy(), B.copy(), np.empty((n, m), dt)
     part = np.zeros((nb, m), np.float64)  # per-block sums in float64: a float32 sum over 10^5+ rows drifts
-    bnorm = np.linalg.norm(B.astype(np.float64), axis=0)
+    op.run_blocks(lambda k, blk: _residual_sq(B, None, blk[0], blk[1], part[k]))
+    rr = part.sum(axis=0, dtype=np.float64)  # ||b||^2 per column, one pass without temporaries
+    bnorm = np.sqrt(rr)
     bnorm_safe = np.where(bnorm > 0, bnorm, 1.0)
-    rr = np.einsum("ij,ij->j", B, B).astype(np.float64)
     active = np.sqrt(rr) > rtol * bnorm_safe
     iters = np.zeros(m, np.int64)
     for _ in range(maxiter):
         if not active.any():
             break
-        Q = op @ P
-        op.run_blocks(lambda k, blk: _dots(P, Q, blk[0], blk[1], part[k]))
+        op.matmul_dots(P, part, Q)
         pq = part.sum(axis=0, dtype=np.float64)
         a = np.where(active & (pq != 0), rr / np.where(pq != 0, pq, 1.0), 0.0).astype(dt)
         op.run_blocks(lambda k, blk: _step(X, R, P, Q, a, blk[0], blk[1], part[k]))
@@ -125,7 +152,9 @@ def block_cg_fused(op: CompiledSparse, B: np.ndarray, *, rtol: float = 1e-6, max
         iters += active
         rr = np.where(active, rr_new, rr)
         active &= np.sqrt(rr) > rtol * bnorm_safe
-    res = np.linalg.norm((B - op @ X).astype(np.float64), axis=0) / bnorm_safe
+    op.matmul_dots(X, part, Q)  # the true residual B - A X, without (n, m) temporaries
+    op.run_blocks(lambda k, blk: _residual_sq(B, Q, blk[0], blk[1], part[k]))
+    res = np.sqrt(part.sum(axis=0, dtype=np.float64)) / bnorm_safe
     slack = 1.01 if dt == np.float64 else 1.5  # as block_cg: float32 recurrences drift from the true residual
     stats = SolveStats(iters, res, res <= rtol * slack + 1e-12)
     return (X[:, 0] if squeeze else X), stats

@@ -152,8 +152,8 @@ class ReorderedSparse(RcmOrder):
     row blocks run on all cores.
     """
 
-    def __init__(self, A: sp.spmatrix, *, dtype=np.float64, threads: int | None = None):
-        super().__init__(A, dtype=dtype, threads=threads)
+    def __init__(self, A: sp.spmatrix, *, dtype=np.float64, threads: int | None = None, perm: np.ndarray | None = None):
+        super().__init__(A, dtype=dtype, threads=threads, perm=perm)
         self.rows = [self.Ap[a:b] for a, b in self.blocks]
         del self.Ap
 
@@ -191,11 +191,12 @@ class PlainSparse:
 MATMULS = ("reordered", "scipy", "torch", "compiled")
 
 
-def sparse_operator(A: sp.spmatrix, matmul: str = "reordered", *, dtype=np.float64):
+def sparse_operator(A: sp.spmatrix, matmul: str = "reordered", *, dtype=np.float64, perm: np.ndarray | None = None):
     """`A @ P` operator by name (see MATMULS), with `permute(Y)` / `unpermute(X)` between the
-    caller's node order and the operator's (identity except for "reordered")."""
+    caller's node order and the operator's (identity for "scipy" and "torch"). The reordering ones
+    ("reordered", "compiled") work in row order `perm` (n,) (position -> node), RCM when None."""
     if matmul == "reordered":
-        return ReorderedSparse(A, dtype=dtype)
+        return ReorderedSparse(A, dtype=dtype, perm=perm)
     if matmul == "scipy":
         return PlainSparse(A, dtype=dtype)
     if matmul == "torch":
@@ -203,7 +204,7 @@ def sparse_operator(A: sp.spmatrix, matmul: str = "reordered", *, dtype=np.float
     if matmul == "compiled":
         from .compiled_spmm import CompiledSparse
 
-        return CompiledSparse(A, dtype=dtype)
+        return CompiledSparse(A, dtype=dtype, perm=perm)
     raise ValueError(f"unknown matmul {matmul!r}; expected one of {MATMULS}")
 
 

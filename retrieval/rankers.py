@@ -103,18 +103,19 @@ class AqeRanker:
 
 class DiffusionRanker:
     """Exact diffusion: block CG on (I - alpha W) x = y over the whole graph, `batch` right-hand
-    sides per sparse product. The operator (and its reordering) is built once, here.
+    sides per sparse product. The operator (and its reordering: `order` (n,) position -> node, RCM
+    when None) is built once, here.
 
     A full ranking (topk >= n, small enough to hold (nq, n) scores) orders the items the diffusion
     does not reach by plain similarity instead of arbitrarily."""
 
     def __init__(self, knn: KnnRanker, X: np.ndarray, W: sp.spmatrix, *, alpha: float = 0.99, gamma: float = 3.0, kq: int = 10,
                  rtol: float = 1e-6, maxiter: int = 100, batch: int = 128, matmul: str = "reordered", dtype=np.float64,
-                 full_limit: int = 50_000_000):
+                 order: np.ndarray | None = None, full_limit: int = 50_000_000):
         self.knn, self.X = knn, X
         self.gamma, self.kq, self.rtol, self.maxiter, self.batch, self.dtype = gamma, kq, rtol, maxiter, batch, dtype
         self.full_limit = full_limit
-        self.op = sparse_operator(diffusion_operator(W, alpha), matmul, dtype=dtype)
+        self.op = sparse_operator(diffusion_operator(W, alpha), matmul, dtype=dtype, perm=order)
         self.n = W.shape[0]
 
     def solve(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, SolveStats]:

@@ -369,3 +369,41 @@ def test_graph_stage_holds_the_rows_once(tmp_path, monkeypatch):
     assert (W != W_ref).nnz == 0 and W.nnz > 0
     with np.load(tmp_path / "g" / "knn.npz") as z:
         assert z["I"].dtype == np.int32 and int(z["rows"]) == 600
+
+
+def test_partition_row_order_is_kept_with_the_graph_and_ranks_like_rcm(imported, monkeypatch, caplog):
+    """The exact solve ranks the same in METIS-partition order as in RCM order; the partition order is
+    computed once per graph and kept beside it, a damaged or outdated one is computed again."""
+    import retrieval.partition_order as po
+    from pipelines.rankers import Rankers, row_order_cached
+
+    monkeypatch.setattr(po, "ROWS_PER_PART", 100)  # 7 parts of the 700-node test graph
+    run, X, Q = imported
+    run_graph(run, GraphConfig(k=10, index="flat"))
+    gdir = run / "graph"
+    common = dict(methods=["diffusion"], topk=50, kq=5, rtol=1e-8, maxiter=500)
+    by = {o: Rankers(X, QueryConfig(**common, order=o), graph_dir=gdir).rank("diffusion", Q, 50) for o in ("rcm", "partition")}
+    np.testing.assert_array_equal(by["partition"].ids, by["rcm"].ids)
+    W, _ = load_graph(gdir)
+    kept = gdir / "order-partition.npz"
+    assert kept.is_file()
+    perm = row_order_cached(W, gdir, "partition")
+    np.testing.assert_array_equal(perm, po.partition_order(W))
+    assert not np.array_equal(perm, po.rcm_order(W))  # really the partition, not the RCM fallback
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed")
+
+    with monkeypatch.context() as m:
+        m.setattr(po, "partition_order", fail)
+        np.testing.assert_array_equal(row_order_cached(W, gdir, "partition"), perm)  # read back, not recomputed
+    kept.write_bytes(b"damaged")
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(row_order_cached(W, gdir, "partition"), perm)
+    assert "unreadable" in caplog.text
+    man = json.loads((gdir / "manifest.json").read_text())
+    (gdir / "manifest.json").write_text(json.dumps({**man, "nnz": man["nnz"] + 1}))  # another graph: its own order
+    calls = []
+    monkeypatch.setattr(po, "partition_order", lambda A: calls.append(1) or perm)
+    row_order_cached(W, gdir, "partition")
+    assert calls == [1]

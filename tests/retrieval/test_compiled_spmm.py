@@ -50,3 +50,32 @@ def test_fused_block_cg_equals_block_cg(operator, dtype, rtol):
     np.testing.assert_array_equal(stf.iterations, st.iterations)
     assert stf.converged.all() and (Xf[:, 3] == 0).all()
     np.testing.assert_allclose(Xf, X, rtol=100 * rtol, atol=100 * rtol * np.abs(X).max())
+
+
+def test_fused_block_cg_reports_the_true_residual(operator):
+    B = np.random.default_rng(3).random((900, 5))
+    C = CompiledSparse(operator, dtype=np.float64)
+    X, st = C.cg(C.permute(B), rtol=1e-3, maxiter=1000)
+    want = np.linalg.norm(B - operator @ C.unpermute(X), axis=0) / np.linalg.norm(B, axis=0)
+    np.testing.assert_allclose(st.residuals, want, rtol=1e-6)
+    assert (st.residuals <= 1e-3 * 1.01).all()
+
+
+@pytest.mark.parametrize("order", ["rcm", "partition"])
+def test_product_and_solve_in_any_row_order(operator, order):
+    """The product and the fused solve give the same answer in node order whatever row order the
+    operator works in; a row order that is not a permutation is refused."""
+    from retrieval.partition_order import partition_order, rcm_order
+
+    perm = rcm_order(operator) if order == "rcm" else partition_order(operator, rows_per_part=100)
+    P = np.random.default_rng(4).random((900, 7))
+    C = CompiledSparse(operator, perm=perm)
+    np.testing.assert_array_equal(C.perm, perm)
+    np.testing.assert_allclose(C.unpermute(C @ C.permute(P)), operator @ P, rtol=1e-12, atol=1e-12)
+    X, _ = block_cg(operator, P, rtol=1e-10, maxiter=1000)
+    Xc, st = C.cg(C.permute(P), rtol=1e-10, maxiter=1000)
+    assert st.converged.all()
+    np.testing.assert_allclose(C.unpermute(Xc), X, rtol=1e-7, atol=1e-9)
+    for bad in (perm[:-1], np.r_[perm[:-1], perm[0]], np.r_[perm[:-1], 900]):
+        with pytest.raises(ValueError, match="not a permutation"):
+            CompiledSparse(operator, perm=bad)
