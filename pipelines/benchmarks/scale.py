@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
+
+from .spmm import spmm_bound, step_spmm
 
 log = logging.getLogger("scale")
 
@@ -116,17 +117,6 @@ def step_recall_hnsw(out: Path, ef_searches: list[int], rows: int = 1000) -> dic
     return {"sweep": res}
 
 
-def _bandwidth_gbs() -> float:
-    a = np.ones(2**27, np.float32)  # 512 MiB
-    b = np.empty_like(a)
-    best = 0.0
-    for _ in range(3):
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        best = max(best, 2 * a.nbytes / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
 def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, petsc_queries: int, spectral_rank: int,
                  truncate_m: int, methods: list[str], truncate_hops: int = 8, truncate_beam: int = 0, exact_queries: int = 0) -> dict:
     """Every method ranked through the product's rankers (`pipelines.rankers.Rankers`, built from a
@@ -198,58 +188,9 @@ def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, p
             x, _ = scipy_cg(L, query_vectors(D[q : q + 1], I[q : q + 1], n, gamma=base.gamma)[:, 0], rtol=base.rtol, maxiter=base.maxiter)
             ids.append(topk_columns(x[:, None], topk)[0][0])
         record("scipy cg loop (reference)", ids, time.perf_counter() - t0, m)
-    res["spmm"] = _spmm_bound(W, base.alpha)
+    res["spmm"] = spmm_bound(W, base.alpha)
     res["peak_rss_gib"] = _peak_rss_gib()
     return res
-
-
-def _spmm_bound(W: sp.csr_matrix, alpha: float, dtypes: tuple = (np.float64,), columns: int = 128, repeats: int = 3) -> dict:
-    """One block-CG iteration's sparse product (`columns` columns) per dtype and kernel (scipy's
-    plain product, scipy on the RCM order in threads, the compiled kernel) against two memory
-    bounds: `stream` (the matrix, the block read once and the result written once: every gathered
-    row of P from cache) and `gather` (every non-zero fetches its row of P from memory, no reuse)."""
-    from retrieval.diffusion import diffusion_operator, sparse_operator
-
-    n = W.shape[0]
-    bw = _bandwidth_gbs()
-    L = sp.csr_matrix(diffusion_operator(W, alpha))
-    out: dict = {"bandwidth_gbs": bw, "columns": columns}
-    for dt in dtypes:
-        dt = np.dtype(dt)
-        P = np.random.default_rng(0).random((n, columns)).astype(dt)
-        stream = L.nnz * (dt.itemsize + 4) + (n + 1) * 8 + 2 * P.nbytes
-        gather = L.nnz * (dt.itemsize + 4) + (n + 1) * 8 + L.nnz * columns * dt.itemsize + P.nbytes
-        row = {"stream_bytes": stream, "gather_bytes": gather, "stream_bound_seconds": stream / (bw * 1e9),
-               "gather_bound_seconds": gather / (bw * 1e9)}
-        for kind in ("scipy", "reordered", "compiled"):
-            op = sparse_operator(L, kind, dtype=dt.type)
-            Pp = op.permute(P)
-            op @ Pp
-            ts = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                op @ Pp
-                ts.append(time.perf_counter() - t0)
-            t = min(ts)
-            row[kind] = {"seconds": t, "x_stream": t / row["stream_bound_seconds"], "x_gather": t / row["gather_bound_seconds"]}
-            del op, Pp
-        out[dt.name] = row
-    # the fields the methods step reported before (float64)
-    f64 = out.get("float64")
-    if f64:
-        out.update(seconds=f64["scipy"]["seconds"], seconds_reordered=f64["reordered"]["seconds"],
-                   seconds_compiled=f64["compiled"]["seconds"], bytes=f64["stream_bytes"], bound_seconds=f64["stream_bound_seconds"],
-                   ratio_measured_to_bound=f64["scipy"]["x_stream"], ratio_reordered_to_bound=f64["reordered"]["x_stream"],
-                   ratio_compiled_to_bound=f64["compiled"]["x_stream"])
-    return out
-
-
-def step_spmm(out: Path, graph: str, repeats: int = 3) -> dict:
-    """The sparse-product measurement alone, float64 and float32, on the graph of `graph` index."""
-    from pipelines.graph import load_graph
-
-    W, _ = load_graph(out / f"graph-{graph}")
-    return _spmm_bound(W, 0.99, dtypes=(np.float64, np.float32), repeats=repeats)
 
 
 def _run_child(args: list[str]) -> dict:
@@ -309,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--index", default="flat")
+    ap.add_argument("--graph-dir", type=Path, default=None, help="spmm: a graph stage's folder (default: OUT/N/graph-INDEX)")
     ap.add_argument("--graphs", nargs="+", default=None, help="indexes to build per N (default: flat up to 1e5, hnsw above)")
     ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--nlist", type=int, default=0)
@@ -341,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.step == "recall":
             r = step_recall(out, a.nlists, a.nprobes)
         elif a.step == "spmm":
-            r = step_spmm(out, a.index)
+            r = step_spmm(a.graph_dir or out / f"graph-{a.index}")
         elif a.step == "graph":
             r = step_graph(out, a.index, a.k, a.nprobe, a.nlist, a.hnsw_m, a.ef_construction, a.ef_search)
         else:

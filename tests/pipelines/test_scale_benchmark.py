@@ -18,6 +18,12 @@ def test_scale_benchmark_small(tmp_path):
     assert m["PETSc CG 2 ranks"]["map_subset"] == pytest.approx(m["block CG float64"]["map_subset"], abs=1e-6)
     assert m["block CG float64"]["not_converged"] == 0
     assert m["spmm"]["ratio_measured_to_bound"] > 0
+    f64 = m["spmm"]["float64"]
+    for o in ("rcm", "partition"):  # the compiled product and a fused CG iteration in each row order, against their bounds
+        c = f64[f"compiled-{o}"]
+        assert c["seconds"] > 0 and c["cg_iteration_seconds"] > 0 and c["x_cut"] > 0 and c["cg_x_iteration"] > 0
+        assert f64["stream_bound_seconds"] <= c["cut_bound_seconds"] <= f64["gather_bound_seconds"]
+        assert 0 <= m["spmm"]["orders"][o]["cut_fraction"] < 1
     assert "## Graph construction" in (tmp_path / "RESULTS.md").read_text()
 
 
