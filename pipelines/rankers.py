@@ -162,9 +162,11 @@ def _diffusion(r: Rankers) -> Ranker:
 
 def _truncated(r: Rankers) -> Ranker:
     c = r.cfg
+    compiled = c.truncate_kernel == "compiled" and c.truncate_select == "mass"
+    order = {"order": row_order_cached(r.W, r.graph_dir, c.order)} if compiled else {}
     return TruncatedRanker(r.knn, r.W, kq=c.kq, m=c.truncate_m, alpha=c.alpha, gamma=c.gamma, rtol=c.rtol, maxiter=c.maxiter,
                            select=c.truncate_select, hops=c.truncate_hops, beam=c.truncate_beam or None, select_edges=c.truncate_edges,
-                           kernel=c.truncate_kernel)
+                           kernel=c.truncate_kernel, **order)
 
 
 def _spectral(r: Rankers) -> Ranker:
