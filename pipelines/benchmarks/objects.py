@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/objects-clutter"))
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--max-side", type=int, default=0, help="override [extract].max_side (feature-map resolution)")
+    ap.add_argument("--whitening-dim", type=int, default=0,
+                    help="override [extract].whitening_dim (global and regional vectors): rows named VARIANT-Dd, the CNN features reused")
     ap.add_argument("--saliency-sample", type=int, default=120, help="database views whose FS/OS box precision is measured")
     a = ap.parse_args(argv)
     from pipelines.benchmarks import ingested_run
@@ -105,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         vcfg.extract.egm_weighting = weighting
         if a.max_side:
             vcfg.extract.max_side = a.max_side
+        label, rlabel = name, REGIONAL_FROM.get(name)
+        if a.whitening_dim:  # the same run folder: only whitening, graph and queries are redone
+            vcfg.extract.whitening_dim = a.whitening_dim
+            label, rlabel = f"{name}-{a.whitening_dim}d", f"{rlabel}, {a.whitening_dim}-d"
         vcfg.query.methods = ["knn", "aqe", "diffusion"] + (["regional"] if name in REGIONAL_FROM else [])
         for sub in ("images", "queries/images"):
             if not (run / sub).exists():
@@ -117,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         qsec = {m: (s.get("seconds") or 0.0) for m, s in res["query"].items() if isinstance(s, dict)}
         extract_s = json.loads((run / "timings.json").read_text()).get("extract")
         for m in ("knn", "aqe", "diffusion"):
-            results["rows"][f"{name}/{m}"] = {**metrics[m], "bytes_per_image": 4 * man["dim"], "ms_per_query": 1e3 * qsec.get(m, 0) / nq,
+            results["rows"][f"{label}/{m}"] = {**metrics[m], "bytes_per_image": 4 * man["dim"], "ms_per_query": 1e3 * qsec.get(m, 0) / nq,
                                               "extract_s": extract_s}
         if "regional" in metrics:
             rman = json.loads((run / "regions" / "manifest.json").read_text())
-            results["regional"][REGIONAL_FROM[name]] = {**metrics["regional"], "bytes_per_image": rman["bytes_per_image"],
+            results["regional"][rlabel] = {**metrics["regional"], "bytes_per_image": rman["bytes_per_image"],
                                                         "regions_per_image": rman["regions_per_image"],
                                                         "ms_per_query": 1e3 * qsec.get("regional", 0) / nq}
         if pooling == "os_egm" and weighting == "equal" and a.saliency_sample > 0:
@@ -132,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, v in results["rows"].items():
         name, m = key.split("/")
         qe = {"knn": "none", "aqe": "alpha-QE", "diffusion": "diffusion"}[m]
-        label = name.upper().replace("_MASS", " (mass)").replace("_", ".")
+        variant, _, dim = name.partition("-")  # "rmac-128d": R-MAC at 128 dimensions
+        label = variant.upper().replace("_MASS", " (mass)").replace("_", ".") + (f", {dim[:-1]}-d" if dim else "")
         lines.append(f"| {label} | {qe} | {v['E']:.2f} | {v['M']:.2f} | {v['H']:.2f} | {v['bytes_per_image']:.0f} | "
                      f"{v['ms_per_query']:.2f} |")
     for regs, v in results["regional"].items():
