@@ -27,10 +27,38 @@ class PetscRanker:
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
         D, I = self.knn.seeds(Q, self.kq)
-        if self.launch == "ray":
-            from .petsc_ray import solve_on_ray as solve
-        else:
-            from .petsc_solver import solve_with_mpiexec as solve
-        params = {k: v for k, v in self.params.items() if not (k == "timeout" and v is None)}
-        ids, scores, st = solve(self.graph_dir, D, I, k=min(topk, self.knn.n), **params)
-        return Ranking(ids, scores, SolveStats(np.asarray(st["iterations"]), np.asarray(st["residuals"]), np.asarray(st["converged"])))
+        ids, scores, st = _solve(self.launch, self.graph_dir, D, I, min(topk, self.knn.n), self.params)
+        return Ranking(ids, scores, st)
+
+
+def _solve(launch: str, graph_dir: Path, D: np.ndarray, I: np.ndarray, k: int, params: dict) -> tuple[np.ndarray, np.ndarray, SolveStats]:
+    """The distributed CG for seeds D, I (m, kq) on the graph in graph_dir: top-k ids, scores (m, k)."""
+    if launch == "ray":
+        from .petsc_ray import solve_on_ray as solve
+    else:
+        from .petsc_solver import solve_with_mpiexec as solve
+    params = {key: v for key, v in params.items() if not (key == "timeout" and v is None)}
+    ids, scores, st = solve(graph_dir, D, I, k=k, **params)
+    return ids, scores, SolveStats(np.asarray(st["iterations"]), np.asarray(st["residuals"]), np.asarray(st["converged"]))
+
+
+class PetscScores:
+    """The PETSc solve behind the region solvers' interface (`retrieval.regional.region_solver`):
+    `solve(D, I) -> (S (n, m) float32, SolveStats)`, each query's `keep` highest scores scattered
+    into its column (zero elsewhere: every score when keep >= n). For regional diffusion on region
+    graphs in the graph stage's folder format (`regions/graph`) that outgrow one machine."""
+
+    def __init__(self, graph_dir: Path, n: int, *, reader: str, keep: int, ranks: int = 2, launch: str = "mpiexec",
+                 alpha: float = 0.99, gamma: float = 3.0, rtol: float = 1e-6, maxiter: int = 100, timeout: float | None = None):
+        if launch not in LAUNCHES:
+            raise ValueError(f"petsc: launch must be one of {LAUNCHES}, got {launch!r}")
+        self.graph_dir, self.n, self.keep, self.launch = Path(graph_dir), int(n), min(int(keep), int(n)), launch
+        self.params = dict(reader=reader, ranks=ranks, alpha=alpha, gamma=gamma, rtol=rtol, maxiter=maxiter, timeout=timeout)
+
+    def solve(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, SolveStats]:
+        ids, scores, st = _solve(self.launch, self.graph_dir, D, I, self.keep, self.params)
+        S = np.zeros((self.n, len(ids)), np.float32)
+        for q in range(len(ids)):
+            ok = ids[q] >= 0
+            S[ids[q][ok], q] = scores[q][ok]
+        return S, st

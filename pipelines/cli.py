@@ -13,7 +13,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, absolute_paths, config_to_toml, load_config
+from .config import ConfigError, RunConfig, absolute_paths, load_config
+from .config_toml import config_to_toml
 
 log = logging.getLogger("retrieval")
 STAGE_ORDER = ["ingest", "extract", "graph", "query", "evaluate"]

@@ -32,6 +32,7 @@ GRAPH_ENGINES: tuple[str, ...] = ("local", "ray")
 MATMULS: tuple[str, ...] = ("reordered", "scipy", "torch", "compiled")
 DTYPES: tuple[str, ...] = ("float64", "float32")
 ROW_ORDERS: tuple[str, ...] = ("partition", "rcm")  # retrieval.partition_order.ORDERS
+REGION_SOLVERS: tuple[str, ...] = ("auto", "exact", "truncated", "petsc")  # retrieval.regional.REGION_SOLVERS
 TRUNCATE_SELECTS: tuple[str, ...] = ("mass", "bfs")
 TRUNCATE_KERNELS: tuple[str, ...] = ("compiled", "scipy")  # retrieval.rankers.KERNELS
 SEED_SEARCHES: tuple[str, ...] = ("auto", "exact", "index")
@@ -203,6 +204,11 @@ class QueryConfig:
     # "mpiexec" (from this process) or "ray" (one rank per placement-group bundle)
     petsc_launch: str = _choice("mpiexec", PETSC_LAUNCHES)
     region_pool: str = _choice("sum", ("sum", "max"))  # "regional": an image's score from its regions' scores
+    # "regional"'s solver on the region graph: "auto" (exact block CG up to 200,000 region nodes,
+    # truncated diffusion above), "exact", "truncated" (truncate_* settings) or "petsc" (petsc_ranks
+    # MPI ranks on the stored region graph, each query's top region_keep region scores pooled)
+    region_solver: str = _choice("auto", REGION_SOLVERS)
+    region_keep: int = _min(100_000, 1)
 
 
 @dataclass
@@ -380,25 +386,3 @@ def params_hash(obj) -> str:
     if dataclasses.is_dataclass(obj):
         obj = dataclasses.asdict(obj)
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def config_to_toml(cfg: RunConfig) -> str:
-    """The configuration as TOML that `load_config` reads back to an equal RunConfig."""
-    data = config_to_dict(cfg)
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
-    return "\n".join(lines) + "\n"

@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from .config import (
-    METHODS, ConfigError, RunConfig, _choice, _min, _path, build_config, config_to_dict, config_to_toml, load_config, params_hash, read_toml,
+    METHODS, ConfigError, RunConfig, _choice, _min, _path, build_config, config_to_dict, load_config, params_hash, read_toml,
 )
+from .config_toml import config_to_toml
 from .shards import read_json, read_json_or, write_bytes, write_json
 
 log = logging.getLogger(__name__)

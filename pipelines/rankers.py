@@ -196,15 +196,22 @@ def _regional(r: Rankers) -> Ranker:
     c = r.cfg
     if r.graph_dir is None:
         raise ValueError("regional: this index has no run directory with a region index")
-    idx = load_region_index(r.graph_dir.parent)
+    idx = load_region_index(r.graph_dir.parent, graph=c.region_solver != "petsc")
     if len(idx.ids) != r.X.shape[0]:
         raise ValueError(f"the region index has regions of {len(idx.ids)} images but the database has {r.X.shape[0]}: "
                          "run the graph stage again")
     rknn = KnnRanker(idx.V)
-    if len(idx.V) > EXACT_MAX:
+    if c.region_solver == "petsc":
+        from cluster.petsc_ranker import PetscScores
+
+        solver = PetscScores(r.graph_dir.parent / "regions" / "graph", len(idx.V), reader=GRAPH_ROWS_READER, keep=c.region_keep,
+                             ranks=c.petsc_ranks, launch=c.petsc_launch, alpha=c.alpha, gamma=c.gamma, rtol=c.rtol, maxiter=c.maxiter)
+        return RegionalDiffusionRanker(rknn, solver, idx.owner, r.X.shape[0], kq=c.kq, pool=c.region_pool)
+    if c.region_solver == "auto" and len(idx.V) > EXACT_MAX:
         log.info("regional: %d region nodes: truncated diffusion on %d-node subgraphs (exact up to %d)", len(idx.V), c.truncate_m, EXACT_MAX)
     solver = region_solver(rknn, idx.V, idx.W, alpha=c.alpha, gamma=c.gamma, kq=c.kq, m=c.truncate_m, select=c.truncate_select,
-                           rtol=c.rtol, maxiter=c.maxiter, batch=c.batch, matmul=c.matmul, dtype=np.dtype(c.dtype).type)
+                           solver=c.region_solver, rtol=c.rtol, maxiter=c.maxiter, batch=c.batch, matmul=c.matmul,
+                           dtype=np.dtype(c.dtype).type)
     return RegionalDiffusionRanker(rknn, solver, idx.owner, r.X.shape[0], kq=c.kq, pool=c.region_pool)
 
 

@@ -35,12 +35,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RegionIndex:
     """V (M, d) float32 whitened regional vectors, owner (M,) int64 rows, ids (n,) int64 image id per
-    row, W (M, M) CSR region graph, manifest."""
+    row, W (M, M) CSR region graph (None when loaded without it), manifest."""
 
     V: np.ndarray
     owner: np.ndarray
     ids: np.ndarray
-    W: sp.csr_matrix
+    W: sp.csr_matrix | None
     manifest: dict
 
 
@@ -163,8 +163,9 @@ def run_region_graph(run_dir: Path, gcfg: GraphConfig, ecfg: ExtractConfig, *, f
     return manifest
 
 
-def load_region_index(run_dir: Path) -> RegionIndex:
-    """The region index in `run_dir/regions`."""
+def load_region_index(run_dir: Path, *, graph: bool = True) -> RegionIndex:
+    """The region index in `run_dir/regions`; graph=False leaves the graph on disk (W None: a PETSc
+    solve reads its rows in its MPI ranks)."""
     from .graph import load_graph
 
     rdir = run_dir / "regions"
@@ -173,9 +174,10 @@ def load_region_index(run_dir: Path) -> RegionIndex:
     V = np.load(rdir / "vectors.npy", allow_pickle=False)
     owner = np.load(rdir / "owner.npy", allow_pickle=False)
     ids = np.load(rdir / "ids.npy", allow_pickle=False)
-    W, _ = load_graph(rdir / "graph")
-    if W.shape[0] != len(V) or len(owner) != len(V) or (len(owner) and owner.max() >= len(ids)):
-        raise ValueError(f"{rdir}: vectors, owners, ids and graph disagree ({len(V)}, {len(owner)}, {len(ids)}, {W.shape[0]})")
+    W = load_graph(rdir / "graph")[0] if graph else None
+    nodes = W.shape[0] if graph else read_json(rdir / "graph" / "manifest.json")["n"]
+    if nodes != len(V) or len(owner) != len(V) or (len(owner) and owner.max() >= len(ids)):
+        raise ValueError(f"{rdir}: vectors, owners, ids and graph disagree ({len(V)}, {len(owner)}, {len(ids)}, {nodes})")
     return RegionIndex(V, owner, ids, W, read_json(rdir / "manifest.json"))
 
 

@@ -22,15 +22,18 @@ POOLS: tuple[str, ...] = ("sum", "max")
 EXACT_MAX = 200_000  # region graphs up to this many nodes are solved exactly; larger ones by truncated diffusion
 
 
-class TruncatedScores:
-    """Truncated diffusion (`retrieval.truncated.TruncatedSolver`) behind the exact solver's interface,
-    `solve(D, I) -> (S (M, m) float32, SolveStats)`: each query's subgraph scores scattered into its
-    column, zero off the subgraph. What the regional ranker and the object-saliency local search use
-    on region graphs too large to solve whole per query (cost per query independent of M)."""
+REGION_SOLVERS: tuple[str, ...] = ("auto", "exact", "truncated", "petsc")  # "petsc": cluster/petsc_ranker.PetscScores
 
-    def __init__(self, solver):
-        self.solver = solver
-        self.n = solver.W.shape[0]
+
+class TruncatedScores:
+    """Truncated diffusion (`solve(D, I) -> (ids, scores, stats)` of the compiled solver or of
+    `retrieval.truncated.TruncatedSolver`) behind the exact solver's interface, `solve(D, I) ->
+    (S (n, m) float32, SolveStats)`: each query's subgraph scores scattered into its column, zero off
+    the subgraph. What the regional ranker and the object-saliency local search use on region graphs
+    too large to solve whole per query (cost per query independent of n)."""
+
+    def __init__(self, solver, n: int):
+        self.solver, self.n = solver, int(n)
 
     def solve(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, SolveStats]:
         ids, scores, st = self.solver.solve(D, I)
@@ -41,15 +44,24 @@ class TruncatedScores:
 
 
 def region_solver(knn, V: np.ndarray, W: sp.spmatrix, *, alpha: float = 0.99, gamma: float = 3.0, kq: int = 10, m: int = 2000,
-                  select: str = "mass", exact_max: int = EXACT_MAX, **exact):
+                  select: str = "mass", exact_max: int = EXACT_MAX, solver: str = "auto", **exact):
     """The solver of a region graph: the exact block CG (`retrieval.rankers.DiffusionRanker`, `exact`
-    its options) up to `exact_max` nodes, truncated diffusion on `m`-node subgraphs above."""
+    its options) or truncated diffusion on `m`-node subgraphs (the compiled kernel for "mass"
+    selection, as the truncated ranker); `solver` "auto" picks exact up to `exact_max` nodes."""
     from .rankers import DiffusionRanker
+
+    if solver not in ("auto", "exact", "truncated"):
+        raise ValueError(f"region solver {solver!r} is not built here; known: auto, exact, truncated")
+    if solver == "exact" or (solver == "auto" and W.shape[0] <= exact_max):
+        return DiffusionRanker(knn, V, W, alpha=alpha, gamma=gamma, kq=kq, **exact)
+    cg = {key: exact[key] for key in ("rtol", "maxiter") if key in exact}
+    if select == "mass":
+        from .truncated_compiled import CompiledTruncatedSolver
+
+        return TruncatedScores(CompiledTruncatedSolver(W, m=m, alpha=alpha, gamma=gamma, **cg), W.shape[0])
     from .truncated import TruncatedSolver
 
-    if W.shape[0] <= exact_max:
-        return DiffusionRanker(knn, V, W, alpha=alpha, gamma=gamma, kq=kq, **exact)
-    return TruncatedScores(TruncatedSolver(W, m=m, alpha=alpha, gamma=gamma, select=select))
+    return TruncatedScores(TruncatedSolver(W, m=m, alpha=alpha, gamma=gamma, select=select, **cg), W.shape[0])
 
 
 def katz_centrality(W: sp.spmatrix, *, alpha: float = 0.99, rtol: float = 1e-6, maxiter: int = 200) -> tuple[np.ndarray, SolveStats]:

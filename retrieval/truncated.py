@@ -153,7 +153,7 @@ class TruncatedSolver:
             self._free_positions.put(pos)
         y = np.zeros(nodes.size)
         ok = local >= 0
-        y[local[ok]] = np.maximum(np.asarray(d, np.float64)[seeded][ok], 0.0) ** self.gamma
+        np.add.at(y, local[ok], np.maximum(np.asarray(d, np.float64)[seeded][ok], 0.0) ** self.gamma)  # a repeated seed adds up, as in query_vectors
         x, st = block_cg(diffusion_operator(Ws, self.alpha), y, rtol=self.rtol, maxiter=self.maxiter)
         order = np.argsort(-x, kind="stable")
         return nodes[order], x[order], st

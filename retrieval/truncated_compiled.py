@@ -182,7 +182,7 @@ def _solve_local(indptr, indices, data, nodes, pos, seeds, yv, alpha, rtol, maxi
     for t in range(seeds.size):
         p = pos[seeds[t]]
         if p >= 0:
-            b[p] = yv[t]
+            b[p] += yv[t]  # a repeated seed adds up, as in query_vectors
     for j in range(s):
         pos[nodes[j]] = -1
     x = np.zeros(s)

@@ -65,7 +65,7 @@ def _same_outputs(a: Path, b: Path) -> None:
 
 def _submit_cli(cfg, tmp_path, address, *extra) -> str:
     from pipelines.cli import main
-    from pipelines.config import config_to_toml
+    from pipelines.config_toml import config_to_toml
 
     path = tmp_path / f"{Path(cfg.out).name}.toml"
     path.write_text(config_to_toml(cfg))
@@ -109,7 +109,8 @@ def test_worker_node_killed_mid_extraction(cluster, embedded_run, tmp_path, tiny
     node joins (as an autoscaler would add one); the job completes with identical outputs."""
     from cluster.ray_extract import DELAY_ENV
     from cluster.ray_jobs import job_status, submit_run, wait_job
-    from pipelines.config import absolute_paths, config_to_toml
+    from pipelines.config import absolute_paths
+    from pipelines.config_toml import config_to_toml
 
     cfg = absolute_paths(_cfg(tmp_path, tiny_benchmark, "killed"), Path.cwd())
     job = submit_run(config_to_toml(cfg), out=cfg.out, address=cluster.dashboard_url, env={DELAY_ENV: "1.0"})

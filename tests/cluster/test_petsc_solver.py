@@ -40,3 +40,42 @@ def test_mpi_hosts_from_bundle_addresses():
     from cluster.petsc_ray import mpi_hosts
 
     assert mpi_hosts(["10.0.0.2", "10.0.0.3", "10.0.0.2"]) == "10.0.0.2:2,10.0.0.3:1"
+
+
+def test_regional_diffusion_solved_on_petsc_ranks_equals_the_exact_solve(tmp_path):
+    """`[query] region_solver = "petsc"`: the region graph's rows read by the MPI ranks from its folder
+    (the driver never loads it), each query's region scores pooled per image as with the exact
+    block CG; truncated diffusion over every node agrees too (a query's regions share seeds: they
+    add up in every solver), and a short `region_keep` still ranks."""
+    from pipelines.graph import write_graph
+    from pipelines.rankers import Rankers
+    from retrieval.graph import build_graph
+
+    rng = np.random.default_rng(4)
+    n_img, per = 60, 5
+    centres = rng.normal(size=(12, 12))
+    V = l2_normalize(centres[rng.integers(0, 12, n_img * per)] + 0.3 * rng.normal(size=(n_img * per, 12))).astype(np.float32)
+    owner = np.repeat(np.arange(n_img), per)
+    W, _ = build_graph(V, k=8)
+    rdir = tmp_path / "run" / "regions"
+    rdir.mkdir(parents=True)
+    for name, arr in (("vectors.npy", V), ("owner.npy", owner), ("ids.npy", np.arange(n_img))):
+        np.save(rdir / name, arr)
+    write_graph(W, rdir / "graph", block_rows=64, manifest={"n": W.shape[0], "nnz": W.nnz})
+    (rdir / "manifest.json").write_text("{}")
+    X = l2_normalize(rng.normal(size=(n_img, 12))).astype(np.float32)
+    regions = [l2_normalize(V[owner == i][:3] + 0.05 * rng.normal(size=(3, 12))).astype(np.float32) for i in range(0, n_img, 6)]
+    common = dict(methods=["regional"], kq=5, alpha=0.9, rtol=1e-10, maxiter=1000, petsc_ranks=2)
+
+    def rank(solver, **kw):
+        r = Rankers(X, QueryConfig(**common, region_solver=solver, **kw), graph_dir=tmp_path / "run" / "graph")
+        return r.rank("regional", X[: len(regions)], 20, regions=regions)
+
+    exact, petsc = rank("exact"), rank("petsc")
+    np.testing.assert_allclose(petsc.scores, exact.scores, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(petsc.ids[:, :10], exact.ids[:, :10])
+    assert petsc.stats.converged.all() and len(petsc.stats.iterations) == len(regions)
+    trunc = rank("truncated", truncate_m=len(V), truncate_select="bfs")
+    np.testing.assert_allclose(trunc.scores, exact.scores, rtol=1e-4, atol=1e-6)
+    short = rank("petsc", region_keep=20)  # 20 region scores per query: still a ranking, led by images the full one ranks high
+    assert short.ids.shape == (len(regions), 20) and all(short.ids[q, 0] in exact.ids[q, :5] for q in range(len(regions)))

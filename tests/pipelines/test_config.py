@@ -117,6 +117,7 @@ def test_choice_tuples_equal_their_registries():
     import retrieval.losses
     import retrieval.mining
     import retrieval.partition_order
+    import retrieval.regional
     import retrieval.pooling
     import retrieval.rankers
     from pipelines import config, extract, train
@@ -126,6 +127,7 @@ def test_choice_tuples_equal_their_registries():
     assert config.TRUNCATE_KERNELS == tuple(retrieval.rankers.KERNELS)
     assert config.MATMULS == tuple(retrieval.diffusion.MATMULS)
     assert config.ROW_ORDERS == tuple(retrieval.partition_order.ORDERS)
+    assert config.REGION_SOLVERS == tuple(retrieval.regional.REGION_SOLVERS)
     # os_egm is a collection-level pooling (pipelines/discover.py): not a function of one feature map
     assert config.POOLINGS == tuple(retrieval.pooling.POOLINGS) + ("os_egm",)
     assert config.BACKBONES == tuple(retrieval.backbones.BACKBONES)

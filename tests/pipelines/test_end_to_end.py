@@ -486,7 +486,7 @@ def test_retrieval_add_grows_a_run_in_place(local_run, tmp_path, capsys):
     from PIL import Image
 
     from pipelines.cli import main
-    from pipelines.config import config_to_toml
+    from pipelines.config_toml import config_to_toml
 
     cfg, _ = local_run
     run = tmp_path / "run"

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.config import ConfigError, config_to_toml
+from pipelines.config import ConfigError
+from pipelines.config_toml import config_to_toml
 from pipelines.descriptors import load_descriptors
 from pipelines.experiment import load_experiment, run_experiment
 from tests.conftest import tiny_run_config

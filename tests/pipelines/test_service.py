@@ -146,7 +146,7 @@ def test_batch_query_job_rejects_and_resumes(index, tmp_path, monkeypatch):
 
 def test_batch_query_by_database_key_and_cli(tiny_run, tmp_path, capsys):
     from pipelines.cli import main
-    from pipelines.config import config_to_toml
+    from pipelines.config_toml import config_to_toml
 
     cfg = tiny_run[0]
     idx = QueryIndex(cfg.out)

@@ -97,3 +97,16 @@ def test_approximate_seeds_rank_like_exact_ones_and_short_rankings_are_padded_ex
     approx_knn.seed_index = build_index(X[:100], IndexSpec("hnsw"))  # an index over other rows is refused
     with pytest.raises(ValueError, match="seed index has 100 rows"):
         TruncatedRanker(approx_knn, W, kq=10, m=40).rank(Q, 100)
+
+
+def test_repeated_seeds_add_up_in_both_kernels(graph):
+    """A seed listed twice weighs twice (as query_vectors sums it, and as regional diffusion's grouped
+    region seeds need): the same as one seed of weight 2 d^gamma, in the compiled kernel and the reference."""
+    _, W, D, I = graph
+    gamma = 3.0
+    D2, I2 = np.concatenate([D, D[:, :3]], axis=1), np.concatenate([I, I[:, :3]], axis=1)
+    Dw = D.astype(np.float64).copy()
+    Dw[:, :3] = (2 * np.maximum(Dw[:, :3], 0) ** gamma) ** (1 / gamma)
+    params = dict(m=300, alpha=0.95, gamma=gamma, rtol=1e-9, maxiter=500, hops=8, beam=150)
+    for solver in (TruncatedSolver(W, select="mass", threads=1, **params), CompiledTruncatedSolver(W, threads=2, **params)):
+        _assert_same(solver.solve(Dw, I), solver.solve(D2, I2), rtol=1e-6)
