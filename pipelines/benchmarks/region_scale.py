@@ -53,6 +53,44 @@ def build_index(out: Path, index: str) -> dict:
             "manifest": man}
 
 
+def query_step(out: Path, queries: int, solvers: list[str], *, petsc_ranks: int = 2, seed: int = 1) -> dict:
+    """Regional diffusion for `queries` region-set queries (an image's regions, jittered) through the
+    product's rankers, once per `[query] region_solver`: ranker build and ranking seconds, and each
+    solver's top-10 images against the first solver's (the reference)."""
+    from pipelines.config import QueryConfig
+    from pipelines.rankers import Rankers
+    from pipelines.regions import load_region_index
+
+    idx = load_region_index(out, graph=False)
+    starts = np.searchsorted(idx.owner, np.arange(len(idx.ids) + 1))
+    G = np.add.reduceat(idx.V, starts[:-1], axis=0)  # the images' own vectors: the rankers need some (n, d) database
+    X = (G / np.linalg.norm(G, axis=1, keepdims=True)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    regions = []
+    for i in rng.choice(len(idx.ids), queries, replace=False):
+        R = idx.V[starts[i] : starts[i + 1]] + 0.02 * rng.normal(size=(starts[i + 1] - starts[i], idx.V.shape[1]))
+        regions.append((R / np.linalg.norm(R, axis=1, keepdims=True)).astype(np.float32))
+    res: dict = {"queries": queries, "region_nodes": int(len(idx.V)), "solvers": {}}
+    ref = None
+    for solver in solvers:
+        cfg = QueryConfig(methods=["regional"], kq=10, region_solver=solver, petsc_ranks=petsc_ranks, truncate_m=2000, rtol=1e-6)
+        rk = Rankers(X, cfg, graph_dir=out / "graph")
+        t0 = time.perf_counter()
+        rk.get("regional")
+        t1 = time.perf_counter()
+        r = rk.rank("regional", X[:queries], 100, regions=regions)
+        t2 = time.perf_counter()
+        top = r.ids[:, :10]
+        ref = top if ref is None else ref
+        res["solvers"][solver] = {"build_s": t1 - t0, "rank_s": t2 - t1, "ms_per_query": 1e3 * (t2 - t1) / queries,
+                                  "top10_agreement": float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, ref)])),
+                                  "iterations_mean": float(np.mean(r.stats.iterations)), "converged": int(r.stats.converged.sum())}
+        log.info("regional, %s: build %.1f s, %.1f ms/query, top-10 agreement with %s %.3f", solver, t1 - t0,
+                 res["solvers"][solver]["ms_per_query"], solvers[0], res["solvers"][solver]["top10_agreement"])
+        del rk
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=100_000)
@@ -61,11 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", default="auto", choices=["auto", "flat", "hnsw", "ivf"])
     ap.add_argument("--shard-images", type=int, default=10_000)
     ap.add_argument("--out", type=Path, default=Path("runs/region-scale"))
+    ap.add_argument("--queries", type=int, default=0, help="then rank this many region-set queries with each --solvers")
+    ap.add_argument("--solvers", nargs="+", default=["exact", "truncated", "petsc"], help="[query] region_solver values, the first the reference")
+    ap.add_argument("--query-only", action="store_true", help="rank on the region index already in OUT")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     if a.child:
         print(json.dumps(build_index(a.out, a.index)))
+        return 0
+    if a.query_only:
+        res = query_step(a.out, a.queries, a.solvers)
+        (a.out / "query-results.json").write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2))
         return 0
     if not (a.out / "features").is_dir():
         t0 = time.perf_counter()
@@ -88,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
              f"{r['nnz']:,} | {r['isolated']:,} |\n")
     (a.out / "RESULTS.md").write_text(table)
     print(table)
+    if a.queries:
+        res = query_step(a.out, a.queries, a.solvers)
+        (a.out / "query-results.json").write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2))
     return 0
 
 

@@ -55,3 +55,15 @@ def test_growth_benchmark_updates_and_compares_with_a_full_build(tmp_path):
     assert r["update"]["nnz"] == r["full_grown"]["nnz"] and "updated_from_rows" not in r["full_grown"]
     assert all(r[s]["wall_s"] > 0 and r[s]["peak_gib"] > 0 for s in ("full_n", "update", "full_grown"))
     assert "update / full build (flat)" in markdown(r) and (tmp_path / "growth-1500-flat.json").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_region_scale_builds_the_region_index_and_ranks_with_each_solver(tmp_path):
+    from pipelines.benchmarks.region_scale import main as region_scale
+
+    assert region_scale(["--images", "300", "--regions", "4", "--shard-images", "100", "--out", str(tmp_path), "--index", "flat",
+                         "--queries", "5", "--solvers", "exact", "truncated"]) == 0
+    r = json.loads((tmp_path / "query-results.json").read_text())
+    assert r["region_nodes"] == 1200 and set(r["solvers"]) == {"exact", "truncated"}
+    # truncated on 2,000-node subgraphs of a 1,200-node graph: the whole graph, the exact answer
+    assert r["solvers"]["truncated"]["top10_agreement"] == 1.0 and r["solvers"]["exact"]["converged"] == 5
