@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from retrieval.graph import graph_from_knn
+from retrieval.ids import ids_dtype
 from retrieval.knn import (
     IndexSpec, build_index, knn_search, read_index, recall_at_k, search_self, set_search_effort, shard_bounds, stored_vectors, write_index,
 )
@@ -150,7 +151,7 @@ def _search_self(index, X: np.ndarray, spec: IndexSpec, cfg: GraphConfig, *, kee
 
             D, I = search_shards_ray(index, X, bounds, k, progress=bar.update)
         else:
-            D, I = search_self(index, X, k, bounds, progress=bar.update, ids=np.int32 if n < 2**31 else np.int64)
+            D, I = search_self(index, X, k, bounds, progress=bar.update, ids=ids_dtype(n))
     info = {"index": spec.kind, "nlist": spec.nlist if spec.kind == "ivf" else None,
             "nprobe": spec.nprobe if spec.kind == "ivf" else None,
             "hnsw": {"M": spec.hnsw_m, "efConstruction": spec.ef_construction, "efSearch": spec.ef_search} if spec.kind == "hnsw" else None,

@@ -52,6 +52,27 @@ def _spmm_rows_dot(indptr, indices, data, P, out, r0, r1, pq):
             pq[c] += P[i, c] * acc[c]
 
 
+@njit(cache=True, nogil=True, fastmath=True)
+def _spmm_cols(indptr, indices, data, P, out, r0, r1, pq):
+    """_spmm_rows / _spmm_rows_dot (pq None: no dot) one column at a time with a scalar accumulator:
+    for fewer than SMALL_B columns (one query's solve) 3.4x faster than the row kernel at b = 1, whose
+    per-non-zero loop over b columns costs the same from 1 to 8 columns."""
+    for c in range(P.shape[1]):
+        s = 0.0
+        for i in range(r0, r1):
+            acc = 0.0
+            for e in range(indptr[i], indptr[i + 1]):
+                acc += data[e] * P[indices[e], c]
+            out[i, c] = acc
+            if pq is not None:
+                s += P[i, c] * acc
+        if pq is not None:
+            pq[c] = s
+
+
+SMALL_B = 4  # below this many columns the product runs column by column (BENCHMARKS.md)
+
+
 class CompiledSparse(RcmOrder):
     """`A @ P` in a locality order (reverse Cuthill-McKee unless `perm` is given; `permute`
     right-hand sides, `unpermute` solutions), rows split into a block of equal non-zeros per
@@ -69,13 +90,17 @@ class CompiledSparse(RcmOrder):
         vec = P.ndim == 1
         P = np.ascontiguousarray(P[:, None] if vec else P)
         out = np.empty((self.shape[0], P.shape[1]), dtype=self.dtype)
-        self.run_blocks(lambda k, blk: _spmm_rows(self.indptr, self.indices, self.data, P, out, blk[0], blk[1]))
+        if P.shape[1] < SMALL_B:
+            self.run_blocks(lambda k, blk: _spmm_cols(self.indptr, self.indices, self.data, P, out, blk[0], blk[1], None))
+        else:
+            self.run_blocks(lambda k, blk: _spmm_rows(self.indptr, self.indices, self.data, P, out, blk[0], blk[1]))
         return out[:, 0] if vec else out
 
     def matmul_dots(self, P: np.ndarray, part: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out = A @ P for contiguous P, out (n, b) of this dtype, with part[k] (b,) float64 = the
         k-th row block's column sums of P * out (block CG's p.q, summed by the caller), in one pass."""
-        self.run_blocks(lambda k, blk: _spmm_rows_dot(self.indptr, self.indices, self.data, P, out, blk[0], blk[1], part[k]))
+        kernel = _spmm_cols if P.shape[1] < SMALL_B else _spmm_rows_dot
+        self.run_blocks(lambda k, blk: kernel(self.indptr, self.indices, self.data, P, out, blk[0], blk[1], part[k]))
         return out
 
     def cg(self, B: np.ndarray, *, rtol: float = 1e-6, maxiter: int = 100):

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from .ids import ids_dtype
+
 
 @dataclass(frozen=True)
 class GraphStats:
@@ -39,7 +41,7 @@ def affinity_from_knn(
     k = D.shape[1]
     # 32-bit indices while they fit, and every temporary dropped as soon as it is used: at 10^5 x 51
     # this step was the graph stage's peak (+435 MB), now about half of that
-    it = np.int32 if n < 2**31 else np.int64
+    it = ids_dtype(n)
     rows = np.repeat(np.arange(D.shape[0], dtype=it), k)
     cols = I.reshape(-1).astype(it)
     vals = np.maximum(D.reshape(-1).astype(np.float32, copy=False), 0.0) ** np.float32(gamma)

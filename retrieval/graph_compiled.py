@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
+from .ids import ids_dtype
 from .threads import in_ranges
 
 _OWN = -1  # the entry's value comes from its own list (i < j)
@@ -158,8 +159,7 @@ def reciprocal_graph(D: np.ndarray, I: np.ndarray, *, gamma: float = 3.0, thread
     nz = deg > 0
     inv[nz] = 1.0 / np.sqrt(deg[nz])
     in_ranges(lambda a, b: _normalise(indptr, indices, data, inv, a, b), n, threads)
-    if nnz < 2**31:
-        indptr = indptr.astype(np.int32)
+    indptr = indptr.astype(ids_dtype(nnz), copy=False)
     W = sp.csr_matrix((data, indices, indptr), shape=(n, n))
     W.has_sorted_indices = True
     return W, deg

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 from numba import njit
 
+from .ids import ids_dtype
 from .threads import blas_threads, in_ranges
 
 ROWS = 512  # new rows per block: their running lists stay in cache
@@ -172,16 +173,12 @@ def _merge(D, I, starts, cj, cs, r0, r1):
                 b += 1
 
 
-def _ids_dtype(n: int) -> type:
-    return np.int32 if n < 2**31 else np.int64
-
-
 def grown_lists(D_old: np.ndarray, I_old: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray]:
     """(D, I): (N, kk) float32 / int32 (int64 past 2^31 rows) lists with the old rows' lists
     (n_old, kk) in their first rows, the rest to be filled by `extend_knn` or
     `extend_knn_searched` (which work in place: the lists of a grown collection are held once)."""
     D = np.empty((N, D_old.shape[1]), np.float32)
-    I = np.empty((N, D_old.shape[1]), _ids_dtype(N))
+    I = np.empty((N, D_old.shape[1]), ids_dtype(N))
     D[: len(D_old)], I[: len(I_old)] = D_old, I_old
     return D, I
 

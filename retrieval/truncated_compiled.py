@@ -20,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
+from .ids import ids_dtype
 from .rcm import RcmOrder
 from .solve_stats import SolveStats
 
@@ -311,7 +312,7 @@ class CompiledTruncatedSolver:
             return self._scratch.get_nowait()
         except queue.Empty:
             n = self.n
-            si = np.empty((5, n), np.int32 if n < 2**31 else np.int64)  # node ids and positions: half the cache footprint
+            si = np.empty((5, n), ids_dtype(n))  # node ids and positions: half the cache footprint
             si[3:] = -1
             sf = np.empty((5, n))
             sf[1:3] = 0.0

@@ -18,8 +18,9 @@ def operator():
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_compiled_product_equals_scipy(operator, dtype, rtol, threads):
-    P = np.random.default_rng(0).random((900, 13)).astype(dtype)
+@pytest.mark.parametrize("b", [13, 3])  # the row kernel, and the column-by-column one under SMALL_B columns
+def test_compiled_product_equals_scipy(operator, dtype, rtol, threads, b):
+    P = np.random.default_rng(0).random((900, b)).astype(dtype)
     C = CompiledSparse(operator, dtype=dtype, threads=threads)
     want = sp.csr_matrix(operator, dtype=dtype) @ P
     np.testing.assert_allclose(C.unpermute(C @ C.permute(P)), want, rtol=rtol, atol=rtol * np.abs(want).max())
@@ -38,17 +39,19 @@ def test_block_cg_through_compiled_product(operator):
 
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-9), (np.float32, 1e-4)])
-def test_fused_block_cg_equals_block_cg(operator, dtype, rtol):
-    """Same iterates as the numpy recurrences: equal iteration counts, solutions to the tolerance;
-    a zero right-hand side stays zero and converged."""
-    B = np.random.default_rng(2).random((900, 6))
-    B[:, 3] = 0.0
+@pytest.mark.parametrize("m", [6, 2])
+def test_fused_block_cg_equals_block_cg(operator, dtype, rtol, m):
+    """Same iterates as the numpy recurrences (with the row kernel and, under SMALL_B columns, the
+    column one): equal iteration counts, solutions to the tolerance; a zero right-hand side stays
+    zero and converged."""
+    B = np.random.default_rng(2).random((900, m))
+    B[:, m // 2] = 0.0
     C = CompiledSparse(operator, dtype=dtype, threads=3)
     Bp = C.permute(B)
     X, st = block_cg(C, Bp, rtol=rtol, maxiter=1000, dtype=dtype)
     Xf, stf = C.cg(Bp, rtol=rtol, maxiter=1000)
     np.testing.assert_array_equal(stf.iterations, st.iterations)
-    assert stf.converged.all() and (Xf[:, 3] == 0).all()
+    assert stf.converged.all() and (Xf[:, m // 2] == 0).all()
     np.testing.assert_allclose(Xf, X, rtol=100 * rtol, atol=100 * rtol * np.abs(X).max())
 
 
