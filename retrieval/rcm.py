@@ -3,11 +3,10 @@ row blocks for threads: the base of the reordered block-product operators
 (`retrieval.diffusion.ReorderedSparse`, `retrieval.compiled_spmm.CompiledSparse`)."""
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import scipy.sparse as sp
+
+from .threads import Workers
 
 
 def rcm_order(A: sp.spmatrix) -> np.ndarray:
@@ -36,12 +35,12 @@ class RcmOrder:
                 raise ValueError(f"the row order is not a permutation of the graph's {A.shape[0]} nodes")
         self.Ap = A[self.perm][:, self.perm].tocsr()
         self.Ap.sort_indices()
-        self.threads = max(1, threads or os.cpu_count() or 1)
+        self.workers = Workers(threads)
+        self.threads = self.workers.threads
         n = A.shape[0]
         cuts = np.searchsorted(self.Ap.indptr, np.linspace(0, self.Ap.nnz, self.threads + 1)).clip(0, n)
         cuts[0], cuts[-1] = 0, n
         self.blocks = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-        self._pool = ThreadPoolExecutor(len(self.blocks)) if len(self.blocks) > 1 else None
 
     def permute(self, Y: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(Y[self.perm])
@@ -53,8 +52,4 @@ class RcmOrder:
 
     def run_blocks(self, fn) -> None:
         """fn(k, (start, stop)) for the k-th row block, every block, in the threads."""
-        if self._pool is None:
-            for k, blk in enumerate(self.blocks):
-                fn(k, blk)
-        else:
-            list(self._pool.map(fn, range(len(self.blocks)), self.blocks))
+        self.workers.map(fn, range(len(self.blocks)), self.blocks)

@@ -1,5 +1,6 @@
-"""Row ranges run in a thread each: how the compiled (numba, GIL released) passes over kNN
-lists use the cores without a second threading layer."""
+"""Threads for the compiled (numba, GIL released) passes: row ranges in a thread each for one-off
+passes over kNN lists (`in_ranges`), and a kept pool (`Workers`) for per-call work too short to
+start threads for (a product of block CG, a chunk of queries): one threading layer, no other."""
 from __future__ import annotations
 
 import os
@@ -18,6 +19,22 @@ def in_ranges(fn: Callable[[int, int], None], n: int, threads: int | None = None
         return
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda t: fn(cuts[t], cuts[t + 1]), range(threads)))
+
+
+class Workers:
+    """`threads` threads kept for the life of their owner (default: one per core); `map(fn, *its)`
+    runs fn over the items concurrently and returns the results in order (inline when one thread or
+    one item: no hand-off for a single query)."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = max(1, threads or os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def map(self, fn: Callable, *iterables) -> list:
+        items = list(zip(*iterables))
+        if self._pool is None or len(items) <= 1:
+            return [fn(*args) for args in items]
+        return list(self._pool.map(lambda args: fn(*args), items))
 
 
 def blas_threads(limit: int):

@@ -7,14 +7,13 @@ nodes that the first hops of the diffusion series reach with the most mass (`mas
 """
 from __future__ import annotations
 
-import os
 import queue
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sp
 
 from .diffusion import SolveStats, block_cg, diffusion_operator, query_vectors_sparse
+from .threads import Workers
 
 SELECTIONS = ("mass", "bfs")
 
@@ -128,8 +127,7 @@ class TruncatedSolver:
         self.Wsel = strongest_edges(self.W, select_edges) if select_edges > 0 else self.W
         self.m, self.alpha, self.gamma, self.rtol, self.maxiter = min(m, self.W.shape[0]), alpha, gamma, rtol, maxiter
         self.select, self.hops, self.beam = select, hops, beam
-        self.threads = max(1, threads or os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self.workers = Workers(threads)
         self._free_positions: queue.SimpleQueue = queue.SimpleQueue()
 
     def neighbourhoods(self, D: np.ndarray, I: np.ndarray) -> list[np.ndarray]:
@@ -176,10 +174,7 @@ class TruncatedSolver:
 
         # chunks of queries in threads: the sparse kernels release the GIL for part of their work
         bounds = [(a, min(a + 128, nq)) for a in range(0, nq, 128)]
-        if self._pool is None or len(bounds) <= 1:
-            done = [chunk(bd) for bd in bounds]
-        else:
-            done = list(self._pool.map(chunk, bounds))
+        done = self.workers.map(chunk, bounds)
         flat = [r for part in done for r in part]
         stats = SolveStats(np.array([r[2].iterations[0] for r in flat], np.int64).reshape(nq),
                            np.array([r[2].residuals[0] for r in flat], np.float64).reshape(nq),

@@ -12,9 +12,7 @@ numba is the one version-sensitive dependency; it is imported here only.
 """
 from __future__ import annotations
 
-import os
 import queue
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,6 +21,7 @@ from numba import njit
 from .ids import ids_dtype
 from .rcm import RcmOrder
 from .solve_stats import SolveStats
+from .threads import Workers
 
 
 _SUB = 8  # linear sub-buckets per power of two: the leading 3 bits of the mantissa
@@ -302,8 +301,7 @@ class CompiledTruncatedSolver:
         # edges of the heaviest m + 64 rows: room for any subgraph's edges (more seeds than 64 allocate)
         deg = np.diff(self.graph[0])
         self.edge_room = int(np.sort(deg)[-min(self.n, self.m + 64):].sum()) if self.n else 0
-        self.threads, self.chunk = max(1, threads or os.cpu_count() or 1), chunk
-        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self.workers, self.chunk = Workers(threads), chunk
         self._scratch: queue.SimpleQueue = queue.SimpleQueue()
         self.solve_chunk(np.zeros((1, 1)), np.full((1, 1), -1, np.int64))  # loads the compiled code now, not on a first query
 
@@ -349,7 +347,7 @@ class CompiledTruncatedSolver:
         nq = I.shape[0]
         bounds = [(a, min(a + self.chunk, nq)) for a in range(0, nq, self.chunk)]
         run = lambda b: self.solve_chunk(D[b[0] : b[1]], I[b[0] : b[1]])  # noqa: E731
-        parts = list(self._pool.map(run, bounds)) if self._pool is not None and len(bounds) > 1 else [run(b) for b in bounds]
+        parts = self.workers.map(run, bounds)
         ids = [p[0][j, : p[2][j]] for p in parts for j in range(p[0].shape[0])]
         sc = [p[1][j, : p[2][j]] for p in parts for j in range(p[0].shape[0])]
         st = SolveStats(*(np.concatenate([getattr(p[3], f) for p in parts]) if parts else np.zeros(0)
