@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import ClusterError
+
 log = logging.getLogger(__name__)
 
 
@@ -101,6 +103,19 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
+SETUP_HINT = "install Open MPI, PETSc and petsc4py with `deploy/setup.sh --petsc`"
+
+
+def _failure(code: int, stderr: str) -> str:
+    """One line on why the MPI ranks failed: a missing petsc4py/mpi4py named with the fix, else the
+    last line the ranks printed."""
+    for module in ("petsc4py", "mpi4py"):
+        if f"No module named '{module}'" in stderr:
+            return f"PETSc solve: {module} is not installed: {SETUP_HINT}"
+    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "no output")
+    return f"PETSc solve failed (exit {code}): {last[-300:]}"
+
+
 def solve_with_mpiexec(
     graph_dir: Path,
     D: np.ndarray,
@@ -138,9 +153,12 @@ def solve_with_mpiexec(
         env = dict(os.environ, OMP_NUM_THREADS="1")
         root = Path(__file__).resolve().parents[1]
         env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
+        except FileNotFoundError:
+            raise ClusterError(f"PETSc solve: mpiexec not found: {SETUP_HINT}") from None
         if proc.returncode != 0:
-            raise RuntimeError(f"PETSc solve failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+            raise ClusterError(_failure(proc.returncode, proc.stderr))
         Ds, Is = [], []
         for p in sorted((tmp / "out").glob("rank-*.npz")):
             with np.load(p, allow_pickle=False) as z:
