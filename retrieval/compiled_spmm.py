@@ -18,9 +18,15 @@ from .solve_stats import SolveStats
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _spmm_rows(indptr, indices, data, P, out, r0, r1):
+def _spmm_rows(indptr, indices, data, P, out, r0, r1, pq):
+    """out[r0:r1] = (A @ P)[r0:r1], each output row accumulated in registers/L1 while each non-zero's
+    row of P is added; and (pq not None) pq[c] = sum over the rows of P[i, c] * out[i, c] (block
+    CG's p.q) in the same pass, while row i of P and of the output are at hand."""
     b = P.shape[1]
     acc = np.empty(b, out.dtype)
+    if pq is not None:
+        for c in range(b):
+            pq[c] = 0.0
     for i in range(r0, r1):
         acc[:] = 0
         for e in range(indptr[i], indptr[i + 1]):
@@ -30,31 +36,14 @@ def _spmm_rows(indptr, indices, data, P, out, r0, r1):
                 acc[c] += w * P[j, c]
         for c in range(b):
             out[i, c] = acc[c]
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _spmm_rows_dot(indptr, indices, data, P, out, r0, r1, pq):
-    """_spmm_rows, and pq[c] = sum over rows r0:r1 of P[i, c] * out[i, c] (block CG's p.q) in the
-    same pass, while row i of P and of the output are in registers/L1."""
-    b = P.shape[1]
-    acc = np.empty(b, out.dtype)
-    for c in range(b):
-        pq[c] = 0.0
-    for i in range(r0, r1):
-        acc[:] = 0
-        for e in range(indptr[i], indptr[i + 1]):
-            j = indices[e]
-            w = data[e]
+        if pq is not None:
             for c in range(b):
-                acc[c] += w * P[j, c]
-        for c in range(b):
-            out[i, c] = acc[c]
-            pq[c] += P[i, c] * acc[c]
+                pq[c] += P[i, c] * acc[c]
 
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _spmm_cols(indptr, indices, data, P, out, r0, r1, pq):
-    """_spmm_rows / _spmm_rows_dot (pq None: no dot) one column at a time with a scalar accumulator:
+    """_spmm_rows one column at a time with a scalar accumulator:
     for fewer than SMALL_B columns (one query's solve) 3.4x faster than the row kernel at b = 1, whose
     per-non-zero loop over b columns costs the same from 1 to 8 columns."""
     for c in range(P.shape[1]):
@@ -93,13 +82,13 @@ class CompiledSparse(RcmOrder):
         if P.shape[1] < SMALL_B:
             self.run_blocks(lambda k, blk: _spmm_cols(self.indptr, self.indices, self.data, P, out, blk[0], blk[1], None))
         else:
-            self.run_blocks(lambda k, blk: _spmm_rows(self.indptr, self.indices, self.data, P, out, blk[0], blk[1]))
+            self.run_blocks(lambda k, blk: _spmm_rows(self.indptr, self.indices, self.data, P, out, blk[0], blk[1], None))
         return out[:, 0] if vec else out
 
     def matmul_dots(self, P: np.ndarray, part: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out = A @ P for contiguous P, out (n, b) of this dtype, with part[k] (b,) float64 = the
         k-th row block's column sums of P * out (block CG's p.q, summed by the caller), in one pass."""
-        kernel = _spmm_cols if P.shape[1] < SMALL_B else _spmm_rows_dot
+        kernel = _spmm_cols if P.shape[1] < SMALL_B else _spmm_rows
         self.run_blocks(lambda k, blk: kernel(self.indptr, self.indices, self.data, P, out, blk[0], blk[1], part[k]))
         return out
 
