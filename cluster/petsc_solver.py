@@ -49,6 +49,7 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("--rtol", type=float, default=1e-6)
     ap.add_argument("--maxiter", type=int, default=100)
     ap.add_argument("--topk", type=int, default=100)
+    ap.add_argument("--katz", action="store_true", help="solve L g = 1 (Katz centrality) instead; each rank saves its rows of g")
     args = ap.parse_args(argv)
 
     import petsc4py
@@ -67,10 +68,13 @@ def _main(argv: list[str]) -> int:
     L = PETSc.Mat().createAIJ(size=((nloc, n), (nloc, n)), csr=(Lloc.indptr.astype(PETSc.IntType), Lloc.indices.astype(PETSc.IntType), Lloc.data), comm=comm)
     L.assemble()
 
-    with np.load(args.rhs, allow_pickle=False) as z:
-        D, I = z["D"], z["I"]
-    nq = I.shape[0]
-    Y = query_vectors_sparse(D, I, n, gamma=args.gamma)[r0:r1].tocsc()  # this rank's rows of every y
+    if args.katz:
+        nq, Y = 1, None
+    else:
+        with np.load(args.rhs, allow_pickle=False) as z:
+            D, I = z["D"], z["I"]
+        nq = I.shape[0]
+        Y = query_vectors_sparse(D, I, n, gamma=args.gamma)[r0:r1].tocsc()  # this rank's rows of every y
     ksp = PETSc.KSP().create(comm)
     ksp.setOperators(L)
     ksp.setType("cg")
@@ -84,7 +88,7 @@ def _main(argv: list[str]) -> int:
     iters, res, conv = np.zeros(nq, np.int64), np.zeros(nq), np.zeros(nq, bool)
     r = b.duplicate()
     for q in range(nq):
-        b.setArray(Y[:, q].toarray().ravel())
+        b.setArray(np.ones(nloc) if args.katz else Y[:, q].toarray().ravel())
         x.set(0.0)
         ksp.solve(b, x)
         L.mult(x, r)
@@ -93,11 +97,14 @@ def _main(argv: list[str]) -> int:
         iters[q] = ksp.getIterationNumber()
         res[q] = r.norm() / bnorm if bnorm > 0 else 0.0
         conv[q] = ksp.getConvergedReason() > 0
-        if k:
+        if k and not args.katz:
             ids, sc = topk_columns(x.getArray()[:, None], k)
             top_ids[q], top_sc[q] = ids[0] + r0, sc[0]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out_dir / f"rank-{rank:04d}.npz", ids=top_ids, scores=top_sc, r0=r0, r1=r1)
+    if args.katz:
+        np.savez(args.out_dir / f"rank-{rank:04d}.npz", g=x.getArray().copy(), r0=r0, r1=r1)
+    else:
+        np.savez(args.out_dir / f"rank-{rank:04d}.npz", ids=top_ids, scores=top_sc, r0=r0, r1=r1)
     if rank == 0:
         np.savez(args.out_dir / "stats.npz", iterations=iters, residuals=res, converged=conv, ranks=size)
     return 0
@@ -114,6 +121,26 @@ def _failure(code: int, stderr: str) -> str:
             return f"PETSc solve: {module} is not installed: {SETUP_HINT}"
     last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "no output")
     return f"PETSc solve failed (exit {code}): {last[-300:]}"
+
+
+def _run_ranks(graph_dir: Path, tmp: Path, extra: list[str], *, reader: str, ranks: int, alpha: float, rtol: float, maxiter: int,
+               timeout: float | None, hosts: str | None) -> dict:
+    """mpiexec `ranks` processes of this module on the graph in graph_dir, results under tmp/out;
+    returns the CG stats rank 0 wrote. A failure is a one-line ClusterError."""
+    cmd = ["mpiexec", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks)] + (["--host", hosts] if hosts else []) + [
+           sys.executable, "-m", "cluster.petsc_solver", str(graph_dir), str(tmp / "rhs.npz"), str(tmp / "out"), f"--reader={reader}",
+           f"--alpha={alpha}", f"--rtol={rtol}", f"--maxiter={maxiter}", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
+    except FileNotFoundError:
+        raise ClusterError(f"PETSc solve: mpiexec not found: {SETUP_HINT}") from None
+    if proc.returncode != 0:
+        raise ClusterError(_failure(proc.returncode, proc.stderr))
+    with np.load(tmp / "out" / "stats.npz", allow_pickle=False) as z:
+        return {name: z[name] for name in ("iterations", "residuals", "converged")}
 
 
 def solve_with_mpiexec(
@@ -146,29 +173,33 @@ def solve_with_mpiexec(
     with tempfile.TemporaryDirectory(prefix="petsc-solve-", dir=work_dir) as tmp:
         tmp = Path(tmp)
         np.savez(tmp / "rhs.npz", D=D.astype(np.float64), I=I.astype(np.int64))
-        cmd = ["mpiexec", "--allow-run-as-root", "--oversubscribe", "-n", str(ranks)] + (["--host", hosts] if hosts else []) + [
-               sys.executable, "-m", "cluster.petsc_solver",
-               str(graph_dir), str(tmp / "rhs.npz"), str(tmp / "out"), f"--reader={reader}", f"--alpha={alpha}", f"--gamma={gamma}", f"--rtol={rtol}",
-               f"--maxiter={maxiter}", f"--topk={k}"]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        root = Path(__file__).resolve().parents[1]
-        env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
-        except FileNotFoundError:
-            raise ClusterError(f"PETSc solve: mpiexec not found: {SETUP_HINT}") from None
-        if proc.returncode != 0:
-            raise ClusterError(_failure(proc.returncode, proc.stderr))
+        stats = _run_ranks(graph_dir, tmp, [f"--gamma={gamma}", f"--topk={k}"], reader=reader, ranks=ranks, alpha=alpha, rtol=rtol,
+                           maxiter=maxiter, timeout=timeout, hosts=hosts)
         Ds, Is = [], []
         for p in sorted((tmp / "out").glob("rank-*.npz")):
             with np.load(p, allow_pickle=False) as z:
                 if z["ids"].shape[1]:
                     Is.append(z["ids"])
                     Ds.append(z["scores"])
-        with np.load(tmp / "out" / "stats.npz", allow_pickle=False) as z:
-            stats = {name: z[name] for name in ("iterations", "residuals", "converged")}
     Dm, Im = merge_topk(Ds, Is, k)
     return Im, Dm, stats
+
+
+def katz_with_mpiexec(graph_dir: Path, *, reader: str, ranks: int, alpha: float = 0.99, rtol: float = 1e-6, maxiter: int = 200,
+                      timeout: float | None = None, hosts: str | None = None, work_dir: Path | None = None) -> tuple[np.ndarray, dict]:
+    """Katz centrality g (n,) float64 of the graph in graph_dir, (I - alpha W) g = 1 solved by CG on
+    `ranks` MPI processes (each reads and solves its rows), and the CG stats (one right-hand side)."""
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="petsc-katz-", dir=work_dir) as tmp:
+        tmp = Path(tmp)
+        stats = _run_ranks(graph_dir, tmp, ["--katz"], reader=reader, ranks=ranks, alpha=alpha, rtol=rtol, maxiter=maxiter,
+                           timeout=timeout, hosts=hosts)
+        parts = []
+        for p in sorted((tmp / "out").glob("rank-*.npz")):
+            with np.load(p, allow_pickle=False) as z:
+                parts.append((int(z["r0"]), z["g"]))
+    return np.concatenate([g for _, g in sorted(parts, key=lambda t: t[0])]), stats
 
 
 if __name__ == "__main__":

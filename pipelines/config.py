@@ -130,6 +130,10 @@ class ExtractConfig:
     # fs_egm / os_egm: "equal" sums the EGM regions' vectors (as R-MAC), "mass" weights each by its
     # component's share of the saliency (BENCHMARKS.md, "Object discovery": why it matters in clutter)
     egm_weighting: str = _choice("equal", ("equal", "mass"))
+    # os_egm: the region graph's solves (Katz centrality, each image's local search): "auto" (block CG,
+    # truncated diffusion past 200,000 region nodes) or "petsc" (os_petsc_ranks MPI ranks on the stored graph)
+    os_solver: str = _choice("auto", ("auto", "petsc"))
+    os_petsc_ranks: int = _min(2, 1)
     # which regions: "rmac" (the R-MAC grid) or "fs_egm" (EGM regions of the FS saliency map)
     region_kind: str = _choice("rmac", ("rmac", "fs_egm"))
     region_whitening: bool = False  # R-MAC from regional vectors PCA-whitened before summing (needs regions = true)

@@ -32,6 +32,7 @@ from retrieval.saliency import fs_map, os_map
 
 from .config import ExtractConfig, GraphConfig, params_hash
 from .extractor import DescriptorExtractor, to_input
+from .rankers import GRAPH_ROWS_READER
 from .regions import load_region_index, load_region_whitening, run_region_graph
 from .shards import read_json, write_bytes
 
@@ -47,8 +48,9 @@ def first_pass(cfg: ExtractConfig) -> ExtractConfig:
     return dataclasses.replace(cfg, pooling="fs_egm", regions=True, region_kind="fs_egm", region_whitening=False)
 
 
-def centrality(run_dir: Path) -> np.ndarray:
-    """Katz centrality of the region graph's nodes, solved once per region index and kept."""
+def centrality(run_dir: Path, cfg: ExtractConfig) -> np.ndarray:
+    """Katz centrality of the region graph's nodes, solved once per region index and kept: block CG
+    in this process, or (`os_solver = "petsc"`) on MPI ranks that read the graph's row blocks."""
     rdir = run_dir / "regions"
     params = read_json(rdir / "manifest.json").get("params")
     path = rdir / "centrality.npz"
@@ -56,9 +58,16 @@ def centrality(run_dir: Path) -> np.ndarray:
         with np.load(path, allow_pickle=False) as z:
             if str(z["params"]) == str(params):
                 return z["g"]
-    g, st = katz_centrality(load_region_index(run_dir).W, alpha=OS_ALPHA)
-    if not st.converged.all():
-        log.warning("discover: region centrality did not converge (residual %.2e)", float(st.residuals.max()))
+    if cfg.os_solver == "petsc":
+        from cluster.petsc_solver import katz_with_mpiexec
+
+        g, stats = katz_with_mpiexec(rdir / "graph", reader=GRAPH_ROWS_READER, ranks=cfg.os_petsc_ranks, alpha=OS_ALPHA)
+        converged, residual = bool(stats["converged"].all()), float(stats["residuals"].max())
+    else:
+        g, st = katz_centrality(load_region_index(run_dir).W, alpha=OS_ALPHA)
+        converged, residual = bool(st.converged.all()), float(st.residuals.max())
+    if not converged:
+        log.warning("discover: region centrality did not converge (residual %.2e)", residual)
     import io
 
     buf = io.BytesIO()
@@ -79,12 +88,18 @@ class ObjectSaliencyExtractor:
         self.base = DescriptorExtractor(first_pass(dataclasses.replace(cfg, scales=[1.0])))
         self.cfg, self.own = cfg, own
         run_dir = Path(run_dir)
-        idx = load_region_index(run_dir)
+        petsc = cfg.os_solver == "petsc"
+        idx = load_region_index(run_dir, graph=not petsc)
         self.owner, self.ids = idx.owner, idx.ids  # region -> row, row -> database image id
         self.rknn = KnnRanker(idx.V)
-        # exact local search on region graphs up to retrieval.regional.EXACT_MAX nodes, truncated above
-        self.solver = region_solver(self.rknn, idx.V, idx.W, alpha=OS_ALPHA, kq=OS_KQ)
-        self.g = centrality(run_dir)
+        if petsc:  # every region's score of the local search, from ranks that read the stored graph
+            from cluster.petsc_ranker import PetscScores
+
+            self.solver = PetscScores(run_dir / "regions" / "graph", len(idx.V), reader=GRAPH_ROWS_READER, keep=len(idx.V),
+                                      ranks=cfg.os_petsc_ranks, alpha=OS_ALPHA)
+        else:  # exact local search on region graphs up to retrieval.regional.EXACT_MAX nodes, truncated above
+            self.solver = region_solver(self.rknn, idx.V, idx.W, alpha=OS_ALPHA, kq=OS_KQ)
+        self.g = centrality(run_dir, cfg)
         self.white = load_region_whitening(run_dir)
         starts = np.searchsorted(self.owner, np.arange(len(self.ids) + 1))
         self.rows_of = {int(i): np.arange(starts[r], starts[r + 1]) for r, i in enumerate(self.ids)}
@@ -149,7 +164,7 @@ def os_pass(run_dir: Path, out_dir: Path, cfg: ExtractConfig, gcfg: GraphConfig,
     own = out_dir.resolve() == run_dir.resolve()
     if own:
         run_region_graph(run_dir, gcfg, first_pass(cfg), features=features)
-        centrality(run_dir)
+        centrality(run_dir, cfg)
     rparams = read_json(run_dir / "regions" / "manifest.json").get("params")
     make = functools.partial(ObjectSaliencyExtractor, cfg, str(run_dir), own=own)
     return make, params_hash({"regions": rparams, "own": own, "k": OS_NEIGHBOURS, "kq": OS_KQ})

@@ -79,3 +79,20 @@ def test_regional_diffusion_solved_on_petsc_ranks_equals_the_exact_solve(tmp_pat
     np.testing.assert_allclose(trunc.scores, exact.scores, rtol=1e-4, atol=1e-6)
     short = rank("petsc", region_keep=20)  # 20 region scores per query: still a ranking, led by images the full one ranks high
     assert short.ids.shape == (len(regions), 20) and all(short.ids[q, 0] in exact.ids[q, :5] for q in range(len(regions)))
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_katz_centrality_on_petsc_ranks_equals_block_cg(tmp_path, ranks):
+    from cluster.petsc_solver import katz_with_mpiexec
+    from pipelines.graph import write_graph
+    from pipelines.rankers import GRAPH_ROWS_READER
+    from retrieval.graph import build_graph
+    from retrieval.regional import katz_centrality
+
+    X = l2_normalize(np.random.default_rng(6).normal(size=(500, 10)))
+    W, _ = build_graph(X, k=8)
+    write_graph(W, tmp_path / "g", block_rows=128, manifest={"n": W.shape[0], "nnz": W.nnz})
+    want, _ = katz_centrality(W, alpha=0.95, rtol=1e-10, maxiter=2000)
+    g, st = katz_with_mpiexec(tmp_path / "g", reader=GRAPH_ROWS_READER, ranks=ranks, alpha=0.95, rtol=1e-10, maxiter=2000)
+    assert g.shape == (500,) and st["converged"].all()
+    np.testing.assert_allclose(g, want, rtol=1e-7)

@@ -102,3 +102,26 @@ def test_regional_vectors_round_trip_through_a_shard_column_wise(tmp_path, rng):
     got_ids, got = load_regions(tmp_path, np.array([9, 4]))
     np.testing.assert_array_equal(got[0], regs[3])
     np.testing.assert_array_equal(got[1], regs[0])
+
+
+@pytest.mark.mpi
+def test_os_solves_on_petsc_ranks_equal_the_in_process_ones(os_run, tmp_path):
+    """`[extract].os_solver = "petsc"`: Katz centrality and the local search of the OS maps solved on
+    MPI ranks that read the stored region graph, equal to the in-process block CG."""
+    from pipelines.discover import ObjectSaliencyExtractor, centrality
+
+    cfg, _ = os_run
+    out = Path(cfg.out)
+    run = tmp_path / "run"
+    shutil.copytree(out / "regions", run / "regions")
+    (run / "regions" / "centrality.npz").unlink()  # solved again, on the ranks
+    petsc = dataclasses.replace(cfg.extract, os_solver="petsc")
+    g = centrality(run, petsc)
+    np.testing.assert_allclose(g, np.load(out / "regions" / "centrality.npz")["g"], rtol=1e-4)
+    local, ranks = ObjectSaliencyExtractor(cfg.extract, run, own=True), ObjectSaliencyExtractor(petsc, run, own=True)
+    assert type(ranks.solver).__name__ == "PetscScores"
+    D, I = local.rknn.search(np.load(run / "regions" / "vectors.npy")[:4], 5)  # four regions' own neighbourhoods as seeds
+    S_local, _ = local.solver.solve(D, I)
+    S_ranks, st = ranks.solver.solve(D, I)
+    assert st.converged.all()
+    np.testing.assert_allclose(S_ranks, S_local, rtol=1e-4, atol=1e-6 * np.abs(S_local).max())
