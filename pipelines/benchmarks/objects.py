@@ -28,6 +28,21 @@ DEFAULT_VARIANTS = ["mac", "rmac", "fs_egm", "os_egm"]
 REGIONAL_FROM = {"rmac": "R-MAC regions", "fs_egm": "EGM regions (FS map)"}  # variants whose run also ranks by regional diffusion
 
 
+def _peak_terms(ex, fmap, f: np.ndarray, own: np.ndarray, pos: int, landmark_of_row: np.ndarray, landmark: str) -> tuple:
+    """At map position `pos` of an image (its own region rows `own`, local-search scores f (M,)): the
+    OS formula's neighbours N_p and what they bring: (share of N_p from images of the same landmark,
+    mean centrality g, mean local-search score f, the sum over N_p of sim * f * g)."""
+    from pipelines.discover import OS_NEIGHBOURS
+
+    h, w = fmap.shape[-2:]
+    u = fmap[0, :, pos // w, pos % w].detach().cpu().numpy().astype(np.float32)
+    D, I = ex._search((u / max(np.linalg.norm(u), 1e-6))[None], OS_NEIGHBOURS + len(own))
+    keep = [j for j in range(I.shape[1]) if I[0, j] >= 0 and I[0, j] not in set(own.tolist())][:OS_NEIGHBOURS]
+    d, i = D[0, keep], I[0, keep]
+    return (float(np.mean(landmark_of_row[ex.owner[i]] == landmark)), float(ex.g[i].mean()), float(f[i].mean()),
+            float((np.maximum(d, 0) * f[i] * ex.g[i]).sum()))
+
+
 def saliency_precision(run: Path, cfg, gnd: dict, *, sample: int, seed: int = 0) -> dict:
     """Mean share of FS and OS saliency inside the landmark's true box over `sample` database views,
     all and split by the object's coverage of the frame (below / above 10%)."""
@@ -47,7 +62,14 @@ def saliency_precision(run: Path, cfg, gnd: dict, *, sample: int, seed: int = 0)
     rng = np.random.default_rng(seed)
     rows = [rows[i] for i in sorted(rng.choice(len(rows), min(sample, len(rows)), replace=False))]
     ex = ObjectSaliencyExtractor(cfg.extract, run, own=True)
-    out: dict[str, list] = {k: [] for k in ("fs", "os", "coverage", "fs_peak", "os_peak", "regions", "union", "covered")}
+    out: dict[str, list] = {k: [] for k in ("fs", "os", "coverage", "fs_peak", "os_peak", "regions", "union", "covered", "terms")}
+    # why the OS peak leaves the object: the landmark of every region's image (distractors: "")
+    key_of: dict = {}
+    for p in sorted((run / "images").glob("part-*.parquet")):
+        t = pq.read_table(p, columns=["id", "key"]).to_pydict()
+        key_of.update(zip(t["id"], t["key"]))
+    lm = dict(zip(gnd["imlist"], gnd.get("db_landmarks") or [""] * len(gnd["imlist"])))
+    landmark_of_row = np.array([lm.get(key_of.get(int(i)), "") or "" for i in ex.ids], dtype=object)
     for r in rows:
         px, _ = prepare(r["image"], None, cfg.extract)
         (fmap, F, S), = ex.saliency([px], [r["id"]])
@@ -68,6 +90,12 @@ def saliency_precision(run: Path, cfg, gnd: dict, *, sample: int, seed: int = 0)
         out["regions"].append(len(regs))  # FS.EGM regions: how many, how much of the image, how much of the object
         out["union"].append(union.mean())
         out["covered"].append((union * inside).sum() / max(inside.sum(), 1))
+        own = ex.rows_of[int(r["id"])]
+        f = ex.solver.solve(np.ones((1, len(own)), np.float32), own[None].astype(np.int64))[0][:, 0]
+        on_best = int(np.argmax(np.where(inside.ravel() > 0, S.ravel(), -1.0)))  # the OS map's best cell on the object
+        pk, Fn = int(np.argmax(S)), F.ravel() / max(F.max(), 1e-12)
+        out["terms"].append([*_peak_terms(ex, fmap, f, own, pk, landmark_of_row, lm.get(r["key"], "")), Fn[pk],
+                             *_peak_terms(ex, fmap, f, own, on_best, landmark_of_row, lm.get(r["key"], "")), Fn[on_best]])
     fs, os_, cov = (np.array(out[k]) for k in ("fs", "os", "coverage"))
     res = {"images": len(rows), "fs": float(fs.mean()), "os": float(os_.mean()), "os_better": float((os_ > fs).mean()),
            "map_cells": [int(h), int(w)], "fs_peak_on_object": float(np.mean(out["fs_peak"])), "os_peak_on_object": float(np.mean(out["os_peak"])),
@@ -76,6 +104,13 @@ def saliency_precision(run: Path, cfg, gnd: dict, *, sample: int, seed: int = 0)
     for name, sel in (("small", cov < 0.1), ("large", cov >= 0.1)):
         if sel.any():
             res[name] = {"images": int(sel.sum()), "fs": float(fs[sel].mean()), "os": float(os_[sel].mean())}
+    # at the OS peak and at the OS map's best cell on the object, for views whose peak is off / on it
+    T, off = np.array(out["terms"]), np.array(out["os_peak"]) == 0
+    names = ("same_landmark", "g", "f", "sum", "fs")
+    res["peak_terms"] = {grp: {"views": int(sel.sum()), "peak": dict(zip(names, T[sel, :5].mean(axis=0).tolist())),
+                               "best_on_object": dict(zip(names, T[sel, 5:].mean(axis=0).tolist()))}
+                         for grp, sel in (("peak_off_object", off), ("peak_on_object", ~off)) if sel.any()}
+    res["g_median"] = float(np.median(ex.g))
     return res
 
 
