@@ -13,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
-from .rcm import RcmOrder
+from .row_order import RowOrder
 from .solve_stats import SolveStats
 
 
@@ -62,7 +62,7 @@ def _spmm_cols(indptr, indices, data, P, out, r0, r1, pq):
 SMALL_B = 4  # below this many columns the product runs column by column (BENCHMARKS.md)
 
 
-class CompiledSparse(RcmOrder):
+class CompiledSparse(RowOrder):
     """`A @ P` in a locality order (reverse Cuthill-McKee unless `perm` is given; `permute`
     right-hand sides, `unpermute` solutions), rows split into a block of equal non-zeros per
     thread, each a compiled loop. A (n, n) sparse; P (n, b) or (n,) of `dtype` (float64 or float32)."""

@@ -13,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from .rcm import RcmOrder
+from .row_order import RowOrder
 from .solve_stats import SolveStats
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class TorchSparse:
         return (self._t @ torch.from_numpy(P)).numpy()
 
 
-class ReorderedSparse(RcmOrder):
+class ReorderedSparse(RowOrder):
     """`A @ P` on a bandwidth-reducing reordering of A, row blocks multiplied in parallel threads.
 
     Reverse Cuthill-McKee puts graph neighbours next to each other, so the rows of P a product

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .rcm import rcm_order
+from .row_order import rcm_order
 
 ROWS_PER_PART = 1024  # measured at 10^6 (BENCHMARKS.md): parts of ~10^3 rows beat 10^2-10^4
 

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from numba import njit
 
 from .ids import ids_dtype
-from .rcm import RcmOrder
+from .row_order import RowOrder
 from .solve_stats import SolveStats
 from .threads import Workers
 
@@ -285,7 +285,7 @@ class CompiledTruncatedSolver:
         # pages (ids are mapped into this order and back)
         self.perm = self.inv = None
         if reorder:
-            rows = RcmOrder(W, dtype=np.float32, threads=1, perm=order)
+            rows = RowOrder(W, dtype=np.float32, threads=1, perm=order)
             self.perm, W = rows.perm, rows.Ap
             self.inv = np.empty_like(self.perm)
             self.inv[self.perm] = np.arange(self.n)

@@ -16,7 +16,7 @@ def rcm_order(A: sp.spmatrix) -> np.ndarray:
     return reverse_cuthill_mckee(sp.csr_matrix(A), symmetric_mode=True).astype(np.int64)
 
 
-class RcmOrder:
+class RowOrder:
     """A (CSR, `dtype`) in a locality order `perm` (position -> node; reverse Cuthill-McKee unless
     given, e.g. `retrieval.partition_order.partition_order`) as `self.Ap` (sorted indices), with
     `blocks`: (start, stop) row ranges of about equal non-zeros, one per thread. Works in the
