@@ -2,10 +2,12 @@
 
 One loop per row block, run in a thread per core (the kernel releases the GIL): for each row, each
 non-zero's row of P (b contiguous values) is scaled and added into the output row, which stays in
-registers/L1 while the row is summed; numba vectorises the loop over the b columns. The graph is in
-reverse Cuthill-McKee order (the rows a block gathers are near each other, so they are reused from
-cache) with 32-bit column ids. `retrieval.diffusion.ReorderedSparse` (scipy's kernel on the same
-reordering) is the reference it is tested against.
+registers/L1 while the row is summed; numba vectorises the loop over the b columns (under SMALL_B
+columns, one column at a time with a scalar accumulator). The graph is in a locality order (METIS
+parts or reverse Cuthill-McKee, `retrieval.partition_order`: the rows a block gathers are near each
+other, so they are reused from cache) with 32-bit column ids. `retrieval.diffusion.ReorderedSparse`
+(scipy's kernel on the same reordering) is the reference it is tested against. Block CG's vector
+updates run as compiled passes over the same row blocks (`block_cg_fused`).
 """
 from __future__ import annotations
 
@@ -79,10 +81,8 @@ class CompiledSparse(RowOrder):
         vec = P.ndim == 1
         P = np.ascontiguousarray(P[:, None] if vec else P)
         out = np.empty((self.shape[0], P.shape[1]), dtype=self.dtype)
-        if P.shape[1] < SMALL_B:
-            self.run_blocks(lambda k, blk: _spmm_cols(self.indptr, self.indices, self.data, P, out, blk[0], blk[1], None))
-        else:
-            self.run_blocks(lambda k, blk: _spmm_rows(self.indptr, self.indices, self.data, P, out, blk[0], blk[1], None))
+        kernel = _spmm_cols if P.shape[1] < SMALL_B else _spmm_rows
+        self.run_blocks(lambda k, blk: kernel(self.indptr, self.indices, self.data, P, out, blk[0], blk[1], None))
         return out[:, 0] if vec else out
 
     def matmul_dots(self, P: np.ndarray, part: np.ndarray, out: np.ndarray) -> np.ndarray:
