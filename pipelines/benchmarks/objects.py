@@ -37,7 +37,8 @@ def _peak_terms(ex, fmap, f: np.ndarray, own: np.ndarray, pos: int, landmark_of_
     h, w = fmap.shape[-2:]
     u = fmap[0, :, pos // w, pos % w].detach().cpu().numpy().astype(np.float32)
     D, I = ex._search((u / max(np.linalg.norm(u), 1e-6))[None], OS_NEIGHBOURS + len(own))
-    keep = [j for j in range(I.shape[1]) if I[0, j] >= 0 and I[0, j] not in set(own.tolist())][:OS_NEIGHBOURS]
+    mine = set(own.tolist())
+    keep = [j for j in range(I.shape[1]) if I[0, j] >= 0 and I[0, j] not in mine][:OS_NEIGHBOURS]
     d, i = D[0, keep], I[0, keep]
     return (float(np.mean(landmark_of_row[ex.owner[i]] == landmark)), float(ex.g[i].mean()), float(f[i].mean()),
             float((np.maximum(d, 0) * f[i] * ex.g[i]).sum()))
