@@ -266,7 +266,7 @@ def _chunk(indptr, indices, data, sindptr, sindices, sdata, seed_ids, seed_w, m,
 
 class CompiledTruncatedSolver:
     """Mass-selected truncated diffusion over one graph, built once: W (float32 values, 32-bit
-    column ids) in a locality order (RCM unless given), the selection's graph, a thread pool and per-thread
+    column ids) in reverse Cuthill-McKee order, the selection's graph, a thread pool and per-thread
     scratch reused from call to call (so one query costs the rows it visits, never n).
     `solve(D, I)` has `retrieval.truncated.TruncatedSolver.solve`'s contract (select = "mass").
 
@@ -276,16 +276,15 @@ class CompiledTruncatedSolver:
 
     def __init__(self, W: sp.spmatrix, *, m: int = 1000, alpha: float = 0.99, gamma: float = 3.0, rtol: float = 1e-6,
                  maxiter: int = 100, hops: int = 8, beam: int | None = None, select_edges: int = 0, reorder: bool = True,
-                 order: np.ndarray | None = None, threads: int | None = None, chunk: int = 32):
+                 threads: int | None = None, chunk: int = 32):
         W = sp.csr_matrix(W, dtype=np.float32)
         W.sum_duplicates()
         self.n = W.shape[0]
-        # a locality order (`order` (n,) position -> node, reverse Cuthill-McKee when None) puts a
-        # manifold's nodes next to each other, so the rows a query visits share cache lines and
-        # pages (ids are mapped into this order and back)
+        # reverse Cuthill-McKee puts a manifold's nodes next to each other, so the rows a query
+        # visits share cache lines (ids are mapped into this order and back)
         self.perm = self.inv = None
         if reorder:
-            rows = RowOrder(W, dtype=np.float32, threads=1, perm=order)
+            rows = RowOrder(W, dtype=np.float32, threads=1)
             self.perm, W = rows.perm, rows.Ap
             self.inv = np.empty_like(self.perm)
             self.inv[self.perm] = np.arange(self.n)

@@ -53,12 +53,9 @@ VARIANTS: dict[str, dict] = {
          "seed_search": "index"},
     "truncated, compiled, HNSW seeds, 10 strongest edges (m 2000, 16 hops, beam 1000)":
         {"methods": ["truncated"], **TRUNC, "truncate_hops": 16, "truncate_edges": 10, "seed_search": "index"},
-    # the rows in RCM order instead of the default METIS-partition order
+    # the exact solve's rows in RCM order instead of the default METIS-partition order
     "exact block CG float32, compiled product, RCM order": {"methods": ["diffusion"], "dtype": "float32", "rtol": 1e-5,
                                                             "matmul": "compiled", "seed_search": "exact", "order": "rcm"},
-    "truncated, compiled, HNSW seeds (m 1500, 10 hops, beam 800, rtol 1e-4), RCM order":
-        {"methods": ["truncated"], **TRUNC, "truncate_m": 1500, "truncate_hops": 10, "truncate_beam": 800, "rtol": 1e-4,
-         "seed_search": "index", "order": "rcm"},
 }
 
 
