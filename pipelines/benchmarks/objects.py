@@ -95,8 +95,8 @@ def saliency_precision(run: Path, cfg, gnd: dict, *, sample: int, seed: int = 0)
         f = ex.solver.solve(np.ones((1, len(own)), np.float32), own[None].astype(np.int64))[0][:, 0]
         on_best = int(np.argmax(np.where(inside.ravel() > 0, S.ravel(), -1.0)))  # the OS map's best cell on the object
         pk, Fn = int(np.argmax(S)), F.ravel() / max(F.max(), 1e-12)
-        out["terms"].append([*_peak_terms(ex, fmap, f, own, pk, landmark_of_row, lm.get(r["key"], "")), Fn[pk],
-                             *_peak_terms(ex, fmap, f, own, on_best, landmark_of_row, lm.get(r["key"], "")), Fn[on_best]])
+        terms = [(*_peak_terms(ex, fmap, f, own, cell, landmark_of_row, lm.get(r["key"], "")), Fn[cell]) for cell in (pk, on_best)]
+        out["terms"].append([*terms[0], *terms[1]])
     fs, os_, cov = (np.array(out[k]) for k in ("fs", "os", "coverage"))
     res = {"images": len(rows), "fs": float(fs.mean()), "os": float(os_.mean()), "os_better": float((os_ > fs).mean()),
            "map_cells": [int(h), int(w)], "fs_peak_on_object": float(np.mean(out["fs_peak"])), "os_peak_on_object": float(np.mean(out["os_peak"])),
