@@ -2,8 +2,10 @@
 
 One loop per row block, run in a thread per core (the kernel releases the GIL): for each row, each
 non-zero's row of P (b contiguous values) is scaled and added into the output row, which stays in
-registers/L1 while the row is summed; numba vectorises the loop over the b columns (under SMALL_B
-columns, one column at a time with a scalar accumulator). The graph is in a locality order (METIS
+registers/L1 while the row is summed; numba vectorises the loop over the b columns. Narrow blocks
+(one query's solve, or the few concurrent queries a service batches) have kernels of their own with
+scalar accumulators: one column (`_spmm_cols`), 2 to NARROW_B columns (`_spmm_narrow`, the matrix read
+once for all of them). The graph is in a locality order (METIS
 parts or reverse Cuthill-McKee, `retrieval.partition_order`: the rows a block gathers are near each
 other, so they are reused from cache) with 32-bit column ids. `retrieval.diffusion.ReorderedSparse`
 (scipy's kernel on the same reordering) is the reference it is tested against. Block CG's vector
@@ -45,23 +47,69 @@ def _spmm_rows(indptr, indices, data, P, out, r0, r1, pq):
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _spmm_cols(indptr, indices, data, P, out, r0, r1, pq):
-    """_spmm_rows one column at a time with a scalar accumulator:
-    for fewer than SMALL_B columns (one query's solve) 3.4x faster than the row kernel at b = 1, whose
-    per-non-zero loop over b columns costs the same from 1 to 8 columns."""
-    for c in range(P.shape[1]):
-        s = 0.0
-        for i in range(r0, r1):
-            acc = 0.0
+    """_spmm_rows for one column (one query's solve) with a scalar accumulator: 3.4x faster than the
+    row kernel, whose per-non-zero loop over b columns costs the same from 1 to 8 columns."""
+    s = 0.0
+    for i in range(r0, r1):
+        acc = 0.0
+        for e in range(indptr[i], indptr[i + 1]):
+            acc += data[e] * P[indices[e], 0]
+        out[i, 0] = acc
+        s += P[i, 0] * acc
+    if pq is not None:
+        pq[0] = s
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _spmm_narrow(indptr, indices, data, P, out, r0, r1, pq):
+    """_spmm_rows for 2 to 4 columns, one scalar accumulator per column: the matrix is read once
+    for all of them, and each non-zero's values of P share a cache line (2-4 columns cost 1.1-1.4x
+    one column, against 2-4x column by column and 2.2-2.5x in the row kernel, BENCHMARKS.md)."""
+    b = P.shape[1]
+    s0 = s1 = s2 = s3 = 0.0
+    for i in range(r0, r1):
+        a0 = a1 = a2 = a3 = 0.0
+        if b == 2:
             for e in range(indptr[i], indptr[i + 1]):
-                acc += data[e] * P[indices[e], c]
-            out[i, c] = acc
-            if pq is not None:
-                s += P[i, c] * acc
-        if pq is not None:
-            pq[c] = s
+                j, w = indices[e], data[e]
+                a0 += w * P[j, 0]
+                a1 += w * P[j, 1]
+        elif b == 3:
+            for e in range(indptr[i], indptr[i + 1]):
+                j, w = indices[e], data[e]
+                a0 += w * P[j, 0]
+                a1 += w * P[j, 1]
+                a2 += w * P[j, 2]
+        else:
+            for e in range(indptr[i], indptr[i + 1]):
+                j, w = indices[e], data[e]
+                a0 += w * P[j, 0]
+                a1 += w * P[j, 1]
+                a2 += w * P[j, 2]
+                a3 += w * P[j, 3]
+        out[i, 0], out[i, 1] = a0, a1
+        s0 += P[i, 0] * a0
+        s1 += P[i, 1] * a1
+        if b > 2:
+            out[i, 2] = a2
+            s2 += P[i, 2] * a2
+        if b > 3:
+            out[i, 3] = a3
+            s3 += P[i, 3] * a3
+    if pq is not None:
+        pq[0], pq[1] = s0, s1
+        if b > 2:
+            pq[2] = s2
+        if b > 3:
+            pq[3] = s3
 
 
-SMALL_B = 4  # below this many columns the product runs column by column (BENCHMARKS.md)
+NARROW_B = 4  # up to this many columns the product has a kernel of its own (BENCHMARKS.md)
+
+
+def _kernel(b: int):
+    """The product's kernel for a block of b columns."""
+    return _spmm_cols if b == 1 else _spmm_narrow if b <= NARROW_B else _spmm_rows
 
 
 class CompiledSparse(RowOrder):
@@ -81,14 +129,14 @@ class CompiledSparse(RowOrder):
         vec = P.ndim == 1
         P = np.ascontiguousarray(P[:, None] if vec else P)
         out = np.empty((self.shape[0], P.shape[1]), dtype=self.dtype)
-        kernel = _spmm_cols if P.shape[1] < SMALL_B else _spmm_rows
+        kernel = _kernel(P.shape[1])
         self.run_blocks(lambda k, blk: kernel(self.indptr, self.indices, self.data, P, out, blk[0], blk[1], None))
         return out[:, 0] if vec else out
 
     def matmul_dots(self, P: np.ndarray, part: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out = A @ P for contiguous P, out (n, b) of this dtype, with part[k] (b,) float64 = the
         k-th row block's column sums of P * out (block CG's p.q, summed by the caller), in one pass."""
-        kernel = _spmm_cols if P.shape[1] < SMALL_B else _spmm_rows
+        kernel = _kernel(P.shape[1])
         self.run_blocks(lambda k, blk: kernel(self.indptr, self.indices, self.data, P, out, blk[0], blk[1], part[k]))
         return out
 
