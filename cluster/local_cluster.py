@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cluster.ray_runtime import ensure_auth_token, loopback_node_env
+from cluster.ray_runtime import ensure_auth_token, loopback_node_env, serve_node_env
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.token = ensure_auth_token()
         # loopback mode for every process of the cluster and for drivers run in this environment
-        self.env = dict(os.environ, **loopback_node_env(), RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        self.env = dict(os.environ, **loopback_node_env(), **serve_node_env(), RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: list[subprocess.Popen] = []

@@ -28,6 +28,22 @@ def loopback_node_env() -> dict[str, str]:
     return {_LOOPBACK_NODE_ENV: "0"}
 
 
+# Ray Serve's direct ingress (read from the environment when Serve's controller and replicas start):
+# the ingress replica also answers HTTP itself on a port of its own, bound to the service's host, so a
+# request skips the proxy's hop (half the latency of a one-query request here, BENCHMARKS.md); the
+# proxy keeps answering on the service's port. On unless the environment sets it to "0". A stopping
+# replica then stays open 30 s by default for an external load balancer to deregister it; the nodes
+# this project starts have none in front (clients call the replica's address), so 1 s, still
+# waiting for the requests in flight.
+_SERVE_NODE_DEFAULTS = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def serve_node_env() -> dict[str, str]:
+    """Environment for a Ray node this project starts (embedded Ray, `cluster.local_cluster`): Serve's
+    direct ingress on, a short drain; each overridable from the caller's environment."""
+    return {k: os.environ.get(k, v) for k, v in _SERVE_NODE_DEFAULTS.items()}
+
+
 def loopback_node() -> None:
     """Make the Ray node this process starts, and every process it spawns, listen on loopback only."""
     os.environ.update(loopback_node_env())
@@ -117,6 +133,7 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> None:
         if "RAY_AUTH_MODE" not in os.environ:  # Ray's default for a new local cluster, said explicitly (no warning)
             _token_auth_on()
         loopback_node()
+        os.environ.update(serve_node_env())
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 

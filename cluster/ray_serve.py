@@ -13,9 +13,15 @@ HTTP API (JSON only; request data is never unpickled):
 deployment only holds the index and batches the ranking.
 
 Concurrent requests are batched by `serve.batch` and ranked together (one solve per method and
-top-k); by default a batch does not wait for more requests (`batch_wait_timeout_s` 0): it holds
-what queued while the previous solve ran, so a lone request pays no wait (5 ms less per request at
-low load, BENCHMARKS.md). The HTTP proxy binds to 127.0.0.1 unless another host is asked for.
+top-k). A batch waits for more requests `batch_wait_timeout_s` (0 by default) plus a fraction
+(`batch_wait_fraction`, 2%) of what recent batches took to rank (`BatchWait`): after a truncated
+query (a few ms) a batch waits a few hundredths of a millisecond, after an exact solve (a quarter of
+a second at 10^5) about 5 ms, so that concurrent clients' next requests share one solve (two queries
+in one block cost 1.2x one) instead of queueing behind each other's (BENCHMARKS.md). The HTTP proxy binds to 127.0.0.1 unless another host is asked for.
+
+With Serve's direct ingress (on in the Ray this project starts, `cluster.ray_runtime.serve_node_env`)
+each replica also answers the same API on a port of its own, on the same host: `replica_urls` lists
+them. A request sent there skips the proxy's hop (p50 of a one-query request about half, BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -188,30 +195,56 @@ def _replica_grpc_on_loopback() -> None:
     replica.add_port_to_grpc_server = bind_loopback
 
 
+class BatchWait:
+    """serve.batch's wait for more requests, adapted to the ranking's cost: `fixed_s` plus `fraction`
+    of the recent batches' ranking time (an exponential average, weight `smoothing` for the newest),
+    at most `max_s`. `after(seconds)` records a batch's ranking time and returns the next wait."""
+
+    def __init__(self, fixed_s: float = 0.0, fraction: float = 0.02, *, max_s: float = 0.05, smoothing: float = 0.3):
+        if fixed_s < 0 or fraction < 0 or max_s < 0 or not 0 < smoothing <= 1:
+            raise ValueError(f"BatchWait: waits and the fraction must be >= 0, smoothing in (0, 1]; got {fixed_s}, {fraction}, {max_s}, {smoothing}")
+        self.fixed_s, self.fraction, self.max_s, self.smoothing = fixed_s, fraction, max_s, smoothing
+        self.recent_s: float | None = None
+
+    def after(self, seconds: float) -> float:
+        self.recent_s = seconds if self.recent_s is None else self.smoothing * seconds + (1 - self.smoothing) * self.recent_s
+        return self.wait_s
+
+    @property
+    def wait_s(self) -> float:
+        return min(self.max_s, self.fixed_s + self.fraction * (self.recent_s or 0.0))
+
+
 # Slow uploads hold a slot while their body trickles in, but at most `max_slow_uploads` (32) of
 # them for at most `body_timeout_s`: the other slots stay free for queries and health checks.
 @serve.deployment(name="QueryService", max_ongoing_requests=128, health_check_period_s=5)
 class QueryService:
     """Serve replica: loads the index once; batches concurrent requests into shared solves."""
 
-    def __init__(self, run_dir: str, limits: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.0):
+    def __init__(self, run_dir: str, limits: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.0,
+                 batch_wait_fraction: float = 0.02):
         _replica_grpc_on_loopback()
         self.index = QueryIndex(run_dir, limits=ServiceLimits(**limits))
         self.limits = self.index.limits
         self.uploads = UploadGuard(self.limits)
+        self.batch_wait = BatchWait(batch_wait_timeout_s, batch_wait_fraction)
         self._rank_batch.set_max_batch_size(max_batch_size)
-        self._rank_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._rank_batch.set_batch_wait_timeout_s(self.batch_wait.wait_s)
 
     async def __call__(self, request: Request) -> JSONResponse:
         return await handle_request(request, self.index, self._rank_batch, self.uploads)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _rank_batch(self, parsed: list) -> list[dict]:
-        return await asyncio.to_thread(self.index.rank_many, parsed)
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(self.index.rank_many, parsed)
+        self._rank_batch.set_batch_wait_timeout_s(self.batch_wait.after(time.perf_counter() - t0))
+        return out
 
 
 def start_service(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: float = 1.0,
-                  limits: ServiceLimits | None = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.0) -> str:
+                  limits: ServiceLimits | None = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.0,
+                  batch_wait_fraction: float = 0.02) -> str:
     """Deploy the service on the connected Ray cluster; returns its base URL.
 
     The proxy binds to `host` (loopback by default); `replicas` replicas of `num_cpus` CPUs each.
@@ -219,13 +252,34 @@ def start_service(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "descriptors").is_dir():
         raise FileNotFoundError(f"serve: {run_dir} has no descriptors/ (run the pipeline first)")
+    BatchWait(batch_wait_timeout_s, batch_wait_fraction)  # a bad setting refused here, not in the replica
     serve.start(http_options={"host": host, "port": port})
     app = QueryService.options(num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus, "runtime_env": REPLICA_ENV}).bind(
-        str(run_dir), dataclasses.asdict(limits or ServiceLimits()), max_batch_size, batch_wait_timeout_s)
+        str(run_dir), dataclasses.asdict(limits or ServiceLimits()), max_batch_size, batch_wait_timeout_s, batch_wait_fraction)
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     log.info("serve: %d replica(s) of the query service for %s at %s", replicas, run_dir, url)
     return url
+
+
+def replica_urls(proxy_port: int, app: str = APP_NAME, *, timeout_s: float = 30.0) -> list[str]:
+    """The base URLs at which the running replicas of `app` answer directly (Serve's direct ingress),
+    sorted; [] when the cluster runs Serve without it (its target groups then list only the proxy, on
+    `proxy_port`). Waits up to `timeout_s` for every running replica's port. The one place that reads
+    Serve's target groups (Ray 2.60: the controller's instance details, `target_groups`)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        details = client.get_serve_details()
+        groups = [g for g in details.get("target_groups") or [] if g.get("app_name") == app and g.get("protocol") == "HTTP"]
+        urls = sorted({f"http://{t['ip']}:{t['port']}" for g in groups for t in g["targets"] if int(t["port"]) != proxy_port})
+        deployments = ((details.get("applications") or {}).get(app) or {}).get("deployments") or {}
+        running = sum(str(r.get("state")).endswith("RUNNING") for d in deployments.values() for r in d.get("replicas") or [])
+        if not groups or len(urls) >= max(running, 1) or time.monotonic() > deadline:
+            return urls  # no group of the app's own: Serve runs without direct ingress
+        time.sleep(0.2)
 
 
 def stop_service() -> None:
@@ -242,10 +296,10 @@ def build_app(args: dict):
         import_path: cluster.ray_serve:build_app
         args: {run_dir: /data/runs/index, max_batch_size: 16, limits: {max_queries: 1024}}
     """
-    allowed = {"run_dir", "limits", "max_batch_size", "batch_wait_timeout_s"}
+    allowed = {"run_dir", "limits", "max_batch_size", "batch_wait_timeout_s", "batch_wait_fraction"}
     unknown = sorted(set(args) - allowed)
     if unknown or "run_dir" not in args:
         raise ValueError(f"build_app: needs run_dir; known args {sorted(allowed)}, unknown {unknown}")
     limits = dataclasses.asdict(ServiceLimits(**args.get("limits", {})))
-    return QueryService.bind(str(args["run_dir"]), limits, int(args.get("max_batch_size", 16)),
-                             float(args.get("batch_wait_timeout_s", 0.0)))
+    wait = BatchWait(float(args.get("batch_wait_timeout_s", 0.0)), float(args.get("batch_wait_fraction", 0.02)))  # refused here, not in the replica
+    return QueryService.bind(str(args["run_dir"]), limits, int(args.get("max_batch_size", 16)), wait.fixed_s, wait.fraction)

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--replicas", type=int, default=1, help="replicas, each holding the whole index")
     srv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     srv.add_argument("--max-batch", type=int, default=16, help="requests batched into one solve")
+    srv.add_argument("--batch-wait-fraction", type=float, default=0.02,
+                     help="a batch waits for more requests this fraction of recent batches' ranking time (0: never waits)")
     srv.add_argument("--max-queries", type=int, default=1024, help="queries per request")
     srv.add_argument("--address", default="", help="Ray cluster to join (default: embedded local Ray)")
     smt = add("submit", help="submit a pipeline run to a Ray cluster (Ray Jobs API)")
@@ -255,7 +257,7 @@ def _cluster_command(args) -> int:
 
     if args.command == "serve":
         from cluster.ray_runtime import init_ray
-        from cluster.ray_serve import check_port, start_service, stop_service
+        from cluster.ray_serve import check_port, replica_urls, start_service, stop_service
 
         from .service import ServiceLimits
 
@@ -274,8 +276,12 @@ def _cluster_command(args) -> int:
             init_ray(args.address)
             signal.signal(signal.SIGTERM, stop)  # Ray installs its own SIGTERM handler when it starts: ours again
             url = start_service(args.run_dir, host=args.host, port=args.port, replicas=args.replicas, num_cpus=args.num_cpus,
-                                limits=ServiceLimits(max_queries=args.max_queries), max_batch_size=args.max_batch)
+                                limits=ServiceLimits(max_queries=args.max_queries), max_batch_size=args.max_batch,
+                                batch_wait_fraction=args.batch_wait_fraction)
+            direct = replica_urls(args.port)
             print(f"query service at {url}/query (health: {url}/healthz); Ctrl-C stops it", flush=True)
+            if direct:  # Serve's direct ingress: the same API one hop shorter, per replica
+                print(f"replicas answering directly (faster for one-query requests): {', '.join(u + '/query' for u in direct)}", flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:

@@ -4,7 +4,7 @@
 
 Builds (once) a run directory from the scale benchmark's descriptors (import + exact reciprocal
 kNN graph), starts the Ray Serve query service on loopback (embedded Ray, one replica), and for
-each batch size drives `--clients` concurrent clients for `--seconds` while one more client sends
+each batch size and each way in (`--via`: Serve's proxy, or the replica's own port with direct ingress) drives `--clients` concurrent clients for `--seconds` while one more client sends
 a malformed or oversized request every `--bad-interval` s (each must get a 4xx); the passes over
 the batch sizes repeat (`--repeat`) so that memory growth after warm-up shows. Reports queries/s, request latency
 percentiles, replica memory before/after and whether the replica process changed (a crash).
@@ -13,6 +13,7 @@ Then runs the batch query job over a Parquet file of query vectors. Writes JSON 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -148,10 +149,12 @@ def batch_job(run: Path, out: Path, n: int, nq: int, methods: list[str], chunk: 
     return run_batch_query(index, qfile, bdir, methods=methods, topk=topk, chunk=chunk)
 
 
-def in_process_reference(run: Path, methods: list[str], batch: int, topk: int, singles: int = 30, batches: int = 3) -> dict:
+def in_process_reference(run: Path, methods: list[str], batch: int, topk: int, singles: int = 30, batches: int = 3,
+                         widths: tuple[int, ...] = ()) -> dict:
     """`QueryIndex.rank` itself (no HTTP, no Ray), per method: queries/s on a batch of `batch`
-    queries (median of `batches` runs), and the median time of `singles` one-query calls (what a
-    request of one query costs)."""
+    queries (median of `batches` runs), the median time of `singles` one-query calls (what a
+    request of one query costs), and per width w in `widths` the median time of ranking w queries at
+    once (what w one-query requests cost when the service batches them into one solve)."""
     from pipelines.service import QueryIndex
 
     index = QueryIndex(run)
@@ -171,17 +174,25 @@ def in_process_reference(run: Path, methods: list[str], batch: int, topk: int, s
             t0 = time.perf_counter()
             index.rank(q[None], m, topk)
             single.append(time.perf_counter() - t0)
-        out[m] = {"batch_queries_per_s": round(qps, 1), "single_ms_p50": round(1000 * float(np.median(single)), 2)}
-        log.info("in-process %s: %.1f queries/s on a batch of %d (median of %d); one query %.2f ms (median of %d)", m, qps, batch, batches,
-                 out[m]["single_ms_p50"], singles)
+        out[m] = {"batch_queries_per_s": round(qps, 1), "single_ms_p50": round(1000 * float(np.median(single)), 2), "width_ms_p50": {}}
+        for w in widths:
+            t = []
+            for _ in range(max(3, singles // (2 * w))):
+                Qw = index.X[rng.integers(0, index.X.shape[0], w)]
+                t0 = time.perf_counter()
+                index.rank(Qw, m, topk)
+                t.append(time.perf_counter() - t0)
+            out[m]["width_ms_p50"][w] = round(1000 * float(np.median(t)), 2)
+        log.info("in-process %s: %.1f queries/s on a batch of %d (median of %d); one query %.2f ms (median of %d); "
+                 "w queries at once, ms: %s", m, qps, batch, batches, out[m]["single_ms_p50"], singles, out[m]["width_ms_p50"])
     return out
 
 
 def markdown(res: dict) -> str:
     rows = [f"Time to the first answer after `start_service` (replica start, index load, rankers built): "
             f"{res['first_answer_s']:.1f} s (deployed after {res['deploy_s']:.1f} s).", "",
-            "| pass | method | batch | clients | queries/s | p50 ms | p95 ms | p99 ms | vs in-process | bad requests -> 4xx | errors | replica RSS before -> after (MiB) | replica restarted |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| pass | via | method | batch | clients | queries/s | p50 ms | p95 ms | p99 ms | vs in-process | bad requests -> 4xx | errors | replica RSS before -> after (MiB) | replica restarted |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     inproc = res["in_process"]
     for p in res["phases"]:
         ref = inproc.get(p["method"], {})
@@ -191,12 +202,17 @@ def markdown(res: dict) -> str:
             vs = f"{p['queries_per_s'] / ref['batch_queries_per_s']:.2f}x of in-process q/s"
         else:
             vs = "-"
-        rows.append(f"| {p['rep'] + 1} | {p['method']} | {p['batch']} | {p['clients']} | {p['queries_per_s']} | {p['latency_ms_p50']} | {p['latency_ms_p95']} | "
+        rows.append(f"| {p['rep'] + 1} | {p.get('via', 'proxy')} | {p['method']} | {p['batch']} | {p['clients']} | {p['queries_per_s']} | {p['latency_ms_p50']} | {p['latency_ms_p95']} | "
                     f"{p['latency_ms_p99']} | {vs} | {p['bad_4xx']}/{p['bad_sent']} | {p['n_errors']} | "
                     f"{p['rss_before_mib']:.0f} -> {p['rss_after_mib']:.0f} | {p['replica_restarted']} |")
     rows += ["", "| method | in-process queries/s (batch of %d, median of 3, no HTTP) | in-process one query, median ms |" % max(p["batch"] for p in res["phases"]),
              "|---|---|---|"]
     rows += [f"| {m} | {v['batch_queries_per_s']} | {v['single_ms_p50']} |" for m, v in inproc.items()]
+    widths = sorted({w for v in inproc.values() for w in v.get("width_ms_p50", {})})
+    if widths:
+        rows += ["", "| method | " + " | ".join(f"{w} queries at once, ms (x one)" for w in widths) + " |", "|---|" + "---|" * len(widths)]
+        rows += [f"| {m} | " + " | ".join(f"{v['width_ms_p50'][w]} ({v['width_ms_p50'][w] / v['single_ms_p50']:.2f}x)" for w in widths) + " |"
+                 for m, v in inproc.items() if v.get("width_ms_p50")]
     if res.get("batch_job"):
         rows += ["", "| batch job method | queries | chunks | queries/s (wall) | rank-only queries/s |", "|---|---|---|---|---|"]
         for m, b in res["batch_job"].items():
@@ -217,8 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--topk", type=int, default=100)
     ap.add_argument("--bad-interval", type=float, default=0.25, help="seconds between malformed requests (0: none)")
     ap.add_argument("--repeat", type=int, default=2, help="passes over the batch sizes (memory must not grow after the first)")
+    ap.add_argument("--via", nargs="+", choices=["direct", "proxy"], default=["direct", "proxy"],
+                    help="send the load to the replica's own port (Serve's direct ingress) and/or through Serve's proxy")
     ap.add_argument("--replica-cpus", type=float, default=1.0)
-    ap.add_argument("--batch-wait", type=float, default=0.0, help="serve.batch wait for more requests (s); 0: batch what is queued")
+    ap.add_argument("--batch-wait", type=float, default=0.0, help="serve.batch's fixed wait for more requests (s)")
+    ap.add_argument("--batch-wait-fraction", type=float, default=0.02, help="serve.batch's wait, as a fraction of recent batches' ranking time")
+    ap.add_argument("--widths", type=int, nargs="*", default=[], help="in-process: also time w queries ranked at once, per w")
     ap.add_argument("--batch-job-queries", type=int, default=2000)
     ap.add_argument("--batch-job-methods", nargs="+", default=["knn", "diffusion"])
     ap.add_argument("--batch-chunk", type=int, default=500)
@@ -230,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cluster.local_cluster import free_port
     from cluster.ray_runtime import init_ray
-    from cluster.ray_serve import start_service, stop_service
+    from cluster.ray_serve import replica_urls, start_service, stop_service
     from pipelines.client import QueryClient
     from pipelines.descriptors import load_descriptors
     from pipelines.service import ServiceLimits
@@ -238,13 +258,23 @@ def main(argv: list[str] | None = None) -> int:
     run = build_index_run(args.out, args.n, 1000, args.k)
     settings = set_query_settings(run, args.query)
     _, keys, _ = load_descriptors(run / "descriptors", dense=False)
-    res_inproc = in_process_reference(run, args.methods, max(args.batches), args.topk)
+    res_inproc = in_process_reference(run, args.methods, max(args.batches), args.topk, widths=tuple(args.widths))
     init_ray("", num_cpus=2)
     t_start = time.perf_counter()
-    url = start_service(run, port=free_port(), num_cpus=args.replica_cpus, batch_wait_timeout_s=args.batch_wait,
+    port = free_port()
+    url = start_service(run, port=port, num_cpus=args.replica_cpus, batch_wait_timeout_s=args.batch_wait,
+                        batch_wait_fraction=args.batch_wait_fraction,
                         limits=ServiceLimits(max_queries=1024, max_topk=1000, max_request_bytes=1024 * 1024))
     t_deployed = time.perf_counter() - t_start
-    res = {"n": args.n, "k": args.k, "query": settings, "url": url, "phases": [], "in_process": res_inproc, "deploy_s": t_deployed}
+    urls = {"proxy": url}
+    direct = replica_urls(port)
+    if direct:
+        urls["direct"] = direct[0]
+    missing = [v for v in args.via if v not in urls]
+    if missing:
+        log.warning("serve_load: no replica answers directly (Serve without direct ingress): %s left out", missing)
+    res = {"n": args.n, "k": args.k, "query": settings, "urls": urls, "batch_wait_s": args.batch_wait,
+           "batch_wait_fraction": args.batch_wait_fraction, "phases": [], "in_process": res_inproc, "deploy_s": t_deployed}
     try:
         with QueryClient(url) as c:
             c.query(keys=keys[:1], method=args.methods[0], topk=args.topk)
@@ -252,16 +282,15 @@ def main(argv: list[str] | None = None) -> int:
             log.info("first answer %.1f s after start_service (deployed after %.1f s)", res["first_answer_s"], t_deployed)
             for rep in range(args.repeat):
                 for method in args.methods:
-                    for b in args.batches:
-                        for clients in args.clients:
-                            h0 = c.health()
-                            p = load_phase(url, keys, batch=b, clients=clients, seconds=args.seconds, method=method, topk=args.topk,
-                                           bad_interval=args.bad_interval, seed=b + 100 * rep + 10 * clients)
-                            h1 = c.health()
-                            p.update(method=method, rep=rep, rss_before_mib=h0["rss_bytes"] / 2**20,
-                                     rss_after_mib=h1["rss_bytes"] / 2**20, replica_restarted=h0["pid"] != h1["pid"])
-                            log.info("%s", p)
-                            res["phases"].append(p)
+                    for b, clients, via in itertools.product(args.batches, args.clients, [v for v in args.via if v in urls]):
+                        h0 = c.health()
+                        p = load_phase(urls[via], keys, batch=b, clients=clients, seconds=args.seconds, method=method, topk=args.topk,
+                                       bad_interval=args.bad_interval, seed=b + 100 * rep + 10 * clients)
+                        h1 = c.health()
+                        p.update(method=method, rep=rep, via=via, rss_before_mib=h0["rss_bytes"] / 2**20,
+                                 rss_after_mib=h1["rss_bytes"] / 2**20, replica_restarted=h0["pid"] != h1["pid"])
+                        log.info("%s", p)
+                        res["phases"].append(p)
     finally:
         stop_service()
     if args.batch_job_queries:

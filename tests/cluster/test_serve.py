@@ -1,5 +1,6 @@
 """The query service on Ray Serve over HTTP (embedded Ray): answers equal the in-process index,
-bad requests get 4xx without harming the replica, the proxy listens on loopback only."""
+bad requests get 4xx without harming the replica, the proxy and the replicas' own ports (Serve's
+direct ingress) listen on loopback only; each request test runs through both."""
 from __future__ import annotations
 
 import json
@@ -18,17 +19,25 @@ pytestmark = pytest.mark.timeout(300)
 def service(ray_session, tiny_run):
     from ray import serve
 
-    from cluster.ray_serve import start_service
+    from cluster.ray_serve import replica_urls, start_service
 
     port = free_port()
     url = start_service(tiny_run[0].out, port=port, num_cpus=0.25, limits=ServiceLimits(max_queries=64, max_request_bytes=100_000,
                                                                                                     body_timeout_s=4, slow_upload_s=0.3))
-    yield url, port
+    direct = replica_urls(port)
+    assert len(direct) == 1 and direct[0] != url, direct  # the embedded Ray runs Serve with direct ingress
+    yield {"proxy": (url, port), "direct": (direct[0], int(direct[0].rsplit(":", 1)[1]))}
     serve.shutdown()
 
 
-def test_http_answers_equal_the_in_process_index(service, tiny_run):
-    url, _ = service
+@pytest.fixture(params=["proxy", "direct"])
+def endpoint(request, service) -> tuple[str, int]:
+    """(base URL, port) of the proxy, or of the replica answering directly."""
+    return service[request.param]
+
+
+def test_http_answers_equal_the_in_process_index(endpoint, tiny_run):
+    url, _ = endpoint
     idx = QueryIndex(tiny_run[0].out)
     with QueryClient(url) as c:
         assert c.health()["n"] == len(idx.keys)
@@ -39,8 +48,8 @@ def test_http_answers_equal_the_in_process_index(service, tiny_run):
             assert [r["ids"] for r in got["results"]] == [r["ids"] for r in ref["results"]]
 
 
-def test_bad_requests_get_4xx_and_the_replica_survives(service):
-    url, _ = service
+def test_bad_requests_get_4xx_and_the_replica_survives(endpoint):
+    url, _ = endpoint
     with QueryClient(url) as c:
         pid = c.health()["pid"]
         cases = [
@@ -60,8 +69,8 @@ def test_bad_requests_get_4xx_and_the_replica_survives(service):
         assert c.health()["pid"] == pid  # same replica process: nothing crashed
 
 
-def test_proxy_binds_to_loopback_only(service):
-    _, port = service
+def test_proxy_binds_to_loopback_only(endpoint):
+    _, port = endpoint
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # this machine's outward address (no packet is sent)
         s.connect(("192.0.2.1", 9))
         ip = s.getsockname()[0]
@@ -78,10 +87,30 @@ def test_embedded_ray_and_the_service_listen_on_loopback_only(service):
 
     from cluster.listeners import tree_listeners
 
-    _, port = service
+    ports = {port for _, port in service.values()}
     socks = tree_listeners([os.getpid()])
-    assert port in {s.port for s in socks} and len(socks) >= 6, socks
+    assert ports <= {s.port for s in socks} and len(socks) >= 6, socks
     assert [s for s in socks if not s.loopback] == []
+
+
+def test_batch_wait_follows_the_ranking_cost():
+    """serve.batch's wait: a fraction of recent batches' ranking time (averaged), plus the fixed
+    wait, capped; bad settings refused."""
+    from cluster.ray_serve import BatchWait
+
+    w = BatchWait(0.0, 0.02, smoothing=0.5)
+    assert w.wait_s == 0.0  # nothing ranked yet: no wait
+    assert w.after(0.003) == pytest.approx(0.00006)  # a truncated query: a few hundredths of a ms
+    assert w.after(0.003) == pytest.approx(0.00006)
+    assert w.after(0.250) == pytest.approx(0.02 * (0.5 * 0.250 + 0.5 * 0.003))  # averaged, not the last alone
+    for _ in range(20):
+        w.after(0.250)
+    assert w.wait_s == pytest.approx(0.005, rel=1e-3)  # an exact solve at 10^5: 5 ms
+    assert BatchWait(0.001, 0.0).after(1.0) == 0.001  # the fixed wait alone
+    assert BatchWait(0.0, 1.0, max_s=0.05).after(10.0) == 0.05  # capped
+    for bad in [dict(fixed_s=-1), dict(fraction=-0.1), dict(smoothing=0)]:
+        with pytest.raises(ValueError):
+            BatchWait(**bad)
 
 
 def _status(sock: socket.socket) -> int:
@@ -94,13 +123,13 @@ def _status(sock: socket.socket) -> int:
     return int(head.split()[1])
 
 
-def test_stalled_uploads_do_not_block_valid_queries(service, tiny_run):
+def test_stalled_uploads_do_not_block_valid_queries(endpoint, tiny_run):
     """Issue 11 item 2, over real HTTP on loopback: 64 clients send headers and part of a body, then
     stall. Valid queries and /healthz keep answering meanwhile; each stalled upload is refused
     (429 past the per-client cap at once, 408 once body_timeout_s has passed)."""
     import time
 
-    url, port = service
+    url, port = endpoint
     idx = QueryIndex(tiny_run[0].out)
     stalled = []
     for _ in range(64):

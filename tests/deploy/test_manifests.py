@@ -160,6 +160,9 @@ def test_rayservice_serve_config_is_strictly_valid_and_builds_this_codes_applica
     for key in ("proxy_locaton", "http_options.hots", "applications[0].deployments[0].num_replica",
                 "applications[0].deployments[0].ray_actor_options.num_cpu", "max_querys"):
         assert key in found, (key, found)
+    bad = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    bad["applications"][0]["args"]["batch_wait_fraction"] = -1  # refused when the config is checked, not in the replica
+    assert "must be >= 0" in "\n".join(problems(bad))
 
 
 def test_storage_claims_and_images_are_defined_once_and_used_everywhere():
