@@ -48,8 +48,11 @@ APP_NAME = "retrieval"
 
 
 # Solver threads (serve.batch hands each batch to a worker thread) would otherwise each grow their
-# own malloc arena, and the replica's memory would creep up with every new thread.
-REPLICA_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
+# own malloc arena, and the replica's memory would creep up with every new thread. faiss's OpenMP
+# threads (the seed search) would otherwise keep spinning after each search and take the cores from
+# the solver threads that follow it: two truncated queries ranked at once cost 2x one query instead
+# of 1.2x, two exact ones 1.3x instead of 1.05x (BENCHMARKS.md); they sleep when idle instead.
+REPLICA_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "2", "OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def _rss_bytes() -> int:

@@ -344,7 +344,8 @@ class CompiledTruncatedSolver:
         """D, I (nq, kq): each query's database neighbours (similarities, ids; -1 ignored).
         Returns: per query (ids (<= m,), scores) sorted by score, and the solver stats."""
         nq = I.shape[0]
-        bounds = [(a, min(a + self.chunk, nq)) for a in range(0, nq, self.chunk)]
+        size = max(1, min(self.chunk, -(-nq // self.workers.threads)))  # a few queries (a service's batch): one thread each
+        bounds = [(a, min(a + size, nq)) for a in range(0, nq, size)]
         run = lambda b: self.solve_chunk(D[b[0] : b[1]], I[b[0] : b[1]])  # noqa: E731
         parts = self.workers.map(run, bounds)
         ids = [p[0][j, : p[2][j]] for p in parts for j in range(p[0].shape[0])]

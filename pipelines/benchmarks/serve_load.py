@@ -16,6 +16,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -248,9 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
 
+    # the in-process reference in the replica's environment (cluster.ray_serve.REPLICA_ENV), set before OpenMP loads with faiss
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from cluster.local_cluster import free_port
     from cluster.ray_runtime import init_ray
-    from cluster.ray_serve import replica_urls, start_service, stop_service
+    from cluster.ray_serve import REPLICA_ENV, replica_urls, start_service, stop_service
+
+    if os.environ["OMP_WAIT_POLICY"] != REPLICA_ENV["env_vars"]["OMP_WAIT_POLICY"]:
+        log.warning("serve_load: OMP_WAIT_POLICY=%s here, the replica runs with %s: in-process figures are not comparable",
+                    os.environ["OMP_WAIT_POLICY"], REPLICA_ENV["env_vars"]["OMP_WAIT_POLICY"])
     from pipelines.client import QueryClient
     from pipelines.descriptors import load_descriptors
     from pipelines.service import ServiceLimits

@@ -69,6 +69,18 @@ def test_bad_requests_get_4xx_and_the_replica_survives(endpoint):
         assert c.health()["pid"] == pid  # same replica process: nothing crashed
 
 
+def test_replica_runs_with_its_environment(service):
+    """The replica process has REPLICA_ENV (malloc arenas capped, OpenMP threads sleeping when idle)."""
+    from cluster.ray_serve import REPLICA_ENV
+
+    with QueryClient(service["direct"][0]) as c:
+        pid = c.health()["pid"]
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    for key, value in REPLICA_ENV["env_vars"].items():
+        assert env.get(key.encode()) == value.encode(), key
+
+
 def test_proxy_binds_to_loopback_only(endpoint):
     _, port = endpoint
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # this machine's outward address (no packet is sent)
