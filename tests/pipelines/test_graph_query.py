@@ -87,7 +87,10 @@ def test_ray_graph_engine_equals_local(imported, ray_session, tmp_path):
     run_graph(run, GraphConfig(k=10, shards=4, index="flat", engine="ray"))
     W2, m2 = load_graph(run / "graph")
     assert m2["engine"] == "ray"
-    assert (W1 != W2).nnz == 0
+    # same edges; weights to rounding (a Ray worker's BLAS runs one thread, this process's several)
+    np.testing.assert_array_equal(W1.indptr, W2.indptr)
+    np.testing.assert_array_equal(W1.indices, W2.indices)
+    np.testing.assert_allclose(W1.data, W2.data, rtol=1e-5)
 
 
 def test_approximate_graph_records_recall(imported):
@@ -194,7 +197,12 @@ def test_graph_of_a_grown_collection_is_updated_and_equals_a_rebuild(tmp_path, c
     run_with(fresh, 700, [(0, 300), (300, 600), (600, 700)])
     run_graph(fresh, cfg)
     (Wg, _), (Wf, _) = load_graph(grown / "graph"), load_graph(fresh / "graph")
-    assert (Wg != Wf).nnz == 0 and Wg.nnz > 0
+    # the same edges, weights to the rounding of one dot product (the update's compiled product and
+    # faiss's BLAS sum in different orders; on some CPUs their bits agree, on others not)
+    assert Wg.nnz > 0
+    np.testing.assert_array_equal(Wg.indptr, Wf.indptr)
+    np.testing.assert_array_equal(Wg.indices, Wf.indices)
+    np.testing.assert_allclose(Wg.data, Wf.data, rtol=1e-5)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipelines.graph"):  # other settings: built again, not updated
         assert "updated_from_rows" not in run_graph(grown, GraphConfig(k=6, index="flat", block_rows=100))
