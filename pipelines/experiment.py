@@ -49,6 +49,7 @@ class ExperimentConfig:
     levels: list[int] = _min([0, 1000], 0)  # distractors on top of the base at each level, increasing
     methods: list[str] = _choice(["knn", "aqe", "diffusion"], METHODS)
     isolate: bool = True  # each stage in its own process: its own time and peak memory (false: in-process, for tests)
+    raw_forward_images: int = _min(32, 0)  # per level, the model's forward pass alone timed on up to this many new images (0: not measured)
     distractors: DistractorConfig = field(default_factory=DistractorConfig)
 
 
@@ -78,33 +79,55 @@ def run_config(ecfg: ExperimentConfig) -> RunConfig:
     return cfg
 
 
-def _stage(cfg: RunConfig, stage: str, images: str | None) -> None:
-    """One step of a level: "ingest" (the base), "add" (a distractor batch) or a run stage."""
+def _stage(cfg: RunConfig, stage: str, images: str | None) -> dict:
+    """One step of a level: "ingest" (the base), "add" (a distractor batch), "raw" (the forward pass
+    alone on up to `images` of the images the last extraction took: {"raw_forward_img_s", "raw_images"})
+    or a run stage. Returns what the step measured besides time and memory."""
     from .run import run_stages
 
     if stage == "add":
         from .ingest import ingest_added
 
         ingest_added(images, cfg.out, cfg.ingest)
+    elif stage == "raw":
+        return _raw_forward(cfg, int(images))
     else:
         run_stages(cfg, [stage])
+    return {}
+
+
+def _raw_forward(cfg: RunConfig, limit: int) -> dict:
+    """`extractor.raw_forward_rate` on the first `limit` images of the shards the last extraction
+    did (run/extract.json), with the extraction's settings and torch threads."""
+    from .extractor import raw_forward_rate
+    from .shards import read_table
+
+    run = Path(cfg.out)
+    images: list[bytes] = []
+    for name in read_json(run / "extract.json").get("shards") or []:
+        if len(images) >= limit:
+            break
+        images += read_table(run / "images" / name, ["image"]).column("image").to_pylist()[: limit - len(images)]
+    if not images:
+        return {}
+    return {"raw_forward_img_s": raw_forward_rate(cfg.extract, images), "raw_images": len(images)}
 
 
 def _measured(ecfg: ExperimentConfig, cfg_path: Path, cfg: RunConfig, stage: str, images: str | None = None) -> dict:
     """Run one step, in a child process when `isolate`: {"seconds", "peak_rss_gib"}."""
     t0 = time.perf_counter()
     if not ecfg.isolate:
-        _stage(cfg, stage, images)
+        got = _stage(cfg, stage, images)
         return {"seconds": time.perf_counter() - t0, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                "isolated": False}
+                "isolated": False, **got}
     cmd = [sys.executable, "-m", "pipelines.experiment", "--child", stage, "--run-config", str(cfg_path)] + (["--images", images] if images else [])
     res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its log and progress bars go to our stderr
     if res.returncode == 2:  # the child printed the user error as one line
         raise ValueError(f"experiment: stage {stage} of this level stopped on the error above")
     if res.returncode != 0:
         raise RuntimeError(f"experiment: stage {stage} failed (exit {res.returncode}); its traceback is above")
-    rss = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_gib"]
-    return {"seconds": time.perf_counter() - t0, "peak_rss_gib": rss, "isolated": True}
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    return {"seconds": time.perf_counter() - t0, "isolated": True, **got}
 
 
 def _distractor_batch(ecfg: ExperimentConfig, cfg: RunConfig, start: int, stop: int) -> str:
@@ -141,6 +164,24 @@ def _distraction(cfg: RunConfig, run: Path, n_base: int) -> dict:
         pos = [gt.imlist[i] for part in ("easy", "hard", "ok") for i in g.get(part, [])]
         positives.append(np.array([row_of[p] for p in pos if p in row_of], np.int64))
     return distractor_stats(X, Q, positives, np.flatnonzero(ids >= n_base))
+
+
+def _extraction(ecfg: ExperimentConfig, cfg_path: Path, cfg: RunConfig, run: Path) -> dict:
+    """The level's extraction rate (its new images only: run/extract.json), end to end and from its
+    first descriptors on, against the forward pass alone on a sample of the same images (a step of
+    its own, `raw_forward_images` of them; ratios >= 0.85 are the scaling target)."""
+    ex = read_json_or(run / "extract.json", {})
+    n, sec = ex.get("images") or 0, ex.get("seconds") or 0.0
+    out = {"images": n, "img_s": n / sec if n and sec else None, "steady_img_s": ex.get("steady_img_s")}
+    if n and ecfg.raw_forward_images > 0:
+        raw = _measured(ecfg, cfg_path, cfg, "raw", str(ecfg.raw_forward_images))
+        rate = raw.get("raw_forward_img_s")
+        out.update(raw_forward_img_s=rate, raw_images=raw.get("raw_images"),
+                   ratio=out["img_s"] / rate if rate and out["img_s"] else None,
+                   steady_ratio=out["steady_img_s"] / rate if rate and out["steady_img_s"] else None)
+        log.info("experiment: extraction %.1f img/s end to end (%s from its first descriptors on), forward pass alone %.1f img/s",
+                 out["img_s"] or 0.0, f"{out['steady_img_s']:.1f}" if out["steady_img_s"] else "-", rate or 0.0)
+    return out
 
 
 def run_experiment(ecfg: ExperimentConfig) -> list[dict]:
@@ -181,6 +222,8 @@ def run_experiment(ecfg: ExperimentConfig) -> list[dict]:
             stages["add"] = {**_measured(ecfg, cfg_path, cfg, "add", batch), "distractor_seconds": gen}
         for s in STAGES:
             stages[s] = _measured(ecfg, cfg_path, cfg, s)
+            if s == "extract":
+                extraction = _extraction(ecfg, cfg_path, cfg, run)
         resolve_dataset(cfg, run)
         evaluation = read_json(run / "evaluation.json")
         stats = read_json_or(run / "ranks" / "stats.json", {})
@@ -189,7 +232,7 @@ def run_experiment(ecfg: ExperimentConfig) -> list[dict]:
             "stages": stages,
             "metrics": {m: {p: {"map": v["map"], "mpk": v.get("mpk", {})} for p, v in e.items()} for m, e in evaluation["methods"].items()},
             "queries_per_s": {m: (s.get("queries") / s["seconds"] if s.get("seconds") else None) for m, s in stats.items() if isinstance(s, dict)},
-            "distraction": _distraction(cfg, run, n_base),
+            "distraction": _distraction(cfg, run, n_base), "extraction": extraction,
             "run": str(run), "snapshot": f"levels/{level:09d}", "params": eparams,
         }
         _snapshot(run, out / "levels" / f"{level:09d}")
@@ -230,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import WeightsError
 
     try:
-        _stage(load_config(a.run_config), a.child, a.images)
+        got = _stage(load_config(a.run_config), a.child, a.images)
     except (ValueError, FileNotFoundError, WeightsError, ClusterError) as e:  # the CLI's user errors (pipelines.cli.user_errors)
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **got}))
     return 0
 
 

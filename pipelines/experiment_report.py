@@ -35,8 +35,12 @@ def results_html(records: list[dict]) -> str:
         dup = d.get("near_duplicate_groups", {})
         dups = f"{dup['groups']} groups, largest {dup['largest']}" if dup else "-"
         maps = " ".join(f"{m} {r['metrics'][m]['H' if 'H' in r['metrics'][m] else next(iter(r['metrics'][m]))]['map']:.2f}" for m in methods)
-        rows.append([r["level"], r["database"], maps, near, dups, links])
-    head = ["distractors", "database", "mAP (Hard, or the protocol's)", "median nearest positive / distractor", "near-duplicates", "run"]
+        ex = r.get("extraction") or {}
+        rate = (f"{ex['img_s']:.1f} img/s" + (f", {ex['ratio']:.2f}x of the forward pass alone" if ex.get("ratio") else "")
+                + (f" ({ex['steady_ratio']:.2f}x after start-up)" if ex.get("steady_ratio") else "")) if ex.get("img_s") else "-"
+        rows.append([r["level"], r["database"], maps, near, dups, rate, links])
+    head = ["distractors", "database", "mAP (Hard, or the protocol's)", "median nearest positive / distractor", "near-duplicates",
+            "extraction of the level's new images", "run"]
     tab = ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
            + "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r[:-1]) + f"<td>{r[-1]}</td></tr>" for r in rows)
            + "</table>")

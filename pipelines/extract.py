@@ -153,7 +153,7 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
     start_s, start_n = first[0] if first else (dt, total)
     steady = (total - start_n) / (dt - start_s) if dt > start_s and total > start_n else None
     return {"images": total, "seconds": dt, "params": phash, "rejects": len(rej_t), "first_result_s": start_s,
-            "steady_img_s": steady}
+            "steady_img_s": steady, "shards": [p.name for p in todo]}
 
 
 def _features_hash(ids: np.ndarray, F: np.ndarray, n: int) -> str:

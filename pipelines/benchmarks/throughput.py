@@ -38,13 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
 
     from pipelines.benchmarks import ingested_run
     from pipelines.extract import extract_features
-    from pipelines.extractor import DescriptorExtractor, open_rgb, prepare, to_input
+    from pipelines.extractor import forward_threads, prepare, raw_forward_rate
     from pipelines.shards import list_shards
-    from retrieval.pooling import l2n
 
     cfg, base = ingested_run(a.config)
     shards, n = [], 0
@@ -53,24 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             break
         shards.append(p)
         n += pq.read_metadata(p).num_rows
-    threads = max(1, int(round(cfg.extract.actor_num_cpus * cfg.extract.actors))) if cfg.extract.torch_threads == 0 else cfg.extract.torch_threads
+    threads = forward_threads(cfg.extract)
     res = {"images": n, "passes": a.passes, "shards": len(shards), "max_side": cfg.extract.max_side, "backbone": cfg.extract.backbone,
            "actors": cfg.extract.actors, "actor_num_cpus": cfg.extract.actor_num_cpus, "torch_threads": threads}
 
     # raw forward on pre-decoded inputs
     imgs = pa.concat_tables([pq.read_table(p, columns=["image"]) for p in shards]).column("image").to_pylist()
-    ex = DescriptorExtractor(cfg.extract)
-    inputs = [torch.from_numpy(to_input(open_rgb(b), max_side=cfg.extract.max_side, mean=ex.model.input_mean, std=ex.model.input_std))[None]
-              for b in imgs]
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    with torch.no_grad():
-        ex.model.features(inputs[0])
-        t0 = time.perf_counter()
-        for x in inputs:
-            l2n(ex.pool(ex.model.features(x)))
-        res["raw_forward_img_s"] = n / (time.perf_counter() - t0)
-    torch.set_num_threads(prev)
+    res["raw_forward_img_s"] = raw_forward_rate(cfg.extract, imgs, threads=threads)
     log.info("raw forward: %.1f img/s with %d torch threads", res["raw_forward_img_s"], threads)
 
     # decoding (what the decode tasks do: decode + resize) on one CPU, for the CPU:GPU sizing

@@ -29,13 +29,17 @@ def _write(tmp_path, tiny_benchmark, name, levels, **extra) -> Path:
 
 
 def test_two_levels_grow_one_run_with_stable_ids_and_write_results(tmp_path, tiny_benchmark):
-    ecfg = load_experiment(_write(tmp_path, tiny_benchmark, "two", [0, 6]))
+    ecfg = load_experiment(_write(tmp_path, tiny_benchmark, "two", [0, 6], raw_forward_images=4))
     recs = run_experiment(ecfg)
     out = Path(ecfg.out)
     assert [r["level"] for r in recs] == [0, 6] and recs[1]["database"] == recs[0]["database"] + 6
     assert set(recs[0]["metrics"]) == {"knn", "diffusion"} and all(0 <= recs[1]["metrics"]["knn"][p]["map"] <= 100 for p in "EMH")
     assert set(recs[1]["stages"]) == {"add", "extract", "graph", "query", "evaluate"} and "ingest" in recs[0]["stages"]
     assert recs[1]["distraction"]["distractors"] == 6 and "near_duplicate_groups" in recs[1]["distraction"]
+    # each level's extraction covers its new images only, against the forward pass alone on some of them
+    assert [r["extraction"]["images"] for r in recs] == [recs[0]["database"], 6]
+    ex = recs[1]["extraction"]
+    assert ex["raw_images"] == 4 and ex["raw_forward_img_s"] > 0 and ex["ratio"] == pytest.approx(ex["img_s"] / ex["raw_forward_img_s"])
     ids, keys, _ = load_descriptors(out / "run" / "descriptors")
     assert len(ids) == recs[1]["database"]
     base_keys = json.loads((out / "levels" / "000000000" / "config.resolved.json").read_text())  # snapshot kept
@@ -107,6 +111,7 @@ def test_isolated_stages_run_in_child_processes_and_report_their_memory(tmp_path
     assert set(rec["stages"]) == {"ingest", "add", "extract", "graph", "query", "evaluate"}
     assert all(s["isolated"] and 0.05 < s["peak_rss_gib"] < 8 for s in rec["stages"].values())
     assert rec["database"] == rec["base_images"] + 2
+    assert rec["extraction"]["images"] == rec["database"] and rec["extraction"]["raw_forward_img_s"] > 0  # measured in a child too
 
 
 def test_a_user_error_in_an_isolated_stage_is_one_line(tmp_path, tiny_benchmark, capfd):
