@@ -9,6 +9,8 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from .scan import SCAN_MAX, scan_scores
+
 log = logging.getLogger(__name__)
 
 # faiss searches a flat index with BLAS only when queries x d reaches this threshold (faiss 1.15:
@@ -65,10 +67,11 @@ def flat_search(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.n
 def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, block_floats: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product as blocked matrix products (numpy's BLAS) and a partial sort.
 
-    The same result as `knn_search` (ties ordered by lower index). For one query it is about 2x
-    faster than faiss's flat index on this project's machines (1e5 x 128: 1.4 vs 2.8 ms), from a
-    few queries on faiss (with BLAS for every batch, FLAT_BLAS_THRESHOLD) is faster: `KnnRanker`
-    picks by batch size (BENCHMARKS.md). Memory: one
+    The same result as `knn_search` (ties ordered by lower index). Up to SCAN_MAX queries the
+    scores come from one pass over the database (`retrieval.scan`), more from BLAS. Under 16
+    queries it is faster than faiss's flat index on this project's machines (1e5 x 128: 2.5 vs 6.0
+    ms for one query, 3.2 vs 11.2 for two), from 16 on faiss (with BLAS for every batch,
+    FLAT_BLAS_THRESHOLD) is: `KnnRanker` picks by batch size (BENCHMARKS.md). Memory: one
     (block, n) float32 score block of at most `block_floats` values. Args: queries (nq, d) and
     database (n, d) float32 (pass it contiguous float32 to avoid a copy). Returns (D, I):
     (nq, min(k, n)) similarities descending and int64 indices.
@@ -84,7 +87,7 @@ def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, block_flo
         return D, I
     step = max(1, block_floats // max(n, 1))
     for a in range(0, nq, step):
-        S = q[a : a + step] @ x.T
+        S = scan_scores(q[a : a + step], x) if min(step, nq - a) <= SCAN_MAX else q[a : a + step] @ x.T
         part = np.argpartition(S, n - k, axis=1)[:, n - k :]  # the k largest, unordered
         vals = np.take_along_axis(S, part, 1)
         # rows with ties at the cut: argpartition kept arbitrary ones of the tied items; take the

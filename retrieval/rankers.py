@@ -52,16 +52,16 @@ class Ranker(Protocol):
 
 
 class KnnRanker:
-    """Exact inner-product search over X (n, d) float32 (kept contiguous, as given): a matrix
-    product and partial sort (`retrieval.knn.exact_search`) for batches under `faiss_from`
-    queries (one query: 2x faster), faiss's flat search over X from there (2-5x faster from 16
-    queries up; BENCHMARKS.md).
+    """Exact inner-product search over X (n, d) float32 (kept contiguous, as given): one pass over
+    X and a partial sort (`retrieval.knn.exact_search`, `retrieval.scan`) for batches under
+    `faiss_from` queries (1 to 8 queries: 1.5-3.6x faster), faiss's flat search over X from there
+    (1.1-1.5x faster from 16 queries up; BENCHMARKS.md).
 
     seed_index: an approximate faiss index (HNSW or IVF) over the same rows, or None: the graph
     methods then take their kq seeds from it (`seeds`), a fraction of the exact search's cost at
     10^6 (BENCHMARKS.md); rankings by similarity (`search`) stay exact."""
 
-    def __init__(self, X: np.ndarray, *, faiss_from: int = 2, seed_index=None):
+    def __init__(self, X: np.ndarray, *, faiss_from: int = 16, seed_index=None):
         self.X = np.ascontiguousarray(X, dtype=np.float32)
         if not np.isfinite(self.X).all():
             raise ValueError("database has NaN/inf values")
