@@ -17,7 +17,8 @@ top-k). A batch waits for more requests `batch_wait_timeout_s` (0 by default) pl
 (`batch_wait_fraction`, 2%) of what recent batches took to rank (`BatchWait`): after a truncated
 query (a few ms) a batch waits a few hundredths of a millisecond, after an exact solve (a quarter of
 a second at 10^5) about 5 ms, so that concurrent clients' next requests share one solve (two queries
-in one block cost 1.2x one) instead of queueing behind each other's (BENCHMARKS.md). The HTTP proxy binds to 127.0.0.1 unless another host is asked for.
+in one block cost 1.2x one) instead of queueing behind each other's (BENCHMARKS.md). The HTTP
+proxy binds to 127.0.0.1 unless another host is asked for.
 
 With Serve's direct ingress (on in the Ray this project starts, `cluster.ray_runtime.serve_node_env`)
 each replica also answers the same API on a port of its own, on the same host: `replica_urls` lists

@@ -114,7 +114,8 @@ def _raw_forward(cfg: RunConfig, limit: int) -> dict:
 
 
 def _measured(ecfg: ExperimentConfig, cfg_path: Path, cfg: RunConfig, stage: str, images: str | None = None) -> dict:
-    """Run one step, in a child process when `isolate`: {"seconds", "peak_rss_gib"}."""
+    """Run one step, in a child process when `isolate`: {"seconds", "peak_rss_gib", "isolated"} and
+    what the step measured (`_stage`'s result)."""
     t0 = time.perf_counter()
     if not ecfg.isolate:
         got = _stage(cfg, stage, images)

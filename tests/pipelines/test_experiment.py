@@ -78,6 +78,7 @@ def test_resume_after_a_crash_mid_level_and_after_adding_levels(tmp_path, tiny_b
     recs = run_experiment(ecfg)  # resumes at level 4: its add is not repeated, level 0 is not redone
     assert (out / "levels" / "000000000.json").stat().st_mtime_ns == first
     assert recs[1]["database"] == recs[0]["database"] + 4
+    assert recs[1]["extraction"]["images"] == 4  # extracted before the crash: the rerun's empty extraction keeps that record
     # a longer experiment with the same settings continues where this one stopped
     path.write_text(path.read_text().replace("levels = [0, 4]", "levels = [0, 4, 7]"))
     recs = run_experiment(load_experiment(path))
