@@ -8,13 +8,20 @@ queries; more go to BLAS.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit
 
 from .threads import Workers
 
 SCAN_MAX = 16  # up to this many queries a scan beats BLAS's product (BENCHMARKS.md)
-_pool: list[Workers] = []
+
+
+@functools.cache
+def _workers() -> Workers:
+    """The scan's threads, started on its first use and kept."""
+    return Workers()
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -32,9 +39,7 @@ def _scan(Q, X, S, r0, r1):
 def scan_scores(Q: np.ndarray, X: np.ndarray) -> np.ndarray:
     """Q (nq, d) and X (n, d) contiguous float32 -> Q @ X.T (nq, n) float32, in one pass over X
     split into one row range per core (a kept pool of threads; the kernel releases the GIL)."""
-    if not _pool:
-        _pool.append(Workers())
-    workers = _pool[0]
+    workers = _workers()
     n = X.shape[0]
     S = np.empty((Q.shape[0], n), np.float32)
     cuts = [n * t // workers.threads for t in range(workers.threads + 1)]
