@@ -2,11 +2,12 @@
 
     python -m pipelines.benchmarks.serve_load --n 100000 --seconds 20 --clients 1 2
 
-Builds (once) a run directory from the scale benchmark's descriptors (import + exact reciprocal
-kNN graph), starts the Ray Serve query service on loopback (embedded Ray, one replica), and for
-each batch size and each way in (`--via`: Serve's proxy, or the replica's own port with direct
-ingress) drives `--clients` concurrent clients for `--seconds` while one more client sends a malformed or oversized request every `--bad-interval` s (each must get a 4xx); the passes over
-the batch sizes repeat (`--repeat`) so that memory growth after warm-up shows. Reports queries/s, request latency
+Builds (once) a run directory from the scale benchmark's descriptors (import + exact reciprocal kNN
+graph), starts the Ray Serve query service on loopback (embedded Ray, one replica), and for each
+batch size and each way in (`--via`: Serve's proxy, or the replica's own port with direct ingress)
+drives `--clients` concurrent clients for `--seconds` while one more client sends a malformed or
+oversized request every `--bad-interval` s (each must get a 4xx); the passes over the batch sizes
+repeat (`--repeat`) so that memory growth after warm-up shows. Reports queries/s, request latency
 percentiles, replica memory before/after and whether the replica process changed (a crash).
 Then runs the batch query job over a Parquet file of query vectors. Writes JSON + Markdown.
 """
