@@ -44,6 +44,7 @@ from starlette.responses import JSONResponse as _StarletteJSON
 
 from cluster.errors import ClusterError
 from pipelines.service import QueryIndex, RequestError, ServiceLimits, decode_request
+from retrieval.knn import search_threads, set_search_threads
 
 log = logging.getLogger(__name__)
 APP_NAME = "retrieval"
@@ -161,7 +162,7 @@ async def handle_request(request: Request, index: Any, rank: Callable[[Any], Awa
         if request.method not in ("GET", "HEAD"):
             return _error("use GET /healthz", 405, {"Allow": "GET, HEAD"})
         return JSONResponse({"status": "ok", "n": int(index.X.shape[0]), "dim": index.dim, "pid": os.getpid(),
-                             "rss_bytes": _rss_bytes()})
+                             "rss_bytes": _rss_bytes(), "search_threads": search_threads()})
     if path not in ("/", "/query"):
         return _error(f"no such endpoint {path[:200]!r}; use POST /query or GET /healthz", 404)
     if request.method != "POST":
@@ -238,6 +239,7 @@ class QueryService:
     def __init__(self, run_dir: str, limits: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.0,
                  batch_wait_fraction: float = 0.02):
         _replica_grpc_on_loopback()
+        self.search_threads = set_search_threads()  # as many as the solvers' threads, not Ray's OMP_NUM_THREADS=num_cpus
         self.index = QueryIndex(run_dir, limits=ServiceLimits(**limits))
         self.limits = self.index.limits
         self.uploads = UploadGuard(self.limits)

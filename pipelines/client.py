@@ -1,4 +1,6 @@
-"""A small Python client for the query service (standard library only, one kept-alive connection).
+"""A small Python client for the query service (standard library, one kept-alive connection; answers
+are decoded with orjson when it is installed, as it is with this package: a 256-query answer of top-100
+lists in 4 ms instead of the standard library's 10.5, BENCHMARKS.md).
 
     from pipelines.client import QueryClient
     c = QueryClient("http://127.0.0.1:8000")
@@ -14,6 +16,11 @@ from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
+
+try:
+    from orjson import loads as _loads  # raises orjson.JSONDecodeError, a json.JSONDecodeError
+except ImportError:  # the client alone, copied without this package's dependencies
+    _loads = json.loads
 
 
 class ServiceError(RuntimeError):
@@ -52,7 +59,7 @@ class QueryClient:
                 self.close()
                 raise
         try:
-            data = json.loads(raw) if raw else {}
+            data = _loads(raw) if raw else {}
         except json.JSONDecodeError:
             data = {"error": raw[:500].decode("utf-8", "replace")}
         return resp.status, data

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +28,21 @@ def set_flat_blas_threshold(value: int) -> int:
 
 
 FAISS_DEFAULT_BLAS_THRESHOLD = set_flat_blas_threshold(FLAT_BLAS_THRESHOLD)
+
+
+def set_search_threads(threads: int | None = None) -> int:
+    """faiss's OpenMP threads for every later search in this process: `threads`, default one per
+    core (the compiled kernels' default, `retrieval.threads`); returns the count set. Inside a Ray
+    actor OpenMP starts at the actor's num_cpus (Ray sets OMP_NUM_THREADS), which left a service
+    replica of 1 CPU searching on one thread while its solvers ran on every core."""
+    n = max(1, threads or os.cpu_count() or 1)
+    faiss.omp_set_num_threads(n)
+    return n
+
+
+def search_threads() -> int:
+    """faiss's OpenMP threads in this process."""
+    return int(faiss.omp_get_max_threads())
 
 
 def _as_f32(x: np.ndarray, name: str) -> np.ndarray:

@@ -4,6 +4,7 @@ direct ingress) listen on loopback only; each request test runs through both."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import pytest
@@ -70,11 +71,15 @@ def test_bad_requests_get_4xx_and_the_replica_survives(endpoint):
 
 
 def test_replica_runs_with_its_environment(service):
-    """The replica process has REPLICA_ENV (malloc arenas capped, OpenMP threads sleeping when idle)."""
+    """The replica process has REPLICA_ENV (malloc arenas capped, OpenMP threads sleeping when idle),
+    and faiss searches on as many threads as the solvers use (one per core), not on the replica's
+    num_cpus (1) that Ray's OMP_NUM_THREADS would give it."""
     from cluster.ray_serve import REPLICA_ENV
 
     with QueryClient(service["direct"][0]) as c:
-        pid = c.health()["pid"]
+        health = c.health()
+    pid = health["pid"]
+    assert health["search_threads"] == os.cpu_count()
     with open(f"/proc/{pid}/environ", "rb") as f:
         env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
     for key, value in REPLICA_ENV["env_vars"].items():
@@ -174,7 +179,6 @@ def test_stalled_uploads_do_not_block_valid_queries(endpoint, tiny_run):
 def test_retrieval_serve_command(tiny_run, tmp_path, stop_signal):
     """`retrieval serve RUN` as documented: starts, answers, stops on Ctrl-C or SIGTERM quietly
     (exit 0, no traceback; its own embedded Ray)."""
-    import os
     import signal
     import subprocess
     import sys

@@ -100,6 +100,23 @@ def test_batched_requests_equal_single_requests(index):
             np.testing.assert_allclose(rt["scores"], ra["scores"], rtol=1e-5)
 
 
+def test_answer_lists_are_the_rankings_rows(index):
+    """Each result of a multi-query answer carries its own query's row of the ranking: ids, keys of
+    those ids, scores (rounded to 6 places), and its solve's iterations and convergence."""
+    keys = list(index.keys[:5])
+    parsed = index.parse({"queries": [{"key": k} for k in keys], "method": "diffusion", "topk": 6})
+    res = index.rank(parsed.Q, "diffusion", 6)
+    ans = index.rank_many([parsed])[0]
+    key_of_id = dict(zip(index.ids.tolist(), index.keys))
+    assert [r["query"] for r in ans["results"]] == keys
+    for q, r in enumerate(ans["results"]):
+        assert r["ids"] == index.ids[res.ids[q]].tolist()
+        assert r["keys"] == [key_of_id[i] for i in r["ids"]]
+        np.testing.assert_allclose(r["scores"], res.scores[q], atol=1e-6)
+        assert (r["iterations"], r["converged"]) == (int(res.stats.iterations[q]), bool(res.stats.converged[q]))
+        assert type(r["ids"][0]) is int and type(r["scores"][0]) is float and type(r["iterations"]) is int
+
+
 def _queries_file(path: Path, index: QueryIndex, n: int = 23) -> Path:
     rng = np.random.default_rng(0)
     V = index.X[rng.integers(0, len(index.keys), n)] + 0.01 * rng.standard_normal((n, index.dim)).astype(np.float32)
