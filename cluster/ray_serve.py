@@ -213,21 +213,28 @@ def _replica_grpc_on_loopback() -> None:
 class BatchWait:
     """serve.batch's wait for more requests, adapted to the ranking's cost: `fixed_s` plus `fraction`
     of the recent batches' ranking time (an exponential average, weight `smoothing` for the newest),
-    at most `max_s`. `after(seconds)` records a batch's ranking time and returns the next wait."""
+    at most `max_s`. The fraction applies after a batch of fewer than `wide` queries only: a
+    companion's queries share a narrow solve at little cost (the block product of 2-4 columns costs
+    about one column's), while a batch of many queries already runs at its per-query rate and would
+    only wait (2% of a 256-query truncated batch: 9 ms; BENCHMARKS.md). `after(seconds, queries)`
+    records a batch and returns the next wait."""
 
-    def __init__(self, fixed_s: float = 0.0, fraction: float = 0.02, *, max_s: float = 0.05, smoothing: float = 0.3):
-        if fixed_s < 0 or fraction < 0 or max_s < 0 or not 0 < smoothing <= 1:
-            raise ValueError(f"BatchWait: waits and the fraction must be >= 0, smoothing in (0, 1]; got {fixed_s}, {fraction}, {max_s}, {smoothing}")
-        self.fixed_s, self.fraction, self.max_s, self.smoothing = fixed_s, fraction, max_s, smoothing
+    def __init__(self, fixed_s: float = 0.0, fraction: float = 0.02, *, max_s: float = 0.05, smoothing: float = 0.3, wide: int = 32):
+        if fixed_s < 0 or fraction < 0 or max_s < 0 or not 0 < smoothing <= 1 or wide < 1:
+            raise ValueError("BatchWait: waits and the fraction must be >= 0, smoothing in (0, 1], wide >= 1; got "
+                             f"{fixed_s}, {fraction}, {max_s}, {smoothing}, {wide}")
+        self.fixed_s, self.fraction, self.max_s, self.smoothing, self.wide = fixed_s, fraction, max_s, smoothing, wide
         self.recent_s: float | None = None
+        self.narrow = True
 
-    def after(self, seconds: float) -> float:
+    def after(self, seconds: float, queries: int = 1) -> float:
         self.recent_s = seconds if self.recent_s is None else self.smoothing * seconds + (1 - self.smoothing) * self.recent_s
+        self.narrow = queries < self.wide
         return self.wait_s
 
     @property
     def wait_s(self) -> float:
-        return min(self.max_s, self.fixed_s + self.fraction * (self.recent_s or 0.0))
+        return min(self.max_s, self.fixed_s + (self.fraction * (self.recent_s or 0.0) if self.narrow else 0.0))
 
 
 # Slow uploads hold a slot while their body trickles in, but at most `max_slow_uploads` (32) of
@@ -254,7 +261,7 @@ class QueryService:
     async def _rank_batch(self, parsed: list) -> list[dict]:
         t0 = time.perf_counter()
         out = await asyncio.to_thread(self.index.rank_many, parsed)
-        self._rank_batch.set_batch_wait_timeout_s(self.batch_wait.after(time.perf_counter() - t0))
+        self._rank_batch.set_batch_wait_timeout_s(self.batch_wait.after(time.perf_counter() - t0, sum(len(p.Q) for p in parsed)))
         return out
 
 

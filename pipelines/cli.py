@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     srv.add_argument("--max-batch", type=int, default=16, help="requests batched into one solve")
     srv.add_argument("--batch-wait-fraction", type=float, default=0.02,
-                     help="a batch waits for more requests this fraction of recent batches' ranking time (0: never waits)")
+                     help="a batch waits for more requests this fraction of recent batches' ranking time (0: never waits; "
+                          "no wait after a batch of 32 queries or more)")
     srv.add_argument("--max-queries", type=int, default=1024, help="queries per request")
     srv.add_argument("--address", default="", help="Ray cluster to join (default: embedded local Ray)")
     smt = add("submit", help="submit a pipeline run to a Ray cluster (Ray Jobs API)")

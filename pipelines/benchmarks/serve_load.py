@@ -9,7 +9,9 @@ drives `--clients` concurrent clients for `--seconds` while one more client send
 oversized request every `--bad-interval` s (each must get a 4xx); the passes over the batch sizes
 repeat (`--repeat`) so that memory growth after warm-up shows. Reports queries/s, request latency
 percentiles, replica memory before/after and whether the replica process changed (a crash).
-Then runs the batch query job over a Parquet file of query vectors. Writes JSON + Markdown.
+Then `--paired-rounds` rounds of the largest batch ranked in-process and sent to the service in
+turn (a ratio per pair, robust to the machine's drift). Then runs the batch query job over a
+Parquet file of query vectors. Writes JSON + Markdown.
 """
 from __future__ import annotations
 
@@ -151,15 +153,39 @@ def batch_job(run: Path, out: Path, n: int, nq: int, methods: list[str], chunk: 
     return run_batch_query(index, qfile, bdir, methods=methods, topk=topk, chunk=chunk)
 
 
-def in_process_reference(run: Path, methods: list[str], batch: int, topk: int, singles: int = 30, batches: int = 3,
+def paired_rounds(index, url: str, keys: list[str], *, method: str, batch: int, topk: int, rounds: int, seed: int) -> dict:
+    """The same `batch` queries ranked in this process (`QueryIndex.rank`) and sent to the service as
+    one request (one client, the service otherwise idle), alternately, `rounds` times (the side that
+    goes first alternates too). The machine's drift, which moves a figure measured minutes apart by
+    10-20% here, cancels in each pair's ratio: in-process time / request time is the service's
+    share of in-process throughput for that pair."""
+    from pipelines.client import QueryClient
+
+    rng = np.random.default_rng(seed)
+    t_in, t_http = [], []
+    with QueryClient(url, timeout=600) as c:
+        for r in range(rounds):
+            rows = rng.integers(0, len(keys), batch)
+            Q, names = index.X[rows], [keys[j] for j in rows]
+            for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+                t0 = time.perf_counter()
+                if side == 0:
+                    index.rank(Q, method, topk)
+                else:
+                    c.query(keys=names, method=method, topk=topk)
+                (t_in if side == 0 else t_http).append(time.perf_counter() - t0)
+    ratio = np.array(t_in) / np.array(t_http)
+    return {"method": method, "batch": batch, "rounds": rounds, "in_process_ms_p50": round(1000 * float(np.median(t_in)), 1),
+            "service_ms_p50": round(1000 * float(np.median(t_http)), 1), "ratio_p50": round(float(np.median(ratio)), 3),
+            "ratio_min": round(float(ratio.min()), 3), "ratio_max": round(float(ratio.max()), 3)}
+
+
+def in_process_reference(index, methods: list[str], batch: int, topk: int, singles: int = 30, batches: int = 3,
                          widths: tuple[int, ...] = ()) -> dict:
     """`QueryIndex.rank` itself (no HTTP, no Ray), per method: queries/s on a batch of `batch`
     queries (median of `batches` runs), the median time of `singles` one-query calls (what a
     request of one query costs), and per width w in `widths` the median time of ranking w queries at
     once (what w one-query requests cost when the service batches them into one solve)."""
-    from pipelines.service import QueryIndex
-
-    index = QueryIndex(run)
     rng = np.random.default_rng(7)
     Q = index.X[rng.integers(0, index.X.shape[0], batch)]
     out = {}
@@ -215,6 +241,11 @@ def markdown(res: dict) -> str:
         rows += ["", "| method | " + " | ".join(f"{w} queries at once, ms (x one)" for w in widths) + " |", "|---|" + "---|" * len(widths)]
         rows += [f"| {m} | " + " | ".join(f"{v['width_ms_p50'][w]} ({v['width_ms_p50'][w] / v['single_ms_p50']:.2f}x)" for w in widths) + " |"
                  for m, v in inproc.items() if v.get("width_ms_p50")]
+    if res.get("paired"):
+        rows += ["", "| paired rounds: via | method | batch | rounds | in-process ms p50 | request ms p50 | in-process / request: p50 (min-max) |",
+                 "|---|---|---|---|---|---|---|"]
+        rows += [f"| {p['via']} | {p['method']} | {p['batch']} | {p['rounds']} | {p['in_process_ms_p50']} | {p['service_ms_p50']} | "
+                 f"{p['ratio_p50']} ({p['ratio_min']}-{p['ratio_max']}) |" for p in res["paired"]]
     if res.get("batch_job"):
         rows += ["", "| batch job method | queries | chunks | queries/s (wall) | rank-only queries/s |", "|---|---|---|---|---|"]
         for m, b in res["batch_job"].items():
@@ -241,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-wait", type=float, default=0.0, help="serve.batch's fixed wait for more requests (s)")
     ap.add_argument("--batch-wait-fraction", type=float, default=0.02, help="serve.batch's wait, as a fraction of recent batches' ranking time")
     ap.add_argument("--widths", type=int, nargs="*", default=[], help="in-process: also time w queries ranked at once, per w")
+    ap.add_argument("--paired-rounds", type=int, default=10,
+                    help="after the load phases: rounds of the largest batch ranked in-process and through the service alternately")
     ap.add_argument("--batch-job-queries", type=int, default=2000)
     ap.add_argument("--batch-job-methods", nargs="+", default=["knn", "diffusion"])
     ap.add_argument("--batch-chunk", type=int, default=500)
@@ -261,12 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                     os.environ["OMP_WAIT_POLICY"], REPLICA_ENV["env_vars"]["OMP_WAIT_POLICY"])
     from pipelines.client import QueryClient
     from pipelines.descriptors import load_descriptors
-    from pipelines.service import ServiceLimits
+    from pipelines.service import QueryIndex, ServiceLimits
 
     run = build_index_run(args.out, args.n, 1000, args.k)
     settings = set_query_settings(run, args.query)
     _, keys, _ = load_descriptors(run / "descriptors", dense=False)
-    res_inproc = in_process_reference(run, args.methods, max(args.batches), args.topk, widths=tuple(args.widths))
+    index = QueryIndex(run)
+    res_inproc = in_process_reference(index, args.methods, max(args.batches), args.topk, widths=tuple(args.widths))
     init_ray("", num_cpus=2)
     t_start = time.perf_counter()
     port = free_port()
@@ -299,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
                                  rss_after_mib=h1["rss_bytes"] / 2**20, replica_restarted=h0["pid"] != h1["pid"])
                         log.info("%s", p)
                         res["phases"].append(p)
+            res["paired"] = []
+            for method, via in itertools.product(args.methods if args.paired_rounds else [], [v for v in args.via if v in urls]):
+                pr = paired_rounds(index, urls[via], keys, method=method, batch=max(args.batches), topk=args.topk,
+                                   rounds=args.paired_rounds, seed=11)
+                pr["via"] = via
+                log.info("paired: %s", pr)
+                res["paired"].append(pr)
     finally:
         stop_service()
     if args.batch_job_queries:

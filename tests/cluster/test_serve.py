@@ -112,7 +112,7 @@ def test_embedded_ray_and_the_service_listen_on_loopback_only(service):
 
 def test_batch_wait_follows_the_ranking_cost():
     """serve.batch's wait: a fraction of recent batches' ranking time (averaged), plus the fixed
-    wait, capped; bad settings refused."""
+    wait, capped; none but the fixed wait after a batch of `wide` queries or more; bad settings refused."""
     from cluster.ray_serve import BatchWait
 
     w = BatchWait(0.0, 0.02, smoothing=0.5)
@@ -123,9 +123,12 @@ def test_batch_wait_follows_the_ranking_cost():
     for _ in range(20):
         w.after(0.250)
     assert w.wait_s == pytest.approx(0.005, rel=1e-3)  # an exact solve at 10^5: 5 ms
+    assert w.after(0.250, 256) == 0.0  # after a batch of 256 queries: no wait for company
+    assert w.after(0.250, 31) == pytest.approx(0.005, rel=1e-3)  # a narrow batch again: the wait is back
+    assert BatchWait(0.001, 0.02).after(0.5, 32) == 0.001  # wide: the fixed wait alone
     assert BatchWait(0.001, 0.0).after(1.0) == 0.001  # the fixed wait alone
     assert BatchWait(0.0, 1.0, max_s=0.05).after(10.0) == 0.05  # capped
-    for bad in [dict(fixed_s=-1), dict(fraction=-0.1), dict(smoothing=0)]:
+    for bad in [dict(fixed_s=-1), dict(fraction=-0.1), dict(smoothing=0), dict(wide=0)]:
         with pytest.raises(ValueError):
             BatchWait(**bad)
 
