@@ -41,8 +41,8 @@ TRAIN_ENGINES: tuple[str, ...] = ("local", "ray")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Copies of registries in retrieval/ modules that import torch or faiss (loading a configuration stays
 # light); tests/pipelines/test_config.py asserts each equals its registry.
-METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "spectral", "petsc", "regional")  # retrieval.rankers.METHODS
-GRAPH_METHODS: frozenset[str] = frozenset({"diffusion", "truncated", "spectral", "petsc"})  # retrieval.rankers.GRAPH_METHODS
+METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "precomputed", "spectral", "petsc", "regional")  # retrieval.rankers.METHODS
+GRAPH_METHODS: frozenset[str] = frozenset({"diffusion", "truncated", "precomputed", "spectral", "petsc"})  # retrieval.rankers.GRAPH_METHODS
 REGION_METHODS: frozenset[str] = frozenset({"regional"})  # retrieval.rankers.REGION_METHODS
 POOLINGS: tuple[str, ...] = ("mac", "spoc", "gem", "rmac", "crow", "fs", "fs_egm", "os_egm")  # retrieval.pooling.POOLINGS + os_egm
 BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "efficientnet_lite3",
@@ -203,6 +203,9 @@ class QueryConfig:
     truncate_beam: int = _min(0, 0)  # nodes kept per query at each "mass" step; 0 = truncate_m
     truncate_edges: int = _min(0, 0)  # "mass" walks each node's strongest edges only, this many; 0 = all
     truncate_kernel: str = _choice("compiled", TRUNCATE_KERNELS)  # "mass" in compiled code, or scipy (the reference)
+    # "precomputed": every database item's truncated diffusion (truncate_* settings) computed once
+    # and kept in graph/, its precompute_keep strongest entries per item
+    precompute_keep: int = _min(700, 1)
     spectral_rank: int = _min(256, 1)  # eigenpairs kept by the "spectral" method
     petsc_ranks: int = _min(2, 1)  # MPI ranks of the "petsc" method
     # "mpiexec" (from this process) or "ray" (one rank per placement-group bundle)

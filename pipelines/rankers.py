@@ -7,7 +7,9 @@ truncated solver, spectral embedding, PETSc launcher) is built once per index, n
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import threading
 import time
@@ -16,15 +18,18 @@ from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
+from tqdm import tqdm
 
 from retrieval.rankers import (
-    GRAPH_METHODS, METHODS, REGION_METHODS, AqeRanker, DiffusionRanker, KnnRanker, Ranker, Ranking, SpectralRanker, TruncatedRanker,
+    GRAPH_METHODS, METHODS, REGION_METHODS, AqeRanker, DiffusionRanker, KnnRanker, PrecomputedRanker, Ranker, Ranking, SpectralRanker,
+    TruncatedRanker,
 )
 from retrieval.knn import IndexSpec, build_index
+from retrieval.precomputed import ItemRows
 from retrieval.spectral import SpectralEmbedding, spectral_embedding
 
 from .config import QueryConfig
-from .shards import read_json, write_bytes
+from .shards import read_json, write_bytes, write_npz
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,41 @@ def spectral_cached(W: sp.spmatrix, graph_dir: Path | None, *, rank: int, alpha:
         np.savez(buf, V=emb.V, U=emb.U, lam=emb.lam, alpha=np.float64(alpha), graph=np.array(str(gparams)))
         write_bytes(buf.getvalue(), path)
     return emb
+
+
+def precomputed_cached(W: sp.spmatrix, graph_dir: Path | None, cfg: QueryConfig) -> ItemRows:
+    """Every database item's truncated diffusion (`retrieval.precomputed.item_rows`, the solver of
+    the "truncated" method with cfg's truncate_* settings), computed once per (graph, settings) and
+    kept in graph_dir as precomputed-<key>.npz (written atomically; a damaged or outdated file is
+    computed again)."""
+    from retrieval.precomputed import item_rows
+    from retrieval.truncated_compiled import CompiledTruncatedSolver
+
+    c = cfg
+    settings = dict(m=c.truncate_m, alpha=c.alpha, rtol=c.rtol, maxiter=c.maxiter, hops=c.truncate_hops, beam=c.truncate_beam or None,
+                    select_edges=c.truncate_edges)
+    m = read_json(graph_dir / "manifest.json") if graph_dir else {}
+    key = json.dumps([m.get("params"), m.get("n"), m.get("nnz"), settings, c.precompute_keep], sort_keys=True, default=str)
+    path = graph_dir / f"precomputed-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz" if graph_dir else None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    rows = ItemRows(z["indptr"], z["indices"], z["data"])
+                    if rows.n == W.shape[0]:
+                        return rows
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("precomputed: %s unreadable (%s): computing it again", path.name, e)
+    n = W.shape[0]
+    t0 = time.perf_counter()
+    solver = CompiledTruncatedSolver(W, **settings)
+    with tqdm(total=n, desc="precompute", unit="item") as bar:
+        rows = item_rows(solver.solve, n, c.precompute_keep, progress=lambda done: bar.update(done - bar.n))
+    log.info("precomputed: the truncated diffusion of %d items in %.1f s, %d entries (%.0f MB)", n, time.perf_counter() - t0,
+             rows.indices.size, rows.nbytes / 1e6)
+    if path is not None:
+        write_npz(path, indptr=rows.indptr, indices=rows.indices, data=rows.data, key=np.array(key))
+    return rows
 
 
 def row_order_cached(W: sp.spmatrix, graph_dir: Path | None, order: str) -> np.ndarray:
@@ -167,6 +207,11 @@ def _truncated(r: Rankers) -> Ranker:
                            kernel=c.truncate_kernel)
 
 
+def _precomputed(r: Rankers) -> Ranker:
+    c = r.cfg
+    return PrecomputedRanker(r.knn, precomputed_cached(r.W, r.graph_dir, c), gamma=c.gamma, kq=c.kq)
+
+
 def _spectral(r: Rankers) -> Ranker:
     c = r.cfg
     emb = spectral_cached(r.W, r.graph_dir, rank=c.spectral_rank, alpha=c.alpha)
@@ -221,6 +266,7 @@ BUILDERS: dict[str, Callable[[Rankers], Ranker]] = {
     "aqe": lambda r: AqeRanker(r.knn, r.X, n=r.cfg.aqe_n, alpha=r.cfg.aqe_alpha),
     "diffusion": _diffusion,
     "truncated": _truncated,
+    "precomputed": _precomputed,
     "spectral": _spectral,
     "petsc": _petsc,
     "regional": _regional,

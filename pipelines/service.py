@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 # petsc: a batch method (MPI ranks per call); regional: ranks a query's regions, which the service's
 # queries (a key or a vector) do not carry: both run in the query stage and the batch query job
 SERVICE_METHODS = {"none": "knn", **{m: m for m in METHODS if m != "petsc" and m not in REGION_METHODS}}
-# built when the index loads, so that the first request pays for no set-up (spectral's
-# eigendecomposition is built on first use, or read from its cache in graph/)
+# built when the index loads, so that the first request pays for no set-up; so are the run's own
+# [query].methods (spectral's eigendecomposition and precomputed's rows are read from their files in
+# graph/, or computed there then); others are built on first use
 WARM_METHODS = ("knn", "aqe", "diffusion", "truncated")
 
 
@@ -162,7 +163,8 @@ class QueryIndex:
                 self.query_vectors = {k: QX[i] for i, k in enumerate(qkeys) if k not in self.row_of_key}
         self.rankers = Rankers(self.X, self.query_cfg, graph_dir=self.run_dir / "graph")
         self.has_graph = self.rankers.has_graph
-        ready = [m for m in warm if m not in GRAPH_METHODS or self.has_graph]
+        own = [m for m in self.query_cfg.methods if m in SERVICE_METHODS.values() and m not in warm]
+        ready = [m for m in (*warm, *own) if m not in GRAPH_METHODS or self.has_graph]
         for m in ready:
             self.rankers.get(m)
         self._lock = threading.Lock()  # the extractor is not re-entrant

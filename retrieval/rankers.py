@@ -21,14 +21,15 @@ from .diffusion import (
     SolveStats, block_cg, diffusion_operator, query_vectors, query_vectors_sparse, rank_by_scores, sparse_operator, topk_columns,
 )
 from .knn import exact_search, flat_search, search_index
+from .precomputed import ItemRows, RowCombiner
 from .query_expansion import alpha_qe
 from .spectral import SpectralEmbedding
 from .truncated import TruncatedSolver
 
 # Every ranking method, in report order: the one registry of names (config checking, the service,
 # evaluation order and the stage's builders all read it).
-METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "spectral", "petsc", "regional")
-GRAPH_METHODS: frozenset[str] = frozenset({"diffusion", "truncated", "spectral", "petsc"})
+METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "precomputed", "spectral", "petsc", "regional")
+GRAPH_METHODS: frozenset[str] = frozenset({"diffusion", "truncated", "precomputed", "spectral", "petsc"})
 # engines of truncated diffusion's mass selection: the compiled kernel, or scipy (the reference)
 KERNELS: tuple[str, ...] = ("compiled", "scipy")
 # methods that rank region sets over the region graph (`retrieval.regional`), not global vectors
@@ -196,6 +197,31 @@ class TruncatedRanker:
         ids, sc, st = self.solver.solve(D[:, : self.kq], I[:, : self.kq])
         I2, S2 = pad_with_knn(self.knn, Q, ids, sc, k, neighbours=I if self.knn.seed_index is None else None)
         return Ranking(I2, S2, st)
+
+
+class PrecomputedRanker:
+    """Database-side truncated diffusion (`retrieval.precomputed`): a query's kq seeds' precomputed
+    rows summed, weighted by similarity^gamma; the rest of the ranking by plain similarity. No
+    solve at query time: the ranking costs the seed search and kq rows' worth of entries."""
+
+    pad_search_max = TruncatedRanker.pad_search_max
+
+    def __init__(self, knn: KnnRanker, rows: ItemRows, *, gamma: float = 3.0, kq: int = 10, threads: int | None = None):
+        if rows.n != knn.n:
+            raise ValueError(f"the precomputed rows cover {rows.n} items but the database has {knn.n}")
+        self.knn, self.gamma, self.kq = knn, gamma, kq
+        self.combiner = RowCombiner(rows, threads=threads)
+
+    def rank(self, Q: np.ndarray, topk: int) -> Ranking:
+        k = min(topk, self.knn.n)
+        if self.knn.seed_index is not None:
+            D, I = self.knn.seeds(Q, self.kq)
+        else:  # one search serves both, as for truncated diffusion
+            D, I = self.knn.search(Q, max(self.kq, k) if k <= self.pad_search_max else self.kq)
+        Y = np.maximum(np.asarray(D[:, : self.kq], np.float64), 0.0) ** self.gamma
+        ids, sc = self.combiner.top(Y, I[:, : self.kq], k)
+        I2, S2 = pad_with_knn(self.knn, Q, ids, sc, k, neighbours=I if self.knn.seed_index is None else None)
+        return Ranking(I2, S2)
 
 
 class SpectralRanker:

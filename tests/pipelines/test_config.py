@@ -87,7 +87,7 @@ def test_a_value_outside_the_choices_names_key_and_allowed_values(tmp_path, sect
 def test_every_query_method_is_checked(tmp_path):
     from pipelines.config import METHODS
 
-    allowed = "knn, aqe, diffusion, truncated, spectral, petsc, regional"
+    allowed = "knn, aqe, diffusion, truncated, precomputed, spectral, petsc, regional"
     with pytest.raises(ConfigError, match=rf"config: query\.methods\[1\] must be one of {allowed}; got 'difusion'"):
         load_config(_write(tmp_path, '[query]\nmethods = ["knn", "difusion"]\n'))
     every = f"[query]\nmethods = {list(METHODS)!r}\n".replace("'", '"')

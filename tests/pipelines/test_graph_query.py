@@ -415,3 +415,34 @@ def test_partition_row_order_is_kept_with_the_graph_and_ranks_like_rcm(imported,
     monkeypatch.setattr(po, "partition_order", lambda A: calls.append(1) or perm)
     row_order_cached(W, gdir, "partition")
     assert calls == [1]
+
+
+def test_precomputed_rows_are_kept_with_the_graph(imported, monkeypatch, caplog):
+    """The "precomputed" method through the query stage: its rows are computed once per graph and
+    settings and kept in graph/ (read back, not recomputed; a damaged file or other settings are
+    computed again); with rows as deep as the truncated solve's subgraph it ranks like truncated
+    diffusion on the top of each list."""
+    import retrieval.precomputed as rp
+    from pipelines.rankers import precomputed_cached
+
+    run, X, Q = imported
+    run_graph(run, GraphConfig(k=10, index="flat"))
+    cfg = QueryConfig(methods=["truncated", "precomputed"], topk=20, kq=5, rtol=1e-8, truncate_m=150, truncate_hops=8,
+                      precompute_keep=150)
+    run_query(run, run / "queries", cfg)
+    kept = list((run / "graph").glob("precomputed-*.npz"))
+    assert len(kept) == 1
+    ranks = {m: pq.read_table(run / "ranks" / f"{m}.parquet").to_pydict()["ids"] for m in ("truncated", "precomputed")}
+    assert np.mean([len(set(a[:5]) & set(b[:5])) / 5 for a, b in zip(ranks["truncated"], ranks["precomputed"])]) >= 0.9
+    W, _ = load_graph(run / "graph")
+    rows = precomputed_cached(W, run / "graph", cfg)
+    with monkeypatch.context() as m:
+        m.setattr(rp, "item_rows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+        again = precomputed_cached(W, run / "graph", cfg)
+    np.testing.assert_array_equal(again.indices, rows.indices)
+    kept[0].write_bytes(b"damaged")
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(precomputed_cached(W, run / "graph", cfg).data, rows.data)
+    assert "unreadable" in caplog.text
+    other = precomputed_cached(W, run / "graph", QueryConfig(**{**cfg.__dict__, "precompute_keep": 20}))
+    assert np.diff(other.indptr).max() == 20 and len(list((run / "graph").glob("precomputed-*.npz"))) == 2
