@@ -51,22 +51,24 @@ def item_rows(solve: Callable[[np.ndarray, np.ndarray], tuple[list, list, object
     each chunk. Returns ItemRows (n rows, at most `keep` entries each)."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    cols = np.full((n, keep), -1, np.int32)
-    vals = np.zeros((n, keep), np.float32)
-    lengths = np.zeros(n, np.int64)
+    # rows written one after the other into buffers of the largest size: no second copy to compact
+    # them (at 10^6 items the table is gigabytes); the arrays returned are views of their first nnz
+    cols = np.empty(n * keep, np.int32)
+    vals = np.empty(n * keep, np.float32)
+    indptr = np.zeros(n + 1, np.int64)
+    pos = 0
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         items = np.arange(a, b, dtype=np.int64)[:, None]
         ids, sc, _ = solve(np.ones((b - a, 1)), items)
         for r, (i, s) in enumerate(zip(ids, sc)):
             L = min(keep, len(i))
-            cols[a + r, :L], vals[a + r, :L], lengths[a + r] = i[:L], s[:L], L
+            cols[pos : pos + L], vals[pos : pos + L] = i[:L], s[:L]
+            pos += L
+            indptr[a + r + 1] = pos
         if progress is not None:
             progress(b)
-    indptr = np.zeros(n + 1, np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    mask = np.arange(keep)[None, :] < lengths[:, None]
-    return ItemRows(indptr, cols[mask], vals[mask])
+    return ItemRows(indptr, cols[:pos], vals[:pos])
 
 
 @njit(cache=True, nogil=True)
