@@ -88,6 +88,23 @@ def test_graph_methods_need_a_graph(tiny_run, tmp_path):
     assert e.value.status == 422
 
 
+def test_the_runs_own_methods_are_built_when_the_index_loads(tiny_run, tmp_path):
+    """A run whose [query].methods name "precomputed" gets its rows computed (and kept in graph/)
+    when the index loads, not by the first request; requests then rank by it like the query stage's
+    ranker over the same rows."""
+    import shutil
+
+    from pipelines.config import QueryConfig
+
+    shutil.copytree(tiny_run[0].out, tmp_path / "run")
+    cfg = QueryConfig(methods=["knn", "precomputed"], kq=5, truncate_m=40, precompute_keep=30)
+    idx = QueryIndex(tmp_path / "run", query=cfg)
+    assert "precomputed" in idx.rankers._built and list((tmp_path / "run" / "graph").glob("precomputed-*.npz"))
+    ans = idx.answer({"queries": [{"key": k} for k in idx.keys[:3]], "method": "precomputed", "topk": 5})
+    ref = idx.rankers.get("precomputed").rank(idx.X[:3], 5)
+    assert [r["ids"] for r in ans["results"]] == idx.ids[ref.ids].tolist()
+
+
 def test_batched_requests_equal_single_requests(index):
     reqs = [index.parse({"queries": [{"key": k}], "method": m, "topk": 4}) for k in index.keys[:3] for m in ("diffusion", "aqe")]
     together = index.rank_many(reqs)
