@@ -246,7 +246,7 @@ class QueryService:
     def __init__(self, run_dir: str, limits: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.0,
                  batch_wait_fraction: float = 0.02):
         _replica_grpc_on_loopback()
-        self.search_threads = set_search_threads()  # as many as the solvers' threads, not Ray's OMP_NUM_THREADS=num_cpus
+        set_search_threads()  # as many as the solvers' threads, not Ray's OMP_NUM_THREADS=num_cpus
         self.index = QueryIndex(run_dir, limits=ServiceLimits(**limits))
         self.limits = self.index.limits
         self.uploads = UploadGuard(self.limits)
