@@ -29,7 +29,7 @@ from retrieval.precomputed import ItemRows
 from retrieval.spectral import SpectralEmbedding, spectral_embedding
 
 from .config import QueryConfig
-from .shards import read_json, write_bytes, write_npz
+from .shards import read_json, write_bytes, write_json, write_npz, write_with
 
 log = logging.getLogger(__name__)
 
@@ -53,38 +53,77 @@ def spectral_cached(W: sp.spmatrix, graph_dir: Path | None, *, rank: int, alpha:
 
 
 def precomputed_cached(W: sp.spmatrix, graph_dir: Path | None, cfg: QueryConfig) -> ItemRows:
-    """Every database item's truncated diffusion (`retrieval.precomputed.item_rows`, the solver of
-    the "truncated" method with cfg's truncate_* settings), computed once per (graph, settings) and
-    kept in graph_dir as precomputed-<key>.npz (written atomically; a damaged or outdated file is
-    computed again)."""
-    from retrieval.precomputed import item_rows
+    """Every database item's truncated diffusion (`retrieval.precomputed`, the solver of the
+    "truncated" method with cfg's truncate_* settings), computed once per (graph, settings) and
+    kept in graph_dir as precomputed-<key>.{indptr.npz,rows,values,json}: the rows and values are
+    written a chunk at a time as they are solved and memory-mapped when read (processes that rank
+    share one copy in the page cache; neither the build nor a ranking process holds the table in
+    its own memory). The .json is written last: files without it, damaged, or of other settings
+    are computed again. Without graph_dir the rows are computed in memory."""
+    from retrieval.precomputed import item_row_chunks, item_rows
     from retrieval.truncated_compiled import CompiledTruncatedSolver
 
-    c = cfg
+    c, n = cfg, W.shape[0]
     settings = dict(m=c.truncate_m, alpha=c.alpha, rtol=c.rtol, maxiter=c.maxiter, hops=c.truncate_hops, beam=c.truncate_beam or None,
                     select_edges=c.truncate_edges)
     m = read_json(graph_dir / "manifest.json") if graph_dir else {}
     key = json.dumps([m.get("params"), m.get("n"), m.get("nnz"), settings, c.precompute_keep], sort_keys=True, default=str)
-    path = graph_dir / f"precomputed-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz" if graph_dir else None
-    if path is not None and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["key"]) == key:
-                    rows = ItemRows(z["indptr"], z["indices"], z["data"])
-                    if rows.n == W.shape[0]:
-                        return rows
-        except (OSError, ValueError, KeyError) as e:
-            log.warning("precomputed: %s unreadable (%s): computing it again", path.name, e)
-    n = W.shape[0]
+    base = graph_dir / f"precomputed-{hashlib.sha256(key.encode()).hexdigest()[:12]}" if graph_dir else None
+    if base is not None:
+        rows = _read_precomputed(base, key, n)
+        if rows is not None:
+            return rows
     t0 = time.perf_counter()
     solver = CompiledTruncatedSolver(W, **settings)
     with tqdm(total=n, desc="precompute", unit="item") as bar:
-        rows = item_rows(solver.solve, n, c.precompute_keep, progress=lambda done: bar.update(done - bar.n))
+        if base is None:
+            return item_rows(solver.solve, n, c.precompute_keep, progress=lambda done: bar.update(done - bar.n))
+        indptr = np.zeros(n + 1, np.int64)
+
+        def stream(rows_tmp: str, values_tmp: str) -> None:
+            with open(rows_tmp, "wb") as fr, open(values_tmp, "wb") as fv:
+                for a, lengths, cols, vals in item_row_chunks(solver.solve, n, c.precompute_keep):
+                    fr.write(cols.tobytes())
+                    fv.write(vals.tobytes())
+                    indptr[a + 1 : a + 1 + len(lengths)] = indptr[a] + np.cumsum(lengths)
+                    bar.update(len(lengths))
+
+        write_with(f"{base}.rows", lambda rt: write_with(f"{base}.values", lambda vt: stream(rt, vt)))
+    write_npz(f"{base}.indptr.npz", indptr=indptr)
+    write_json({"key": key, "n": n, "nnz": int(indptr[-1])}, f"{base}.json")
     log.info("precomputed: the truncated diffusion of %d items in %.1f s, %d entries (%.0f MB)", n, time.perf_counter() - t0,
-             rows.indices.size, rows.nbytes / 1e6)
-    if path is not None:
-        write_npz(path, indptr=rows.indptr, indices=rows.indices, data=rows.data, key=np.array(key))
+             indptr[-1], indptr[-1] * 8 / 1e6)
+    rows = _read_precomputed(base, key, n)
+    if rows is None:
+        raise RuntimeError(f"precomputed: {base.name} could not be read back after it was written")
     return rows
+
+
+def _read_precomputed(base: Path, key: str, n: int) -> ItemRows | None:
+    """The rows kept at `base` when they are whole and of `key` (memory-mapped), else None (a
+    warning when they exist but cannot be used)."""
+    meta_path = Path(f"{base}.json")
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = read_json(meta_path)
+        if meta.get("key") != key:
+            return None
+        with np.load(f"{base}.indptr.npz", allow_pickle=False) as z:
+            indptr = z["indptr"]
+        nnz = int(meta["nnz"])
+        if indptr.shape != (n + 1,) or int(indptr[-1]) != nnz or meta.get("n") != n:
+            raise ValueError("its row pointers do not match its description")
+        arrays = []
+        for suffix, dtype in ((".rows", np.int32), (".values", np.float32)):
+            path = Path(f"{base}{suffix}")
+            if path.stat().st_size != nnz * np.dtype(dtype).itemsize:
+                raise ValueError(f"{path.name} has {path.stat().st_size} bytes, not {nnz * np.dtype(dtype).itemsize}")
+            arrays.append(np.asarray(np.memmap(path, dtype=dtype, mode="r")) if nnz else np.zeros(0, dtype))
+        return ItemRows(indptr, arrays[0], arrays[1])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("precomputed: %s unreadable (%s): computing it again", base.name, e)
+        return None
 
 
 def row_order_cached(W: sp.spmatrix, graph_dir: Path | None, order: str) -> np.ndarray:

@@ -10,13 +10,15 @@ longer depends on the graph: kq rows of `keep` entries are gathered and the top 
 sorted, in compiled code.
 
 Rows are float32 values and int32 columns, `keep` per item at most: n * keep * 8 bytes
-(10^5 items, keep 700: 560 MB).
+(10^5 items, keep 700: 530 MB). They can be produced a chunk at a time (`item_row_chunks`) and
+ranked from memory-mapped files (any arrays will do), so neither the offline step nor a process
+that ranks needs the table in its own memory.
 """
 from __future__ import annotations
 
 import queue
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from numba import njit
@@ -42,33 +44,38 @@ class ItemRows:
         return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes)
 
 
-def item_rows(solve: Callable[[np.ndarray, np.ndarray], tuple[list, list, object]], n: int, keep: int, *, chunk: int = 2048,
-              progress: Callable[[int], None] | None = None) -> ItemRows:
-    """Every item's diffusion from itself, its `keep` strongest entries kept.
+def item_row_chunks(solve: Callable[[np.ndarray, np.ndarray], tuple[list, list, object]], n: int, keep: int, *,
+                    chunk: int = 2048) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Every item's diffusion from itself, its `keep` strongest entries, a chunk of items at a time.
 
     solve: a truncated solver's `solve(D, I)` (D, I (nq, 1): seed similarity 1, seed row i ->
-    per item (ids, scores) sorted by score); n items; chunk: items per call; progress(done) after
-    each chunk. Returns ItemRows (n rows, at most `keep` entries each)."""
+    per item (ids, scores) sorted by score); n items. Yields (first item, lengths (c,) int64, rows
+    (sum of lengths,) int32, values float32) for items first..first+c-1, in order: a caller can
+    write the table out as it comes, never holding it whole."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    # rows written one after the other into buffers of the largest size: no second copy to compact
-    # them (at 10^6 items the table is gigabytes); the arrays returned are views of their first nnz
-    cols = np.empty(n * keep, np.int32)
-    vals = np.empty(n * keep, np.float32)
-    indptr = np.zeros(n + 1, np.int64)
-    pos = 0
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
-        items = np.arange(a, b, dtype=np.int64)[:, None]
-        ids, sc, _ = solve(np.ones((b - a, 1)), items)
-        for r, (i, s) in enumerate(zip(ids, sc)):
-            L = min(keep, len(i))
-            cols[pos : pos + L], vals[pos : pos + L] = i[:L], s[:L]
-            pos += L
-            indptr[a + r + 1] = pos
+        ids, sc, _ = solve(np.ones((b - a, 1)), np.arange(a, b, dtype=np.int64)[:, None])
+        lengths = np.array([min(keep, len(i)) for i in ids], np.int64)
+        cols = np.concatenate([i[:L] for i, L in zip(ids, lengths)]).astype(np.int32) if b > a else np.zeros(0, np.int32)
+        vals = np.concatenate([v[:L] for v, L in zip(sc, lengths)]).astype(np.float32) if b > a else np.zeros(0, np.float32)
+        yield a, lengths, cols, vals
+
+
+def item_rows(solve: Callable[[np.ndarray, np.ndarray], tuple[list, list, object]], n: int, keep: int, *, chunk: int = 2048,
+              progress: Callable[[int], None] | None = None) -> ItemRows:
+    """`item_row_chunks` gathered into one ItemRows in memory (n rows, at most `keep` entries
+    each); progress(done) after each chunk."""
+    lengths, cols, vals = [np.zeros(1, np.int64)], [], []
+    for a, L, c, v in item_row_chunks(solve, n, keep, chunk=chunk):
+        lengths.append(L)
+        cols.append(c)
+        vals.append(v)
         if progress is not None:
-            progress(b)
-    return ItemRows(indptr, cols[:pos], vals[:pos])
+            progress(a + len(L))
+    return ItemRows(np.cumsum(np.concatenate(lengths)), np.concatenate(cols or [np.zeros(0, np.int32)]),
+                    np.concatenate(vals or [np.zeros(0, np.float32)]))
 
 
 @njit(cache=True, nogil=True)

@@ -419,9 +419,9 @@ def test_partition_row_order_is_kept_with_the_graph_and_ranks_like_rcm(imported,
 
 def test_precomputed_rows_are_kept_with_the_graph(imported, monkeypatch, caplog):
     """The "precomputed" method through the query stage: its rows are computed once per graph and
-    settings and kept in graph/ (read back, not recomputed; a damaged file or other settings are
-    computed again); with rows as deep as the truncated solve's subgraph it ranks like truncated
-    diffusion on the top of each list."""
+    settings, written to graph/ as they are solved and memory-mapped when read (read back, not
+    recomputed; a damaged file or other settings are computed again); with rows as deep as the
+    truncated solve's subgraph it ranks like truncated diffusion on the top of each list."""
     import retrieval.precomputed as rp
     from pipelines.rankers import precomputed_cached
 
@@ -430,19 +430,22 @@ def test_precomputed_rows_are_kept_with_the_graph(imported, monkeypatch, caplog)
     cfg = QueryConfig(methods=["truncated", "precomputed"], topk=20, kq=5, rtol=1e-8, truncate_m=150, truncate_hops=8,
                       precompute_keep=150)
     run_query(run, run / "queries", cfg)
-    kept = list((run / "graph").glob("precomputed-*.npz"))
+    kept = list((run / "graph").glob("precomputed-*.json"))
     assert len(kept) == 1
     ranks = {m: pq.read_table(run / "ranks" / f"{m}.parquet").to_pydict()["ids"] for m in ("truncated", "precomputed")}
     assert np.mean([len(set(a[:5]) & set(b[:5])) / 5 for a, b in zip(ranks["truncated"], ranks["precomputed"])]) >= 0.9
     W, _ = load_graph(run / "graph")
-    rows = precomputed_cached(W, run / "graph", cfg)
+    in_memory = precomputed_cached(W, None, cfg)  # no folder: computed in memory, the same rows
     with monkeypatch.context() as m:
-        m.setattr(rp, "item_rows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
-        again = precomputed_cached(W, run / "graph", cfg)
-    np.testing.assert_array_equal(again.indices, rows.indices)
-    kept[0].write_bytes(b"damaged")
+        m.setattr(rp, "item_row_chunks", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+        rows = precomputed_cached(W, run / "graph", cfg)
+    assert isinstance(rows.data.base, np.memmap)  # mapped, not loaded
+    for a in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(rows, a), getattr(in_memory, a))
+    values = kept[0].with_suffix(".values")
+    values.write_bytes(values.read_bytes()[:-4])  # damaged: a value short
     with caplog.at_level("WARNING"):
-        np.testing.assert_array_equal(precomputed_cached(W, run / "graph", cfg).data, rows.data)
+        np.testing.assert_array_equal(precomputed_cached(W, run / "graph", cfg).data, in_memory.data)
     assert "unreadable" in caplog.text
     other = precomputed_cached(W, run / "graph", QueryConfig(**{**cfg.__dict__, "precompute_keep": 20}))
-    assert np.diff(other.indptr).max() == 20 and len(list((run / "graph").glob("precomputed-*.npz"))) == 2
+    assert np.diff(other.indptr).max() == 20 and len(list((run / "graph").glob("precomputed-*.json"))) == 2
