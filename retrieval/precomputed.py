@@ -39,10 +39,6 @@ class ItemRows:
     def n(self) -> int:
         return len(self.indptr) - 1
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.indptr.nbytes + self.indices.nbytes + self.data.nbytes)
-
 
 def item_row_chunks(solve: Callable[[np.ndarray, np.ndarray], tuple[list, list, object]], n: int, keep: int, *,
                     chunk: int = 2048) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
@@ -58,8 +54,8 @@ def item_row_chunks(solve: Callable[[np.ndarray, np.ndarray], tuple[list, list, 
         b = min(a + chunk, n)
         ids, sc, _ = solve(np.ones((b - a, 1)), np.arange(a, b, dtype=np.int64)[:, None])
         lengths = np.array([min(keep, len(i)) for i in ids], np.int64)
-        cols = np.concatenate([i[:L] for i, L in zip(ids, lengths)]).astype(np.int32) if b > a else np.zeros(0, np.int32)
-        vals = np.concatenate([v[:L] for v, L in zip(sc, lengths)]).astype(np.float32) if b > a else np.zeros(0, np.float32)
+        cols = np.concatenate([i[:L] for i, L in zip(ids, lengths)]).astype(np.int32)
+        vals = np.concatenate([v[:L] for v, L in zip(sc, lengths)]).astype(np.float32)
         yield a, lengths, cols, vals
 
 
