@@ -32,6 +32,8 @@ METHODS: tuple[str, ...] = ("knn", "aqe", "diffusion", "truncated", "precomputed
 GRAPH_METHODS: frozenset[str] = frozenset({"diffusion", "truncated", "precomputed", "spectral", "petsc"})
 # engines of truncated diffusion's mass selection: the compiled kernel, or scipy (the reference)
 KERNELS: tuple[str, ...] = ("compiled", "scipy")
+# rankings up to this long take their padding from the seeds' own exact search (one search for both)
+PAD_SEARCH_MAX = 10_000
 # methods that rank region sets over the region graph (`retrieval.regional`), not global vectors
 REGION_METHODS: frozenset[str] = frozenset({"regional"})
 
@@ -85,6 +87,18 @@ class KnnRanker:
         if index.ntotal != self.n:
             raise ValueError(f"the seed index has {index.ntotal} rows but the database has {self.n}")
         return search_index(index, Q, k)
+
+    def seeds_and_neighbours(self, Q: np.ndarray, kq: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """A graph method's seeds (D, I) (nq, >= kq) and, when one exact search serves both, each
+        query's top k rows (nq, k) to pad a ranking shorter than k (else None: `pad_with_knn`
+        searches only the short ones). With a seed index the seeds are approximate and the padding
+        is searched exactly later; without, one search of max(kq, k) does both (up to
+        PAD_SEARCH_MAX; longer rankings search only the queries that need it)."""
+        if self.seed_index is not None:
+            D, I = self.seeds(Q, kq)
+            return D, I, None
+        D, I = self.search(Q, max(kq, k) if k <= PAD_SEARCH_MAX else kq)
+        return D, I, I
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
         D, I = self.search(Q, topk)
@@ -174,8 +188,6 @@ class TruncatedRanker:
     (retrieval.truncated_compiled, kernel="compiled"); kernel="scipy" and breadth-first selection
     run retrieval.truncated.TruncatedSolver, the reference it is tested against."""
 
-    pad_search_max = 10_000  # longer rankings search only the queries whose subgraph is short of k
-
     def __init__(self, knn: KnnRanker, W: sp.spmatrix, *, kq: int = 10, kernel: str = "compiled", **solver):
         self.knn, self.kq = knn, kq
         if kernel not in KERNELS:
@@ -190,12 +202,9 @@ class TruncatedRanker:
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
         k = min(topk, self.knn.n)
-        if self.knn.seed_index is not None:  # approximate seeds; only rankings shorter than k are searched (exactly) for the rest
-            D, I = self.knn.seeds(Q, self.kq)
-        else:  # one search serves both: the first kq neighbours seed the solve, the top k pad the ranking
-            D, I = self.knn.search(Q, max(self.kq, k) if k <= self.pad_search_max else self.kq)
+        D, I, near = self.knn.seeds_and_neighbours(Q, self.kq, k)
         ids, sc, st = self.solver.solve(D[:, : self.kq], I[:, : self.kq])
-        I2, S2 = pad_with_knn(self.knn, Q, ids, sc, k, neighbours=I if self.knn.seed_index is None else None)
+        I2, S2 = pad_with_knn(self.knn, Q, ids, sc, k, neighbours=near)
         return Ranking(I2, S2, st)
 
 
@@ -203,8 +212,6 @@ class PrecomputedRanker:
     """Database-side truncated diffusion (`retrieval.precomputed`): a query's kq seeds' precomputed
     rows summed, weighted by similarity^gamma; the rest of the ranking by plain similarity. No
     solve at query time: the ranking costs the seed search and kq rows' worth of entries."""
-
-    pad_search_max = TruncatedRanker.pad_search_max
 
     def __init__(self, knn: KnnRanker, rows: ItemRows, *, gamma: float = 3.0, kq: int = 10, threads: int | None = None):
         if rows.n != knn.n:
@@ -214,13 +221,10 @@ class PrecomputedRanker:
 
     def rank(self, Q: np.ndarray, topk: int) -> Ranking:
         k = min(topk, self.knn.n)
-        if self.knn.seed_index is not None:
-            D, I = self.knn.seeds(Q, self.kq)
-        else:  # one search serves both, as for truncated diffusion
-            D, I = self.knn.search(Q, max(self.kq, k) if k <= self.pad_search_max else self.kq)
+        D, I, near = self.knn.seeds_and_neighbours(Q, self.kq, k)
         Y = np.maximum(np.asarray(D[:, : self.kq], np.float64), 0.0) ** self.gamma
         ids, sc = self.combiner.top(Y, I[:, : self.kq], k)
-        I2, S2 = pad_with_knn(self.knn, Q, ids, sc, k, neighbours=I if self.knn.seed_index is None else None)
+        I2, S2 = pad_with_knn(self.knn, Q, ids, sc, k, neighbours=near)
         return Ranking(I2, S2)
 
 
