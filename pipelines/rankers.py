@@ -34,20 +34,29 @@ from .shards import read_json, write_bytes, write_json, write_npz, write_with
 log = logging.getLogger(__name__)
 
 
+def graph_identity(graph_dir: Path | None) -> str:
+    """What the files computed from a stored graph are keyed by: its parameters, nodes and edges
+    (a graph grown by an update or rebuilt differently gets new ones); "" without a folder."""
+    if graph_dir is None:
+        return ""
+    m = read_json(graph_dir / "manifest.json")
+    return f"{m.get('params')}/{m.get('n')}/{m.get('nnz')}"
+
+
 def spectral_cached(W: sp.spmatrix, graph_dir: Path | None, *, rank: int, alpha: float) -> SpectralEmbedding:
     """Spectral embedding of W, computed once per (graph, rank, alpha) and stored in graph_dir."""
-    gparams = read_json(graph_dir / "manifest.json").get("params") if graph_dir else None
+    ident = graph_identity(graph_dir)
     path = graph_dir / f"spectral-r{rank}-a{alpha}.npz" if graph_dir else None
     if path is not None and path.is_file():
         with np.load(path, allow_pickle=False) as z:
-            if str(z["graph"]) == str(gparams):
+            if str(z["graph"]) == ident:
                 return SpectralEmbedding(V=z["V"], U=z["U"], lam=z["lam"], alpha=float(z["alpha"]))
     t0 = time.perf_counter()
     emb = spectral_embedding(W, rank=rank, alpha=alpha)
     log.info("spectral: %d eigenpairs of W (n=%d) in %.1f s", emb.lam.size, W.shape[0], time.perf_counter() - t0)
     if path is not None:
         buf = io.BytesIO()
-        np.savez(buf, V=emb.V, U=emb.U, lam=emb.lam, alpha=np.float64(alpha), graph=np.array(str(gparams)))
+        np.savez(buf, V=emb.V, U=emb.U, lam=emb.lam, alpha=np.float64(alpha), graph=np.array(ident))
         write_bytes(buf.getvalue(), path)
     return emb
 
@@ -66,8 +75,7 @@ def precomputed_cached(W: sp.spmatrix, graph_dir: Path | None, cfg: QueryConfig)
     c, n = cfg, W.shape[0]
     settings = dict(m=c.truncate_m, alpha=c.alpha, rtol=c.rtol, maxiter=c.maxiter, hops=c.truncate_hops, beam=c.truncate_beam or None,
                     select_edges=c.truncate_edges)
-    m = read_json(graph_dir / "manifest.json") if graph_dir else {}
-    key = json.dumps([m.get("params"), m.get("n"), m.get("nnz"), settings, c.precompute_keep], sort_keys=True, default=str)
+    key = json.dumps([graph_identity(graph_dir), settings, c.precompute_keep], sort_keys=True, default=str)
     base = graph_dir / f"precomputed-{hashlib.sha256(key.encode()).hexdigest()[:12]}" if graph_dir else None
     if base is not None:
         rows = _read_precomputed(base, key, n)
@@ -133,8 +141,7 @@ def row_order_cached(W: sp.spmatrix, graph_dir: Path | None, order: str) -> np.n
 
     if order == "rcm" or graph_dir is None:
         return row_order(W, order)
-    m = read_json(graph_dir / "manifest.json")
-    key = f"{m.get('params')}/{m.get('n')}/{m.get('nnz')}"  # a grown or rebuilt graph gets a new order
+    key = graph_identity(graph_dir)  # a grown or rebuilt graph gets a new order
     path = graph_dir / f"order-{order}.npz"
     if path.is_file():
         try:

@@ -449,3 +449,24 @@ def test_precomputed_rows_are_kept_with_the_graph(imported, monkeypatch, caplog)
     assert "unreadable" in caplog.text
     other = precomputed_cached(W, run / "graph", QueryConfig(**{**cfg.__dict__, "precompute_keep": 20}))
     assert np.diff(other.indptr).max() == 20 and len(list((run / "graph").glob("precomputed-*.json"))) == 2
+
+
+def test_spectral_embedding_is_recomputed_for_a_grown_graph(imported, monkeypatch):
+    """The stored spectral embedding is keyed by the graph's parameters, nodes and edges: a graph
+    grown by an update (same parameters, more edges) gets a new one, the same graph reads it back."""
+    import pipelines.rankers as pr
+
+    run, X, Q = imported
+    run_graph(run, GraphConfig(k=10, index="flat"))
+    gdir = run / "graph"
+    W, _ = load_graph(gdir)
+    emb = pr.spectral_cached(W, gdir, rank=8, alpha=0.9)
+    calls = []
+    real = pr.spectral_embedding
+    monkeypatch.setattr(pr, "spectral_embedding", lambda *a, **k: calls.append(1) or real(*a, **k))
+    np.testing.assert_array_equal(pr.spectral_cached(W, gdir, rank=8, alpha=0.9).V, emb.V)
+    assert calls == []
+    man = json.loads((gdir / "manifest.json").read_text())
+    (gdir / "manifest.json").write_text(json.dumps({**man, "nnz": man["nnz"] + 2}))
+    pr.spectral_cached(W, gdir, rank=8, alpha=0.9)
+    assert calls == [1]
