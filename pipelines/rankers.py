@@ -81,6 +81,7 @@ def precomputed_cached(W: sp.spmatrix, graph_dir: Path | None, cfg: QueryConfig)
         rows = _read_precomputed(base, key, n)
         if rows is not None:
             return rows
+        Path(f"{base}.json").unlink(missing_ok=True)  # a set being rewritten is never read as whole
     t0 = time.perf_counter()
     solver = CompiledTruncatedSolver(W, **settings)
     with tqdm(total=n, desc="precompute", unit="item") as bar:
