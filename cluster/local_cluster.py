@@ -29,10 +29,22 @@ from cluster.ray_runtime import ensure_auth_token, loopback_node_env, serve_node
 log = logging.getLogger(__name__)
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 now (each socket held until all are chosen: ports
+    picked one at a time can repeat, and a node given one port twice does not start)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(socket.socket())
+            socks[-1].bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +59,8 @@ class LocalCluster:
     """Head + workers on 127.0.0.1 with token authentication; `shutdown()` kills every node."""
 
     def __init__(self, *, head_cpus: float = 1, log_dir: str | Path | None = None):
-        self.port, self.dashboard_port = free_port(), free_port()
+        self._taken: set[int] = set()  # ports handed to this cluster's nodes, never handed twice
+        self.port, self.dashboard_port = self._ports(2)
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.log_dir = Path(log_dir or os.environ.get("TMPDIR", "/tmp")) / f"ray-local-{self.port}"
@@ -70,12 +83,23 @@ class LocalCluster:
         out = open(self.log_dir / f"{name}-{len(self.nodes)}.log", "w")
         # every per-node port chosen free: another Ray on this machine (an embedded one, another
         # cluster) holds the defaults, and a node whose job agent cannot bind accepts no jobs
-        ports = [f"--{name}-port={free_port()}" for name in ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent",
-                                                             "metrics-export", "node-manager", "object-manager")]
+        names = ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export", "node-manager", "object-manager")
+        ports = [f"--{name}-port={port}" for name, port in zip(names, self._ports(len(names)))]
         cmd = _ray_start() + ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--disable-usage-stats"] + ports + args
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.nodes.append(p)
         return p
+
+    def _ports(self, count: int) -> list[int]:
+        """`count` free ports, distinct from each other and from every port this cluster handed out
+        before (a node may not have bound its ports yet when the next node's are chosen)."""
+        out: list[int] = []
+        while len(out) < count:
+            for p in free_ports(count - len(out)):
+                if p not in self._taken and p not in out:
+                    out.append(p)
+        self._taken.update(out)
+        return out
 
     def add_worker(self, cpus: float = 1) -> subprocess.Popen:
         """Start a worker node and wait until the cluster counts it alive."""

@@ -74,3 +74,18 @@ def test_engines_refuse_to_start_ray_implicitly():
     """, {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}, timeout=120)
     assert "REFUSED" in proc.stdout and "init_ray" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert "INITIALISED False" in proc.stdout
+
+
+def test_a_local_cluster_never_hands_out_one_port_twice(monkeypatch):
+    """Ports chosen for a node are distinct, and distinct from those chosen for earlier nodes, even
+    when the operating system offers the same free port again (a node given one port for two of its
+    listeners exits at start)."""
+    import cluster.local_cluster as lc
+
+    assert len(set(lc.free_ports(20))) == 20
+    offers = iter([[5001, 5001, 5002], [5002], [5003], [5003, 5004], [5005]])  # what the system offers, call by call
+    monkeypatch.setattr(lc, "free_ports", lambda count: next(offers))
+    c = object.__new__(lc.LocalCluster)
+    c._taken = set()
+    assert c._ports(3) == [5001, 5002, 5003]
+    assert c._ports(2) == [5004, 5005]
