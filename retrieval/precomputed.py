@@ -147,10 +147,7 @@ class RowCombiner:
     def top(self, Y: np.ndarray, I: np.ndarray, k: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Y, I (nq, kq): seed weights and database rows (-1 ignored) -> per query (rows (<= k,)
         int64, scores float64) of the weighted sum of the seeds' rows, best first."""
-        nq = I.shape[0]
-        size = max(1, min(self.chunk, -(-nq // self.workers.threads)))
-        bounds = [(a, min(a + size, nq)) for a in range(0, nq, size)]
-        parts = self.workers.map(lambda b: self._chunk(Y[b[0] : b[1]], I[b[0] : b[1]], k), bounds)
+        parts = self.workers.map_ranges(lambda a, b: self._chunk(Y[a:b], I[a:b], k), I.shape[0], self.chunk)
         ids = [p[0][j, : p[2][j]] for p in parts for j in range(p[0].shape[0])]
         sc = [p[1][j, : p[2][j]] for p in parts for j in range(p[0].shape[0])]
         return ids, sc

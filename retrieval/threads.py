@@ -36,6 +36,14 @@ class Workers:
             return [fn(*args) for args in items]
         return list(self._pool.map(lambda args: fn(*args), items))
 
+    def map_ranges(self, fn: Callable[[int, int], object], n: int, chunk: int) -> list:
+        """fn(a, b) over consecutive ranges [a, b) of [0, n) of at most `chunk` rows, results in
+        order; fewer rows than threads x chunk are split so each thread gets a range (a service's
+        few queries: one each)."""
+        size = max(1, min(chunk, -(-n // self.threads)))
+        starts = range(0, n, size)
+        return self.map(fn, starts, [min(a + size, n) for a in starts])
+
 
 def blas_threads(limit: int):
     """Context manager: the BLAS libraries loaded (numpy's, faiss's) use at most `limit` threads

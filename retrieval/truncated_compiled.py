@@ -343,11 +343,7 @@ class CompiledTruncatedSolver:
     def solve(self, D: np.ndarray, I: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], SolveStats]:
         """D, I (nq, kq): each query's database neighbours (similarities, ids; -1 ignored).
         Returns: per query (ids (<= m,), scores) sorted by score, and the solver stats."""
-        nq = I.shape[0]
-        size = max(1, min(self.chunk, -(-nq // self.workers.threads)))  # a few queries (a service's batch): one thread each
-        bounds = [(a, min(a + size, nq)) for a in range(0, nq, size)]
-        run = lambda b: self.solve_chunk(D[b[0] : b[1]], I[b[0] : b[1]])  # noqa: E731
-        parts = self.workers.map(run, bounds)
+        parts = self.workers.map_ranges(lambda a, b: self.solve_chunk(D[a:b], I[a:b]), I.shape[0], self.chunk)
         ids = [p[0][j, : p[2][j]] for p in parts for j in range(p[0].shape[0])]
         sc = [p[1][j, : p[2][j]] for p in parts for j in range(p[0].shape[0])]
         st = SolveStats(*(np.concatenate([getattr(p[3], f) for p in parts]) if parts else np.zeros(0)
