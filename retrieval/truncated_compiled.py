@@ -72,39 +72,67 @@ def _bucket(bits: int, top: int) -> int:
 
 @njit(cache=True, nogil=True)
 def _select(indptr, indices, data, seeds, yv, m, alpha, hops, beam, cur_idx, cur_val, nxt_idx, nxt_val, mark,
-            acc, acc_idx, slot, stamp, vals, counts, buf):
-    """Mass selection for one query: returns (sorted node ids, entries touched in acc/acc_idx/slot,
-    stamp). The caller resets acc and slot over acc_idx[:na]. slot (n,) is -1 off the touched set."""
+            acc, acc_idx, slot, loc, gid, rstart, rend, li, lw, stamp, vals, counts, buf):
+    """Mass selection for one query: returns (sorted node ids, stamp).
+
+    The walk runs on local ids: a node gets one the first time an edge reaches it (loc (n,) global
+    -> local, gid local -> global), and a frontier node's row is copied once, its columns as local
+    ids, into li/lw (rstart/rend per local id). The beam revisits the same few hundred rows hop
+    after hop, so later hops scatter into a dense vector of a few thousand entries held in cache
+    instead of the graph's rows and n-long arrays. Every other array (cur_*, nxt_*, acc, slot,
+    mark) is indexed by local id. Every array is left as found (loc, slot -1; acc, nxt_val 0)."""
+    nl = 0  # local ids handed out
+    ne = 0  # row entries copied
     na = 0
     nc = 0
     for s in range(seeds.size):
         u = seeds[s]
-        if slot[u] < 0:
-            slot[u] = na
-            acc_idx[na] = u
+        l = loc[u]
+        if l < 0:
+            l = nl
+            loc[u], gid[l], rstart[l] = l, u, -1
+            nl += 1
+        if slot[l] < 0:
+            slot[l] = na
+            acc_idx[na] = l
             na += 1
-        acc[u] += yv[s]
+        acc[l] += yv[s]
         if yv[s] != 0.0:
-            cur_idx[nc] = u
+            cur_idx[nc] = l
             cur_val[nc] = yv[s]
             nc += 1
     for _ in range(hops):
-        # nxt_val is zero off this step's list, so a zero marks a node not reached yet: one random
-        # access per edge. Masses are positive, so a node is listed at its first non-zero term and
-        # the exact zeros that scipy's product drops never enter.
-        nn = 0
         for c in range(nc):
-            u = cur_idx[c]
+            l = cur_idx[c]
             cv = cur_val[c]
-            for e in range(indptr[u], indptr[u + 1]):
-                v = indices[e]
-                w = cv * data[e]
-                if nxt_val[v] == 0.0:
-                    if w == 0.0:
-                        continue
-                    nxt_idx[nn] = v
-                    nn += 1
-                nxt_val[v] += w
+            if rstart[l] < 0:  # first visit: copy the row, its columns as local ids
+                u = gid[l]
+                a, b = indptr[u], indptr[u + 1]
+                if ne + (b - a) > li.size:
+                    li2, lw2 = np.empty(2 * (ne + b - a), li.dtype), np.empty(2 * (ne + b - a), lw.dtype)
+                    li2[:ne], lw2[:ne] = li[:ne], lw[:ne]
+                    li, lw = li2, lw2
+                rstart[l] = ne
+                for e in range(a, b):
+                    v = indices[e]
+                    lv = loc[v]
+                    if lv < 0:
+                        lv = nl
+                        loc[v], gid[lv], rstart[lv] = lv, v, -1
+                        nl += 1
+                    li[ne] = lv
+                    lw[ne] = data[e]
+                    ne += 1
+                rend[l] = ne
+            for e in range(rstart[l], rend[l]):
+                nxt_val[li[e]] += cv * lw[e]
+        # masses are positive, so the step's non-zeros are the nodes it reached (scipy drops the
+        # exact zeros too); listed by local id, a scan of a few thousand entries
+        nn = 0
+        for v in range(nl):
+            if nxt_val[v] != 0.0:
+                nxt_idx[nn] = v
+                nn += 1
         if nn == 0:
             break
         for j in range(nn):  # scale by alpha; leave nxt_val zero again
@@ -128,8 +156,9 @@ def _select(indptr, indices, data, seeds, yv, m, alpha, hops, beam, cur_idx, cur
     stamp += 1
     nseed = 0
     for s in range(seeds.size):
-        if mark[seeds[s]] != stamp:
-            mark[seeds[s]] = stamp
+        l = loc[seeds[s]]
+        if mark[l] != stamp:
+            mark[l] = stamp
             nseed += 1
     no = 0
     for j in range(na):
@@ -148,9 +177,13 @@ def _select(indptr, indices, data, seeds, yv, m, alpha, hops, beam, cur_idx, cur
     for j in range(na):
         v = acc_idx[j]
         if mark[v] == stamp or acc[v] >= thr:
-            nodes[cnt] = v
+            nodes[cnt] = gid[v]
             cnt += 1
-    return np.sort(nodes[:cnt]), na, stamp
+        acc[v] = 0.0
+        slot[v] = -1
+    for l in range(nl):
+        loc[gid[l]] = -1
+    return np.sort(nodes[:cnt]), stamp
 
 
 @njit(cache=True, nogil=True)
@@ -225,13 +258,17 @@ def _solve_local(indptr, indices, data, nodes, pos, seeds, yv, alpha, rtol, maxi
 
 @njit(cache=True, nogil=True)
 def _chunk(indptr, indices, data, sindptr, sindices, sdata, seed_ids, seed_w, m, alpha, hops, beam, rtol, maxiter, keep,
-           out_ids, out_sc, out_len, out_it, out_res, scratch_i, scratch_f, mark, counts, stamp_box, edge_i, edge_x):
-    """Queries seed_ids/seed_w (nq, kq) one after another over reused scratch: scratch_i (5, n)
-    int32 (int64 past 2^31 nodes: cur_idx, nxt_idx, acc_idx, slot = -1, pos = -1), scratch_f (5, n) float64 (cur_val,
-    nxt_val = 0, acc = 0, vals, buf), mark (n,) int64 stamps (stamp_box[0] the last used), edge_i/edge_x the
-    subgraph's edges. Every
-    array is left as found (slot/pos -1, nxt_val and acc 0), so the next call needs no O(n) reset."""
-    cur_idx, nxt_idx, acc_idx, slot, pos = scratch_i[0], scratch_i[1], scratch_i[2], scratch_i[3], scratch_i[4]
+           out_ids, out_sc, out_len, out_it, out_res, scratch_i, scratch_f, scratch_o, mark, counts, stamp_box, edge_i, edge_x,
+           local_i, local_w):
+    """Queries seed_ids/seed_w (nq, kq) one after another over reused scratch: scratch_i (6, n)
+    int32 (int64 past 2^31 nodes: cur_idx, nxt_idx, acc_idx, slot = -1, pos = -1, gid), scratch_f (5, n)
+    float64 (cur_val, nxt_val = 0, acc = 0, vals, buf), scratch_o (2, n) row offsets (rstart, rend),
+    mark (n,) int64 stamps (stamp_box[0] the last used), edge_i/edge_x the subgraph's edges,
+    local_i/local_w the selection's copied rows. Every array is left as found (slot/pos -1, nxt_val
+    and acc 0), so the next call needs no O(n) reset. pos doubles as the selection's global ->
+    local map (both leave it -1)."""
+    cur_idx, nxt_idx, acc_idx, slot, pos, gid = (scratch_i[0], scratch_i[1], scratch_i[2], scratch_i[3], scratch_i[4],
+                                                 scratch_i[5])
     cur_val, nxt_val, acc, vals, buf = scratch_f[0], scratch_f[1], scratch_f[2], scratch_f[3], scratch_f[4]
     stamp = stamp_box[0]
     for q in range(seed_ids.shape[0]):
@@ -247,11 +284,9 @@ def _chunk(indptr, indices, data, sindptr, sindices, sdata, seed_ids, seed_w, m,
                 seeds[k] = seed_ids[q, t]
                 yv[k] = seed_w[q, t]
                 k += 1
-        nodes, na, stamp = _select(sindptr, sindices, sdata, seeds, yv, m, alpha, hops, beam, cur_idx, cur_val, nxt_idx, nxt_val,
-                                   mark, acc, acc_idx, slot, stamp, vals, counts, buf)
-        for j in range(na):
-            acc[acc_idx[j]] = 0.0
-            slot[acc_idx[j]] = -1
+        nodes, stamp = _select(sindptr, sindices, sdata, seeds, yv, m, alpha, hops, beam, cur_idx, cur_val, nxt_idx, nxt_val,
+                               mark, acc, acc_idx, slot, pos, gid, scratch_o[0], scratch_o[1], local_i, local_w, stamp, vals,
+                               counts, buf)
         x, it, res = _solve_local(indptr, indices, data, nodes, pos, seeds, yv, alpha, rtol, maxiter, edge_i, edge_x)
         order = np.argsort(-x, kind="mergesort")
         L = min(keep, order.size)
@@ -309,12 +344,17 @@ class CompiledTruncatedSolver:
             return self._scratch.get_nowait()
         except queue.Empty:
             n = self.n
-            si = np.empty((5, n), ids_dtype(n))  # node ids and positions: half the cache footprint
-            si[3:] = -1
+            si = np.empty((6, n), ids_dtype(n))  # node ids and positions: half the cache footprint
+            si[3:5] = -1
             sf = np.empty((5, n))
             sf[1:3] = 0.0
-            return (si, sf, np.zeros(n, np.int64), np.empty(_SPAN * _SUB, np.int64), np.zeros(1, np.int64),
-                    np.empty(self.edge_room, np.int32), np.empty(self.edge_room))
+            sel_nnz = len(self.sel[1])
+            # the selection's copied rows: a query copies each row its beam visits once (room for
+            # 4x the heaviest subgraph's edges; the kernel grows it for a query that needs more)
+            room = min(4 * self.edge_room, sel_nnz) + 1
+            return (si, sf, np.empty((2, n), ids_dtype(sel_nnz + 1)), np.zeros(n, np.int64), np.empty(_SPAN * _SUB, np.int64),
+                    np.zeros(1, np.int64), np.empty(self.edge_room, np.int32), np.empty(self.edge_room),
+                    np.empty(room, ids_dtype(n)), np.empty(room, self.sel[2].dtype))
 
     def solve_chunk(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, SolveStats]:
         """One chunk of queries in the calling thread (the GIL released). D, I (nq, kq) seeds.
