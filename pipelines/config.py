@@ -206,6 +206,9 @@ class QueryConfig:
     # "precomputed": every database item's truncated diffusion (truncate_* settings) computed once
     # and kept in graph/, its precompute_keep strongest entries per item
     precompute_keep: int = _min(700, 1)
+    # items that share one mass selection (a group of neighbours in the graph's RCM order; each item's
+    # CG still its own); 1: each item's own truncated solve
+    precompute_group: int = _min(4, 1)
     spectral_rank: int = _min(256, 1)  # eigenpairs kept by the "spectral" method
     petsc_ranks: int = _min(2, 1)  # MPI ranks of the "petsc" method
     # "mpiexec" (from this process) or "ray" (one rank per placement-group bundle)

@@ -63,19 +63,22 @@ def spectral_cached(W: sp.spmatrix, graph_dir: Path | None, *, rank: int, alpha:
 
 def precomputed_cached(W: sp.spmatrix, graph_dir: Path | None, cfg: QueryConfig) -> ItemRows:
     """Every database item's truncated diffusion (`retrieval.precomputed`, the solver of the
-    "truncated" method with cfg's truncate_* settings), computed once per (graph, settings) and
-    kept in graph_dir as precomputed-<key>.{indptr.npz,rows,values,json}: the rows and values are
-    written a chunk at a time as they are solved and memory-mapped when read (processes that rank
-    share one copy in the page cache; neither the build nor a ranking process holds the table in
-    its own memory). The .json is written last: files without it, damaged, or of other settings
-    are computed again. Without graph_dir the rows are computed in memory."""
+    "truncated" method with cfg's truncate_* settings, `precompute_group` items per selection),
+    computed once per (graph, settings) and kept in graph_dir as
+    precomputed-<key>.{indptr.npz,rows,values,json}: the rows and values are written a chunk at a
+    time as they are solved (in the solver's row order; indptr.npz maps items to rows) and
+    memory-mapped when read (processes that rank share one copy in the page cache; neither the
+    build nor a ranking process holds the table in its own memory). The .json is written last:
+    files without it, damaged, or of other settings are computed again. Without graph_dir the rows
+    are computed in memory."""
     from retrieval.precomputed import item_row_chunks, item_rows
     from retrieval.truncated_compiled import CompiledTruncatedSolver
 
     c, n = cfg, W.shape[0]
     settings = dict(m=c.truncate_m, alpha=c.alpha, rtol=c.rtol, maxiter=c.maxiter, hops=c.truncate_hops, beam=c.truncate_beam or None,
                     select_edges=c.truncate_edges)
-    key = json.dumps([graph_identity(graph_dir), settings, c.precompute_keep], sort_keys=True, default=str)
+    key = json.dumps([graph_identity(graph_dir), settings, c.precompute_keep, c.precompute_group, PRECOMPUTED_FORMAT], sort_keys=True,
+                     default=str)
     base = graph_dir / f"precomputed-{hashlib.sha256(key.encode()).hexdigest()[:12]}" if graph_dir else None
     if base is not None:
         rows = _read_precomputed(base, key, n)
@@ -86,19 +89,22 @@ def precomputed_cached(W: sp.spmatrix, graph_dir: Path | None, cfg: QueryConfig)
     solver = CompiledTruncatedSolver(W, **settings)
     with tqdm(total=n, desc="precompute", unit="item") as bar:
         if base is None:
-            return item_rows(solver.solve, n, c.precompute_keep, progress=lambda done: bar.update(done - bar.n))
-        indptr = np.zeros(n + 1, np.int64)
+            return item_rows(solver, c.precompute_keep, group=c.precompute_group, progress=lambda done: bar.update(done - bar.n))
+        indptr, slot = np.zeros(n + 1, np.int64), np.zeros(n, np.int64)
 
         def stream(rows_tmp: str, values_tmp: str) -> None:
+            done = 0
             with open(rows_tmp, "wb") as fr, open(values_tmp, "wb") as fv:
-                for a, lengths, cols, vals in item_row_chunks(solver.solve, n, c.precompute_keep):
+                for items, lengths, cols, vals in item_row_chunks(solver, c.precompute_keep, group=c.precompute_group):
                     fr.write(cols.tobytes())
                     fv.write(vals.tobytes())
-                    indptr[a + 1 : a + 1 + len(lengths)] = indptr[a] + np.cumsum(lengths)
+                    slot[items] = np.arange(done, done + len(items))
+                    indptr[done + 1 : done + 1 + len(lengths)] = indptr[done] + np.cumsum(lengths)
+                    done += len(items)
                     bar.update(len(lengths))
 
         write_with(f"{base}.rows", lambda rt: write_with(f"{base}.values", lambda vt: stream(rt, vt)))
-    write_npz(f"{base}.indptr.npz", indptr=indptr)
+    write_npz(f"{base}.indptr.npz", indptr=indptr, slot=slot)
     write_json({"key": key, "n": n, "nnz": int(indptr[-1])}, f"{base}.json")
     log.info("precomputed: the truncated diffusion of %d items in %.1f s, %d entries (%.0f MB)", n, time.perf_counter() - t0,
              indptr[-1], indptr[-1] * 8 / 1e6)
@@ -106,6 +112,9 @@ def precomputed_cached(W: sp.spmatrix, graph_dir: Path | None, cfg: QueryConfig)
     if rows is None:
         raise RuntimeError(f"precomputed: {base.name} could not be read back after it was written")
     return rows
+
+
+PRECOMPUTED_FORMAT = 2  # 2: rows in the solver's order, indptr.npz maps items to rows (slot)
 
 
 def _read_precomputed(base: Path, key: str, n: int) -> ItemRows | None:
@@ -119,17 +128,19 @@ def _read_precomputed(base: Path, key: str, n: int) -> ItemRows | None:
         if meta.get("key") != key:
             return None
         with np.load(f"{base}.indptr.npz", allow_pickle=False) as z:
-            indptr = z["indptr"]
+            indptr, slot = z["indptr"], z["slot"]
         nnz = int(meta["nnz"])
         if indptr.shape != (n + 1,) or int(indptr[-1]) != nnz or meta.get("n") != n:
             raise ValueError("its row pointers do not match its description")
+        if slot.shape != (n,) or (n and (slot.min() < 0 or slot.max() >= n)):
+            raise ValueError("its item-to-row map does not match its description")
         arrays = []
         for suffix, dtype in ((".rows", np.int32), (".values", np.float32)):
             path = Path(f"{base}{suffix}")
             if path.stat().st_size != nnz * np.dtype(dtype).itemsize:
                 raise ValueError(f"{path.name} has {path.stat().st_size} bytes, not {nnz * np.dtype(dtype).itemsize}")
             arrays.append(np.asarray(np.memmap(path, dtype=dtype, mode="r")) if nnz else np.zeros(0, dtype))
-        return ItemRows(indptr, arrays[0], arrays[1])
+        return ItemRows(indptr, arrays[0], arrays[1], slot)
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("precomputed: %s unreadable (%s): computing it again", base.name, e)
         return None

@@ -24,60 +24,188 @@ import numpy as np
 from numba import njit
 
 from .threads import Workers
+from .truncated_compiled import CompiledTruncatedSolver, _select, _subgraph
 
 
 @dataclass
 class ItemRows:
-    """Each database row's truncated diffusion: row i is indices[indptr[i]:indptr[i+1]] (int32
-    database rows, strongest first) with values data[...] (float32); n rows."""
+    """Each database item's truncated diffusion, stored in the order the rows were solved: item i's
+    row is storage row r = slot[i], indices[indptr[r]:indptr[r+1]] (int32 database rows, strongest
+    first) with values data[...] (float32); n items."""
 
-    indptr: np.ndarray  # (n + 1,) int64
+    indptr: np.ndarray  # (n + 1,) int64, over storage rows
     indices: np.ndarray  # (nnz,) int32
     data: np.ndarray  # (nnz,) float32
+    slot: np.ndarray | None = None  # (n,) int64 item -> storage row; None: item i is row i
+
+    def __post_init__(self):
+        if self.slot is None:
+            self.slot = np.arange(len(self.indptr) - 1, dtype=np.int64)
 
     @property
     def n(self) -> int:
-        return len(self.indptr) - 1
+        return len(self.slot)
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item i's (database rows, values), strongest first."""
+        r = self.slot[i]
+        return self.indices[self.indptr[r] : self.indptr[r + 1]], self.data[self.indptr[r] : self.indptr[r + 1]]
 
 
-def item_row_chunks(solve: Callable[[np.ndarray, np.ndarray], tuple[list, list, object]], n: int, keep: int, *,
-                    chunk: int = 2048) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """Every item's diffusion from itself, its `keep` strongest entries, a chunk of items at a time.
+@njit(cache=True, nogil=True)
+def _columns_cg(lp, li, lx, s, at, rtol, maxiter):
+    """CG for (I + L) x_t = e_{at[t]}, t < G, L the CSR (lp, li, lx) (s, s): each column on its own
+    recurrence (its own step sizes, stopped once its residual is below rtol, as `_solve_local` would
+    stop it), one pass over L per iteration for all of them. Returns X (s, G) and iterations (G,)."""
+    G = at.size
+    X, R, P, Q = np.zeros((s, G)), np.zeros((s, G)), np.zeros((s, G)), np.empty((s, G))
+    rr = np.ones(G)
+    its = np.zeros(G, np.int64)
+    live = np.ones(G, np.bool_)
+    acc, pq, a, rn = np.empty(G), np.empty(G), np.empty(G), np.empty(G)
+    for t in range(G):
+        R[at[t], t] = 1.0
+        P[at[t], t] = 1.0
+    for _ in range(maxiter):
+        running = 0
+        for t in range(G):
+            live[t] = live[t] and np.sqrt(rr[t]) > rtol  # ||b|| = 1
+            running += live[t]
+        if running == 0:
+            break
+        pq[:] = 0.0
+        for j in range(s):  # Q = (I + L) P, all columns in one pass over the rows
+            for t in range(G):
+                acc[t] = P[j, t]
+            for e in range(lp[j], lp[j + 1]):
+                c, w = li[e], lx[e]
+                for t in range(G):
+                    acc[t] += w * P[c, t]
+            for t in range(G):
+                Q[j, t] = acc[t]
+                pq[t] += P[j, t] * acc[t]
+        for t in range(G):
+            a[t] = (rr[t] / pq[t] if pq[t] != 0 else rr[t]) if live[t] else 0.0
+            rn[t] = 0.0
+        for j in range(s):
+            for t in range(G):
+                X[j, t] += a[t] * P[j, t]
+                R[j, t] -= a[t] * Q[j, t]
+                rn[t] += R[j, t] * R[j, t]
+        for t in range(G):
+            if live[t]:
+                beta = rn[t] / rr[t] if rr[t] != 0 else 0.0
+                for j in range(s):
+                    P[j, t] = R[j, t] + beta * P[j, t]
+                rr[t] = rn[t]
+                its[t] += 1
+    return X, its
 
-    solve: a truncated solver's `solve(D, I)` (D, I (nq, 1): seed similarity 1, seed row i ->
-    per item (ids, scores) sorted by score); n items. Yields (first item, lengths (c,) int64, rows
-    (sum of lengths,) int32, values float32) for items first..first+c-1, in order: a caller can
-    write the table out as it comes, never holding it whole."""
+
+@njit(cache=True, nogil=True)
+def _group_rows(indptr, indices, data, sindptr, sindices, sdata, first, stop, group, m, alpha, hops, beam, rtol, maxiter,
+                out_ids, out_sc, out_len, out_it, scratch_i, scratch_f, scratch_o, mark, counts, stamp_box, edge_i, edge_x,
+                local_i, local_w):
+    """The rows of the graph's nodes first..stop-1, `group` consecutive nodes at a time: one mass
+    selection seeded by the group's nodes (weight 1 each), then each node's CG on that subgraph
+    (`_columns_cg`). Row r of out_* is node first + r: its subgraph's nodes by score (out_ids,
+    out_sc, the first out_len[r]; a tie at the width of out_ids is cut) and its CG iterations.
+    Scratch as `retrieval.truncated_compiled._chunk`'s, left reset."""
+    cur_idx, nxt_idx, acc_idx, slot, pos, gid = (scratch_i[0], scratch_i[1], scratch_i[2], scratch_i[3], scratch_i[4],
+                                                 scratch_i[5])
+    cur_val, nxt_val, acc, vals, buf = scratch_f[0], scratch_f[1], scratch_f[2], scratch_f[3], scratch_f[4]
+    stamp = stamp_box[0]
+    width = out_ids.shape[1]
+    for g0 in range(first, stop, group):
+        items = np.arange(g0, min(g0 + group, stop))
+        nodes, stamp = _select(sindptr, sindices, sdata, items, np.ones(items.size), m, alpha, hops, beam, cur_idx, cur_val,
+                               nxt_idx, nxt_val, mark, acc, acc_idx, slot, pos, gid, scratch_o[0], scratch_o[1], local_i, local_w,
+                               stamp, vals, counts, buf)
+        lp, li, lx = _subgraph(indptr, indices, data, nodes, pos, alpha, edge_i, edge_x)
+        at = np.empty(items.size, np.int64)
+        for t in range(items.size):
+            at[t] = pos[items[t]]  # the seeds are always selected
+        for j in range(nodes.size):
+            pos[nodes[j]] = -1
+        X, its = _columns_cg(lp, li, lx, nodes.size, at, rtol, maxiter)
+        L = min(width, nodes.size)
+        for t in range(items.size):
+            r = g0 - first + t
+            order = np.argsort(-X[:, t], kind="mergesort")
+            for j in range(L):
+                out_ids[r, j] = nodes[order[j]]
+                out_sc[r, j] = X[order[j], t]
+            out_len[r] = L
+            out_it[r] = its[t]
+    stamp_box[0] = stamp
+
+
+def _rows_range(solver: CompiledTruncatedSolver, a: int, b: int, keep: int, group: int):
+    """Rows of the solver's nodes a..b-1 (its row order) in the calling thread: (items (c,) int64
+    database rows, ids (c, w) int64, scores (c, w) float64, lengths (c,) int64)."""
+    c, width = b - a, min(keep, solver.m + group)
+    ids, sc = np.full((c, width), -1, np.int64), np.zeros((c, width))
+    ln, it = np.zeros(c, np.int64), np.zeros(c, np.int64)
+    with solver.scratch() as scratch:
+        _group_rows(*solver.graph, *solver.sel, a, b, group, solver.m, solver.alpha, solver.hops, solver.beam, solver.rtol,
+                    solver.maxiter, ids, sc, ln, it, *scratch)
+    items = np.arange(a, b, dtype=np.int64)
+    if solver.perm is not None:
+        items = solver.perm[items]
+        ids = np.where(ids >= 0, solver.perm[np.maximum(ids, 0)], -1)
+    return items, ids, sc, ln
+
+
+def item_row_chunks(solver: CompiledTruncatedSolver, keep: int, *, group: int = 4, chunk: int = 2048
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Every item's diffusion from itself, its `keep` strongest entries, a chunk of items at a time
+    in the solver's row order (reverse Cuthill-McKee when it reorders: neighbours follow each
+    other). `group` consecutive items share one mass selection seeded by all of them (the
+    solver's m / hops / beam; a wider beam than one item's covers the group), and each item's CG
+    runs on that subgraph; group = 1 is each item's own truncated solve. The chunk is split over
+    the solver's threads. Yields (items (c,) int64, lengths (c,) int64, rows (sum of lengths,)
+    int32, values float32): a caller can write the table out as it comes, never holding it whole."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    n, threads = solver.n, solver.workers.threads
+    chunk = group * max(1, -(-chunk // group))
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
-        ids, sc, _ = solve(np.ones((b - a, 1)), np.arange(a, b, dtype=np.int64)[:, None])
-        lengths = np.array([min(keep, len(i)) for i in ids], np.int64)
-        cols = np.concatenate([i[:L] for i, L in zip(ids, lengths)]).astype(np.int32)
-        vals = np.concatenate([v[:L] for v, L in zip(sc, lengths)]).astype(np.float32)
-        yield a, lengths, cols, vals
+        part = group * max(1, -(-(b - a) // (threads * group)))  # one group-aligned range per thread
+        starts = list(range(a, b, part))
+        parts = solver.workers.map(lambda s0, s1: _rows_range(solver, s0, s1, keep, group), starts,
+                                   [min(s0 + part, b) for s0 in starts])
+        items = np.concatenate([p[0] for p in parts])
+        lengths = np.concatenate([p[3] for p in parts])
+        cols = np.concatenate([p[1][j, :L] for p in parts for j, L in enumerate(p[3])]).astype(np.int32)
+        vals = np.concatenate([p[2][j, :L] for p in parts for j, L in enumerate(p[3])]).astype(np.float32)
+        yield items, lengths, cols, vals
 
 
-def item_rows(solve: Callable[[np.ndarray, np.ndarray], tuple[list, list, object]], n: int, keep: int, *, chunk: int = 2048,
+def item_rows(solver: CompiledTruncatedSolver, keep: int, *, group: int = 4, chunk: int = 2048,
               progress: Callable[[int], None] | None = None) -> ItemRows:
-    """`item_row_chunks` gathered into one ItemRows in memory (n rows, at most `keep` entries
+    """`item_row_chunks` gathered into one ItemRows in memory (n items, at most `keep` entries
     each); progress(done) after each chunk."""
-    lengths, cols, vals = [np.zeros(1, np.int64)], [], []
-    for a, L, c, v in item_row_chunks(solve, n, keep, chunk=chunk):
+    slot = np.empty(solver.n, np.int64)
+    lengths, cols, vals, done = [np.zeros(1, np.int64)], [], [], 0
+    for items, L, c, v in item_row_chunks(solver, keep, group=group, chunk=chunk):
+        slot[items] = np.arange(done, done + len(items))
+        done += len(items)
         lengths.append(L)
         cols.append(c)
         vals.append(v)
         if progress is not None:
-            progress(a + len(L))
+            progress(done)
     return ItemRows(np.cumsum(np.concatenate(lengths)), np.concatenate(cols or [np.zeros(0, np.int32)]),
-                    np.concatenate(vals or [np.zeros(0, np.float32)]))
+                    np.concatenate(vals or [np.zeros(0, np.float32)]), slot)
 
 
 @njit(cache=True, nogil=True)
-def _combine(indptr, indices, data, I, Y, k, out_ids, out_sc, out_len, acc, seen, touched):
-    """Per query q: the sum of rows I[q, j] weighted Y[q, j] (seeds < 0 or weights <= 0 skipped),
-    its top min(k, entries) written to out_ids/out_sc (descending, ties by row) and out_len.
+def _combine(indptr, indices, data, slot, I, Y, k, out_ids, out_sc, out_len, acc, seen, touched):
+    """Per query q: the sum of items I[q, j]'s rows (storage row slot[item]) weighted Y[q, j]
+    (seeds < 0 or weights <= 0 skipped), its top min(k, entries) written to out_ids/out_sc (descending, ties by row) and out_len.
     acc (n,) float64 zeros, seen (n,) bool False, touched (>= kq * longest row,) int64: left reset."""
     for q in range(I.shape[0]):
         t = 0
@@ -86,7 +214,8 @@ def _combine(indptr, indices, data, I, Y, k, out_ids, out_sc, out_len, acc, seen
             y = Y[q, j]
             if s < 0 or y <= 0.0:
                 continue
-            for p in range(indptr[s], indptr[s + 1]):
+            r = slot[s]
+            for p in range(indptr[r], indptr[r + 1]):
                 c = indices[p]
                 if not seen[c]:
                     seen[c] = True
@@ -138,7 +267,7 @@ class RowCombiner:
         nq = I.shape[0]
         ids, sc, ln = np.full((nq, k), -1, np.int64), np.zeros((nq, k)), np.zeros(nq, np.int64)
         try:
-            _combine(self.rows.indptr, self.rows.indices, self.rows.data, np.ascontiguousarray(I, np.int64),
+            _combine(self.rows.indptr, self.rows.indices, self.rows.data, self.rows.slot, np.ascontiguousarray(I, np.int64),
                      np.ascontiguousarray(D, np.float64), k, ids, sc, ln, acc, seen, touched)
         finally:
             self._scratch.put((acc, seen, touched))

@@ -12,6 +12,7 @@ numba is the one version-sensitive dependency; it is imported here only.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 
 import numpy as np
@@ -70,6 +71,15 @@ def _bucket(bits: int, top: int) -> int:
     return e * _SUB + ((bits >> 49) & 7)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _local_id(v, loc, gid, rstart, nl):
+    """Node v's local id, handed out (the next one, nl) when it has none; returns (id, ids handed out)."""
+    if loc[v] < 0:
+        loc[v], gid[nl], rstart[nl] = nl, v, -1
+        return nl, nl + 1
+    return loc[v], nl
+
+
 @njit(cache=True, nogil=True)
 def _select(indptr, indices, data, seeds, yv, m, alpha, hops, beam, cur_idx, cur_val, nxt_idx, nxt_val, mark,
             acc, acc_idx, slot, loc, gid, rstart, rend, li, lw, stamp, vals, counts, buf):
@@ -86,12 +96,7 @@ def _select(indptr, indices, data, seeds, yv, m, alpha, hops, beam, cur_idx, cur
     na = 0
     nc = 0
     for s in range(seeds.size):
-        u = seeds[s]
-        l = loc[u]
-        if l < 0:
-            l = nl
-            loc[u], gid[l], rstart[l] = l, u, -1
-            nl += 1
+        l, nl = _local_id(seeds[s], loc, gid, rstart, nl)
         if slot[l] < 0:
             slot[l] = na
             acc_idx[na] = l
@@ -114,13 +119,7 @@ def _select(indptr, indices, data, seeds, yv, m, alpha, hops, beam, cur_idx, cur
                     li, lw = li2, lw2
                 rstart[l] = ne
                 for e in range(a, b):
-                    v = indices[e]
-                    lv = loc[v]
-                    if lv < 0:
-                        lv = nl
-                        loc[v], gid[lv], rstart[lv] = lv, v, -1
-                        nl += 1
-                    li[ne] = lv
+                    li[ne], nl = _local_id(indices[e], loc, gid, rstart, nl)
                     lw[ne] = data[e]
                     ne += 1
                 rend[l] = ne
@@ -187,10 +186,11 @@ def _select(indptr, indices, data, seeds, yv, m, alpha, hops, beam, cur_idx, cur
 
 
 @njit(cache=True, nogil=True)
-def _solve_local(indptr, indices, data, nodes, pos, seeds, yv, alpha, rtol, maxiter, li, lx):
-    """CG on (I - alpha W[nodes][:, nodes]) x = y. Returns x (s,), iterations, relative residual.
-    li (int32), lx (float64): scratch for the subgraph's edges, used when they hold every edge of
-    the rows (a fresh allocation per query would cost page faults at this size)."""
+def _subgraph(indptr, indices, data, nodes, pos, alpha, li, lx):
+    """-alpha W[nodes][:, nodes] as CSR (lp, li, lx) over positions in `nodes`, with pos (n,), -1
+    off the nodes, set to each node's position (the caller resets it). li (int32), lx (float64):
+    scratch used when it holds every edge of the rows (a fresh allocation per query would cost
+    page faults at this size)."""
     s = nodes.size
     for j in range(s):
         pos[nodes[j]] = j
@@ -211,6 +211,15 @@ def _solve_local(indptr, indices, data, nodes, pos, seeds, yv, alpha, rtol, maxi
                 lx[nnz] = -alpha * data[e]
                 nnz += 1
         lp[j + 1] = nnz
+    return lp, li, lx
+
+
+@njit(cache=True, nogil=True)
+def _solve_local(indptr, indices, data, nodes, pos, seeds, yv, alpha, rtol, maxiter, li, lx):
+    """CG on (I - alpha W[nodes][:, nodes]) x = y. Returns x (s,), iterations, relative residual.
+    li, lx: `_subgraph`'s scratch."""
+    s = nodes.size
+    lp, li, lx = _subgraph(indptr, indices, data, nodes, pos, alpha, li, lx)
     b = np.zeros(s)
     for t in range(seeds.size):
         p = pos[seeds[t]]
@@ -272,18 +281,8 @@ def _chunk(indptr, indices, data, sindptr, sindices, sdata, seed_ids, seed_w, m,
     cur_val, nxt_val, acc, vals, buf = scratch_f[0], scratch_f[1], scratch_f[2], scratch_f[3], scratch_f[4]
     stamp = stamp_box[0]
     for q in range(seed_ids.shape[0]):
-        k = 0
-        for t in range(seed_ids.shape[1]):
-            if seed_ids[q, t] >= 0:
-                k += 1
-        seeds = np.empty(k, np.int64)
-        yv = np.empty(k)
-        k = 0
-        for t in range(seed_ids.shape[1]):
-            if seed_ids[q, t] >= 0:
-                seeds[k] = seed_ids[q, t]
-                yv[k] = seed_w[q, t]
-                k += 1
+        used = seed_ids[q] >= 0
+        seeds, yv = seed_ids[q][used].astype(np.int64), seed_w[q][used].astype(np.float64)
         nodes, stamp = _select(sindptr, sindices, sdata, seeds, yv, m, alpha, hops, beam, cur_idx, cur_val, nxt_idx, nxt_val,
                                mark, acc, acc_idx, slot, pos, gid, scratch_o[0], scratch_o[1], local_i, local_w, stamp, vals,
                                counts, buf)
@@ -339,9 +338,12 @@ class CompiledTruncatedSolver:
         self._scratch: queue.SimpleQueue = queue.SimpleQueue()
         self.solve_chunk(np.zeros((1, 1)), np.full((1, 1), -1, np.int64))  # loads the compiled code now, not on a first query
 
-    def _take_scratch(self):
+    @contextlib.contextmanager
+    def scratch(self):
+        """One thread's scratch for the kernels (`_chunk`'s scratch arguments, in order), taken from
+        the kept ones or made, and put back after use (the kernels reset it after every query)."""
         try:
-            return self._scratch.get_nowait()
+            scratch = self._scratch.get_nowait()
         except queue.Empty:
             n = self.n
             si = np.empty((6, n), ids_dtype(n))  # node ids and positions: half the cache footprint
@@ -352,9 +354,13 @@ class CompiledTruncatedSolver:
             # the selection's copied rows: a query copies each row its beam visits once (room for
             # 4x the heaviest subgraph's edges; the kernel grows it for a query that needs more)
             room = min(4 * self.edge_room, sel_nnz) + 1
-            return (si, sf, np.empty((2, n), ids_dtype(sel_nnz + 1)), np.zeros(n, np.int64), np.empty(_SPAN * _SUB, np.int64),
-                    np.zeros(1, np.int64), np.empty(self.edge_room, np.int32), np.empty(self.edge_room),
-                    np.empty(room, ids_dtype(n)), np.empty(room, self.sel[2].dtype))
+            scratch = (si, sf, np.empty((2, n), ids_dtype(sel_nnz + 1)), np.zeros(n, np.int64), np.empty(_SPAN * _SUB, np.int64),
+                       np.zeros(1, np.int64), np.empty(self.edge_room, np.int32), np.empty(self.edge_room),
+                       np.empty(room, ids_dtype(n)), np.empty(room, self.sel[2].dtype))
+        try:
+            yield scratch
+        finally:
+            self._scratch.put(scratch)
 
     def solve_chunk(self, D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, SolveStats]:
         """One chunk of queries in the calling thread (the GIL released). D, I (nq, kq) seeds.
@@ -370,12 +376,9 @@ class CompiledTruncatedSolver:
         I = np.asarray(I, np.int64)
         if self.perm is not None:
             I = np.where(I >= 0, self.inv[np.maximum(I, 0)], -1)
-        scratch = self._take_scratch()
-        try:
+        with self.scratch() as scratch:
             _chunk(*self.graph, *self.sel, np.ascontiguousarray(I), np.ascontiguousarray(Y), self.m, self.alpha, self.hops,
                    self.beam, self.rtol, self.maxiter, keep, ids, sc, ln, it, res, *scratch)
-        finally:
-            self._scratch.put(scratch)  # the kernel leaves it reset, even for the queries it finished
         if self.perm is not None:
             ids = np.where(ids >= 0, self.perm[np.maximum(ids, 0)], -1)
         return ids, sc, ln, SolveStats(it, res, res <= self.rtol * 1.01 + 1e-12)

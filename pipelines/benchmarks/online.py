@@ -60,7 +60,11 @@ VARIANTS: dict[str, dict] = {
     # kept in graph/, so a second run reads it back), a new query summing its seeds' rows
     "precomputed rows, HNSW seeds (m 1500, 12 hops, beam 500, rtol 1e-3, keep 700)":
         {"methods": ["precomputed"], **TRUNC, "truncate_m": 1500, "truncate_hops": 12, "truncate_beam": 500, "rtol": 1e-3,
-         "precompute_keep": 700, "seed_search": "index"},
+         "precompute_keep": 700, "precompute_group": 1, "seed_search": "index"},
+    # the same rows, four neighbouring items per selection (a wider beam covers the four)
+    "precomputed rows in groups of 4, HNSW seeds (m 1500, 12 hops, beam 800, rtol 1e-3, keep 700)":
+        {"methods": ["precomputed"], **TRUNC, "truncate_m": 1500, "truncate_hops": 12, "truncate_beam": 800, "rtol": 1e-3,
+         "precompute_keep": 700, "precompute_group": 4, "seed_search": "index"},
 }
 
 

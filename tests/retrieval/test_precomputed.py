@@ -22,16 +22,27 @@ def graph():
     return X, W
 
 
-def _random_rows(rng, n: int, longest: int) -> ItemRows:
+def _random_rows(rng, n: int, longest: int, *, shuffled: bool = False) -> ItemRows:
+    """Random rows; shuffled: stored in another order than the items' (slot maps items to rows)."""
     lengths = rng.integers(0, longest + 1, n)
     indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     indices = np.concatenate([rng.choice(n, L, replace=False) for L in lengths]).astype(np.int32)
     data = rng.integers(1, 6, indptr[-1]).astype(np.float32) / 4  # few distinct values: ties
-    return ItemRows(indptr, indices, data)
+    if not shuffled:
+        return ItemRows(indptr, indices, data)
+    order = rng.permutation(n)  # storage row r holds item order[r]
+    parts = [(indices[indptr[i]:indptr[i + 1]], data[indptr[i]:indptr[i + 1]]) for i in order]
+    slot = np.empty(n, np.int64)
+    slot[order] = np.arange(n)
+    return ItemRows(np.concatenate([[0], np.cumsum(lengths[order])]).astype(np.int64), np.concatenate([p[0] for p in parts]),
+                    np.concatenate([p[1] for p in parts]), slot)
 
 
 def _reference_top(rows: ItemRows, Y: np.ndarray, I: np.ndarray, k: int):
-    F = sp.csr_matrix((rows.data.astype(np.float64), rows.indices, rows.indptr), shape=(rows.n, rows.n))
+    by_item = [rows.row(i) for i in range(rows.n)]
+    indptr = np.concatenate([[0], np.cumsum([len(r[0]) for r in by_item])])
+    F = sp.csr_matrix((np.concatenate([r[1] for r in by_item]).astype(np.float64), np.concatenate([r[0] for r in by_item]), indptr),
+                      shape=(rows.n, rows.n))
     out = []
     for y, seeds in zip(Y, I):
         keep = (seeds >= 0) & (y > 0)
@@ -42,12 +53,13 @@ def _reference_top(rows: ItemRows, Y: np.ndarray, I: np.ndarray, k: int):
     return out
 
 
-@pytest.mark.parametrize("k,threads,chunk", [(5, 1, 64), (40, 2, 3), (1000, 2, 1)])
-def test_row_sums_equal_numpy(k, threads, chunk):
+@pytest.mark.parametrize("k,threads,chunk,shuffled", [(5, 1, 64, False), (40, 2, 3, True), (1000, 2, 1, False)])
+def test_row_sums_equal_numpy(k, threads, chunk, shuffled):
     """Weighted sums of seeds' rows, top k by score and ties by row; -1 seeds and weights <= 0
-    skipped; a query with no usable seed gets an empty list; the scratch is left clean."""
+    skipped; a query with no usable seed gets an empty list; the scratch is left clean; rows
+    stored in another order than the items' are found through the item-to-row map."""
     rng = np.random.default_rng(0)
-    rows = _random_rows(rng, 300, 60)
+    rows = _random_rows(rng, 300, 60, shuffled=shuffled)
     I = rng.integers(0, 300, (25, 6))
     I[0, 2:] = -1
     I[1] = -1
@@ -63,28 +75,57 @@ def test_row_sums_equal_numpy(k, threads, chunk):
 
 
 def test_item_rows_are_the_solvers_solutions(graph):
-    """Row i is the solver's solution seeded at i alone (weight 1), its `keep` strongest entries."""
+    """In groups of one, row i is the solver's solution seeded at i alone (weight 1), its `keep`
+    strongest entries; rows are stored in the solver's order, every item once."""
     _, W = graph
     solver = CompiledTruncatedSolver(W, m=200, alpha=0.95, rtol=1e-8, maxiter=300, hops=6, beam=100)
     seen = []
-    rows = item_rows(solver.solve, W.shape[0], 50, chunk=300, progress=seen.append)
+    rows = item_rows(solver, 50, group=1, chunk=300, progress=seen.append)
     assert seen == [300, 600, 800]
+    np.testing.assert_array_equal(np.sort(rows.slot), np.arange(800))
+    np.testing.assert_array_equal(rows.slot[solver.perm], np.arange(800))  # stored in the solver's row order
     items = np.array([0, 7, 799])
     ids, sc, _ = solver.solve(np.ones((3, 1)), items[:, None])
     for r, i, s in zip(items, ids, sc):
-        a, b = rows.indptr[r], rows.indptr[r + 1]
-        np.testing.assert_array_equal(rows.indices[a:b], i[:50])
-        np.testing.assert_allclose(rows.data[a:b], s[:50], rtol=1e-6)
+        got_i, got_s = rows.row(r)
+        np.testing.assert_array_equal(got_i, i[:50])
+        np.testing.assert_allclose(got_s, s[:50], rtol=1e-6)
     assert rows.indices.dtype == np.int32 and rows.data.dtype == np.float32
 
 
-def test_untruncated_rows_sum_to_the_exact_solve(graph):
+@pytest.mark.parametrize("group", [3, 4])
+def test_grouped_rows_solve_their_groups_subgraph(graph, group):
+    """With `group` items per selection, an item's row is the exact solution of (I - alpha W_S) x =
+    e_item on the subgraph S that the solver selects from the whole group (seeds of weight 1);
+    groups are consecutive in the solver's row order, the last one shorter."""
+    _, W = graph
+    alpha = 0.95
+    solver = CompiledTruncatedSolver(W, m=150, alpha=alpha, rtol=1e-10, maxiter=500, hops=6, beam=120)
+    rows = item_rows(solver, 1000, group=group, chunk=64)
+    n = W.shape[0]
+    for g0 in (0, group * 37, n - n % group if n % group else n - group):
+        items = solver.perm[g0 : g0 + group]
+        S, _, _ = solver.solve(np.ones((1, len(items))), items[None, :])
+        S = np.sort(S[0])
+        A = (sp.identity(len(S)) - alpha * W[S][:, S]).tocsc()
+        for item in items:
+            x = spla.spsolve(A, (S == item).astype(np.float64))
+            got_i, got_s = rows.row(item)
+            assert set(got_i.tolist()) == set(S.tolist())
+            np.testing.assert_allclose(got_s, x[np.searchsorted(S, got_i)], rtol=1e-6, atol=1e-12)
+            assert (np.diff(got_s) <= 0).all()
+    with pytest.raises(ValueError, match="group"):
+        item_rows(solver, 10, group=0)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_untruncated_rows_sum_to_the_exact_solve(graph, group):
     """Linearity: with every node in each item's subgraph and every entry kept, the seeds' rows
     weighted by similarity^gamma sum to the solution of (I - alpha W) x = y (scipy's direct solve)."""
     X, W = graph
     n, alpha, gamma, kq = W.shape[0], 0.9, 3.0, 5
     solver = CompiledTruncatedSolver(W, m=n, alpha=alpha, rtol=1e-12, maxiter=2000, hops=60)
-    rows = item_rows(solver.solve, n, n)
+    rows = item_rows(solver, n, group=group)
     ranker = PrecomputedRanker(KnnRanker(X), rows, gamma=gamma, kq=kq)
     rng = np.random.default_rng(1)
     Q = l2_normalize(X[:6] + 0.05 * rng.normal(size=(6, X.shape[1]))).astype(np.float32)
@@ -103,9 +144,9 @@ def test_short_rankings_are_padded_by_similarity(graph):
     """Rankings longer than the rows' union continue with the nearest remaining items."""
     X, W = graph
     solver = CompiledTruncatedSolver(W, m=30, alpha=0.9, rtol=1e-8, hops=4, beam=20)
-    ranker = PrecomputedRanker(KnnRanker(X), item_rows(solver.solve, W.shape[0], 10), kq=3)
+    ranker = PrecomputedRanker(KnnRanker(X), item_rows(solver, 10), kq=3)
     res = ranker.rank(X[:4], 200)
     assert res.ids.shape == (4, 200) and all(len(set(r)) == 200 for r in res.ids.tolist())
     assert (res.scores[:, -1] == 0).all()  # the padded tail has no diffusion score
     with pytest.raises(ValueError, match="cover"):
-        PrecomputedRanker(KnnRanker(X[:10]), item_rows(solver.solve, W.shape[0], 10))
+        PrecomputedRanker(KnnRanker(X[:10]), item_rows(solver, 10))
