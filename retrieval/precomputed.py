@@ -9,6 +9,11 @@ chosen by mass, `retrieval.truncated_compiled`, and the `keep` entries kept). Th
 longer depends on the graph: kq rows of `keep` entries are gathered and the top k of their sum
 sorted, in compiled code.
 
+Neighbouring items share most of their subgraphs, so a few items that follow each other in the
+graph's RCM order are solved together: one mass selection seeded by all of them, and each item's
+CG on that subgraph, their columns in one pass over it per iteration (BENCHMARKS.md: groups of 4
+halve the offline step and rank slightly better, each item's mass being more inside).
+
 Rows are float32 values and int32 columns, `keep` per item at most: n * keep * 8 bytes
 (10^5 items, keep 700: 530 MB). They can be produced a chunk at a time (`item_row_chunks`) and
 ranked from memory-mapped files (any arrays will do), so neither the offline step nor a process
@@ -16,6 +21,7 @@ that ranks needs the table in its own memory.
 """
 from __future__ import annotations
 
+import logging
 import queue
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -25,6 +31,8 @@ from numba import njit
 
 from .threads import Workers
 from .truncated_compiled import CompiledTruncatedSolver, _select, _subgraph
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,11 +64,11 @@ class ItemRows:
 def _columns_cg(lp, li, lx, s, at, rtol, maxiter):
     """CG for (I + L) x_t = e_{at[t]}, t < G, L the CSR (lp, li, lx) (s, s): each column on its own
     recurrence (its own step sizes, stopped once its residual is below rtol, as `_solve_local` would
-    stop it), one pass over L per iteration for all of them. Returns X (s, G) and iterations (G,)."""
+    stop it), one pass over L per iteration for all of them. Returns X (s, G) and, per column,
+    whether it converged (G,) bool."""
     G = at.size
     X, R, P, Q = np.zeros((s, G)), np.zeros((s, G)), np.zeros((s, G)), np.empty((s, G))
     rr = np.ones(G)
-    its = np.zeros(G, np.int64)
     live = np.ones(G, np.bool_)
     acc, pq, a, rn = np.empty(G), np.empty(G), np.empty(G), np.empty(G)
     for t in range(G):
@@ -98,18 +106,17 @@ def _columns_cg(lp, li, lx, s, at, rtol, maxiter):
                 for j in range(s):
                     P[j, t] = R[j, t] + beta * P[j, t]
                 rr[t] = rn[t]
-                its[t] += 1
-    return X, its
+    return X, np.sqrt(rr) <= rtol
 
 
 @njit(cache=True, nogil=True)
 def _group_rows(indptr, indices, data, sindptr, sindices, sdata, first, stop, group, m, alpha, hops, beam, rtol, maxiter,
-                out_ids, out_sc, out_len, out_it, scratch_i, scratch_f, scratch_o, mark, counts, stamp_box, edge_i, edge_x,
+                out_ids, out_sc, out_len, out_ok, scratch_i, scratch_f, scratch_o, mark, counts, stamp_box, edge_i, edge_x,
                 local_i, local_w):
     """The rows of the graph's nodes first..stop-1, `group` consecutive nodes at a time: one mass
     selection seeded by the group's nodes (weight 1 each), then each node's CG on that subgraph
     (`_columns_cg`). Row r of out_* is node first + r: its subgraph's nodes by score (out_ids,
-    out_sc, the first out_len[r]; a tie at the width of out_ids is cut) and its CG iterations.
+    out_sc, the first out_len[r]; a tie at the width of out_ids is cut) and whether its CG converged.
     Scratch as `retrieval.truncated_compiled._chunk`'s, left reset."""
     cur_idx, nxt_idx, acc_idx, slot, pos, gid = (scratch_i[0], scratch_i[1], scratch_i[2], scratch_i[3], scratch_i[4],
                                                  scratch_i[5])
@@ -127,7 +134,7 @@ def _group_rows(indptr, indices, data, sindptr, sindices, sdata, first, stop, gr
             at[t] = pos[items[t]]  # the seeds are always selected
         for j in range(nodes.size):
             pos[nodes[j]] = -1
-        X, its = _columns_cg(lp, li, lx, nodes.size, at, rtol, maxiter)
+        X, ok = _columns_cg(lp, li, lx, nodes.size, at, rtol, maxiter)
         L = min(width, nodes.size)
         for t in range(items.size):
             r = g0 - first + t
@@ -136,24 +143,24 @@ def _group_rows(indptr, indices, data, sindptr, sindices, sdata, first, stop, gr
                 out_ids[r, j] = nodes[order[j]]
                 out_sc[r, j] = X[order[j], t]
             out_len[r] = L
-            out_it[r] = its[t]
+            out_ok[r] = ok[t]
     stamp_box[0] = stamp
 
 
 def _rows_range(solver: CompiledTruncatedSolver, a: int, b: int, keep: int, group: int):
     """Rows of the solver's nodes a..b-1 (its row order) in the calling thread: (items (c,) int64
-    database rows, ids (c, w) int64, scores (c, w) float64, lengths (c,) int64)."""
+    database rows, ids (c, w) int64, scores (c, w) float64, lengths (c,) int64, converged (c,))."""
     c, width = b - a, min(keep, solver.m + group)
     ids, sc = np.full((c, width), -1, np.int64), np.zeros((c, width))
-    ln, it = np.zeros(c, np.int64), np.zeros(c, np.int64)
+    ln, ok = np.zeros(c, np.int64), np.zeros(c, np.bool_)
     with solver.scratch() as scratch:
         _group_rows(*solver.graph, *solver.sel, a, b, group, solver.m, solver.alpha, solver.hops, solver.beam, solver.rtol,
-                    solver.maxiter, ids, sc, ln, it, *scratch)
+                    solver.maxiter, ids, sc, ln, ok, *scratch)
     items = np.arange(a, b, dtype=np.int64)
     if solver.perm is not None:
         items = solver.perm[items]
         ids = np.where(ids >= 0, solver.perm[np.maximum(ids, 0)], -1)
-    return items, ids, sc, ln
+    return items, ids, sc, ln, ok
 
 
 def item_row_chunks(solver: CompiledTruncatedSolver, keep: int, *, group: int = 4, chunk: int = 2048
@@ -164,13 +171,15 @@ def item_row_chunks(solver: CompiledTruncatedSolver, keep: int, *, group: int = 
     solver's m / hops / beam; a wider beam than one item's covers the group), and each item's CG
     runs on that subgraph; group = 1 is each item's own truncated solve. The chunk is split over
     the solver's threads. Yields (items (c,) int64, lengths (c,) int64, rows (sum of lengths,)
-    int32, values float32): a caller can write the table out as it comes, never holding it whole."""
+    int32, values float32): a caller can write the table out as it comes, never holding it whole.
+    Rows whose CG stopped at the solver's maxiter before rtol are counted in a warning at the end."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     if group < 1:
         raise ValueError(f"group must be >= 1, got {group}")
     n, threads = solver.n, solver.workers.threads
     chunk = group * max(1, -(-chunk // group))
+    unconverged = 0
     for a in range(0, n, chunk):
         b = min(a + chunk, n)
         part = group * max(1, -(-(b - a) // (threads * group)))  # one group-aligned range per thread
@@ -181,7 +190,11 @@ def item_row_chunks(solver: CompiledTruncatedSolver, keep: int, *, group: int = 
         lengths = np.concatenate([p[3] for p in parts])
         cols = np.concatenate([p[1][j, :L] for p in parts for j, L in enumerate(p[3])]).astype(np.int32)
         vals = np.concatenate([p[2][j, :L] for p in parts for j, L in enumerate(p[3])]).astype(np.float32)
+        unconverged += sum(int((~p[4]).sum()) for p in parts)
         yield items, lengths, cols, vals
+    if unconverged:
+        log.warning("precomputed: %d of %d rows stopped at maxiter = %d before rtol = %g (kept as they are)", unconverged, n,
+                    solver.maxiter, solver.rtol)
 
 
 def item_rows(solver: CompiledTruncatedSolver, keep: int, *, group: int = 4, chunk: int = 2048,
@@ -205,7 +218,8 @@ def item_rows(solver: CompiledTruncatedSolver, keep: int, *, group: int = 4, chu
 @njit(cache=True, nogil=True)
 def _combine(indptr, indices, data, slot, I, Y, k, out_ids, out_sc, out_len, acc, seen, touched):
     """Per query q: the sum of items I[q, j]'s rows (storage row slot[item]) weighted Y[q, j]
-    (seeds < 0 or weights <= 0 skipped), its top min(k, entries) written to out_ids/out_sc (descending, ties by row) and out_len.
+    (seeds < 0 or weights <= 0 skipped), its top min(k, entries) written to out_ids/out_sc
+    (descending, ties by row) and out_len.
     acc (n,) float64 zeros, seen (n,) bool False, touched (>= kq * longest row,) int64: left reset."""
     for q in range(I.shape[0]):
         t = 0

@@ -118,6 +118,20 @@ def test_grouped_rows_solve_their_groups_subgraph(graph, group):
         item_rows(solver, 10, group=0)
 
 
+def test_rows_that_did_not_converge_are_counted(graph, caplog):
+    """A row whose CG stops at maxiter before rtol is kept and counted in one warning."""
+    _, W = graph
+    tight = CompiledTruncatedSolver(W, m=100, alpha=0.99, rtol=1e-14, maxiter=2, hops=4, beam=60)
+    with caplog.at_level("WARNING", logger="retrieval.precomputed"):
+        rows = item_rows(tight, 20, group=4)
+    assert rows.n == W.shape[0]
+    assert [r.getMessage().split(" rows stopped")[0] for r in caplog.records] == [f"precomputed: {W.shape[0]} of {W.shape[0]}"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="retrieval.precomputed"):
+        item_rows(CompiledTruncatedSolver(W, m=100, alpha=0.9, rtol=1e-6, maxiter=500, hops=4, beam=60), 20, group=4)
+    assert not caplog.records
+
+
 @pytest.mark.parametrize("group", [1, 3])
 def test_untruncated_rows_sum_to_the_exact_solve(graph, group):
     """Linearity: with every node in each item's subgraph and every entry kept, the seeds' rows
