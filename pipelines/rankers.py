@@ -61,6 +61,9 @@ def spectral_cached(W: sp.spmatrix, graph_dir: Path | None, *, rank: int, alpha:
     return emb
 
 
+PRECOMPUTED_FORMAT = 2  # 2: rows in the solver's order, indptr.npz maps items to rows (slot)
+
+
 def precomputed_cached(W: sp.spmatrix, graph_dir: Path | None, cfg: QueryConfig) -> ItemRows:
     """Every database item's truncated diffusion (`retrieval.precomputed`, the solver of the
     "truncated" method with cfg's truncate_* settings, `precompute_group` items per selection),
@@ -112,9 +115,6 @@ def precomputed_cached(W: sp.spmatrix, graph_dir: Path | None, cfg: QueryConfig)
     if rows is None:
         raise RuntimeError(f"precomputed: {base.name} could not be read back after it was written")
     return rows
-
-
-PRECOMPUTED_FORMAT = 2  # 2: rows in the solver's order, indptr.npz maps items to rows (slot)
 
 
 def _read_precomputed(base: Path, key: str, n: int) -> ItemRows | None:

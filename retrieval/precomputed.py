@@ -156,11 +156,7 @@ def _rows_range(solver: CompiledTruncatedSolver, a: int, b: int, keep: int, grou
     with solver.scratch() as scratch:
         _group_rows(*solver.graph, *solver.sel, a, b, group, solver.m, solver.alpha, solver.hops, solver.beam, solver.rtol,
                     solver.maxiter, ids, sc, ln, ok, *scratch)
-    items = np.arange(a, b, dtype=np.int64)
-    if solver.perm is not None:
-        items = solver.perm[items]
-        ids = np.where(ids >= 0, solver.perm[np.maximum(ids, 0)], -1)
-    return items, ids, sc, ln, ok
+    return solver.database_ids(np.arange(a, b, dtype=np.int64)), solver.database_ids(ids), sc, ln, ok
 
 
 def item_row_chunks(solver: CompiledTruncatedSolver, keep: int, *, group: int = 4, chunk: int = 2048
@@ -188,8 +184,9 @@ def item_row_chunks(solver: CompiledTruncatedSolver, keep: int, *, group: int = 
                                    [min(s0 + part, b) for s0 in starts])
         items = np.concatenate([p[0] for p in parts])
         lengths = np.concatenate([p[3] for p in parts])
-        cols = np.concatenate([p[1][j, :L] for p in parts for j, L in enumerate(p[3])]).astype(np.int32)
-        vals = np.concatenate([p[2][j, :L] for p in parts for j, L in enumerate(p[3])]).astype(np.float32)
+        used = [np.arange(p[1].shape[1]) < p[3][:, None] for p in parts]  # the padded rows' first lengths entries
+        cols = np.concatenate([p[1][u] for p, u in zip(parts, used)]).astype(np.int32)
+        vals = np.concatenate([p[2][u] for p, u in zip(parts, used)]).astype(np.float32)
         unconverged += sum(int((~p[4]).sum()) for p in parts)
         yield items, lengths, cols, vals
     if unconverged:

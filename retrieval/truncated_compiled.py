@@ -379,9 +379,11 @@ class CompiledTruncatedSolver:
         with self.scratch() as scratch:
             _chunk(*self.graph, *self.sel, np.ascontiguousarray(I), np.ascontiguousarray(Y), self.m, self.alpha, self.hops,
                    self.beam, self.rtol, self.maxiter, keep, ids, sc, ln, it, res, *scratch)
-        if self.perm is not None:
-            ids = np.where(ids >= 0, self.perm[np.maximum(ids, 0)], -1)
-        return ids, sc, ln, SolveStats(it, res, res <= self.rtol * 1.01 + 1e-12)
+        return self.database_ids(ids), sc, ln, SolveStats(it, res, res <= self.rtol * 1.01 + 1e-12)
+
+    def database_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Node ids of the solver's row order (any shape, int64, -1 padding kept) -> database rows."""
+        return ids if self.perm is None else np.where(ids >= 0, self.perm[np.maximum(ids, 0)], -1)
 
     def solve(self, D: np.ndarray, I: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], SolveStats]:
         """D, I (nq, kq): each query's database neighbours (similarities, ids; -1 ignored).
