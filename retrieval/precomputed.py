@@ -83,6 +83,13 @@ def _columns_cg(lp, li, lx, s, at, rtol, maxiter):
             break
         pq[:] = 0.0
         for j in range(s):  # Q = (I + L) P, all columns in one pass over the rows
+            if G == 1:  # one column: its sum in a register (the loop below stores it per edge)
+                q = P[j, 0]
+                for e in range(lp[j], lp[j + 1]):
+                    q += lx[e] * P[li[e], 0]
+                Q[j, 0] = q
+                pq[0] += P[j, 0] * q
+                continue
             for t in range(G):
                 acc[t] = P[j, t]
             for e in range(lp[j], lp[j + 1]):
