@@ -129,8 +129,8 @@ class ObjectSaliencyExtractor:
         fmaps, fsmaps, seeds = [], [], []
         for j, px in enumerate(pixels):
             im = Image.fromarray(np.asarray(px, dtype=np.uint8))
-            x = torch.from_numpy(to_input(im, max_side=self.cfg.max_side, mean=m.input_mean, std=m.input_std))[None].to(self.base.device)
-            fmap = m.features(x)
+            x = torch.from_numpy(to_input(im, max_side=self.cfg.max_side, mean=m.input_mean, std=m.input_std))[None]
+            fmap = self.base.features(x)
             fmaps.append(fmap)
             fsmaps.append(fs_map(fmap))
             own = self.rows_of.get(int(ids[j]), np.zeros(0, np.int64)) if self.own and ids is not None else np.zeros(0, np.int64)

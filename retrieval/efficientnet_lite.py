@@ -54,8 +54,9 @@ class SameConv2d(nn.Conv2d):
         sh, sw = self.stride
         ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
         pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        if ph or pw:
-            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        if ph % 2 == 0 and pw % 2 == 0:  # symmetric: the convolution pads, no padded copy
+            return F.conv2d(x, self.weight, self.bias, self.stride, (ph // 2, pw // 2), self.dilation, self.groups)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
@@ -108,6 +109,14 @@ class EfficientNetLite(nn.Module):
         self._conv_head = SameConv2d(cout, 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, **_BN)
         self._fc = nn.Linear(1280, num_classes)
+
+    def conv_bn_pairs(self) -> list[tuple[nn.Module, str, str]]:
+        """(parent, convolution's name, its BatchNorm's name) of every convolution followed by a BatchNorm."""
+        pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
+        for b in self._blocks:
+            pairs += [(b, "_expand_conv", "_bn0")] if b.has_expand else []
+            pairs += [(b, "_depthwise_conv", "_bn1"), (b, "_project_conv", "_bn2")]
+        return pairs
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised RGB -> (B, 1280, ceil(H/32), ceil(W/32)) non-negative maps."""

