@@ -3,7 +3,9 @@
 There is no Flickr100k here, so `write_synthetic` makes a distractor collection that behaves like
 one: every image is generated from its own seed (seed, index), so a batch can be written in any
 order, resumed, and extended (image i is the same image whatever the batch), from scikit-image's
-photos and textures warped, recoloured, cropped and composed (`retrieval.synthetic.make_distractor`).
+photos and textures warped, recoloured, cropped and composed with smooth colour fields and gratings
+(`retrieval.synthetic.DistractorMaker`, generator 2; the benchmark's own distractors keep
+`make_distractor`).
 Users with a real collection point the experiment at a folder instead (`user_batch`).
 
 `distractor_stats` measures what matters: each query's most similar distractor against its most
@@ -29,21 +31,51 @@ def synthetic_name(i: int) -> str:
     return f"dis{i:08d}.jpg"
 
 
-def write_synthetic(folder: Path, start: int, stop: int, *, seed: int, size: int = 288) -> Path:
-    """Distractors start..stop-1 as JPEGs in `folder` (those already there are kept)."""
-    from retrieval import synthetic
+GENERATOR = 2  # version of `write_synthetic`'s images: part of an experiment's parameters, so a change is never mixed in
+_CHUNK = 256  # images a worker writes per task
+_maker = None  # the worker process's DistractorMaker
+
+
+def _init_worker() -> None:
+    global _maker
+    from retrieval.synthetic import DistractorMaker
 
     from .benchmark_data import DISTRACTOR_SOURCES, load_photo
 
-    todo = [i for i in range(start, stop) if not (folder / synthetic_name(i)).is_file()]
-    if todo:
-        sources = [load_photo(n) for n in DISTRACTOR_SOURCES]
-        for i in tqdm(todo, desc="distractors", unit="img"):
-            img = synthetic.make_distractor(sources, np.random.default_rng([seed, i]), size=size)
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="JPEG", quality=85)
-            write_bytes(buf.getvalue(), folder / synthetic_name(i))
+    _maker = DistractorMaker([load_photo(n) for n in DISTRACTOR_SOURCES])
+
+
+def _write_chunk(folder: Path, indices: list[int], seed: int, size: int) -> int:
+    if _maker is None:
+        _init_worker()
+    for i in indices:
+        buf = io.BytesIO()
+        Image.fromarray(_maker(np.random.default_rng([seed, GENERATOR, i]), size)).save(buf, format="JPEG", quality=85)
+        write_bytes(buf.getvalue(), folder / synthetic_name(i))
+    return len(indices)
+
+
+def write_synthetic(folder: Path, start: int, stop: int, *, seed: int, size: int = 288, workers: int = 0) -> Path:
+    """Distractors start..stop-1 as JPEGs in `folder` (those already there are kept), generator 2
+    (`retrieval.synthetic.DistractorMaker`), in `workers` processes (0: one per CPU) when there are
+    more than a chunk of them."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
     folder.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(start, stop) if not (folder / synthetic_name(i)).is_file()]
+    chunks = [todo[j : j + _CHUNK] for j in range(0, len(todo), _CHUNK)]
+    workers = min(workers or os.cpu_count() or 1, len(chunks))
+    with tqdm(total=len(todo), desc="distractors", unit="img", disable=not todo) as bar:
+        if workers <= 1:
+            for c in chunks:
+                bar.update(_write_chunk(folder, c, seed, size))
+            return folder
+        # spawned, not forked: the caller may hold threads (torch, Ray) that a fork would copy mid-state
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+            for f in as_completed([pool.submit(_write_chunk, folder, c, seed, size) for c in chunks]):
+                bar.update(f.result())
     return folder
 
 

@@ -192,10 +192,14 @@ def run_experiment(ecfg: ExperimentConfig) -> list[dict]:
     out = Path(ecfg.out).resolve()
     cfg = run_config(ecfg)
     run = Path(cfg.out)
-    eparams = params_hash({"run": config_to_dict(cfg), "distractors": ecfg.distractors})
+    from .distractors import GENERATOR
+
+    eparams = params_hash({"run": config_to_dict(cfg), "distractors": ecfg.distractors,
+                           **({"generator": GENERATOR} if not ecfg.distractors.source else {})})
     meta = read_json_or(out / "experiment.json", {})
     if meta and meta.get("params") != eparams:
-        raise ConfigError(f"experiment: {out} holds an experiment run with other settings (base config, methods or distractors); "
+        raise ConfigError(f"experiment: {out} holds an experiment run with other settings (base config, methods, distractors "
+                          "or the synthetic distractors' generator); "
                           "use another out, or delete it to start again")
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "run.toml"

@@ -150,6 +150,73 @@ def make_distractor(sources: list[np.ndarray], rng: np.random.Generator, *, size
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+class DistractorMaker:
+    """Distractors of the scaling experiments (generator 2): more diverse than `make_distractor`
+    (which the benchmark's own distractors keep) and about 5x cheaper, drawn with PIL on 8-bit images.
+
+    Each image composes 2-5 layers in rectangular or elliptical patches with random opacity: warped
+    crops of the sources (random scale, rotation and place; the sources are mirror-padded once so a
+    crop never leaves them), smooth random colour fields, colour gratings; then a few solid blobs, its
+    own colour transform (a random 3x3 mix, so hues move, not only channel gains), orientation (a
+    quarter turn, a mirror) and noise. `maker(rng, size)` -> (h, w, 3) uint8.
+    """
+
+    PAD = 640  # mirror padding of each source, pixels a side: more than half a rotated crop's diagonal
+
+    def __init__(self, sources: list[np.ndarray]):
+        from PIL import Image
+
+        self.sources = [(Image.fromarray(np.pad((np.clip(s, 0, 1) * 255 + 0.5).astype(np.uint8),
+                                                ((self.PAD, self.PAD), (self.PAD, self.PAD), (0, 0)), mode="symmetric")),
+                         s.shape[1], s.shape[0]) for s in sources]
+
+    def _layer(self, rng: np.random.Generator, w: int, h: int):
+        from PIL import Image
+
+        kind = rng.uniform()
+        if kind < 0.5:  # a crop of a source: out(x, y) = src(centre + scale R (x - w/2, y - h/2))
+            tile, sw, sh = self.sources[rng.integers(len(self.sources))]
+            scale, angle = np.exp(rng.uniform(np.log(0.5), np.log(2.0))), rng.uniform(-np.pi, np.pi)
+            c, s_ = scale * np.cos(angle), scale * np.sin(angle)
+            cx, cy = self.PAD + rng.uniform(0, sw), self.PAD + rng.uniform(0, sh)
+            data = (c, -s_, cx - c * w / 2 + s_ * h / 2, s_, c, cy - s_ * w / 2 - c * h / 2)
+            return tile.transform((w, h), Image.AFFINE, data, resample=Image.BILINEAR)
+        if kind < 0.8:  # a smooth field: a coarse random grid of colours, interpolated up
+            g = rng.integers(2, 12, size=2)
+            return Image.fromarray(rng.integers(0, 256, size=(g[0], g[1], 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        theta, period, phase = rng.uniform(0, np.pi), rng.uniform(4, max(h, w)), rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        t = (0.5 + 0.5 * np.sin((2 * np.pi / period) * (xx * np.cos(theta) + yy * np.sin(theta)) + phase))[..., None]
+        c0, c1 = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
+        return Image.fromarray((t * c0 + (1 - t) * c1).astype(np.uint8))
+
+    def __call__(self, rng: np.random.Generator, size: int = 288) -> np.ndarray:
+        from PIL import Image, ImageDraw
+
+        h, w = size, int(size * rng.choice([0.75, 1.0, 1.33]))
+        img = self._layer(rng, w, h)
+        for _ in range(rng.integers(1, 5)):
+            pw, ph = (rng.uniform(0.2, 0.7, size=2) * [w, h]).astype(int) + 2
+            mask = Image.new("L", (pw, ph), 0 if rng.uniform() < 0.5 else 255)
+            opacity = int(rng.uniform(0.5, 1.0) * 255)
+            ImageDraw.Draw(mask).ellipse((0, 0, pw - 1, ph - 1), fill=opacity) if mask.getpixel((0, 0)) == 0 else mask.paste(opacity, (0, 0, pw, ph))
+            img.paste(self._layer(rng, pw, ph), (int(rng.integers(0, w - pw + 1)), int(rng.integers(0, h - ph + 1))), mask)
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(0, 4)):
+            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.03, 0.2) * min(h, w)
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
+        mix = (np.eye(3) * rng.uniform(0.2, 1.0) + rng.normal(0.0, 0.4, size=(3, 3))).astype(np.float32)
+        px = np.asarray(img, dtype=np.float32).reshape(-1, 3).T  # (3, h * w): each channel contiguous
+        a = mix[:, :1] * px[0] + mix[:, 1:2] * px[1] + mix[:, 2:] * px[2]  # mix @ px without BLAS threads
+        lo, hi = a.min(axis=1, keepdims=True), a.max(axis=1, keepdims=True)
+        a = (a - lo) * (rng.uniform(0.5, 1.0) * 255 / np.maximum(hi - lo, 1e-3)) + (rng.uniform(0.0, 0.3) * 255 + 0.5)
+        a += rng.standard_normal(a.shape, dtype=np.float32) * 5.0
+        a = np.clip(a, 0, 255).astype(np.uint8).T.reshape(h, w, 3)
+        a = np.rot90(a, rng.integers(4))
+        a = a[:, ::-1] if rng.uniform() < 0.5 else a
+        return np.ascontiguousarray(a)
+
+
 def label_view(info: ViewInfo, *, hard_from: float = 0.5, junk_visible: float = 0.3, junk_coverage: float = 0.05) -> str:
     """Revisited-Oxford style label of a view: 'easy', 'hard' or 'junk'."""
     if info.visible < junk_visible or info.coverage < junk_coverage:

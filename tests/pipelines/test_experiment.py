@@ -135,3 +135,35 @@ def test_the_experiment_methods_replace_the_base_configs_own(tmp_path):
     (tmp_path / "exp.toml").write_text(f'base = "{tmp_path / "base.toml"}"\nlevels = [0]\nmethods = ["knn", "aqe"]\n')
     cfg = run_config(load_experiment(tmp_path / "exp.toml"))
     assert cfg.query.methods == ["knn", "aqe"] and cfg.query.kq == 7
+
+
+def test_synthetic_distractors_are_the_same_whatever_the_batches_and_workers(tmp_path):
+    from pipelines.distractors import synthetic_name, write_synthetic
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_synthetic(a, 0, 300, seed=5, size=48, workers=2)  # two spawned workers, two chunks
+    write_synthetic(b, 120, 300, seed=5, size=48, workers=1)
+    write_synthetic(b, 0, 120, seed=5, size=48, workers=1)
+    names = [synthetic_name(i) for i in range(300)]
+    assert sorted(p.name for p in a.iterdir()) == names == sorted(p.name for p in b.iterdir())
+    assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+    kept = (a / names[7]).stat().st_mtime_ns
+    write_synthetic(a, 0, 301, seed=5, size=48)  # resume: only the missing one is written
+    assert (a / names[7]).stat().st_mtime_ns == kept and (a / synthetic_name(300)).is_file()
+    from PIL import Image
+
+    ims = [np.asarray(Image.open(a / n)) for n in names[:40]]
+    assert all(im.ndim == 3 and 48 in im.shape[:2] for im in ims)
+    assert len({im.tobytes() for im in ims}) == 40 and np.std([im.mean() for im in ims]) > 5  # distinct, not one look
+    write_synthetic(tmp_path / "c", 0, 3, seed=6, size=48)
+    assert (tmp_path / "c" / names[0]).read_bytes() != (a / names[0]).read_bytes()  # the seed matters
+
+
+def test_a_new_distractor_generator_is_not_mixed_into_an_experiment(tmp_path, tiny_benchmark, monkeypatch):
+    import pipelines.distractors as dis
+
+    path = _write(tmp_path, tiny_benchmark, "gen", [0])
+    run_experiment(load_experiment(path))
+    monkeypatch.setattr(dis, "GENERATOR", dis.GENERATOR + 1)
+    with pytest.raises(ConfigError, match="synthetic distractors' generator"):
+        run_experiment(load_experiment(path))
