@@ -165,9 +165,13 @@ def os_pass(run_dir: Path, out_dir: Path, cfg: ExtractConfig, gcfg: GraphConfig,
     if own:
         run_region_graph(run_dir, gcfg, first_pass(cfg), features=features)
         centrality(run_dir, cfg)
-    rparams = read_json(run_dir / "regions" / "manifest.json").get("params")
+    rman = read_json(run_dir / "regions" / "manifest.json")
     make = functools.partial(ObjectSaliencyExtractor, cfg, str(run_dir), own=own)
-    return make, params_hash({"regions": rparams, "own": own, "k": OS_NEIGHBOURS, "kq": OS_KQ})
+    # the database's shards are keyed by the index's lineage, which survives growth (`retrieval add`):
+    # earlier images keep the OS descriptors of the smaller collection, as they keep its whitening,
+    # and only new images are forwarded again; queries are keyed by the index as it is now
+    regions = (rman.get("lineage") or rman.get("params")) if own else rman.get("params")
+    return make, params_hash({"regions": regions, "own": own, "k": OS_NEIGHBOURS, "kq": OS_KQ})
 
 
 def _heat(img: np.ndarray, S: np.ndarray) -> np.ndarray:

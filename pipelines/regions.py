@@ -27,7 +27,7 @@ from retrieval.whitening import Whitening, learn_pca_whitening
 
 from .config import ExtractConfig, GraphConfig, params_hash
 from .descriptors import load_whitening, save_whitening
-from .shards import list_shards, read_json, read_table, write_bytes, write_json
+from .shards import list_shards, read_json, read_json_or, read_table, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,49 @@ def _whitened_regions(shards: list[Path], ecfg: ExtractConfig) -> tuple[np.ndarr
     return V, counts, w
 
 
+def _grown(rdir: Path, shards: list[Path], shard_ids: list[np.ndarray], ids: np.ndarray, settings: str, ecfg: ExtractConfig):
+    """(V, counts, w, lineage, n0) of the stored region index grown by the images it lacks, or None
+    when it must be built again: other settings, `relearn_whitening`, an unreadable index, or a
+    collection that did not only grow (its earlier images, ascending, must be the stored ones and
+    the new ones must sit in shards of their own). The regional whitening is the stored one."""
+    man = read_json_or(rdir / "manifest.json", {})
+    if ecfg.relearn_whitening or man.get("settings") != settings or not man.get("lineage"):
+        return None
+    try:
+        ids0 = np.load(rdir / "ids.npy", allow_pickle=False)
+        owner0 = np.load(rdir / "owner.npy", allow_pickle=False)
+        V0 = np.load(rdir / "vectors.npy", allow_pickle=False)
+        w = load_whitening(rdir / "whitening.npz")
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("regions: the stored index is unreadable (%s): building it again", " ".join(str(e).split())[:200])
+        return None
+    n0 = len(ids0)
+    if not (0 < n0 < len(ids) and np.array_equal(ids[:n0], ids0) and len(owner0) == len(V0)):
+        return None
+    last = ids0[-1]
+    new = [(p, si) for p, si in zip(shards, shard_ids) if len(si) and si.min() > last]
+    if sum(len(si) for _, si in new) != len(ids) - n0:
+        return None  # new images share a shard with earlier ones
+    parts = [_shard_regions(p) for p, _ in new]
+    nid = np.concatenate([q[0] for q in parts])
+    counts = np.concatenate([q[1] for q in parts])
+    R = w.apply(np.concatenate([q[2] for q in parts])).astype(np.float32)
+    order = np.argsort(nid, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    R = R[np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order])]
+    counts0 = np.bincount(owner0, minlength=n0)
+    return np.concatenate([V0, R]), np.concatenate([counts0, counts[order]]), w, str(man["lineage"]), n0
+
+
 def run_region_graph(run_dir: Path, gcfg: GraphConfig, ecfg: ExtractConfig, *, features: str) -> dict:
     """Build `run_dir/regions/` (see the module docstring) from the regional vectors in
     `run_dir/features` (extracted with `ecfg`, whose parameters hash to `features`: see
-    `pipelines.extract.feature_params`); skipped when up to date."""
+    `pipelines.extract.feature_params`); skipped when up to date. When the collection only grew
+    (`retrieval add`: appended ids), the index grows instead: the new images' regions are whitened
+    with the stored regional whitening and appended, and the region graph is updated, not rebuilt
+    (the graph stage's update: equal to a rebuild on these vectors with an exact index). The
+    manifest's `lineage` (the parameters of the index's last full build) survives growth: the
+    database's OS pass keys its shards by it, so only new images are forwarded again."""
     from .graph import build_graph_sharded, write_graph
 
     import hashlib
@@ -129,34 +168,45 @@ def run_region_graph(run_dir: Path, gcfg: GraphConfig, ecfg: ExtractConfig, *, f
         raise ValueError(f"regions: no feature shards in {run_dir / 'features'}: run the extract stage first")
     shard_ids = [read_table(p, ["id"]).column("id").to_numpy().astype(np.int64) for p in shards]
     ids_in_shards = np.concatenate(shard_ids)
-    phash = params_hash({"graph": gcfg, "dim": ecfg.whitening_dim, "shrinkage": ecfg.whitening_shrinkage, "features": features,
-                         "ids": hashlib.sha256(ids_in_shards.tobytes()).hexdigest()[:16]})
+    settings = params_hash({"graph": gcfg, "dim": ecfg.whitening_dim, "shrinkage": ecfg.whitening_shrinkage, "features": features})
+    phash = params_hash({"settings": settings, "ids": hashlib.sha256(np.sort(ids_in_shards).tobytes()).hexdigest()[:16]})
     if (rdir / "manifest.json").is_file() and read_json(rdir / "manifest.json").get("params") == phash:
         log.info("regions: up to date, skipping")
         return read_json(rdir / "manifest.json")
-    V, counts, w = _whitened_regions(shards, ecfg)
-    order = np.argsort(ids_in_shards, kind="stable")  # rows follow ascending ids, as the descriptors do
-    ids = ids_in_shards[order]
-    if not np.array_equal(order, np.arange(len(order))):
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        V = V[np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order])]
-        counts = counts[order]
+    ids = np.sort(ids_in_shards)  # rows follow ascending ids, as the descriptors do
+    grown = _grown(rdir, shards, shard_ids, ids, settings, ecfg)
+    if grown is not None:
+        V, counts, w, lineage, n0 = grown
+        log.info("regions: the collection grew from %d to %d images: new regions appended, the region graph updated", n0, len(ids))
+    else:
+        V, counts, w = _whitened_regions(shards, ecfg)
+        lineage, n0 = phash, 0
+        order = np.argsort(ids_in_shards, kind="stable")
+        if not np.array_equal(order, np.arange(len(order))):
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            V = V[np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order])]
+            counts = counts[order]
     owner = np.repeat(np.arange(len(ids), dtype=np.int64), counts)
-    W, stats, info = build_graph_sharded(V, gcfg)
+    # with the graph's folder, its kNN lists are kept there and a grown index updates them
+    W, stats, info = build_graph_sharded(V, gcfg, gdir=rdir / "graph", params=phash)
     rdir.mkdir(parents=True, exist_ok=True)
+    (rdir / "manifest.json").unlink(missing_ok=True)  # the files below change together: no manifest until all are written
     for name, arr in (("vectors.npy", V), ("owner.npy", owner), ("ids.npy", ids)):
         buf = io.BytesIO()
         np.save(buf, arr)
         write_bytes(buf.getvalue(), rdir / name)
-    save_whitening(w, rdir / "whitening.npz", params={"kind": "pca-regions", "dim": ecfg.whitening_dim,
-                                                      "shrinkage": ecfg.whitening_shrinkage})
+    if not n0:
+        save_whitening(w, rdir / "whitening.npz", params={"kind": "pca-regions", "dim": ecfg.whitening_dim,
+                                                          "shrinkage": ecfg.whitening_shrinkage})
     write_graph(W, rdir / "graph", block_rows=gcfg.block_rows,
-                manifest={**info, "n": stats.n, "k": gcfg.k, "gamma": gcfg.gamma, "nnz": stats.nnz, "isolated": stats.isolated})
+                manifest={**info, "n": stats.n, "k": gcfg.k, "gamma": gcfg.gamma, "nnz": stats.nnz, "isolated": stats.isolated,
+                          "params": phash, "cfg_hash": params_hash({"cfg": gcfg})})
     n = len(ids)
     manifest = {"format_version": 1, "images": n, "regions": int(len(V)), "dim": int(V.shape[1]), "kind": ecfg.region_kind,
                 "regions_per_image": float(len(V) / max(n, 1)), "graph_nnz": stats.nnz, "graph_isolated": stats.isolated,
                 "bytes_per_image": float(V.nbytes / max(n, 1)), "graph": {k: info.get(k) for k in ("index", "recall_at_k", "seconds")},
-                "seconds": time.perf_counter() - t0, "params": phash}
+                "seconds": time.perf_counter() - t0, "params": phash, "settings": settings, "lineage": lineage,
+                "grown_from_images": n0}
     write_json(manifest, rdir / "manifest.json")
     log.info("regions: %d regions of %d images (%.1f per image, d=%d), graph nnz=%d in %.1f s", len(V), n,
              manifest["regions_per_image"], V.shape[1], stats.nnz, manifest["seconds"])

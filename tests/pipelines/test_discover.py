@@ -125,3 +125,43 @@ def test_os_solves_on_petsc_ranks_equal_the_in_process_ones(os_run, tmp_path):
     S_ranks, st = ranks.solver.solve(D, I)
     assert st.converged.all()
     np.testing.assert_allclose(S_ranks, S_local, rtol=1e-4, atol=1e-6 * np.abs(S_local).max())
+
+
+def test_adding_images_grows_the_region_index_and_forwards_only_the_new_ones(tmp_path, tiny_benchmark):
+    from pipelines.distractors import write_synthetic
+    from pipelines.graph import build_graph_sharded, load_graph
+    from pipelines.ingest import ingest_added
+
+    cfg = _os_cfg(tmp_path, tiny_benchmark, "grow")
+    run_stages(cfg, ["ingest", "extract"])
+    out, rdir = Path(cfg.out), Path(cfg.out) / "regions"
+    man0 = json.loads((rdir / "manifest.json").read_text())
+    V0, white0 = np.load(rdir / "vectors.npy"), (rdir / "whitening.npz").read_bytes()
+    os0 = {p.name: p.stat().st_mtime_ns for p in (out / "os_features").glob("part-*.parquet")}
+    write_synthetic(tmp_path / "new", 0, 5, seed=2, size=64)
+    ingest_added(tmp_path / "new", cfg.out, cfg.ingest)
+    run_stages(cfg, ["extract"])
+    man = json.loads((rdir / "manifest.json").read_text())
+    assert man["grown_from_images"] == man0["images"] and man["images"] == man0["images"] + 5
+    assert man["lineage"] == man0["lineage"] != man["params"]
+    V = np.load(rdir / "vectors.npy")
+    np.testing.assert_array_equal(V[: len(V0)], V0)  # earlier regions unchanged: the regional whitening was reused
+    assert (rdir / "whitening.npz").read_bytes() == white0 and len(V) == man["regions"] > len(V0)
+    W, _ = load_graph(rdir / "graph")  # updated, and equal to a graph built from scratch on the same vectors
+    ref, _, _ = build_graph_sharded(V, cfg.graph)
+    assert json.loads((rdir / "graph" / "manifest.json").read_text())["updated_from_rows"] == len(V0)
+    np.testing.assert_allclose(W.toarray(), ref.toarray(), atol=1e-6)
+    assert np.load(rdir / "centrality.npz")["g"].shape == (len(V),)
+    os1 = {p.name: p.stat().st_mtime_ns for p in (out / "os_features").glob("part-*.parquet")}
+    assert {n: os1[n] for n in os0} == os0 and len(os1) == len(os0) + 1  # only the new shard went through the OS pass
+    ids, _, X = load_descriptors(out / "descriptors")
+    assert len(ids) == man["images"] and np.isfinite(X).all()
+    # an add that learns the whitening again rebuilds the index and sends every image through the OS pass again
+    cfg.extract = dataclasses.replace(cfg.extract, relearn_whitening=True)
+    write_synthetic(tmp_path / "more", 5, 8, seed=2, size=64)
+    ingest_added(tmp_path / "more", cfg.out, cfg.ingest)
+    run_stages(cfg, ["extract"])
+    man2 = json.loads((rdir / "manifest.json").read_text())
+    assert man2["grown_from_images"] == 0 and man2["lineage"] == man2["params"] != man["lineage"]
+    os2 = {p.name: p.stat().st_mtime_ns for p in (out / "os_features").glob("part-*.parquet")}
+    assert all(os2[n] != os1[n] for n in os1) and len(os2) == len(os1) + 1
