@@ -13,7 +13,6 @@ finished. `OUT/results.json`, `OUT/results.parquet` and `OUT/results.html` (plot
 """
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import shutil
@@ -121,13 +120,17 @@ def _measured(ecfg: ExperimentConfig, cfg_path: Path, cfg: RunConfig, stage: str
         got = _stage(cfg, stage, images)
         return {"seconds": time.perf_counter() - t0, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                 "isolated": False, **got}
-    cmd = [sys.executable, "-m", "pipelines.experiment", "--child", stage, "--run-config", str(cfg_path)] + (["--images", images] if images else [])
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its log and progress bars go to our stderr
+    result = cfg_path.parent / f".{stage}.result.json"  # the child's measurements: a file, as libraries may print to stdout
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pipelines.experiment", "--child", stage, "--run-config", str(cfg_path), "--result", str(result)]
+    res = subprocess.run(cmd + (["--images", images] if images else []))  # its log and progress bars go to our stderr
     if res.returncode == 2:  # the child printed the user error as one line
         raise ValueError(f"experiment: stage {stage} of this level stopped on the error above")
-    if res.returncode != 0:
-        raise RuntimeError(f"experiment: stage {stage} failed (exit {res.returncode}); its traceback is above")
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = read_json_or(result, None)
+    if res.returncode != 0 or not isinstance(got, dict):
+        raise RuntimeError(f"experiment: stage {stage} failed (exit {res.returncode}, {'a' if isinstance(got, dict) else 'no'} result); "
+                           "its traceback is above")
+    result.unlink()
     return {"seconds": time.perf_counter() - t0, "isolated": True, **got}
 
 
@@ -264,12 +267,14 @@ def write_results(out: Path, records: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Child-process entry: run one step of a level and print its peak RSS as JSON."""
+    """Child-process entry: run one step of a level and write its peak RSS (and what it measured) as
+    JSON to `--result`."""
     import argparse
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", required=True)
     ap.add_argument("--run-config", required=True)
+    ap.add_argument("--result", required=True)
     ap.add_argument("--images")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, WeightsError, ClusterError) as e:  # the CLI's user errors (pipelines.cli.user_errors)
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **got}))
+    write_json({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **got}, Path(a.result))
     return 0
 
 

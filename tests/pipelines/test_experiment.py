@@ -167,3 +167,19 @@ def test_a_new_distractor_generator_is_not_mixed_into_an_experiment(tmp_path, ti
     monkeypatch.setattr(dis, "GENERATOR", dis.GENERATOR + 1)
     with pytest.raises(ConfigError, match="synthetic distractors' generator"):
         run_experiment(load_experiment(path))
+
+
+def test_a_child_step_reports_through_its_result_file_whatever_it_prints(tmp_path, monkeypatch, capsys):
+    import pipelines.experiment as ex
+    from pipelines.config import RunConfig
+
+    (tmp_path / "run.toml").write_text(config_to_toml(RunConfig(out=str(tmp_path / "run"))))
+
+    def noisy(cfg, stage, images):
+        print("(raylet) a library's line on stdout")  # Ray forwards worker logs to the driver's stdout
+        return {"measured": 3}
+
+    monkeypatch.setattr(ex, "_stage", noisy)
+    assert ex.main(["--child", "graph", "--run-config", str(tmp_path / "run.toml"), "--result", str(tmp_path / "r.json")]) == 0
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["measured"] == 3 and got["peak_rss_gib"] > 0 and "raylet" in capsys.readouterr().out
