@@ -88,19 +88,24 @@ def map_batches_actor_pool(ds, cls, *, constructor_args: tuple, actors: int, num
     )
 
 
+READ_TASK_CPUS = 1.0  # Ray Data's Parquet read tasks ask one CPU: 2 actors x 0.75 of 2 CPUs left 0.5 and the job hung
+
+
 def extraction_fits(*, actors: int, actor_cpus: float, decode_cpus: float, cluster_cpus: float, cluster_gpus: float = 0.0) -> str | None:
     """Why an extraction of `actors` model actors cannot run well on a cluster of `cluster_cpus`
     CPUs and `cluster_gpus` GPUs, or None when it can. The actors hold their CPUs for the whole
-    job; decoding runs as Ray Data tasks of `decode_cpus` each on what is left, so at least one
-    decode task's worth of CPUs must stay free (else the actors starve the reads and the job hangs).
+    job; reading (one CPU a task, `READ_TASK_CPUS`) and decoding (`decode_cpus` a task) run as Ray
+    Data tasks on what is left, so one task of each kind must fit in it (else the actors starve the
+    reads and the job hangs).
     With GPUs each actor takes one, so there must be a GPU per actor."""
     if cluster_gpus >= 1 and actors > cluster_gpus:
         return f"{actors} extraction actors need one GPU each and the cluster has {cluster_gpus:g}: set [extract].actors <= {int(cluster_gpus)}"
     free = cluster_cpus - actors * actor_cpus
-    if free < decode_cpus:
+    need = max(decode_cpus, READ_TASK_CPUS)
+    if free < need:
         return (f"{actors} extraction actors x {actor_cpus:g} CPUs leave {max(free, 0):g} of the cluster's {cluster_cpus:g} CPUs for "
-                f"decode tasks of {decode_cpus:g} CPUs each: lower [extract].actors or actor_num_cpus (the actors would starve "
-                "the reads and the job would hang)")
+                f"read tasks of {READ_TASK_CPUS:g} CPU and decode tasks of {decode_cpus:g}: lower [extract].actors or actor_num_cpus "
+                "(the actors would starve the reads and the job would hang)")
     return None
 
 

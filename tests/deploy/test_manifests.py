@@ -130,6 +130,9 @@ def test_the_sizing_check_can_fail():
     # the old cluster.toml on the old RayJob: 8 actors x 4 CPUs on 16 CPUs
     assert "starve" in extraction_fits(actors=8, actor_cpus=4, decode_cpus=1, cluster_cpus=16)
     assert "starve" in extraction_fits(actors=4, actor_cpus=4, decode_cpus=1, cluster_cpus=16)  # every CPU taken
+    # two cores: two actors of 0.75 leave 0.5, less than a read task's one CPU (this hung); of 0.5 they leave one
+    assert "read tasks of 1 CPU" in extraction_fits(actors=2, actor_cpus=0.75, decode_cpus=0.5, cluster_cpus=2)
+    assert extraction_fits(actors=2, actor_cpus=0.5, decode_cpus=0.5, cluster_cpus=2) is None
     assert "GPU" in extraction_fits(actors=4, actor_cpus=2, decode_cpus=1, cluster_cpus=64, cluster_gpus=2)
     assert extraction_fits(actors=1, actor_cpus=1, decode_cpus=0.5, cluster_cpus=2) is None  # this machine's default
 
