@@ -114,6 +114,14 @@ def _whitened_regions(shards: list[Path], ecfg: ExtractConfig) -> tuple[np.ndarr
     return V, counts, w
 
 
+def _by_image_order(R: np.ndarray, counts: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Regions R (sum(counts), d), grouped by image (counts (n,)), with the images put in `order`."""
+    if np.array_equal(order, np.arange(len(order))):
+        return R, counts
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return R[np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order])], counts[order]
+
+
 def _grown(rdir: Path, shards: list[Path], shard_ids: list[np.ndarray], ids: np.ndarray, settings: str, ecfg: ExtractConfig):
     """(V, counts, w, lineage, n0) of the stored region index grown by the images it lacks, or None
     when it must be built again: other settings, `relearn_whitening`, an unreadable index, or a
@@ -141,11 +149,8 @@ def _grown(rdir: Path, shards: list[Path], shard_ids: list[np.ndarray], ids: np.
     nid = np.concatenate([q[0] for q in parts])
     counts = np.concatenate([q[1] for q in parts])
     R = w.apply(np.concatenate([q[2] for q in parts])).astype(np.float32)
-    order = np.argsort(nid, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    R = R[np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order])]
-    counts0 = np.bincount(owner0, minlength=n0)
-    return np.concatenate([V0, R]), np.concatenate([counts0, counts[order]]), w, str(man["lineage"]), n0
+    R, counts = _by_image_order(R, counts, np.argsort(nid, kind="stable"))
+    return np.concatenate([V0, R]), np.concatenate([np.bincount(owner0, minlength=n0), counts]), w, str(man["lineage"]), n0
 
 
 def run_region_graph(run_dir: Path, gcfg: GraphConfig, ecfg: ExtractConfig, *, features: str) -> dict:
@@ -181,11 +186,7 @@ def run_region_graph(run_dir: Path, gcfg: GraphConfig, ecfg: ExtractConfig, *, f
     else:
         V, counts, w = _whitened_regions(shards, ecfg)
         lineage, n0 = phash, 0
-        order = np.argsort(ids_in_shards, kind="stable")
-        if not np.array_equal(order, np.arange(len(order))):
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            V = V[np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in order])]
-            counts = counts[order]
+        V, counts = _by_image_order(V, counts, np.argsort(ids_in_shards, kind="stable"))
     owner = np.repeat(np.arange(len(ids), dtype=np.int64), counts)
     # with the graph's folder, its kNN lists are kept there and a grown index updates them
     W, stats, info = build_graph_sharded(V, gcfg, gdir=rdir / "graph", params=phash)

@@ -197,9 +197,10 @@ class DistractorMaker:
         img = self._layer(rng, w, h)
         for _ in range(rng.integers(1, 5)):
             pw, ph = (rng.uniform(0.2, 0.7, size=2) * [w, h]).astype(int) + 2
-            mask = Image.new("L", (pw, ph), 0 if rng.uniform() < 0.5 else 255)
-            opacity = int(rng.uniform(0.5, 1.0) * 255)
-            ImageDraw.Draw(mask).ellipse((0, 0, pw - 1, ph - 1), fill=opacity) if mask.getpixel((0, 0)) == 0 else mask.paste(opacity, (0, 0, pw, ph))
+            ellipse, opacity = rng.uniform() < 0.5, int(rng.uniform(0.5, 1.0) * 255)
+            mask = Image.new("L", (pw, ph), 0)
+            draw = ImageDraw.Draw(mask)
+            (draw.ellipse if ellipse else draw.rectangle)((0, 0, pw - 1, ph - 1), fill=opacity)
             img.paste(self._layer(rng, pw, ph), (int(rng.integers(0, w - pw + 1)), int(rng.integers(0, h - ph + 1))), mask)
         draw = ImageDraw.Draw(img)
         for _ in range(rng.integers(0, 4)):
