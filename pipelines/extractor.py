@@ -52,31 +52,95 @@ def torch_device(name: str) -> torch.device:
 
 
 def forward_threads(cfg: ExtractConfig) -> int:
-    """Torch threads the extraction's forward passes run with: `torch_threads` when set, else the
-    CPUs its actors hold together (a Ray actor's torch uses the CPUs it was given)."""
+    """Torch threads the extraction's forward passes run with in one process: `torch_threads` when
+    set, else the CPUs its actors hold together (a Ray actor's torch uses the CPUs it was given)."""
     return cfg.torch_threads if cfg.torch_threads > 0 else max(1, int(round(cfg.actor_num_cpus * cfg.actors)))
 
 
-def raw_forward_rate(cfg: ExtractConfig, images: Sequence[bytes], *, threads: int | None = None) -> float:
+def forward_processes(cfg: ExtractConfig) -> int:
+    """Forward passes the extraction runs side by side: one per model actor for the Ray engine on a
+    CPU (on a GPU the actors sit on different devices, so one process is the reference), else one."""
+    return cfg.actors if cfg.engine == "ray" and torch_device(cfg.device).type == "cpu" else 1
+
+
+def raw_forward_rate(cfg: ExtractConfig, images: Sequence[bytes], *, threads: int | None = None,
+                     processes: int | None = None) -> float:
     """Images/s of the model's forward pass and pooling alone on `images` (decoded and resized
-    beforehand, one warm-up pass first), with `threads` torch threads (default `forward_threads`):
-    the rate extraction would reach if reading, decoding and writing cost nothing."""
+    beforehand, one warm-up pass first): the rate extraction would reach if reading, decoding and
+    writing cost nothing. With `processes` > 1 (default `forward_processes`) the images are dealt
+    to that many spawned processes of `threads` torch threads each (default: the actor's
+    `torch_threads`, else its CPUs), started together: images over the wall time of all of them,
+    the reference for model actors working side by side. One process runs `threads` (default
+    `forward_threads`) in this process."""
     if not images:
         raise ValueError("raw_forward_rate: no images")
+    procs = min(processes or forward_processes(cfg), len(images))
+    if procs <= 1:
+        n, t0, t1 = _timed_forward(cfg, images, threads or forward_threads(cfg))
+        return n / (t1 - t0)
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(procs), ctx.Queue()
+    per = threads or (cfg.torch_threads if cfg.torch_threads > 0 else max(1, int(round(cfg.actor_num_cpus))))
+    workers = [ctx.Process(target=_forward_worker, args=(cfg, list(images[i::procs]), per, barrier, results), daemon=True)
+               for i in range(procs)]
+    for w in workers:
+        w.start()
+    try:
+        got = [_next_result(results, workers) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(timeout=30)
+    # a failed process breaks the barrier for the others: report the failure, not the broken barrier
+    errors = sorted((g for g in got if isinstance(g, str)), key=lambda e: e.startswith("BrokenBarrierError"))
+    if errors:
+        raise RuntimeError(f"raw_forward_rate: a forward process failed: {errors[0]}")
+    return sum(g[0] for g in got) / (max(g[2] for g in got) - min(g[1] for g in got))
+
+
+def _next_result(results, workers) -> tuple[int, float, float] | str:
+    """The next worker's result; a clear error when every worker has exited without one."""
+    import queue
+
+    while True:
+        alive = any(w.is_alive() for w in workers)
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            if not alive:
+                codes = [w.exitcode for w in workers]
+                raise RuntimeError(f"raw_forward_rate: the forward processes exited without a result (exit codes {codes})") from None
+
+
+def _timed_forward(cfg: ExtractConfig, images: Sequence[bytes], threads: int, barrier=None) -> tuple[int, float, float]:
+    """(images, start, end) of the forward pass and pooling over `images` on `threads` torch threads,
+    wall-clock times taken after the inputs are prepared, the warm-up passed and `barrier` crossed."""
     ex = DescriptorExtractor(cfg)
     inputs = [torch.from_numpy(to_input(open_rgb(b), max_side=cfg.max_side, mean=ex.model.input_mean, std=ex.model.input_std))[None]
               for b in images]
     prev = torch.get_num_threads()
-    torch.set_num_threads(threads or forward_threads(cfg))
+    torch.set_num_threads(threads)
     try:
         with torch.no_grad():
             ex.features(inputs[0])
-            t0 = time.perf_counter()
+            if barrier is not None:
+                barrier.wait()
+            t0 = time.time()
             for x in inputs:
                 l2n(ex.pool(ex.features(x)))
-            return len(inputs) / (time.perf_counter() - t0)
+            return len(inputs), t0, time.time()
     finally:
         torch.set_num_threads(prev)
+
+
+def _forward_worker(cfg: ExtractConfig, images: list[bytes], threads: int, barrier, results) -> None:
+    """A spawned process of `raw_forward_rate`: puts its (images, start, end), or its error as one line."""
+    try:
+        results.put(_timed_forward(cfg, images, threads, barrier))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        barrier.abort()
+        results.put(f"{type(e).__name__}: {e}")
 
 
 class DescriptorExtractor:

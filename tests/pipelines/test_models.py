@@ -164,3 +164,18 @@ def test_fs_egm_vector_and_its_regions_come_from_one_egm_fit(monkeypatch, weight
     np.testing.assert_allclose(once["vector"], twice["vector"], rtol=1e-5, atol=1e-6)
     for a, b in zip(once["regions"] + once["region_boxes"], twice["regions"] + twice["region_boxes"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_raw_forward_rate_in_parallel_processes_and_their_errors():
+    """Two model actors' reference: the forward pass in two spawned processes started together; a
+    process that fails (an image it cannot decode) is one clear error, not a hang."""
+    from pipelines.config import ExtractConfig
+    from pipelines.extractor import forward_processes, raw_forward_rate
+
+    cfg = ExtractConfig(max_side=64, engine="ray", actors=2, actor_num_cpus=0.5, torch_threads=1)
+    assert forward_processes(cfg) == 2 and forward_processes(ExtractConfig(engine="local", actors=2)) == 1
+    img = _photo_bytes()
+    rate = raw_forward_rate(cfg, [img] * 6)
+    assert 0 < rate < float("inf")
+    with pytest.raises(RuntimeError, match="a forward process failed: UnidentifiedImageError"):
+        raw_forward_rate(cfg, [img, b"not an image", img, img])
