@@ -101,7 +101,7 @@ def _map(run: Path, method: str, gnd: list[dict], first: int) -> tuple[float, fl
     return compute_map(ids.T, g).map * 100, compute_map(ids[:first].T, g[:first]).map * 100
 
 
-def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, variants: list[str]) -> dict:
+def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, variants: list[str], batch: int = 0) -> dict:
     from pipelines.benchmarks.scale import step_gen
     from retrieval.synthetic_manifold import positives
 
@@ -137,7 +137,7 @@ def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, va
         exact = over["methods"] == ["diffusion"]  # the exact solves share the exact-queries run
         run, m = runs["exact" if exact and "exact" in runs else "all"]
         cfg = data / "query.toml"
-        cfg.write_text(_toml(run, graph, {"topk": 1000, "kq": 10, "alpha": 0.99, "gamma": 3.0, **over}))
+        cfg.write_text(_toml(run, graph, {"topk": 1000, "kq": 10, "alpha": 0.99, "gamma": 3.0, **over, **({"batch": batch} if batch else {})}))
         shutil.rmtree(run / "ranks", ignore_errors=True)
         stage = run_child(exe + ["query", str(cfg)])
         method = over["methods"][0]
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivf"])
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--exact-queries", type=int, default=0, help="the exact solve on the first this many queries only (0: all)")
+    ap.add_argument("--batch", type=int, default=0, help="[query] batch: right-hand sides per block CG solve (0: the default; memory O(N batch))")
     ap.add_argument("--variants", nargs="+", type=int, help=f"indexes into {list(VARIANTS)} (default: all)")
     ap.add_argument("--run", type=Path, help="instead: a finished run directory (descriptors, queries, graph) ...")
     ap.add_argument("--gnd", type=Path, help="... and its ground truth (any format `retrieval evaluate` reads)")
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         print(markdown_run(bench_run(Path(a.out), a.run, a.gnd, chosen)))
         return 0
-    res = bench(Path(a.out), a.n, a.queries, a.index, a.k, a.exact_queries, chosen)
+    res = bench(Path(a.out), a.n, a.queries, a.index, a.k, a.exact_queries, chosen, a.batch)
     print(markdown(res))
     return 0
 
