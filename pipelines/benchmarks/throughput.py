@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.benchmarks import ingested_run
     from pipelines.extract import extract_features
-    from pipelines.extractor import forward_threads, prepare, raw_forward_rate
+    from pipelines.extractor import forward_processes, forward_threads, prepare, raw_forward_rate
     from pipelines.shards import list_shards
 
     cfg, base = ingested_run(a.config)
@@ -55,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     res = {"images": n, "passes": a.passes, "shards": len(shards), "max_side": cfg.extract.max_side, "backbone": cfg.extract.backbone,
            "actors": cfg.extract.actors, "actor_num_cpus": cfg.extract.actor_num_cpus, "torch_threads": threads}
 
-    # raw forward on pre-decoded inputs
+    # raw forward on pre-decoded inputs (one process per model actor on a CPU, as the actors run)
     imgs = pa.concat_tables([pq.read_table(p, columns=["image"]) for p in shards]).column("image").to_pylist()
-    res["raw_forward_img_s"] = raw_forward_rate(cfg.extract, imgs, threads=threads)
-    log.info("raw forward: %.1f img/s with %d torch threads", res["raw_forward_img_s"], threads)
+    res["raw_processes"] = forward_processes(cfg.extract)
+    res["raw_forward_img_s"] = raw_forward_rate(cfg.extract, imgs, threads=threads if res["raw_processes"] == 1 else None)
+    log.info("raw forward: %.1f img/s in %d process(es)", res["raw_forward_img_s"], res["raw_processes"])
 
     # decoding (what the decode tasks do: decode + resize) on one CPU, for the CPU:GPU sizing
     t0 = time.perf_counter()
