@@ -52,12 +52,13 @@ def run_query(run_dir: Path, query_dir: Path, cfg: QueryConfig) -> dict:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"query: unknown method(s) {unknown}; known: {list(METHODS)}")
-    db_ids, _, X = load_descriptors(run_dir / "descriptors", dense=False)
+    db_ids, _, X = load_descriptors(run_dir / "descriptors", dense=False, keys=False)
     q_ids, qkeys, Q = load_descriptors(query_dir / "descriptors", dense=False)
     if Q.shape[1] != X.shape[1]:
         raise ValueError(f"query: query dimension {Q.shape[1]} != database dimension {X.shape[1]}")
     uses_graph = bool(GRAPH_METHODS & set(cfg.methods))
     rankers = Rankers(X, cfg, graph_dir=run_dir / "graph")
+    del X  # the rankers own the rows (and may trade them for the seed index's copy)
     if uses_graph and not rankers.has_graph:
         raise ValueError(f"query: {run_dir / 'graph'} has no graph: run the graph stage first")
     inputs = params_hash({"db": read_json(run_dir / "manifest.json").get("descriptors_sha256_16"),

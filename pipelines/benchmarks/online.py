@@ -114,8 +114,9 @@ def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, va
     exe = [sys.executable, "-m", "pipelines.cli"]
     graph = {"k": k, "index": index}
     res: dict = {"n": n, "queries": nq, "index": index, "k": k, "stages": {}, "methods": {}}
-    if (data / "online.json").is_file():  # a rerun keeps the stage times of the import and graph it reuses
-        res["stages"] = json.loads((data / "online.json").read_text()).get("stages", {})
+    if (data / "online.json").is_file():  # a rerun keeps the stage times it reuses and the variants it does not run again
+        before = json.loads((data / "online.json").read_text())
+        res["stages"], res["methods"] = before.get("stages", {}), before.get("methods", {})
     runs = {"all": (data / "run", nq)}
     if 0 < exact_queries < nq:
         runs["exact"] = (data / "run-exact", exact_queries)

@@ -312,6 +312,15 @@ def test_graph_keeps_its_approximate_index_and_new_queries_seed_from_it(imported
         np.testing.assert_array_equal(a.ids, e.ids)  # 700 rows at efSearch 200: the same seeds
     assert approx.knn.seed_index is not None and exact.knn.seed_index is None
     assert (gdir / SEARCH_INDEX).stat().st_mtime_ns == stamp  # loaded, not built again
+    # the rows are held once: the rankers read the index's copy of them (10^7: 5.1 GB less)
+    from retrieval.knn import stored_vectors
+
+    assert np.shares_memory(approx.X, stored_vectors(approx.knn.seed_index)) and approx.knn.X is approx.X
+    other = X.copy()
+    other[0] += 1e-3  # not the rows the index holds: both kept
+    differ = Rankers(other, QueryConfig(**common, seed_search="index", seed_effort=200), graph_dir=gdir)
+    differ.get("truncated")
+    assert not np.shares_memory(differ.X, stored_vectors(differ.knn.seed_index)) and differ.X[0, 0] == other[0, 0]
     # the seeds really come from the index: a fault in it shows in the rankings
     approx.knn.seed_index.reset()
     with pytest.raises(ValueError, match="seed index has 0 rows"):
