@@ -51,10 +51,11 @@ def torch_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def forward_threads(cfg: ExtractConfig) -> int:
-    """Torch threads the extraction's forward passes run with in one process: `torch_threads` when
-    set, else the CPUs its actors hold together (a Ray actor's torch uses the CPUs it was given)."""
-    return cfg.torch_threads if cfg.torch_threads > 0 else max(1, int(round(cfg.actor_num_cpus * cfg.actors)))
+def forward_threads(cfg: ExtractConfig, processes: int = 1) -> int:
+    """Torch threads of each of `processes` forward passes: `torch_threads` when set, else the CPUs
+    the extraction's actors hold together, shared among them (a Ray actor's torch uses the CPUs it
+    was given)."""
+    return cfg.torch_threads if cfg.torch_threads > 0 else max(1, int(round(cfg.actor_num_cpus * cfg.actors / processes)))
 
 
 def forward_processes(cfg: ExtractConfig) -> int:
@@ -68,21 +69,21 @@ def raw_forward_rate(cfg: ExtractConfig, images: Sequence[bytes], *, threads: in
     """Images/s of the model's forward pass and pooling alone on `images` (decoded and resized
     beforehand, one warm-up pass first): the rate extraction would reach if reading, decoding and
     writing cost nothing. With `processes` > 1 (default `forward_processes`) the images are dealt
-    to that many spawned processes of `threads` torch threads each (default: the actor's
-    `torch_threads`, else its CPUs), started together: images over the wall time of all of them,
-    the reference for model actors working side by side. One process runs `threads` (default
-    `forward_threads`) in this process."""
+    to that many spawned processes, started together: images over the wall time of all of them,
+    the reference for model actors working side by side; one process runs in this process. Each
+    process forwards on `threads` torch threads (default `forward_threads`: the actors' CPUs shared
+    among the processes)."""
     if not images:
         raise ValueError("raw_forward_rate: no images")
     procs = min(processes or forward_processes(cfg), len(images))
+    per = threads or forward_threads(cfg, procs)
     if procs <= 1:
-        n, t0, t1 = _timed_forward(cfg, images, threads or forward_threads(cfg))
+        n, t0, t1 = _timed_forward(cfg, images, per)
         return n / (t1 - t0)
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(procs), ctx.Queue()
-    per = threads or (cfg.torch_threads if cfg.torch_threads > 0 else max(1, int(round(cfg.actor_num_cpus))))
     workers = [ctx.Process(target=_forward_worker, args=(cfg, list(images[i::procs]), per, barrier, results), daemon=True)
                for i in range(procs)]
     for w in workers:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     # raw forward on pre-decoded inputs (one process per model actor on a CPU, as the actors run)
     imgs = pa.concat_tables([pq.read_table(p, columns=["image"]) for p in shards]).column("image").to_pylist()
     res["raw_processes"] = forward_processes(cfg.extract)
-    res["raw_forward_img_s"] = raw_forward_rate(cfg.extract, imgs, threads=threads if res["raw_processes"] == 1 else None)
+    res["raw_forward_img_s"] = raw_forward_rate(cfg.extract, imgs)  # each process on an actor's torch threads
     log.info("raw forward: %.1f img/s in %d process(es)", res["raw_forward_img_s"], res["raw_processes"])
 
     # decoding (what the decode tasks do: decode + resize) on one CPU, for the CPU:GPU sizing
