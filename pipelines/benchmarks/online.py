@@ -133,6 +133,7 @@ def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, va
                 res["stages"]["graph"].update(json.loads((run / "graph" / "manifest.json").read_text()).get("stats", {}))
             else:  # the same graph, not built twice (hard links: 10^7 rows' graph is ~20 GB; every write is a rename)
                 shutil.copytree(runs["all"][0] / "graph", run / "graph", copy_function=os.link)
+    (data / "online.json").write_text(json.dumps(res, indent=1))  # the stages' figures, then each variant's as it ends
     for label in variants:
         over = VARIANTS[label]
         exact = over["methods"] == ["diffusion"]  # the exact solves share the exact-queries run
@@ -151,7 +152,6 @@ def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, va
         log.info("%s: %.3f ms/query, mAP %.2f (first %d: %.2f), build %.1f s, peak %.2f GiB", label,
                  res["methods"][label]["ms_per_query"], mp, exact_queries or nq, mfirst, st["build_seconds"], stage["peak_rss_gib"])
         (data / "online.json").write_text(json.dumps(res, indent=1))  # after every variant: a later one may not fit
-    (data / "online.json").write_text(json.dumps(res, indent=1))
     return res
 
 
