@@ -15,7 +15,7 @@ def _search_shard(index_bytes: np.ndarray, X: np.ndarray, a: int, b: int, k: int
         index.nprobe = nprobe
     if ef is not None and hasattr(index, "hnsw"):
         index.hnsw.efSearch = ef
-    return a, *search_index(index, X[a:b], k)
+    return a, *search_index(index, X[a:b], k, database=X)
 
 
 def search_shards_ray(index, X: np.ndarray, bounds: list[tuple[int, int]], k: int, *, num_cpus: float = 1.0, progress=None):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import logging
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from retrieval.knn_update import extend_knn, extend_knn_searched, grown_lists
 
 from .config import GraphConfig, params_hash
 from .descriptors import load_descriptors
-from .shards import read_json, read_json_or, write_bytes, write_json, write_npz, write_with
+from .knn_lists import UNREADABLE, first_line, rows_hashes, save_knn, saved_header
+from .shards import read_json, read_json_or, write_bytes, write_json, write_with
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def load_search_index(folder: Path, X: np.ndarray, *, effort: int, build: IndexS
         try:
             index = read_index(folder / SEARCH_INDEX)
         except (RuntimeError, OSError) as e:  # a damaged file is a cache miss, not a failed query
-            log.warning("graph: the kept search index %s is unreadable (%s); %s", folder / SEARCH_INDEX, _first_line(e),
+            log.warning("graph: the kept search index %s is unreadable (%s); %s", folder / SEARCH_INDEX, first_line(e),
                         "building it again" if build is not None else "seeding by exact search")
         if index is not None and (index.ntotal != X.shape[0] or index.d != X.shape[1]):
             log.warning("graph: the kept search index %s does not match the database; ignoring it", folder / SEARCH_INDEX)
@@ -124,12 +124,17 @@ def load_search_index(folder: Path, X: np.ndarray, *, effort: int, build: IndexS
     return index
 
 
+def index_spec(cfg: GraphConfig, n: int) -> IndexSpec:
+    """The faiss index the graph stage's settings choose for n rows."""
+    return IndexSpec(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction,
+                     ef_search=cfg.ef_search, storage=cfg.hnsw_storage).resolve(n)
+
+
 def _self_index(X: np.ndarray, cfg: GraphConfig):
     """(index, spec, seconds): the configured faiss index over the rows of X."""
     if cfg.engine not in ("local", "ray"):
         raise ValueError(f"graph: unknown engine {cfg.engine!r}; expected local or ray")
-    spec = IndexSpec(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction,
-                     ef_search=cfg.ef_search).resolve(X.shape[0])
+    spec = index_spec(cfg, X.shape[0])
     t0 = time.perf_counter()
     index = build_index(X, spec)
     return index, spec, time.perf_counter() - t0
@@ -154,7 +159,7 @@ def _search_self(index, X: np.ndarray, spec: IndexSpec, cfg: GraphConfig, *, kee
             D, I = search_self(index, X, k, bounds, progress=bar.update, ids=ids_dtype(n))
     info = {"index": spec.kind, "nlist": spec.nlist if spec.kind == "ivf" else None,
             "nprobe": spec.nprobe if spec.kind == "ivf" else None,
-            "hnsw": {"M": spec.hnsw_m, "efConstruction": spec.ef_construction, "efSearch": spec.ef_search} if spec.kind == "hnsw" else None,
+            "hnsw": _hnsw_info(spec) if spec.kind == "hnsw" else None,
             "shards": len(bounds), "engine": cfg.engine, "seconds_search": time.perf_counter() - t0}
     if spec.kind != "flat":
         info.update(_sample_recall(X, I, cfg))
@@ -194,8 +199,8 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
     from saved lists or searched; the loaded array is dropped once an index holds the rows."""
     X = load()
     n = X.shape[0]
-    header = _saved_header(gdir) if gdir is not None else None
-    hashes = _rows_hashes(X, [n, header[0] if header else 0]) if gdir is not None else {}
+    header = saved_header(gdir) if gdir is not None else None
+    hashes = rows_hashes(X, [n, header[0] if header else 0]) if gdir is not None else {}
     rows_hash = hashes.get(n, "")
     saved = _saved_lists(gdir, X, cfg, header, hashes) if header is not None else None
     if saved is not None:
@@ -211,8 +216,8 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
         try:
             with np.load(gdir / "knn.npz", allow_pickle=False) as z:  # read after the index grew: its growth copies its storage
                 D, I = grown_lists(z["D"], z["I"], n)
-        except _UNREADABLE as e:
-            log.warning("graph: the saved kNN lists %s are unreadable (%s): building the graph again", gdir / "knn.npz", _first_line(e))
+        except UNREADABLE as e:
+            log.warning("graph: the saved kNN lists %s are unreadable (%s): building the graph again", gdir / "knn.npz", first_line(e))
             del X, index
             X = load()
         else:
@@ -233,54 +238,6 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str):
     return D, I, {**info, "seconds_index": t_index}, n, rows_hash
 
 
-def _rows_hashes(X: np.ndarray, cuts: list[int]) -> dict[int, str]:
-    """{m: hash of X[:m]} for each m in cuts (0 < m <= n), in one pass over the rows (a running
-    sha256 read at each cut; the rows as they are in memory, no bytes copy)."""
-    import hashlib
-
-    h, out, at = hashlib.sha256(), {}, 0
-    for m in sorted({c for c in cuts if 0 < c <= X.shape[0]}):
-        h.update(memoryview(np.ascontiguousarray(X[at:m])).cast("B"))
-        out[m], at = h.copy().hexdigest()[:16], m
-    return out
-
-
-_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # a damaged knn.npz: a rebuild, not a failure
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
-
-
-def _saved_header(gdir: Path) -> tuple[int, str, set] | None:
-    """(rows, their hash, the shapes of D and I) of the saved kNN lists in `gdir`, from the file's
-    small members and headers; None when there are none, or (with a warning) they are unreadable."""
-    path = gdir / "knn.npz"
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            n0, h0 = int(z["rows"]), str(z["rows_sha256_16"])
-        with zipfile.ZipFile(path) as zf:
-            shapes = set()
-            for name in ("D", "I"):
-                with zf.open(f"{name}.npy") as f:
-                    major, _ = np.lib.format.read_magic(f)
-                    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                    shapes.add(tuple(read(f)[0]))
-    except _UNREADABLE as e:
-        log.warning("graph: the saved kNN lists %s are unreadable (%s): building the graph again", path, _first_line(e))
-        return None
-    return n0, h0, shapes
-
-
-def save_knn(folder: Path, D: np.ndarray, I: np.ndarray, rows: int, rows_hash: str) -> None:
-    """The self-kNN lists behind the graph (`knn.npz`; ids int32 or int64 as searched), with a
-    hash of the `rows` rows they were searched for: what a later, grown collection needs to update
-    the graph instead of rebuilding it."""
-    write_npz(folder / "knn.npz", D=D.astype(np.float32, copy=False), I=I, rows=np.int64(rows), rows_sha256_16=np.array(rows_hash))
-
-
 REVERSE_WIDTH = 2  # an approximate update searches each new row for 2 (k + 1) neighbours: the old rows it enters (BENCHMARKS.md)
 
 
@@ -290,8 +247,7 @@ def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig, header: tuple[int,
     first rows against the saved lists' `header`; same graph settings; full lists; an approximate
     index: the one kept with that graph, read here; None for an exact one). None otherwise."""
     man = read_json_or(gdir / "manifest.json", {})
-    spec = IndexSpec(kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction,
-                     ef_search=cfg.ef_search).resolve(len(X))
+    spec = index_spec(cfg, len(X))
     if man.get("cfg_hash") != params_hash({"cfg": cfg}):
         return None
     if spec.kind != "flat":
@@ -307,7 +263,7 @@ def _saved_lists(gdir: Path, X: np.ndarray, cfg: GraphConfig, header: tuple[int,
     try:
         index = read_index(gdir / SEARCH_INDEX)
     except (RuntimeError, OSError) as e:
-        log.warning("graph: the kept index %s is unreadable (%s): building the graph again", gdir / SEARCH_INDEX, _first_line(e))
+        log.warning("graph: the kept index %s is unreadable (%s): building the graph again", gdir / SEARCH_INDEX, first_line(e))
         return None
     if index.ntotal != n0 or index.d != X.shape[1]:
         return None
@@ -327,13 +283,12 @@ def _update_lists(D: np.ndarray, I: np.ndarray, X: np.ndarray, n0: int, index, s
         with tqdm(total=new, desc="graph update", unit="row") as bar:
             changed = extend_knn(D, I, X, n0, progress=bar.update)
     else:
-        info["hnsw" if spec.kind == "hnsw" else "nprobe"] = (
-            {"M": spec.hnsw_m, "efConstruction": spec.ef_construction, "efSearch": spec.ef_search} if spec.kind == "hnsw" else spec.nprobe)
+        info["hnsw" if spec.kind == "hnsw" else "nprobe"] = _hnsw_info(spec) if spec.kind == "hnsw" else spec.nprobe
         info["seconds_index"] = time.perf_counter() - t0
         set_search_effort(index, spec.ef_search if spec.kind == "hnsw" else spec.nprobe)
         with tqdm(total=new, desc="graph update", unit="row") as bar:
-            Dn, In = search_self(index, X[n0:], REVERSE_WIDTH * (cfg.k + 1), shard_bounds(new, cfg.shards), first=n0, progress=bar.update,
-                                 ids=I.dtype.type)
+            Dn, In = search_self(index, X[n0:], REVERSE_WIDTH * (cfg.k + 1), shard_bounds(new, cfg.shards), first=n0, database=X,
+                                 progress=bar.update, ids=I.dtype.type)
         changed = extend_knn_searched(D, I, n0, Dn, In)
         del Dn, In
         info.update(_sample_recall(X, I, cfg))
@@ -342,6 +297,10 @@ def _update_lists(D: np.ndarray, I: np.ndarray, X: np.ndarray, n0: int, index, s
     log.info("graph: the collection grew from %d to %d rows: kNN lists updated, not rebuilt (%s index; %d old lists took new rows)",
              n0, len(X), spec.kind, changed)
     return info
+
+
+def _hnsw_info(spec: IndexSpec) -> dict:
+    return {"M": spec.hnsw_m, "efConstruction": spec.ef_construction, "efSearch": spec.ef_search, "storage": spec.storage}
 
 
 def _sample_recall(X: np.ndarray, I: np.ndarray, cfg: GraphConfig) -> dict:

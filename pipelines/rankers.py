@@ -217,7 +217,7 @@ class Rankers:
         if mode == "exact":
             return None
         g = GraphConfig()
-        spec = IndexSpec(kind="hnsw", hnsw_m=g.hnsw_m, ef_construction=g.ef_construction, ef_search=self.cfg.seed_effort)
+        spec = IndexSpec(kind="hnsw", hnsw_m=g.hnsw_m, ef_construction=g.ef_construction, ef_search=self.cfg.seed_effort, storage=g.hnsw_storage)
         if self.graph_dir is not None and self.has_graph:
             return load_search_index(self.graph_dir, self.X, effort=self.cfg.seed_effort, build=spec if mode == "index" else None)
         return build_index(self.X, spec) if mode == "index" else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -140,6 +141,11 @@ class IndexSpec:
     kind: "flat" (exact), "ivf" (IVF-Flat, inverted lists), "hnsw" (HNSW-Flat), or "auto"
     (flat up to `auto_flat_max` vectors, HNSW above: on the scale benchmark HNSW reached recall
     0.95 at 10^6 in under 3 minutes where IVF needed ~10x longer). nlist = 0 picks ~4 sqrt(N) lists.
+    storage: how an HNSW index keeps its vectors: "float" (float32), "fp16" or "sq8" (faiss's
+    scalar quantizer, 8 bits per dimension trained on a sample): a quarter of the bytes per
+    distance, so a faster build and search (at 10^6 x 128: 1.3x each, BENCHMARKS.md), with every
+    search given the float rows refined exactly (`search_index`, `search_self`: REFINE x k
+    candidates re-scored against the float rows, the top k kept). Flat and IVF indexes keep float32.
     """
 
     kind: str = "auto"
@@ -151,6 +157,7 @@ class IndexSpec:
     train_size: int = 200_000
     auto_flat_max: int = 200_000
     seed: int = 0
+    storage: str = "float"
 
     def resolve(self, n: int) -> "IndexSpec":
         kind = self.kind
@@ -158,8 +165,52 @@ class IndexSpec:
             kind = "flat" if n <= self.auto_flat_max else "hnsw"
         if kind not in ("flat", "ivf", "hnsw"):
             raise ValueError(f"unknown index kind {self.kind!r}; expected flat, ivf, hnsw or auto")
+        if self.storage not in HNSW_STORAGES:
+            raise ValueError(f"unknown index storage {self.storage!r}; expected one of {', '.join(HNSW_STORAGES)}")
         nlist = self.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))
-        return IndexSpec(kind, nlist, self.nprobe, self.hnsw_m, self.ef_construction, self.ef_search, self.train_size, self.auto_flat_max, self.seed)
+        return dataclasses.replace(self, kind=kind, nlist=nlist, storage=self.storage if kind == "hnsw" else "float")
+
+
+HNSW_STORAGES: tuple[str, ...] = ("float", "fp16", "sq8")
+_QUANTIZERS = {"fp16": "QT_fp16", "sq8": "QT_8bit"}
+# a quantized index is searched for REFINE x k candidates, re-scored exactly: at 10^6 x 128 (HNSW
+# M 24, sq8) the self-kNN's recall@51 is 0.948 with 51 candidates and 0.953 with 64 (flat: 0.954)
+REFINE = 1.25
+REFINE_CHUNK = 1 << 16  # rows re-scored per step (their int64 ids and scores: 2 x 4 MB at 64 candidates)
+
+
+def quantized(index: faiss.Index) -> bool:
+    """Whether `index` scores with quantized vectors (HNSW over faiss's scalar quantizer)."""
+    return isinstance(index, faiss.IndexHNSW) and isinstance(faiss.downcast_index(index.storage), faiss.IndexScalarQuantizer)
+
+
+def search_width(index: faiss.Index, k: int) -> int:
+    """Candidates to search for a top k: REFINE x k for a quantized index (`quantized`), else k;
+    at most the index's rows."""
+    return min(math.ceil(REFINE * k) if quantized(index) else int(k), index.ntotal)
+
+
+def refine_exact(queries: np.ndarray, database: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact re-scoring of candidate lists: each query's inner products with its candidate rows
+    (faiss `fvec_inner_products_by_idx`, threaded), the top k of them by similarity (ties in
+    candidate order). queries (nq, d) float32; database (n, d) contiguous float32; I (nq, c)
+    candidate rows (-1: none). Returns (D, I) (nq, min(k, c)): float32 descending (-inf where
+    none) and ids of I's dtype (-1 where none)."""
+    q = _as_f32(queries, "queries")
+    if database.dtype != np.float32 or not database.flags.c_contiguous or database.shape[1] != q.shape[1]:
+        raise ValueError("refine_exact: the database must be contiguous float32 of the queries' dimension")
+    nq, c = I.shape
+    k = min(int(k), c)
+    D_out, I_out = np.empty((nq, k), np.float32), np.empty((nq, k), I.dtype)
+    for a in range(0, nq, REFINE_CHUNK):
+        b = min(nq, a + REFINE_CHUNK)
+        ids = np.ascontiguousarray(I[a:b], dtype=np.int64)
+        S = np.empty(ids.shape, np.float32)
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(S), faiss.swig_ptr(q[a:b]), faiss.swig_ptr(database), faiss.swig_ptr(ids),
+                                         q.shape[1], b - a, c)
+        top = np.argsort(-S, axis=1, kind="stable")[:, :k]
+        D_out[a:b], I_out[a:b] = np.take_along_axis(S, top, 1), np.take_along_axis(ids, top, 1)
+    return D_out, I_out
 
 
 def build_index(X: np.ndarray, spec: IndexSpec = IndexSpec()) -> faiss.Index:
@@ -170,14 +221,16 @@ def build_index(X: np.ndarray, spec: IndexSpec = IndexSpec()) -> faiss.Index:
     if spec.kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif spec.kind == "ivf":
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, spec.nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(spec.seed)
-        train = x if n <= spec.train_size else x[np.sort(rng.choice(n, spec.train_size, replace=False))]
-        index.train(train)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, spec.nlist, faiss.METRIC_INNER_PRODUCT)
         index.nprobe = spec.nprobe
-    else:
+    elif spec.storage == "float":
         index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexHNSWSQ(d, getattr(faiss.ScalarQuantizer, _QUANTIZERS[spec.storage]), spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:  # IVF's lists, the scalar quantizer's ranges: on a sample of at most train_size rows
+        rng = np.random.default_rng(spec.seed)
+        index.train(x if n <= spec.train_size else x[np.sort(rng.choice(n, spec.train_size, replace=False))])
+    if spec.kind == "hnsw":
         index.hnsw.efConstruction = spec.ef_construction
         index.hnsw.efSearch = spec.ef_search
     index.add(x)
@@ -212,13 +265,19 @@ def stored_vectors(index: faiss.Index) -> np.ndarray | None:
     return faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d).reshape(storage.ntotal, storage.d)
 
 
-def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(D, I) of shape (nq, k): similarities descending and int64 ids (-1 where fewer found)."""
+def search_index(index: faiss.Index, queries: np.ndarray, k: int, *, database: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(D, I) of shape (nq, k): similarities descending and int64 ids (-1 where fewer found). A
+    quantized index (`quantized`) given `database`, the float rows it was built from, has its
+    candidates re-scored exactly (`refine_exact`); without them its scores are its own."""
     q = _as_f32(queries, "queries")
     if q.shape[1] != index.d:
         raise ValueError(f"dimension mismatch: queries d={q.shape[1]}, index d={index.d}")
-    D, I = index.search(q, min(int(k), index.ntotal))
-    return D, I.astype(np.int64)
+    k = min(int(k), index.ntotal)
+    if database is None or not quantized(index):
+        D, I = index.search(q, k)
+        return D, I.astype(np.int64)
+    _, I = index.search(q, search_width(index, k))
+    return refine_exact(q, database, I, k)
 
 
 def shard_bounds(n: int, nshards: int) -> list[tuple[int, int]]:
@@ -242,7 +301,8 @@ def search_shards(
     Memory stays O(n k) for the result plus one shard's search buffers. Returns (D, I), (n, k):
     float32 similarities and ids of dtype `ids` (np.int32 halves them; -1 where none found).
     """
-    return _by_shards(lambda a, b, kk: search_index(index, X[a:b], kk), X.shape[0], min(k, index.ntotal), bounds, progress, ids)
+    return _by_shards(lambda a, b, kk: search_index(index, X[a:b], kk, database=X), X.shape[0], min(k, index.ntotal), bounds, progress,
+                      ids)
 
 
 def _by_shards(search, n: int, k: int, bounds: list[tuple[int, int]], progress, ids: type) -> tuple[np.ndarray, np.ndarray]:
@@ -263,24 +323,32 @@ def search_self(
     bounds: list[tuple[int, int]],
     *,
     first: int = 0,
+    database: np.ndarray | None = None,
     progress: Callable[[int], None] | None = None,
     ids: type = np.int64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Self-kNN of rows that `index` holds: row r of X is the index's vector first + r. As
     `search_shards`, except that an HNSW index starts each row's search at the row's own node on
     level 0 (faiss `search_level_0`) instead of descending the upper levels from the global entry
-    point: at 10^6 the same recall in 20% less time (BENCHMARKS.md)."""
+    point: at 10^6 the same recall in 20% less time (BENCHMARKS.md). A quantized index's lists are
+    re-scored exactly against `database`, the index's float rows (default X when first is 0)."""
     if not isinstance(index, faiss.IndexHNSW):
         return search_shards(index, X, k, bounds, progress=progress, ids=ids)
+    if database is None and first == 0:
+        database = X
+    refine = quantized(index)
+    if refine and database is None:
+        raise ValueError("search_self: a quantized index needs its float rows (database) to re-score its lists")
+    width = search_width(index, k)
 
     def from_own_nodes(a: int, b: int, kk: int) -> tuple[np.ndarray, np.ndarray]:
         q = _as_f32(X[a:b], "queries")
         entry = np.arange(first + a, first + b, dtype=np.int32).reshape(-1, 1)  # faiss storage_idx_t
         entry_sim = np.einsum("ij,ij->i", q, q).astype(np.float32).reshape(-1, 1)  # the entry's own similarity
-        D, I = np.empty((b - a, kk), np.float32), np.empty((b - a, kk), np.int64)
-        index.search_level_0(b - a, faiss.swig_ptr(q), kk, faiss.swig_ptr(entry), faiss.swig_ptr(entry_sim), faiss.swig_ptr(D),
+        D, I = np.empty((b - a, width), np.float32), np.empty((b - a, width), np.int64)
+        index.search_level_0(b - a, faiss.swig_ptr(q), width, faiss.swig_ptr(entry), faiss.swig_ptr(entry_sim), faiss.swig_ptr(D),
                              faiss.swig_ptr(I), 1, 1)
-        return D, I
+        return refine_exact(q, database, I, kk) if refine else (D, I)
 
     return _by_shards(from_own_nodes, X.shape[0], min(k, index.ntotal), bounds, progress, ids)
 

@@ -86,7 +86,7 @@ class KnnRanker:
             return self.search(Q, k)
         if index.ntotal != self.n:
             raise ValueError(f"the seed index has {index.ntotal} rows but the database has {self.n}")
-        return search_index(index, Q, k)
+        return search_index(index, Q, k, database=self.X)  # a quantized index's seeds re-scored on the rows
 
     def seeds_and_neighbours(self, Q: np.ndarray, kq: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """A graph method's seeds (D, I) (nq, >= kq) and, when one exact search serves both, each

@@ -114,6 +114,7 @@ def test_choice_tuples_equal_their_registries():
     """config.py copies the registries of retrieval/ modules that import torch or faiss: a drift fails here."""
     import retrieval.backbones
     import retrieval.diffusion
+    import retrieval.knn
     import retrieval.losses
     import retrieval.mining
     import retrieval.partition_order
@@ -127,6 +128,7 @@ def test_choice_tuples_equal_their_registries():
     assert config.TRUNCATE_KERNELS == tuple(retrieval.rankers.KERNELS)
     assert config.MATMULS == tuple(retrieval.diffusion.MATMULS)
     assert config.ROW_ORDERS == tuple(retrieval.partition_order.ORDERS)
+    assert config.HNSW_STORAGES == tuple(retrieval.knn.HNSW_STORAGES)
     assert config.REGION_SOLVERS == tuple(retrieval.regional.REGION_SOLVERS)
     # os_egm is a collection-level pooling (pipelines/discover.py): not a function of one feature map
     assert config.POOLINGS == tuple(retrieval.pooling.POOLINGS) + ("os_egm",)

@@ -131,7 +131,7 @@ def test_non_convergence_is_reported(imported):
 def test_hnsw_graph_stage_records_parameters_and_recall(imported):
     run, _, _ = imported
     man = run_graph(run, GraphConfig(k=10, index="hnsw", recall_sample=200))
-    assert man["index"] == "hnsw" and man["hnsw"] == {"M": 24, "efConstruction": 48, "efSearch": 64}
+    assert man["index"] == "hnsw" and man["hnsw"] == {"M": 24, "efConstruction": 48, "efSearch": 64, "storage": "sq8"}
     assert man["recall_at_k"] >= 0.95
     from retrieval.knn import IndexSpec
 
@@ -208,12 +208,14 @@ def test_graph_of_a_grown_collection_is_updated_and_equals_a_rebuild(tmp_path, c
         assert "updated_from_rows" not in run_graph(grown, GraphConfig(k=6, index="flat", block_rows=100))
 
 
-def test_approximate_graph_of_a_grown_collection_is_updated_through_its_kept_index(tmp_path, caplog):
+@pytest.mark.parametrize("storage", ["float", "sq8"])
+def test_approximate_graph_of_a_grown_collection_is_updated_through_its_kept_index(tmp_path, caplog, storage):
     """Issue 13, approximate index: a grown collection adds its new rows to the HNSW index kept
     with the graph, searches them there and merges the old lists with their reverse neighbours;
     the recall of the updated lists is measured like a build's and stays close to it, the kept
     index grows with the graph (for the next update and for the seeds of new queries), and a
-    missing kept index means a rebuild, not a failure."""
+    missing kept index means a rebuild, not a failure. A quantized index (sq8) the same, its
+    lists' similarities the exact ones."""
     from pipelines.config import GraphConfig
     from pipelines.descriptors import write_descriptors
     from pipelines.graph import SEARCH_INDEX, SEARCH_INDEX_META, run_graph
@@ -229,7 +231,7 @@ def test_approximate_graph_of_a_grown_collection_is_updated_through_its_kept_ind
                           params=str(a))
         write_json({"n": n_rows, "descriptors_sha256_16": f"h{n_rows}"}, run / "manifest.json")
 
-    cfg = GraphConfig(k=10, index="hnsw", hnsw_m=16, ef_construction=40, ef_search=64, recall_sample=300)
+    cfg = GraphConfig(k=10, index="hnsw", hnsw_m=16, ef_construction=40, ef_search=64, recall_sample=300, hnsw_storage=storage)
     grow_to(2000, 0)
     built = run_graph(run, cfg)
     grow_to(3000, 2000)
@@ -238,7 +240,9 @@ def test_approximate_graph_of_a_grown_collection_is_updated_through_its_kept_ind
     assert "grew from 2000 to 3000 rows" in caplog.text and man["updated_from_rows"] == 2000 and man["n"] == 3000
     assert man["recall_at_k"] > 0.9 and man["recall_at_k"] > built["recall_at_k"] - 0.05, (man["recall_at_k"], built["recall_at_k"])
     meta = read_json(run / "graph" / SEARCH_INDEX_META)
-    assert meta["n"] == 3000 and meta["graph"] == man["params"]
+    assert meta["n"] == 3000 and meta["graph"] == man["params"] and man["hnsw"]["storage"] == storage
+    with np.load(run / "graph" / "knn.npz") as z:  # exact similarities, old lists and new
+        np.testing.assert_allclose(z["D"], np.einsum("id,ikd->ik", X, X[z["I"]]), rtol=1e-5, atol=1e-6)
     (run / "graph" / SEARCH_INDEX).unlink()  # no kept index: the next growth is a build
     X = np.vstack([X, X[:50] * 0.5 + X[50:100] * 0.5])
     X[3000:] /= np.linalg.norm(X[3000:], axis=1, keepdims=True)
@@ -297,7 +301,7 @@ def test_graph_keeps_its_approximate_index_and_new_queries_seed_from_it(imported
 
     run, X, Q = imported
     gdir = run / "graph"
-    man = run_graph(run, GraphConfig(k=10, index="hnsw", recall_sample=0))
+    man = run_graph(run, GraphConfig(k=10, index="hnsw", recall_sample=0, hnsw_storage="float"))  # float rows: shared below
     meta = json.loads((gdir / SEARCH_INDEX_META).read_text())
     assert meta["graph"] == man["params"] and meta["n"] == 700 and meta["kind"] == "hnsw" and (gdir / SEARCH_INDEX).is_file()
     stamp = (gdir / SEARCH_INDEX).stat().st_mtime_ns
@@ -351,9 +355,11 @@ def test_graph_keeps_its_approximate_index_and_new_queries_seed_from_it(imported
     assert again.knn.seed_index.ntotal == 700 and "built a hnsw index over 700 rows" in caplog.text
 
 
-def test_graph_stage_holds_the_rows_once(tmp_path, monkeypatch):
-    """Issue 15 (offline memory): given a loader, the graph build drops the loaded rows once the
-    HNSW index holds them (its own copy serves as the queries), and builds the same graph."""
+@pytest.mark.parametrize("storage", ["float", "sq8"])
+def test_graph_stage_holds_the_rows_once(tmp_path, monkeypatch, storage):
+    """Issue 15 (offline memory): given a loader, the graph build drops the loaded rows once an
+    HNSW-flat index holds them (its own copy serves as the queries), and builds the same graph; a
+    quantized index keeps them (its lists are re-scored on them)."""
     import gc
     import weakref
 
@@ -379,9 +385,9 @@ def test_graph_stage_holds_the_rows_once(tmp_path, monkeypatch):
         real(folder, index, spec, params)
 
     monkeypatch.setattr(pg, "save_search_index", spy)
-    cfg = GraphConfig(k=8, index="hnsw", recall_sample=100)
+    cfg = GraphConfig(k=8, index="hnsw", recall_sample=100, hnsw_storage=storage)
     W, stats, info = pg.build_graph_sharded(load, cfg, gdir=tmp_path / "g", params="p")
-    assert seen == {"loaded rows alive": False} and info["recall_at_k"] >= 0.95
+    assert seen == {"loaded rows alive": storage != "float"} and info["recall_at_k"] >= 0.95
     W_ref, _, _ = pg.build_graph_sharded(X, cfg)
     assert (W != W_ref).nnz == 0 and W.nnz > 0
     with np.load(tmp_path / "g" / "knn.npz") as z:

@@ -226,3 +226,48 @@ def test_hnsw_self_search_starts_at_each_rows_own_node():
     np.testing.assert_array_equal(I2, I[3000:])
     Df, If = search_self(build_index(X, IndexSpec(kind="flat")), X[:50], 11, [(0, 50)])
     np.testing.assert_array_equal(If, Iref[:50])
+
+
+@pytest.mark.parametrize("storage", ["sq8", "fp16"])
+def test_quantized_hnsw_lists_are_rescored_on_the_float_rows(storage):
+    """An HNSW index over a scalar quantizer (8 bits or fp16 per dimension) searches REFINE x k
+    candidates and keeps the top k by their exact inner products with the float rows: every
+    similarity is the true one, descending, recall as good as the float index's within 0.02;
+    a search without the rows returns the index's own (quantized) scores; an offset search
+    without the rows is refused."""
+    from retrieval.knn import (
+        IndexSpec, build_index, quantized, recall_at_k, refine_exact, search_index, search_self, search_width, shard_bounds,
+    )
+    from retrieval.synthetic_manifold import ManifoldSpec, make_manifold_dataset
+
+    X, _, Q, _ = make_manifold_dataset(ManifoldSpec(n=4000, n_queries=30, shared_dim=16, seed=3))
+    spec = IndexSpec(kind="hnsw", hnsw_m=16, ef_construction=40, ef_search=48)
+    flat_hnsw, index = build_index(X, spec), build_index(X, IndexSpec(**{**spec.__dict__, "storage": storage}))
+    assert quantized(index) and not quantized(flat_hnsw) and search_width(index, 40) == 50 and search_width(flat_hnsw, 40) == 40
+    _, Iref = knn_search(X, X, 11)
+    D, I = search_self(index, X, 11, shard_bounds(len(X), 3), ids=np.int32)
+    np.testing.assert_allclose(D, np.einsum("id,ikd->ik", X, X[I]), rtol=1e-5, atol=1e-6)  # exact, not quantized
+    assert (np.diff(D, axis=1) <= 0).all() and (I[:, 0] == np.arange(len(X))).mean() > 0.99
+    _, If = search_self(flat_hnsw, X, 11, shard_bounds(len(X), 3))
+    assert recall_at_k(I, Iref) >= recall_at_k(If, Iref) - 0.02 and recall_at_k(I, Iref) > 0.9
+    with pytest.raises(ValueError, match="float rows"):
+        search_self(index, X[3000:], 11, [(0, 1000)], first=3000)
+    D2, I2 = search_self(index, X[3000:], 11, [(0, 1000)], first=3000, database=X)
+    np.testing.assert_array_equal(I2, I[3000:])
+    Dq, Iq = search_index(index, Q, 10, database=X)
+    np.testing.assert_allclose(Dq, np.einsum("id,ikd->ik", Q, X[Iq]), rtol=1e-5, atol=1e-6)
+    from retrieval.rankers import KnnRanker
+
+    Ds, Is = KnnRanker(X, seed_index=index).seeds(Q, 10)  # a graph method's seeds: re-scored on the rows too
+    np.testing.assert_array_equal(Is, Iq)
+    np.testing.assert_allclose(Ds, Dq, rtol=1e-6)
+    Draw, _ = search_index(index, Q, 10)
+    if storage == "sq8":  # its own scores: quantized
+        assert np.abs(Draw - Dq).max() > 1e-5
+    # the re-scoring against numpy: the top k of each row's candidates by exact similarity
+    cand = np.random.default_rng(0).integers(-1, len(X), size=(30, 20))
+    Dr, Ir = refine_exact(Q, X, cand, 7)
+    S = np.where(cand >= 0, np.einsum("id,ikd->ik", Q, X[np.maximum(cand, 0)]), -np.inf)
+    order = np.argsort(-S, axis=1, kind="stable")[:, :7]
+    np.testing.assert_array_equal(Ir, np.take_along_axis(cand, order, 1))
+    np.testing.assert_allclose(Dr, np.take_along_axis(S, order, 1), rtol=1e-5, atol=1e-6)
