@@ -17,8 +17,10 @@ top-k). A batch waits for more requests `batch_wait_timeout_s` (0 by default) pl
 (`batch_wait_fraction`, 2%) of what recent batches took to rank (`BatchWait`): after a truncated
 query (a few ms) a batch waits a few hundredths of a millisecond, after an exact solve (a quarter of
 a second at 10^5) about 5 ms, so that concurrent clients' next requests share one solve (two queries
-in one block cost 1.2x one) instead of queueing behind each other's (BENCHMARKS.md). The HTTP
-proxy binds to 127.0.0.1 unless another host is asked for.
+in one block cost 1.2x one) instead of queueing behind each other's (BENCHMARKS.md). A request
+alone in the replica whose ranking is cheap (`RankCosts`: under 2 ms as measured for its method)
+skips the batch and ranks at once on the event loop. The HTTP proxy binds to 127.0.0.1 unless
+another host is asked for.
 
 With Serve's direct ingress (on in the Ray this project starts, `cluster.ray_runtime.serve_node_env`)
 each replica also answers the same API on a port of its own, on the same host: `replica_urls` lists
@@ -54,8 +56,11 @@ APP_NAME = "retrieval"
 # own malloc arena, and the replica's memory would creep up with every new thread. faiss's OpenMP
 # threads (the seed search) would otherwise keep spinning after each search and take the cores from
 # the solver threads that follow it: two truncated queries ranked at once cost 2x one query instead
-# of 1.2x, two exact ones 1.3x instead of 1.05x (BENCHMARKS.md); they sleep when idle instead.
-REPLICA_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "2", "OMP_WAIT_POLICY": "PASSIVE"}}
+# of 1.2x, two exact ones 1.3x instead of 1.05x (BENCHMARKS.md); they sleep when idle instead. The
+# handler runs on the replica's own event loop, not on a second loop in a thread of its own (Ray
+# Serve's default): the hop between the two loops was 0.6 ms of a 1.6 ms one-query request
+# (BENCHMARKS.md); whatever is slow in it runs in worker threads (images, costly rankings: `RankCosts`).
+REPLICA_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "2", "OMP_WAIT_POLICY": "PASSIVE", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
 
 
 class JSONResponse(_StarletteJSON):
@@ -148,6 +153,40 @@ async def read_body(request: Request, limits: ServiceLimits, uploads: UploadGuar
             uploads.leave(client)
 
 
+LIGHT_QUERIES = 8
+
+
+def light(payload: Any) -> bool:
+    """Whether a request is parsed on the event loop: at most LIGHT_QUERIES queries, none an image
+    (images are decoded and embedded in a thread). Looking keys up and checking a few vectors
+    takes 0.02 ms; handing it to a thread and back took 0.1 ms (BENCHMARKS.md)."""
+    queries = payload.get("queries") if isinstance(payload, dict) else None
+    return isinstance(queries, list) and len(queries) <= LIGHT_QUERIES and all(isinstance(q, dict) and "image" not in q for q in queries)
+
+
+class RankCosts:
+    """What each method recently cost per query (an exponential average of its batches, weight
+    `smoothing` for the newest), to decide where a batch ranks: on the event loop when every
+    method of the batch has been seen and its queries are expected to take under `inline_s`
+    together, in a worker thread otherwise (the hand-off to a thread and back cost 0.25 ms of a
+    0.33 ms precomputed query at 10^5, BENCHMARKS.md; an exact solve still runs in a thread, so
+    the loop is never held long)."""
+
+    def __init__(self, inline_s: float = 0.002, smoothing: float = 0.3):
+        self.inline_s, self.smoothing = inline_s, smoothing
+        self.per_query: dict[str, float] = {}
+
+    def inline(self, methods: list[str], queries: int) -> bool:
+        costs = [self.per_query.get(m) for m in set(methods)]
+        return all(c is not None for c in costs) and max(costs) * queries < self.inline_s
+
+    def record(self, methods: list[str], queries: int, seconds: float) -> None:
+        each = seconds / max(1, queries)
+        for m in set(methods):
+            old = self.per_query.get(m)
+            self.per_query[m] = each if old is None else self.smoothing * each + (1 - self.smoothing) * old
+
+
 def _is_json(content_type: str | None) -> bool:
     return bool(content_type) and content_type.split(";", 1)[0].strip().lower() == "application/json"
 
@@ -156,7 +195,10 @@ async def handle_request(request: Request, index: Any, rank: Callable[[Any], Awa
                          uploads: UploadGuard | None = None) -> JSONResponse:
     """One HTTP request to the service: routes, method, content type, body size, upload time and
     JSON checks (each refusal a 4xx, or a 503 when too many slow uploads run, with a message), then
-    `index.parse` (in a thread) and `rank(parsed)`."""
+    `index.parse` (in a thread, unless `light`) and `rank(parsed)`. An answer carries the time spent here, from
+    the request's arrival in this handler to its encoded answer, as `Server-Timing: app;dur=<ms>`
+    (what a client's latency costs besides the HTTP transport)."""
+    t0 = time.perf_counter()
     path = request.url.path.rstrip("/") or "/"
     if path == "/healthz":
         if request.method not in ("GET", "HEAD"):
@@ -172,8 +214,10 @@ async def handle_request(request: Request, index: Any, rank: Callable[[Any], Awa
         return _error(f"Content-Type must be application/json, got {(content_type or 'none')[:100]!r}", 415)
     try:
         payload = decode_request(await read_body(request, index.limits, uploads))
-        parsed = await asyncio.to_thread(index.parse, payload)
-        return JSONResponse(await rank(parsed))
+        parsed = index.parse(payload) if light(payload) else await asyncio.to_thread(index.parse, payload)
+        response = JSONResponse(await rank(parsed))
+        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - t0) * 1000:.3f}"
+        return response
     except RequestError as e:
         return _error(str(e), e.status, {"Retry-After": "1"} if e.status in (429, 503) else None)
 
@@ -251,17 +295,43 @@ class QueryService:
         self.limits = self.index.limits
         self.uploads = UploadGuard(self.limits)
         self.batch_wait = BatchWait(batch_wait_timeout_s, batch_wait_fraction)
+        self.costs = RankCosts()
+        self.in_flight = 0  # requests inside __call__ (on the user code's event loop: no lock needed)
         self._rank_batch.set_max_batch_size(max_batch_size)
         self._rank_batch.set_batch_wait_timeout_s(self.batch_wait.wait_s)
 
     async def __call__(self, request: Request) -> JSONResponse:
-        return await handle_request(request, self.index, self._rank_batch, self.uploads)
+        self.in_flight += 1
+        try:
+            return await handle_request(request, self.index, self._rank, self.uploads)
+        finally:
+            self.in_flight -= 1
+
+    async def _rank(self, parsed) -> dict:
+        """A cheap request (`RankCosts`) alone in the replica ranks at once, on the event loop: the
+        batch's queue and wake-up cost more than its ranking; others join a batch."""
+        if self.in_flight == 1 and self.costs.inline([parsed.method], len(parsed.Q)):
+            return (await self._rank_now([parsed]))[0]
+        return await self._rank_batch(parsed)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _rank_batch(self, parsed: list) -> list[dict]:
+        out = await self._rank_now(parsed)
+        self._rank_batch.set_batch_wait_timeout_s(self.batch_wait.wait_s)
+        return out
+
+    async def _rank_now(self, parsed: list) -> list[dict]:
+        """Rank parsed requests together: on the event loop when they are cheap (`RankCosts`), in a
+        worker thread otherwise; their cost is recorded for the next decisions and batch waits."""
+        methods, queries = [p.method for p in parsed], sum(len(p.Q) for p in parsed)
         t0 = time.perf_counter()
-        out = await asyncio.to_thread(self.index.rank_many, parsed)
-        self._rank_batch.set_batch_wait_timeout_s(self.batch_wait.after(time.perf_counter() - t0, sum(len(p.Q) for p in parsed)))
+        if self.costs.inline(methods, queries):
+            out = self.index.rank_many(parsed)
+        else:
+            out = await asyncio.to_thread(self.index.rank_many, parsed)
+        seconds = time.perf_counter() - t0
+        self.costs.record(methods, queries, seconds)
+        self.batch_wait.after(seconds, queries)
         return out
 
 

@@ -23,6 +23,21 @@ except ImportError:  # the client alone, copied without this package's dependenc
     _loads = json.loads
 
 
+def _app_ms(header: str | None) -> float | None:
+    """The `app` entry's duration (ms) of a Server-Timing header, e.g. "app;dur=0.412"; None without one."""
+    for entry in (header or "").split(","):
+        name, _, params = entry.strip().partition(";")
+        if name == "app":
+            for p in params.split(";"):
+                key, _, value = p.strip().partition("=")
+                if key == "dur":
+                    try:
+                        return float(value)
+                    except ValueError:
+                        return None
+    return None
+
+
 class ServiceError(RuntimeError):
     """The service answered with an error status (4xx: the request was refused; 5xx: it failed)."""
 
@@ -41,6 +56,7 @@ class QueryClient:
             raise ValueError(f"client: expected an http://host:port URL, got {url!r}")
         self.host, self.port, self.timeout = u.hostname, u.port or 80, timeout
         self._conn: http.client.HTTPConnection | None = None
+        self.server_ms: float | None = None  # the last answer's time inside the service's handler (its Server-Timing)
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
         for attempt in (0, 1):  # one retry when a kept-alive connection was closed by the server
@@ -50,6 +66,7 @@ class QueryClient:
                 self._conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body is not None else {})
                 resp = self._conn.getresponse()
                 raw = resp.read()
+                self.server_ms = _app_ms(resp.getheader("Server-Timing"))
                 break
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 self.close()

@@ -47,6 +47,7 @@ def test_http_answers_equal_the_in_process_index(endpoint, tiny_run):
             ref = idx.answer({"queries": [{"key": k} for k in idx.keys[:3]] + [{"vector": v.tolist()} for v in idx.X[5:7]],
                               "method": method, "topk": 6})
             assert [r["ids"] for r in got["results"]] == [r["ids"] for r in ref["results"]]
+            assert c.server_ms is not None and c.server_ms > 0  # the handler's time, from the answer's Server-Timing
 
 
 def test_bad_requests_get_4xx_and_the_replica_survives(endpoint):
@@ -131,6 +132,26 @@ def test_batch_wait_follows_the_ranking_cost():
     for bad in [dict(fixed_s=-1), dict(fraction=-0.1), dict(smoothing=0), dict(wide=0)]:
         with pytest.raises(ValueError):
             BatchWait(**bad)
+
+
+def test_cheap_rankings_run_on_the_event_loop_and_costly_ones_in_threads():
+    """Where a batch ranks: on the replica's event loop only when every method in it has been seen
+    and its queries together are expected under 2 ms (per-query costs averaged per method); an
+    unseen method, an exact solve or a wide batch of cheap queries goes to a thread. Requests of a
+    few key or vector queries are parsed on the loop, any image or more queries in a thread."""
+    from cluster.ray_serve import LIGHT_QUERIES, RankCosts, light
+
+    c = RankCosts(inline_s=0.002, smoothing=0.5)
+    assert not c.inline(["precomputed"], 1)  # never ranked: a thread
+    c.record(["precomputed"], 1, 0.0004)
+    assert c.inline(["precomputed"], 1) and c.inline(["precomputed"], 4) and not c.inline(["precomputed"], 5)  # 4 x 0.4 ms < 2 ms
+    c.record(["diffusion"], 2, 0.5)
+    assert not c.inline(["diffusion"], 1) and not c.inline(["precomputed", "diffusion"], 1)  # the costliest method decides
+    c.record(["precomputed"], 1, 0.0024)  # averaged: (0.4 + 2.4) / 2 = 1.4 ms
+    assert c.per_query["precomputed"] == pytest.approx(0.0014) and c.inline(["precomputed"], 1) and not c.inline(["precomputed"], 2)
+    assert light({"queries": [{"key": "a"}, {"vector": [0.0]}]}) and light({"queries": [{"key": "a"}] * LIGHT_QUERIES})
+    assert not light({"queries": [{"key": "a"}] * (LIGHT_QUERIES + 1)}) and not light({"queries": [{"key": "a"}, {"image": "..."}]})
+    assert not light([1, 2]) and not light({"queries": "x"})
 
 
 def _status(sock: socket.socket) -> int:

@@ -63,6 +63,23 @@ def test_a_well_formed_request_reaches_the_index():
     assert status == 200 and data == {"ranked": {"queries": [{"key": "a"}]}} and len(idx.parsed) == 1
 
 
+def test_an_answer_carries_the_handlers_time_and_the_client_reads_it():
+    """Server-Timing `app;dur=<ms>`: the time from the request's arrival in the handler to its
+    encoded answer, the ranking included (here a ranking that sleeps 30 ms); the client's parser
+    takes the app entry among others and None without one."""
+    from pipelines.client import _app_ms
+
+    async def slow(parsed):
+        await asyncio.sleep(0.03)
+        return {"ranked": parsed}
+
+    status, _, headers = call(FakeIndex(), "POST", "/query", OK_BODY, rank=slow)
+    ms = _app_ms(headers["server-timing"])
+    assert status == 200 and 30 <= ms < 5000
+    assert _app_ms("db;dur=3, app;desc=x;dur=1.25") == 1.25 and _app_ms(None) is None and _app_ms("app;dur=oops") is None
+    assert _app_ms("total;dur=4") is None
+
+
 @pytest.mark.parametrize("content_type,status", [
     (None, 415), ("text/plain", 415), ("application/x-www-form-urlencoded", 415), ("application/jsonp", 415),
     ("multipart/form-data; boundary=x", 415), ("application/json", 200), ("application/json; charset=utf-8", 200),
