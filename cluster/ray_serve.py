@@ -195,9 +195,9 @@ async def handle_request(request: Request, index: Any, rank: Callable[[Any], Awa
                          uploads: UploadGuard | None = None) -> JSONResponse:
     """One HTTP request to the service: routes, method, content type, body size, upload time and
     JSON checks (each refusal a 4xx, or a 503 when too many slow uploads run, with a message), then
-    `index.parse` (in a thread, unless `light`) and `rank(parsed)`. An answer carries the time spent here, from
-    the request's arrival in this handler to its encoded answer, as `Server-Timing: app;dur=<ms>`
-    (what a client's latency costs besides the HTTP transport)."""
+    `index.parse` (in a thread, unless `light`) and `rank(parsed)`. An answer carries the time
+    spent here, from the request's arrival in this handler to its encoded answer, as
+    `Server-Timing: app;dur=<ms>` (what a client's latency costs besides the HTTP transport)."""
     t0 = time.perf_counter()
     path = request.url.path.rstrip("/") or "/"
     if path == "/healthz":
@@ -316,13 +316,11 @@ class QueryService:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _rank_batch(self, parsed: list) -> list[dict]:
-        out = await self._rank_now(parsed)
-        self._rank_batch.set_batch_wait_timeout_s(self.batch_wait.wait_s)
-        return out
+        return await self._rank_now(parsed)
 
     async def _rank_now(self, parsed: list) -> list[dict]:
         """Rank parsed requests together: on the event loop when they are cheap (`RankCosts`), in a
-        worker thread otherwise; their cost is recorded for the next decisions and batch waits."""
+        worker thread otherwise; their cost is recorded for the next decisions and sets the batch's wait."""
         methods, queries = [p.method for p in parsed], sum(len(p.Q) for p in parsed)
         t0 = time.perf_counter()
         if self.costs.inline(methods, queries):
@@ -331,7 +329,7 @@ class QueryService:
             out = await asyncio.to_thread(self.index.rank_many, parsed)
         seconds = time.perf_counter() - t0
         self.costs.record(methods, queries, seconds)
-        self.batch_wait.after(seconds, queries)
+        self._rank_batch.set_batch_wait_timeout_s(self.batch_wait.after(seconds, queries))
         return out
 
 

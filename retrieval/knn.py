@@ -1,10 +1,10 @@
 """k-nearest-neighbour search by inner product (faiss), with a numpy brute-force reference."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -141,11 +141,12 @@ class IndexSpec:
     kind: "flat" (exact), "ivf" (IVF-Flat, inverted lists), "hnsw" (HNSW-Flat), or "auto"
     (flat up to `auto_flat_max` vectors, HNSW above: on the scale benchmark HNSW reached recall
     0.95 at 10^6 in under 3 minutes where IVF needed ~10x longer). nlist = 0 picks ~4 sqrt(N) lists.
-    storage: how an HNSW index keeps its vectors: "float" (float32), "fp16" or "sq8" (faiss's
-    scalar quantizer, 8 bits per dimension trained on a sample): a quarter of the bytes per
-    distance, so a faster build and search (at 10^6 x 128: 1.3x each, BENCHMARKS.md), with every
-    search given the float rows refined exactly (`search_index`, `search_self`: REFINE x k
-    candidates re-scored against the float rows, the top k kept). Flat and IVF indexes keep float32.
+    storage: how an HNSW index keeps its vectors: "float" (float32), "fp16" (half the bytes per
+    distance) or "sq8" (faiss's scalar quantizer, 8 bits per dimension with ranges trained on a
+    sample: a quarter; at 10^6 x 128 the build 1.4x and the search 1.2x faster, BENCHMARKS.md).
+    A quantized index's searches given the float rows are re-scored exactly (`search_index`,
+    `search_self`: REFINE x k candidates, the top k by exact similarity kept). Flat and IVF
+    indexes keep float32.
     """
 
     kind: str = "auto"
