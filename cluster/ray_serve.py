@@ -311,19 +311,19 @@ class QueryService:
         """A cheap request (`RankCosts`) alone in the replica ranks at once, on the event loop: the
         batch's queue and wake-up cost more than its ranking; others join a batch."""
         if self.in_flight == 1 and self.costs.inline([parsed.method], len(parsed.Q)):
-            return (await self._rank_now([parsed]))[0]
+            return (await self._rank_now([parsed], inline=True))[0]
         return await self._rank_batch(parsed)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _rank_batch(self, parsed: list) -> list[dict]:
-        return await self._rank_now(parsed)
+        return await self._rank_now(parsed, inline=self.costs.inline([p.method for p in parsed], sum(len(p.Q) for p in parsed)))
 
-    async def _rank_now(self, parsed: list) -> list[dict]:
-        """Rank parsed requests together: on the event loop when they are cheap (`RankCosts`), in a
+    async def _rank_now(self, parsed: list, *, inline: bool) -> list[dict]:
+        """Rank parsed requests together: on the event loop when `inline` (cheap, `RankCosts`), in a
         worker thread otherwise; their cost is recorded for the next decisions and sets the batch's wait."""
         methods, queries = [p.method for p in parsed], sum(len(p.Q) for p in parsed)
         t0 = time.perf_counter()
-        if self.costs.inline(methods, queries):
+        if inline:
             out = self.index.rank_many(parsed)
         else:
             out = await asyncio.to_thread(self.index.rank_many, parsed)
