@@ -195,8 +195,9 @@ def refine_exact(queries: np.ndarray, database: np.ndarray, I: np.ndarray, k: in
     """Exact re-scoring of candidate lists: each query's inner products with its candidate rows
     (faiss `fvec_inner_products_by_idx`, threaded), the top k of them by similarity (ties in
     candidate order). queries (nq, d) float32; database (n, d) contiguous float32; I (nq, c)
-    candidate rows (-1: none). Returns (D, I) (nq, min(k, c)): float32 descending (-inf where
-    none) and ids of I's dtype (-1 where none)."""
+    candidate rows (-1: none; a row past the database is refused, faiss would read past its end).
+    Returns (D, I) (nq, min(k, c)): float32 descending (-inf where none) and ids of I's dtype (-1
+    where none)."""
     q = _as_f32(queries, "queries")
     if database.dtype != np.float32 or not database.flags.c_contiguous or database.shape[1] != q.shape[1]:
         raise ValueError("refine_exact: the database must be contiguous float32 of the queries' dimension")
@@ -206,6 +207,8 @@ def refine_exact(queries: np.ndarray, database: np.ndarray, I: np.ndarray, k: in
     for a in range(0, nq, REFINE_CHUNK):
         b = min(nq, a + REFINE_CHUNK)
         ids = np.ascontiguousarray(I[a:b], dtype=np.int64)
+        if ids.size and ids.max() >= len(database):
+            raise ValueError(f"refine_exact: candidate row {int(ids.max())} is past the database's {len(database)} rows")
         S = np.empty(ids.shape, np.float32)
         faiss.fvec_inner_products_by_idx(faiss.swig_ptr(S), faiss.swig_ptr(q[a:b]), faiss.swig_ptr(database), faiss.swig_ptr(ids),
                                          q.shape[1], b - a, c)
@@ -297,7 +300,8 @@ def search_shards(
     progress: Callable[[int], None] | None = None,
     ids: type = np.int64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Search the rows of X against `index`, one (start, stop) row shard at a time.
+    """Search the rows of X against `index`, one (start, stop) row shard at a time. X holds the
+    index's own rows (a self-search): a quantized index's lists are re-scored on them.
 
     Memory stays O(n k) for the result plus one shard's search buffers. Returns (D, I), (n, k):
     float32 similarities and ids of dtype `ids` (np.int32 halves them; -1 where none found).

@@ -271,3 +271,5 @@ def test_quantized_hnsw_lists_are_rescored_on_the_float_rows(storage):
     order = np.argsort(-S, axis=1, kind="stable")[:, :7]
     np.testing.assert_array_equal(Ir, np.take_along_axis(cand, order, 1))
     np.testing.assert_allclose(Dr, np.take_along_axis(S, order, 1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="past the database"):  # rows the database does not have: refused, never read
+        refine_exact(Q, X[:100], cand, 7)
