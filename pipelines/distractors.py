@@ -91,19 +91,18 @@ def user_batch(source: str | Path, start: int, stop: int, list_path: Path, exten
 
 
 def distractor_stats(X: np.ndarray, Q: np.ndarray, positives: list[np.ndarray], distractor_rows: np.ndarray, *,
-                     near_dup: float = 0.95, k: int = 10) -> dict:
+                     near_dup: float = 0.95) -> dict:
     """How distracting the distractors are, from whitened descriptors.
 
     Args: X (n, d) database rows, Q (nq, d) queries, positives: per query the rows of its positives,
     distractor_rows: rows of the distractors. Returns per-query medians and quantiles of the nearest
     positive and nearest distractor similarity, the share of queries whose nearest distractor beats
-    their nearest positive, and the near-duplicate groups among distractors (pairs among each one's
-    k nearest distractors with similarity >= near_dup, joined transitively).
+    their nearest positive, and the near-duplicates among distractors (every pair above near_dup):
+    `near_duplicate_groups` joins them transitively (a chain of pairs links rows that need not be
+    alike: the largest group's pairwise similarities say how much), `near_duplicate_sets` groups
+    them around centres (leader clustering: every member a near-duplicate of its set's centre).
     """
-    import scipy.sparse as sp
-    from scipy.sparse.csgraph import connected_components
-
-    from retrieval.knn import exact_search
+    from retrieval.near_duplicates import centred_groups, group_summary, linked_groups, pairwise_spread, similar_pairs
 
     out: dict = {"distractors": int(len(distractor_rows))}
     if len(distractor_rows) == 0:
@@ -116,11 +115,10 @@ def distractor_stats(X: np.ndarray, Q: np.ndarray, positives: list[np.ndarray], 
     out["nearest_distractor"] = {q: float(np.quantile(near_d, v)) for q, v in (("p10", 0.1), ("median", 0.5), ("p90", 0.9))}
     out["queries_distractor_first"] = float((near_d[ok] > near_p[ok]).mean())
     Xd = np.ascontiguousarray(X[distractor_rows])
-    D, I = exact_search(Xd, Xd, min(k + 1, len(Xd)))
-    rows, cols = np.nonzero((D >= near_dup) & (I != np.arange(len(Xd))[:, None]))
-    A = sp.csr_matrix((np.ones(len(rows)), (rows, I[rows, cols])), shape=(len(Xd), len(Xd)))
-    _, labels = connected_components(A, directed=False)
-    sizes = np.bincount(labels)
-    out["near_duplicate_groups"] = {"threshold": near_dup, "groups": int((sizes > 1).sum()), "largest": int(sizes.max()),
-                                    "in_groups": float(sizes[sizes > 1].sum() / len(Xd)), "distinct": int(len(sizes))}
+    pairs = similar_pairs(Xd, near_dup)
+    linked = linked_groups(pairs)
+    largest = np.flatnonzero(linked == np.bincount(linked).argmax())
+    out["near_duplicate_groups"] = {"threshold": near_dup, "pairs": int(pairs.nnz // 2), **group_summary(linked),
+                                    "largest_pairwise": pairwise_spread(Xd, largest, near_dup)}
+    out["near_duplicate_sets"] = {"threshold": near_dup, **group_summary(centred_groups(pairs))}
     return out

@@ -33,7 +33,10 @@ def results_html(records: list[dict]) -> str:
         near = (f"{d['nearest_positive']['median']:.3f} / {d['nearest_distractor']['median']:.3f} "
                 f"({100 * d['queries_distractor_first']:.0f}% distractor first)") if "nearest_positive" in d else "-"
         dup = d.get("near_duplicate_groups", {})
-        dups = f"{dup['groups']} groups, largest {dup['largest']}" if dup else "-"
+        sets = d.get("near_duplicate_sets", {})
+        dups = (f"{dup['groups']} linked groups, largest {dup['largest']}"
+                + (f" (its pairs: median {dup['largest_pairwise']['median']:.2f})" if dup.get("largest_pairwise") else "")
+                + (f"; {sets['groups']} sets around a centre, largest {sets['largest']}" if sets else "")) if dup else "-"
         maps = " ".join(f"{m} {r['metrics'][m]['H' if 'H' in r['metrics'][m] else next(iter(r['metrics'][m]))]['map']:.2f}" for m in methods)
         ex = r.get("extraction") or {}
         rate = (f"{ex['img_s']:.1f} img/s" + (f", {ex['ratio']:.2f}x of the forward pass alone" if ex.get("ratio") else "")
