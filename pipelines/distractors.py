@@ -3,9 +3,9 @@
 There is no Flickr100k here, so `write_synthetic` makes a distractor collection that behaves like
 one: every image is generated from its own seed (seed, index), so a batch can be written in any
 order, resumed, and extended (image i is the same image whatever the batch), from scikit-image's
-photos and textures warped, recoloured, cropped and composed with smooth colour fields and gratings
-(`retrieval.synthetic.DistractorMaker`, generator 2; the benchmark's own distractors keep
-`make_distractor`).
+photos and textures warped, recoloured, cropped and composed with fractal noise, polygons, strokes,
+text, smooth colour fields and gratings (`retrieval.synthetic.DistractorMaker`, generator 3 by
+default, 2 on request; the benchmark's own distractors keep `make_distractor`).
 Users with a real collection point the experiment at a folder instead (`user_batch`).
 
 `distractor_stats` measures what matters: each query's most similar distractor against its most
@@ -31,33 +31,35 @@ def synthetic_name(i: int) -> str:
     return f"dis{i:08d}.jpg"
 
 
-GENERATOR = 2  # version of `write_synthetic`'s images: part of an experiment's parameters, so a change is never mixed in
+GENERATORS = (2, 3)  # versions of `write_synthetic`'s images (an experiment's parameter, so they are never mixed)
+GENERATOR = 3  # the default
 _CHUNK = 256  # images a worker writes per task
 _maker = None  # the worker process's DistractorMaker
 
 
-def _init_worker() -> None:
+def _init_worker(generator: int) -> None:
     global _maker
     from retrieval.synthetic import DistractorMaker
 
     from .benchmark_data import DISTRACTOR_SOURCES, load_photo
 
-    _maker = DistractorMaker([load_photo(n) for n in DISTRACTOR_SOURCES])
+    _maker = DistractorMaker([load_photo(n) for n in DISTRACTOR_SOURCES], generator)
 
 
-def _write_chunk(folder: Path, indices: list[int], seed: int, size: int) -> int:
-    if _maker is None:
-        _init_worker()
+def _write_chunk(folder: Path, indices: list[int], seed: int, size: int, generator: int) -> int:
+    if _maker is None or _maker.generator != generator:
+        _init_worker(generator)
     for i in indices:
         buf = io.BytesIO()
-        Image.fromarray(_maker(np.random.default_rng([seed, GENERATOR, i]), size)).save(buf, format="JPEG", quality=85)
+        Image.fromarray(_maker(np.random.default_rng([seed, generator, i]), size)).save(buf, format="JPEG", quality=85)
         write_bytes(buf.getvalue(), folder / synthetic_name(i))
     return len(indices)
 
 
-def write_synthetic(folder: Path, start: int, stop: int, *, seed: int, size: int = 288, workers: int = 0) -> Path:
-    """Distractors start..stop-1 as JPEGs in `folder` (those already there are kept), generator 2
-    (`retrieval.synthetic.DistractorMaker`), in `workers` processes (0: one per CPU) when there are
+def write_synthetic(folder: Path, start: int, stop: int, *, seed: int, size: int = 288, workers: int = 0,
+                    generator: int = GENERATOR) -> Path:
+    """Distractors start..stop-1 as JPEGs in `folder` (those already there are kept) by `generator`
+    (one of GENERATORS, `retrieval.synthetic.DistractorMaker`), in `workers` processes (0: one per CPU) when there are
     more than a chunk of them."""
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -70,11 +72,11 @@ def write_synthetic(folder: Path, start: int, stop: int, *, seed: int, size: int
     with tqdm(total=len(todo), desc="distractors", unit="img", disable=not todo) as bar:
         if workers <= 1:
             for c in chunks:
-                bar.update(_write_chunk(folder, c, seed, size))
+                bar.update(_write_chunk(folder, c, seed, size, generator))
             return folder
         # spawned, not forked: the caller may hold threads (torch, Ray) that a fork would copy mid-state
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-            for f in as_completed([pool.submit(_write_chunk, folder, c, seed, size) for c in chunks]):
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(generator,)) as pool:
+            for f in as_completed([pool.submit(_write_chunk, folder, c, seed, size, generator) for c in chunks]):
                 bar.update(f.result())
     return folder
 

@@ -39,6 +39,7 @@ class DistractorConfig:
     source: str = _path()  # "" = synthetic distractors; else a folder of your own (taken in sorted path order)
     seed: int = 1
     image_size: int = _min(288, 16)  # synthetic distractors: longer side in pixels
+    generator: int = 3  # synthetic distractors: 3, or 2 (the images of earlier experiments; pipelines.distractors.GENERATORS)
 
 
 @dataclass
@@ -62,6 +63,11 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         raise ConfigError(f"experiment: base = {cfg.base!r}: file not found")
     if not cfg.levels or any(b <= a for a, b in zip(cfg.levels, cfg.levels[1:])):
         raise ConfigError(f"experiment: levels must be a non-empty, strictly increasing list of distractor counts; got {cfg.levels}")
+    from .distractors import GENERATORS
+
+    if cfg.distractors.generator not in GENERATORS:
+        raise ConfigError(f"experiment: distractors.generator must be one of {', '.join(map(str, GENERATORS))}; "
+                          f"got {cfg.distractors.generator!r}")
     if cfg.distractors.source and not Path(cfg.distractors.source).is_dir():
         raise ConfigError(f"experiment: distractors.source = {cfg.distractors.source!r} is not a folder")
     cfg.out = cfg.out or f"runs/experiments/{path.stem}"
@@ -141,7 +147,7 @@ def _distractor_batch(ecfg: ExperimentConfig, cfg: RunConfig, start: int, stop: 
     d = ecfg.distractors
     if d.source:
         return str(user_batch(d.source, start, stop, out / f"batch-{start:09d}-{stop:09d}.txt", cfg.ingest.extensions))
-    return str(write_synthetic(out / "images", start, stop, seed=d.seed, size=d.image_size))
+    return str(write_synthetic(out / "images", start, stop, seed=d.seed, size=d.image_size, generator=d.generator))
 
 
 def _snapshot(run: Path, dest: Path) -> None:
@@ -195,10 +201,7 @@ def run_experiment(ecfg: ExperimentConfig) -> list[dict]:
     out = Path(ecfg.out).resolve()
     cfg = run_config(ecfg)
     run = Path(cfg.out)
-    from .distractors import GENERATOR
-
-    eparams = params_hash({"run": config_to_dict(cfg), "distractors": ecfg.distractors,
-                           **({"generator": GENERATOR} if not ecfg.distractors.source else {})})
+    eparams = params_hash({"run": config_to_dict(cfg), "distractors": ecfg.distractors})
     meta = read_json_or(out / "experiment.json", {})
     if meta and meta.get("params") != eparams:
         raise ConfigError(f"experiment: {out} holds an experiment run with other settings (base config, methods, distractors "

@@ -159,21 +159,37 @@ class DistractorMaker:
     crop never leaves them), smooth random colour fields, colour gratings; then a few solid blobs, its
     own colour transform (a random 3x3 mix, so hues move, not only channel gains), orientation (a
     quarter turn, a mirror) and noise. `maker(rng, size)` -> (h, w, 3) uint8.
+
+    Generator 3 (`generator=3`) keeps the composition and draws its layers from more kinds, with
+    structure a CNN tells apart: besides the crops, fractal noise (octaves of random colour grids),
+    sharp-edged polygons and strokes, and lines of random text; smooth colour fields and gratings only
+    as patches, never the whole image, and blobs in a third of the images. In generator 2's
+    experiments the near-duplicate sets were smooth colour fields and blobs on them (BENCHMARKS.md).
     """
 
     PAD = 640  # mirror padding of each source, pixels a side: more than half a rotated crop's diagonal
+    # generator 3's layer kinds and their odds as the whole image (base) and as a patch
+    KINDS = ("crop", "fractal", "shapes", "text", "field", "grating")
+    BASE_P = (0.5, 0.2, 0.18, 0.12, 0.0, 0.0)
+    PATCH_P = (0.35, 0.15, 0.2, 0.15, 0.1, 0.05)
 
-    def __init__(self, sources: list[np.ndarray]):
+    def __init__(self, sources: list[np.ndarray], generator: int = 2):
         from PIL import Image
 
+        if generator not in (2, 3):
+            raise ValueError(f"DistractorMaker: generator must be 2 or 3; got {generator!r}")
+        self.generator = generator
+        self._fonts: dict = {}
         self.sources = [(Image.fromarray(np.pad((np.clip(s, 0, 1) * 255 + 0.5).astype(np.uint8),
                                                 ((self.PAD, self.PAD), (self.PAD, self.PAD), (0, 0)), mode="symmetric")),
                          s.shape[1], s.shape[0]) for s in sources]
 
-    def _layer(self, rng: np.random.Generator, w: int, h: int):
+    def _layer(self, rng: np.random.Generator, w: int, h: int, crop: bool = False):
+        """Generator 2's layer of size (w, h) (a PIL image): a crop of a source, a smooth field or a
+        grating; `crop`: a crop."""
         from PIL import Image
 
-        kind = rng.uniform()
+        kind = 0.0 if crop else rng.uniform()
         if kind < 0.5:  # a crop of a source: out(x, y) = src(centre + scale R (x - w/2, y - h/2))
             tile, sw, sh = self.sources[rng.integers(len(self.sources))]
             scale, angle = np.exp(rng.uniform(np.log(0.5), np.log(2.0))), rng.uniform(-np.pi, np.pi)
@@ -181,29 +197,92 @@ class DistractorMaker:
             cx, cy = self.PAD + rng.uniform(0, sw), self.PAD + rng.uniform(0, sh)
             data = (c, -s_, cx - c * w / 2 + s_ * h / 2, s_, c, cy - s_ * w / 2 - c * h / 2)
             return tile.transform((w, h), Image.AFFINE, data, resample=Image.BILINEAR)
-        if kind < 0.8:  # a smooth field: a coarse random grid of colours, interpolated up
-            g = rng.integers(2, 12, size=2)
-            return Image.fromarray(rng.integers(0, 256, size=(g[0], g[1], 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        if kind < 0.8:
+            return self._field(rng, w, h)
+        return self._grating(rng, w, h)
+
+    @staticmethod
+    def _field(rng: np.random.Generator, w: int, h: int):
+        """A smooth field: a coarse random grid of colours, interpolated up."""
+        from PIL import Image
+
+        g = rng.integers(2, 12, size=2)
+        return Image.fromarray(rng.integers(0, 256, size=(g[0], g[1], 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+
+    @staticmethod
+    def _grating(rng: np.random.Generator, w: int, h: int):
+        """A sinusoidal grating between two colours."""
+        from PIL import Image
+
         theta, period, phase = rng.uniform(0, np.pi), rng.uniform(4, max(h, w)), rng.uniform(0, 2 * np.pi)
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         t = (0.5 + 0.5 * np.sin((2 * np.pi / period) * (xx * np.cos(theta) + yy * np.sin(theta)) + phase))[..., None]
         c0, c1 = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
         return Image.fromarray((t * c0 + (1 - t) * c1).astype(np.uint8))
 
+    def _any_layer(self, rng: np.random.Generator, w: int, h: int, base: bool = False):
+        return self._layer(rng, w, h) if self.generator == 2 else self._layer3(rng, w, h, base)
+
+    def _layer3(self, rng: np.random.Generator, w: int, h: int, base: bool):
+        """Generator 3's layer of size (w, h): a kind drawn with `BASE_P` or `PATCH_P`."""
+        from PIL import Image, ImageDraw
+
+        kind = self.KINDS[rng.choice(len(self.KINDS), p=self.BASE_P if base else self.PATCH_P)]
+        if kind == "crop":
+            return self._layer(rng, w, h, crop=True)
+        if kind == "field":
+            return self._field(rng, w, h)
+        if kind == "grating":
+            return self._grating(rng, w, h)
+        if kind == "fractal":  # octaves of random colour grids, each twice as fine and a random fraction as strong
+            acc, amp, g, total = np.zeros((h, w, 3), np.float32), 1.0, int(rng.integers(2, 5)), 0.0
+            decay = rng.uniform(0.4, 0.8)
+            while g <= max(w, h) // 2:
+                grid = rng.integers(0, 256, size=(g, max(2, g * w // h), 3), dtype=np.uint8)
+                acc += amp * np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC), np.float32)
+                total, amp, g = total + amp, amp * decay, g * 2
+            return Image.fromarray(np.clip(acc / total, 0, 255).astype(np.uint8))
+        img = self._layer(rng, w, h, crop=True) if rng.uniform() < 0.5 else Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(img)
+        colour = lambda: tuple(int(v) for v in rng.integers(0, 256, 3))  # noqa: E731
+        if kind == "shapes":  # sharp-edged polygons, filled or outlined, and strokes
+            for _ in range(int(rng.integers(3, 16))):
+                c = rng.uniform([0, 0], [w, h])
+                r = rng.uniform(0.05, 0.4) * min(w, h)
+                nv = int(rng.integers(3, 8))
+                ang = np.sort(rng.uniform(0, 2 * np.pi, nv))
+                pts = [tuple(p) for p in (c + r * rng.uniform(0.4, 1.0, (nv, 1)) * np.stack([np.cos(ang), np.sin(ang)], 1)).tolist()]
+                style = rng.uniform()
+                if style < 0.5:
+                    draw.polygon(pts, fill=colour())
+                elif style < 0.75:
+                    draw.polygon(pts, outline=colour(), width=int(rng.integers(1, 6)))
+                else:
+                    draw.line(pts, fill=colour(), width=int(rng.integers(1, 8)))
+            return img
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .-"
+        for _ in range(int(rng.integers(1, 7))):  # lines of random text
+            size = int(rng.choice([10, 14, 18, 24, 32, 44, 60]))
+            font = self._fonts.get(size) or self._fonts.setdefault(size, _font(size))
+            text = "".join(rng.choice(list(alphabet), int(rng.integers(3, 20))))
+            draw.text(tuple(rng.uniform([-0.2 * w, 0], [w, h])), text, fill=colour(), font=font)
+        return img
+
     def __call__(self, rng: np.random.Generator, size: int = 288) -> np.ndarray:
         from PIL import Image, ImageDraw
 
         h, w = size, int(size * rng.choice([0.75, 1.0, 1.33]))
-        img = self._layer(rng, w, h)
+        img = self._any_layer(rng, w, h, base=True)
         for _ in range(rng.integers(1, 5)):
             pw, ph = (rng.uniform(0.2, 0.7, size=2) * [w, h]).astype(int) + 2
             ellipse, opacity = rng.uniform() < 0.5, int(rng.uniform(0.5, 1.0) * 255)
             mask = Image.new("L", (pw, ph), 0)
             draw = ImageDraw.Draw(mask)
             (draw.ellipse if ellipse else draw.rectangle)((0, 0, pw - 1, ph - 1), fill=opacity)
-            img.paste(self._layer(rng, pw, ph), (int(rng.integers(0, w - pw + 1)), int(rng.integers(0, h - ph + 1))), mask)
+            img.paste(self._any_layer(rng, pw, ph), (int(rng.integers(0, w - pw + 1)), int(rng.integers(0, h - ph + 1))), mask)
         draw = ImageDraw.Draw(img)
-        for _ in range(rng.integers(0, 4)):
+        blobs = rng.integers(0, 4) if self.generator == 2 else (rng.integers(1, 4) if rng.uniform() < 1 / 3 else 0)
+        for _ in range(blobs):
             cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.03, 0.2) * min(h, w)
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
         mix = (np.eye(3) * rng.uniform(0.2, 1.0) + rng.normal(0.0, 0.4, size=(3, 3))).astype(np.float32)
@@ -216,6 +295,16 @@ class DistractorMaker:
         a = np.rot90(a, rng.integers(4))
         a = a[:, ::-1] if rng.uniform() < 0.5 else a
         return np.ascontiguousarray(a)
+
+
+def _font(size: int):
+    """PIL's bundled font at `size` pixels (FreeType), or its bitmap font where FreeType is missing."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, OSError, TypeError):
+        return ImageFont.load_default()
 
 
 def label_view(info: ViewInfo, *, hard_from: float = 0.5, junk_visible: float = 0.3, junk_coverage: float = 0.05) -> str:

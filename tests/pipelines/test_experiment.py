@@ -102,7 +102,10 @@ def test_bad_experiment_configs_are_refused_with_the_key_named(tmp_path, tiny_be
     p.write_text(p.read_text().replace("image_size = 4", "image_size = 64").replace('methods = ["knn", "diffusion"]', 'methods = ["knn", "difusion"]'))
     with pytest.raises(ConfigError, match=r"methods\[1\] must be one of"):
         load_experiment(p)
-    p.write_text(p.read_text().replace("difusion", "diffusion").replace("base.toml", "missing.toml"))
+    p.write_text(p.read_text().replace("difusion", "diffusion").replace("seed = 3", "seed = 3\ngenerator = 1"))
+    with pytest.raises(ConfigError, match=r"distractors\.generator must be one of 2, 3; got 1"):
+        load_experiment(p)
+    p.write_text(p.read_text().replace("generator = 1", "generator = 2").replace("base.toml", "missing.toml"))
     with pytest.raises(ConfigError, match=r"base = .*missing.toml.*not found"):
         load_experiment(p)
 
@@ -161,14 +164,42 @@ def test_synthetic_distractors_are_the_same_whatever_the_batches_and_workers(tmp
     assert (tmp_path / "c" / names[0]).read_bytes() != (a / names[0]).read_bytes()  # the seed matters
 
 
-def test_a_new_distractor_generator_is_not_mixed_into_an_experiment(tmp_path, tiny_benchmark, monkeypatch):
-    import pipelines.distractors as dis
-
+def test_another_distractor_generator_is_not_mixed_into_an_experiment(tmp_path, tiny_benchmark):
     path = _write(tmp_path, tiny_benchmark, "gen", [0])
+    assert load_experiment(path).distractors.generator == 3  # the default
     run_experiment(load_experiment(path))
-    monkeypatch.setattr(dis, "GENERATOR", dis.GENERATOR + 1)
+    path.write_text(path.read_text() + "generator = 2\n")  # [distractors] is the file's last table
     with pytest.raises(ConfigError, match="synthetic distractors' generator"):
         run_experiment(load_experiment(path))
+
+
+@pytest.mark.parametrize("generator", [2, 3])
+def test_each_generator_draws_its_own_images_the_same_for_the_same_seed(generator):
+    from pipelines.benchmark_data import DISTRACTOR_SOURCES, load_photo
+    from retrieval.synthetic import DistractorMaker
+
+    maker = DistractorMaker([load_photo(n) for n in DISTRACTOR_SOURCES[:3]], generator)
+    ims = [maker(np.random.default_rng([4, i]), 64) for i in range(30)]
+    assert all(im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3 and 64 in im.shape[:2] for im in ims)
+    again = DistractorMaker([load_photo(n) for n in DISTRACTOR_SOURCES[:3]], generator)
+    assert all(np.array_equal(im, again(np.random.default_rng([4, i]), 64)) for i, im in enumerate(ims))
+    other = DistractorMaker([load_photo(n) for n in DISTRACTOR_SOURCES[:3]], 5 - generator)
+    assert sum(np.array_equal(im, other(np.random.default_rng([4, i]), 64)) for i, im in enumerate(ims)) == 0
+    assert len({im.tobytes() for im in ims}) == 30 and np.std([im.std() for im in ims]) > 3
+    with pytest.raises(ValueError, match="generator must be 2 or 3"):
+        DistractorMaker([], 4)
+
+
+def test_generator_3_draws_every_kind_of_layer(monkeypatch):
+    from retrieval.synthetic import DistractorMaker
+
+    maker = DistractorMaker([np.random.default_rng(0).uniform(size=(40, 50, 3))], 3)
+    for kind in DistractorMaker.KINDS:  # each kind alone, as the whole image and as patches
+        p = tuple(float(k == kind) for k in DistractorMaker.KINDS)
+        monkeypatch.setattr(DistractorMaker, "BASE_P", p)
+        monkeypatch.setattr(DistractorMaker, "PATCH_P", p)
+        im = maker(np.random.default_rng(1), 48)
+        assert im.shape[2] == 3 and im.dtype == np.uint8 and im.std() > 1, kind
 
 
 def test_a_child_step_reports_through_its_result_file_whatever_it_prints(tmp_path, monkeypatch, capsys):
