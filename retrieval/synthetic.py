@@ -225,48 +225,54 @@ class DistractorMaker:
 
     def _layer3(self, rng: np.random.Generator, w: int, h: int, base: bool):
         """Generator 3's layer of size (w, h): a kind drawn with `BASE_P` or `PATCH_P`."""
-        from PIL import Image, ImageDraw
-
         kind = self.KINDS[rng.choice(len(self.KINDS), p=self.BASE_P if base else self.PATCH_P)]
         if kind == "crop":
             return self._layer(rng, w, h, crop=True)
-        if kind == "field":
-            return self._field(rng, w, h)
-        if kind == "grating":
-            return self._grating(rng, w, h)
-        if kind == "fractal":  # octaves of random colour grids, each twice as fine and a random fraction as strong
-            acc, amp, g, total = np.zeros((h, w, 3), np.float32), 1.0, int(rng.integers(2, 5)), 0.0
-            decay = rng.uniform(0.4, 0.8)
-            while g <= max(w, h) // 2:
-                grid = rng.integers(0, 256, size=(g, max(2, g * w // h), 3), dtype=np.uint8)
-                acc += amp * np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC), np.float32)
-                total, amp, g = total + amp, amp * decay, g * 2
-            return Image.fromarray(np.clip(acc / total, 0, 255).astype(np.uint8))
-        img = self._layer(rng, w, h, crop=True) if rng.uniform() < 0.5 else Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(0, 256, 3)))
-        draw = ImageDraw.Draw(img)
-        colour = lambda: tuple(int(v) for v in rng.integers(0, 256, 3))  # noqa: E731
-        if kind == "shapes":  # sharp-edged polygons, filled or outlined, and strokes
-            for _ in range(int(rng.integers(3, 16))):
-                c = rng.uniform([0, 0], [w, h])
-                r = rng.uniform(0.05, 0.4) * min(w, h)
-                nv = int(rng.integers(3, 8))
-                ang = np.sort(rng.uniform(0, 2 * np.pi, nv))
-                pts = [tuple(p) for p in (c + r * rng.uniform(0.4, 1.0, (nv, 1)) * np.stack([np.cos(ang), np.sin(ang)], 1)).tolist()]
-                style = rng.uniform()
-                if style < 0.5:
-                    draw.polygon(pts, fill=colour())
-                elif style < 0.75:
-                    draw.polygon(pts, outline=colour(), width=int(rng.integers(1, 6)))
-                else:
-                    draw.line(pts, fill=colour(), width=int(rng.integers(1, 8)))
-            return img
-        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .-"
-        for _ in range(int(rng.integers(1, 7))):  # lines of random text
-            size = int(rng.choice([10, 14, 18, 24, 32, 44, 60]))
-            font = self._fonts.get(size) or self._fonts.setdefault(size, _font(size))
-            text = "".join(rng.choice(list(alphabet), int(rng.integers(3, 20))))
-            draw.text(tuple(rng.uniform([-0.2 * w, 0], [w, h])), text, fill=colour(), font=font)
+        if kind in ("field", "grating", "fractal"):
+            return {"field": self._field, "grating": self._grating, "fractal": self._fractal}[kind](rng, w, h)
+        from PIL import Image, ImageDraw
+
+        img = self._layer(rng, w, h, crop=True) if rng.uniform() < 0.5 else Image.new("RGB", (w, h), _colour(rng))
+        (self._shapes if kind == "shapes" else self._text)(rng, ImageDraw.Draw(img), w, h)
         return img
+
+    @staticmethod
+    def _fractal(rng: np.random.Generator, w: int, h: int):
+        """Fractal noise: octaves of random colour grids, each twice as fine and a random fraction as strong."""
+        from PIL import Image
+
+        acc, amp, g, total = np.zeros((h, w, 3), np.float32), 1.0, int(rng.integers(2, 5)), 0.0
+        decay = rng.uniform(0.4, 0.8)
+        while g <= max(w, h) // 2:
+            grid = rng.integers(0, 256, size=(g, max(2, g * w // h), 3), dtype=np.uint8)
+            acc += amp * np.asarray(Image.fromarray(grid).resize((w, h), Image.BICUBIC), np.float32)
+            total, amp, g = total + amp, amp * decay, g * 2
+        return Image.fromarray(np.clip(acc / total, 0, 255).astype(np.uint8))
+
+    @staticmethod
+    def _shapes(rng: np.random.Generator, draw, w: int, h: int) -> None:
+        """Sharp-edged polygons, filled or outlined, and strokes, drawn with `draw` on a (w, h) image."""
+        for _ in range(int(rng.integers(3, 16))):
+            c = rng.uniform([0, 0], [w, h])
+            r = rng.uniform(0.05, 0.4) * min(w, h)
+            nv = int(rng.integers(3, 8))
+            ang = np.sort(rng.uniform(0, 2 * np.pi, nv))
+            pts = [tuple(p) for p in (c + r * rng.uniform(0.4, 1.0, (nv, 1)) * np.stack([np.cos(ang), np.sin(ang)], 1)).tolist()]
+            style = rng.uniform()
+            if style < 0.5:
+                draw.polygon(pts, fill=_colour(rng))
+            elif style < 0.75:
+                draw.polygon(pts, outline=_colour(rng), width=int(rng.integers(1, 6)))
+            else:
+                draw.line(pts, fill=_colour(rng), width=int(rng.integers(1, 8)))
+
+    def _text(self, rng: np.random.Generator, draw, w: int, h: int) -> None:
+        """Lines of random text at random sizes, drawn with `draw` on a (w, h) image."""
+        for _ in range(int(rng.integers(1, 7))):
+            size = int(rng.choice(TEXT_SIZES))
+            font = self._fonts.get(size) or self._fonts.setdefault(size, _font(size))
+            text = "".join(rng.choice(list(TEXT_ALPHABET), int(rng.integers(3, 20))))
+            draw.text(tuple(rng.uniform([-0.2 * w, 0], [w, h])), text, fill=_colour(rng), font=font)
 
     def __call__(self, rng: np.random.Generator, size: int = 288) -> np.ndarray:
         from PIL import Image, ImageDraw
@@ -295,6 +301,14 @@ class DistractorMaker:
         a = np.rot90(a, rng.integers(4))
         a = a[:, ::-1] if rng.uniform() < 0.5 else a
         return np.ascontiguousarray(a)
+
+
+TEXT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .-"
+TEXT_SIZES = (10, 14, 18, 24, 32, 44, 60)  # pixels
+
+
+def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(0, 256, 3))
 
 
 def _font(size: int):
