@@ -15,9 +15,8 @@ from .scan import SCAN_MAX, scan_scores
 
 log = logging.getLogger(__name__)
 
-# faiss searches a flat index with BLAS only when queries x d reaches this threshold (faiss 1.15:
-# 128000, i.e. under 1,000 queries of 128 dims it takes a per-pair loop that is 5-8x slower here
-# from 16 queries up; BENCHMARKS.md). Every batch goes through BLAS instead.
+# faiss searches a flat index with BLAS only from queries x d = this (faiss 1.15: 128000; under 1,000 queries
+# of 128 dims a per-pair loop 5-8x slower here from 16 queries up, BENCHMARKS.md): every batch takes BLAS.
 FLAT_BLAS_THRESHOLD = 1
 
 
@@ -32,18 +31,16 @@ FAISS_DEFAULT_BLAS_THRESHOLD = set_flat_blas_threshold(FLAT_BLAS_THRESHOLD)
 
 
 def set_search_threads(threads: int | None = None) -> int:
-    """faiss's OpenMP threads for every later search in this process: `threads`, default one per
-    core (the compiled kernels' default, `retrieval.threads`); returns the count set. Inside a Ray
-    actor OpenMP starts at the actor's num_cpus (Ray sets OMP_NUM_THREADS), which left a service
-    replica of 1 CPU searching on one thread while its solvers ran on every core."""
+    """faiss's OpenMP threads for every later search in this process: `threads`, default one per core
+    (as `retrieval.threads`); returns the count. In a Ray actor OpenMP starts at its num_cpus (Ray sets
+    OMP_NUM_THREADS): a 1-CPU service replica searched on one thread while its solvers used every core."""
     n = max(1, threads or os.cpu_count() or 1)
     faiss.omp_set_num_threads(n)
     return n
 
 
 def search_threads() -> int:
-    """faiss's OpenMP threads in this process."""
-    return int(faiss.omp_get_max_threads())
+    return int(faiss.omp_get_max_threads())  # faiss's OpenMP threads in this process
 
 
 def _as_f32(x: np.ndarray, name: str) -> np.ndarray:
@@ -117,6 +114,21 @@ def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, block_flo
         order = np.lexsort((part, -vals), axis=1)  # by score, ties by lower index
         D[a : a + step], I[a : a + step] = np.take_along_axis(vals, order, 1), np.take_along_axis(part, order, 1)
     return D, I
+
+
+def range_pairs(X: np.ndarray, threshold: float, *, block: int = 1 << 14) -> tuple[np.ndarray, np.ndarray]:
+    """Every (i, j), i != j, of rows of X ((n, d) float32) with inner product above `threshold`, by
+    exact range search (faiss flat index; `block` query rows a call). Returns int64 (rows, cols)."""
+    x = _as_f32(X, "database")
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    rows, cols = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for a in range(0, len(x), block):
+        lims, _, ids = index.range_search(x[a : a + block], float(threshold))
+        rows.append(np.repeat(np.arange(a, a + len(lims) - 1), np.diff(lims.astype(np.int64))))  # faiss: size_t offsets
+        cols.append(ids)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    return r[r != c], c[r != c]
 
 
 def knn_search_numpy(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,33 +7,22 @@ is: each of its members is a near-duplicate of the same centre.
 """
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from .knn import _as_f32
+from .knn import range_pairs
 
 RANGE_BLOCK = 1 << 14  # query rows per range search (bounds faiss's per-call result buffers)
 
 
 def similar_pairs(X: np.ndarray, threshold: float) -> sp.csr_matrix:
     """Every pair (i, j), i != j, of rows of X ((n, d) float32, L2-normalised) with inner product
-    above `threshold`, by exact range search (faiss flat index). Returns a symmetric (n, n) boolean
-    CSR matrix."""
-    x = _as_f32(X, "descriptors")
-    n = x.shape[0]
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    rows, cols = [], []
-    for a in range(0, n, RANGE_BLOCK):
-        lims, _, ids = index.range_search(x[a : a + RANGE_BLOCK], float(threshold))
-        lims = lims.astype(np.int64)  # faiss gives size_t offsets
-        rows.append(np.repeat(np.arange(a, a + len(lims) - 1), np.diff(lims)))
-        cols.append(ids)
-    r, c = np.concatenate(rows or [np.empty(0, np.int64)]), np.concatenate(cols or [np.empty(0, np.int64)])
-    keep = r != c
-    A = sp.csr_matrix((np.ones(int(keep.sum()), bool), (r[keep], c[keep])), shape=(n, n))
+    above `threshold`, by exact range search (`retrieval.knn.range_pairs`). Returns a symmetric
+    (n, n) boolean CSR matrix."""
+    n = len(X)
+    r, c = range_pairs(X, threshold, block=RANGE_BLOCK)
+    A = sp.csr_matrix((np.ones(len(r), bool), (r, c)), shape=(n, n))
     return (A + A.T).astype(bool).tocsr()  # symmetric even where rounding put a pair on one side of the threshold only
 
 
@@ -82,6 +71,6 @@ def pairwise_spread(X: np.ndarray, rows: np.ndarray, threshold: float, *, sample
         rows = np.sort(np.random.default_rng(seed).choice(rows, sample, replace=False))
     if len(rows) < 2:
         return {}
-    x = _as_f32(X[rows], "descriptors")
+    x = np.asarray(X[rows], np.float32)
     S = (x @ x.T)[np.triu_indices(len(rows), 1)]
     return {"min": float(S.min()), "median": float(np.median(S)), "share_above": float((S > threshold).mean())}
