@@ -13,6 +13,7 @@ finished. `OUT/results.json`, `OUT/results.parquet` and `OUT/results.html` (plot
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import shutil
@@ -201,7 +202,8 @@ def run_experiment(ecfg: ExperimentConfig) -> list[dict]:
     out = Path(ecfg.out).resolve()
     cfg = run_config(ecfg)
     run = Path(cfg.out)
-    eparams = params_hash({"run": config_to_dict(cfg), "distractors": ecfg.distractors})
+    d = ecfg.distractors  # the generator of synthetic distractors does not matter for a folder of one's own
+    eparams = params_hash({"run": config_to_dict(cfg), "distractors": dataclasses.replace(d, generator=0) if d.source else d})
     meta = read_json_or(out / "experiment.json", {})
     if meta and meta.get("params") != eparams:
         raise ConfigError(f"experiment: {out} holds an experiment run with other settings (base config, methods, distractors "
