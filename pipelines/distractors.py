@@ -31,8 +31,7 @@ def synthetic_name(i: int) -> str:
     return f"dis{i:08d}.jpg"
 
 
-GENERATORS = (2, 3)  # versions of `write_synthetic`'s images (an experiment's parameter, so they are never mixed)
-GENERATOR = 3  # the default
+GENERATOR = 3  # the default of `retrieval.synthetic.GENERATORS`, the versions of the images (an experiment's parameter: never mixed)
 _CHUNK = 256  # images a worker writes per task
 _maker = None  # the worker process's DistractorMaker
 
@@ -59,7 +58,7 @@ def _write_chunk(folder: Path, indices: list[int], seed: int, size: int, generat
 def write_synthetic(folder: Path, start: int, stop: int, *, seed: int, size: int = 288, workers: int = 0,
                     generator: int = GENERATOR) -> Path:
     """Distractors start..stop-1 as JPEGs in `folder` (those already there are kept) by `generator`
-    (one of GENERATORS, `retrieval.synthetic.DistractorMaker`), in `workers` processes (0: one per CPU) when there are
+    (one of `retrieval.synthetic.GENERATORS`, `DistractorMaker`), in `workers` processes (0: one per CPU) when there are
     more than a chunk of them."""
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed

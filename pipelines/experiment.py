@@ -29,6 +29,7 @@ from .config import (
     METHODS, ConfigError, RunConfig, _choice, _min, _path, build_config, config_to_dict, load_config, params_hash, read_toml,
 )
 from .config_toml import config_to_toml
+from .distractors import GENERATOR
 from .shards import read_json, read_json_or, write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class DistractorConfig:
     source: str = _path()  # "" = synthetic distractors; else a folder of your own (taken in sorted path order)
     seed: int = 1
     image_size: int = _min(288, 16)  # synthetic distractors: longer side in pixels
-    generator: int = 3  # synthetic distractors: 3, or 2 (the images of earlier experiments; pipelines.distractors.GENERATORS)
+    generator: int = GENERATOR  # synthetic distractors: 3, or 2 (the images of earlier experiments; retrieval.synthetic.GENERATORS)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         raise ConfigError(f"experiment: base = {cfg.base!r}: file not found")
     if not cfg.levels or any(b <= a for a, b in zip(cfg.levels, cfg.levels[1:])):
         raise ConfigError(f"experiment: levels must be a non-empty, strictly increasing list of distractor counts; got {cfg.levels}")
-    from .distractors import GENERATORS
+    from retrieval.synthetic import GENERATORS
 
     if cfg.distractors.generator not in GENERATORS:
         raise ConfigError(f"experiment: distractors.generator must be one of {', '.join(map(str, GENERATORS))}; "

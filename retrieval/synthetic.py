@@ -150,6 +150,9 @@ def make_distractor(sources: list[np.ndarray], rng: np.random.Generator, *, size
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+GENERATORS = (2, 3)  # the versions of DistractorMaker's images
+
+
 class DistractorMaker:
     """Distractors of the scaling experiments (generator 2): more diverse than `make_distractor`
     (which the benchmark's own distractors keep) and about 5x cheaper, drawn with PIL on 8-bit images.
@@ -176,30 +179,33 @@ class DistractorMaker:
     def __init__(self, sources: list[np.ndarray], generator: int = 2):
         from PIL import Image
 
-        if generator not in (2, 3):
-            raise ValueError(f"DistractorMaker: generator must be 2 or 3; got {generator!r}")
+        if generator not in GENERATORS:
+            raise ValueError(f"DistractorMaker: generator must be one of {GENERATORS}; got {generator!r}")
         self.generator = generator
         self._fonts: dict = {}
         self.sources = [(Image.fromarray(np.pad((np.clip(s, 0, 1) * 255 + 0.5).astype(np.uint8),
                                                 ((self.PAD, self.PAD), (self.PAD, self.PAD), (0, 0)), mode="symmetric")),
                          s.shape[1], s.shape[0]) for s in sources]
 
-    def _layer(self, rng: np.random.Generator, w: int, h: int, crop: bool = False):
-        """Generator 2's layer of size (w, h) (a PIL image): a crop of a source, a smooth field or a
-        grating; `crop`: a crop."""
-        from PIL import Image
-
-        kind = 0.0 if crop else rng.uniform()
-        if kind < 0.5:  # a crop of a source: out(x, y) = src(centre + scale R (x - w/2, y - h/2))
-            tile, sw, sh = self.sources[rng.integers(len(self.sources))]
-            scale, angle = np.exp(rng.uniform(np.log(0.5), np.log(2.0))), rng.uniform(-np.pi, np.pi)
-            c, s_ = scale * np.cos(angle), scale * np.sin(angle)
-            cx, cy = self.PAD + rng.uniform(0, sw), self.PAD + rng.uniform(0, sh)
-            data = (c, -s_, cx - c * w / 2 + s_ * h / 2, s_, c, cy - s_ * w / 2 - c * h / 2)
-            return tile.transform((w, h), Image.AFFINE, data, resample=Image.BILINEAR)
+    def _layer(self, rng: np.random.Generator, w: int, h: int):
+        """Generator 2's layer of size (w, h) (a PIL image): a crop of a source, a smooth field or a grating."""
+        kind = rng.uniform()
+        if kind < 0.5:
+            return self._crop(rng, w, h)
         if kind < 0.8:
             return self._field(rng, w, h)
         return self._grating(rng, w, h)
+
+    def _crop(self, rng: np.random.Generator, w: int, h: int):
+        """A crop of a source under a random scale and rotation: out(x, y) = src(centre + scale R (x - w/2, y - h/2))."""
+        from PIL import Image
+
+        tile, sw, sh = self.sources[rng.integers(len(self.sources))]
+        scale, angle = np.exp(rng.uniform(np.log(0.5), np.log(2.0))), rng.uniform(-np.pi, np.pi)
+        c, s_ = scale * np.cos(angle), scale * np.sin(angle)
+        cx, cy = self.PAD + rng.uniform(0, sw), self.PAD + rng.uniform(0, sh)
+        data = (c, -s_, cx - c * w / 2 + s_ * h / 2, s_, c, cy - s_ * w / 2 - c * h / 2)
+        return tile.transform((w, h), Image.AFFINE, data, resample=Image.BILINEAR)
 
     @staticmethod
     def _field(rng: np.random.Generator, w: int, h: int):
@@ -227,12 +233,12 @@ class DistractorMaker:
         """Generator 3's layer of size (w, h): a kind drawn with `BASE_P` or `PATCH_P`."""
         kind = self.KINDS[rng.choice(len(self.KINDS), p=self.BASE_P if base else self.PATCH_P)]
         if kind == "crop":
-            return self._layer(rng, w, h, crop=True)
+            return self._crop(rng, w, h)
         if kind in ("field", "grating", "fractal"):
             return {"field": self._field, "grating": self._grating, "fractal": self._fractal}[kind](rng, w, h)
         from PIL import Image, ImageDraw
 
-        img = self._layer(rng, w, h, crop=True) if rng.uniform() < 0.5 else Image.new("RGB", (w, h), _colour(rng))
+        img = self._crop(rng, w, h) if rng.uniform() < 0.5 else Image.new("RGB", (w, h), _colour(rng))
         (self._shapes if kind == "shapes" else self._text)(rng, ImageDraw.Draw(img), w, h)
         return img
 
