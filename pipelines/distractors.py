@@ -9,8 +9,8 @@ default, 2 on request; the benchmark's own distractors keep `make_distractor`).
 Users with a real collection point the experiment at a folder instead (`user_batch`).
 
 `distractor_stats` measures what matters: each query's most similar distractor against its most
-similar positive, and the near-duplicate groups among the distractors (connected components of
-pairs above a similarity threshold).
+similar positive, and the near-duplicates among the distractors (pairs above a similarity
+threshold, as linked groups and as sets around a centre: `retrieval.near_duplicates`).
 """
 from __future__ import annotations
 

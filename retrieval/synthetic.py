@@ -296,7 +296,7 @@ class DistractorMaker:
         blobs = rng.integers(0, 4) if self.generator == 2 else (rng.integers(1, 4) if rng.uniform() < 1 / 3 else 0)
         for _ in range(blobs):
             cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.03, 0.2) * min(h, w)
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=_colour(rng))
         mix = (np.eye(3) * rng.uniform(0.2, 1.0) + rng.normal(0.0, 0.4, size=(3, 3))).astype(np.float32)
         px = np.asarray(img, dtype=np.float32).reshape(-1, 3).T  # (3, h * w): each channel contiguous
         a = mix[:, :1] * px[0] + mix[:, 1:2] * px[1] + mix[:, 2:] * px[2]  # mix @ px without BLAS threads
