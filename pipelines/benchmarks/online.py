@@ -101,7 +101,19 @@ def _map(run: Path, method: str, gnd: list[dict], first: int) -> tuple[float, fl
     return compute_map(ids.T, g).map * 100, compute_map(ids[:first].T, g[:first]).map * 100
 
 
-def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, variants: list[str], batch: int = 0) -> dict:
+def graph_setting(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` of an extra [graph] setting (`hnsw_m=32`): the value as JSON (numbers) or a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, variants: list[str], batch: int = 0,
+          graph_extra: dict | None = None) -> dict:
     from pipelines.benchmarks.scale import step_gen
     from retrieval.synthetic_manifold import positives
 
@@ -112,10 +124,12 @@ def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, va
     Q = np.load(data / "Q.npy")[:nq]
     gnd = [{"ok": p} for p in positives(np.load(data / "labels.npy"), np.load(data / "qlabels.npy")[:nq])]
     exe = [sys.executable, "-m", "pipelines.cli"]
-    graph = {"k": k, "index": index}
-    res: dict = {"n": n, "queries": nq, "index": index, "k": k, "stages": {}, "methods": {}}
+    graph = {"k": k, "index": index, **(graph_extra or {})}
+    res: dict = {"n": n, "queries": nq, "index": index, "k": k, "graph": graph, "stages": {}, "methods": {}}
     if (data / "online.json").is_file():  # a rerun keeps the stage times it reuses and the variants it does not run again
         before = json.loads((data / "online.json").read_text())
+        if before.get("graph", {"k": before["k"], "index": before["index"]}) != graph:
+            raise SystemExit(f"online: {data} holds a graph built with {before.get('graph')}, not {graph}: use another --out")
         res["stages"], res["methods"] = before.get("stages", {}), before.get("methods", {})
     runs = {"all": (data / "run", nq)}
     if 0 < exact_queries < nq:
@@ -193,7 +207,8 @@ def markdown_run(res: dict) -> str:
 
 def markdown(res: dict) -> str:
     first = next((v["queries"] for v in res["methods"].values() if v["queries"] < res["queries"]), res["queries"])
-    rows = [f"N = {res['n']}, {res['index']} graph (k = {res['k']}), {res['queries']} new queries, top-1000", "",
+    graph = ", ".join(f"{k} {v}" for k, v in res.get("graph", {"k": res["k"], "index": res["index"]}).items())
+    rows = [f"N = {res['n']}, graph ({graph}), {res['queries']} new queries, top-1000", "",
             "| stage | seconds | peak RSS GiB |", "|---|---|---|"]
     rows += [f"| {s} | {v['seconds']:.1f} | {v['peak_rss_gib']:.2f} |" for s, v in res["stages"].items()]
     rows += ["", f"| method | queries | ms / query | mAP | mAP, first {first} | build s | CG it | query stage peak GiB |",
@@ -215,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--exact-queries", type=int, default=0, help="the exact solve on the first this many queries only (0: all)")
     ap.add_argument("--batch", type=int, default=0, help="[query] batch: right-hand sides per block CG solve (0: the default; memory O(N batch))")
+    ap.add_argument("--graph", nargs="+", type=graph_setting, default=[], metavar="KEY=VALUE",
+                    help="more [graph] settings, e.g. hnsw_m=32 ef_construction=80 (an OUT holds one graph's figures)")
     ap.add_argument("--variants", nargs="+", type=int, help=f"indexes into {list(VARIANTS)} (default: all)")
     ap.add_argument("--run", type=Path, help="instead: a finished run directory (descriptors, queries, graph) ...")
     ap.add_argument("--gnd", type=Path, help="... and its ground truth (any format `retrieval evaluate` reads)")
@@ -228,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         print(markdown_run(bench_run(Path(a.out), a.run, a.gnd, chosen)))
         return 0
-    res = bench(Path(a.out), a.n, a.queries, a.index, a.k, a.exact_queries, chosen, a.batch)
+    res = bench(Path(a.out), a.n, a.queries, a.index, a.k, a.exact_queries, chosen, a.batch, dict(a.graph))
     print(markdown(res))
     return 0
 

@@ -18,3 +18,18 @@ def test_online_benchmark_small(tmp_path):
     assert m[labels[4]]["map"] == pytest.approx(m[labels[3]]["map"], abs=1e-9)
     assert m[labels[4]]["map_first"] == pytest.approx(m[labels[3]]["map_first"], abs=1e-9)
     assert all(v["ms_per_query"] > 0 for v in m.values())
+    assert r["graph"] == {"k": 50, "index": "flat"}
+
+
+def test_online_benchmark_graph_settings(tmp_path, capsys):
+    """Extra [graph] settings reach the graph stage's config; an OUT holding another graph is refused."""
+    assert main(["--n", "2000", "--queries", "10", "--index", "hnsw", "--out", str(tmp_path), "--variants", "0",
+                 "--graph", "hnsw_m=8", "ef_construction=16", "hnsw_storage=float"]) == 0
+    r = json.loads((tmp_path / "2000" / "online.json").read_text())
+    assert r["graph"] == {"k": 50, "index": "hnsw", "hnsw_m": 8, "ef_construction": 16, "hnsw_storage": "float"}
+    assert "hnsw_m = 8" in (tmp_path / "2000" / "graph.toml").read_text()
+    assert "hnsw_m 8" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="holds a graph built with"):
+        main(["--n", "2000", "--queries", "10", "--index", "hnsw", "--out", str(tmp_path), "--variants", "0", "--graph", "hnsw_m=16"])
+    with pytest.raises(SystemExit):
+        main(["--graph", "hnsw_m"])  # not KEY=VALUE: argparse's one-line error
