@@ -4,8 +4,9 @@ There is no Flickr100k here, so `write_synthetic` makes a distractor collection 
 one: every image is generated from its own seed (seed, index), so a batch can be written in any
 order, resumed, and extended (image i is the same image whatever the batch), from scikit-image's
 photos and textures warped, recoloured, cropped and composed with fractal noise, polygons, strokes,
-text, smooth colour fields and gratings (`retrieval.synthetic.DistractorMaker`, generator 3 by
-default, 2 on request; the benchmark's own distractors keep `make_distractor`).
+text, smooth colour fields and gratings, the frame cut into regions of different layers
+(`retrieval.distractor_images.DistractorMaker`, generator 4 by default, 2 and 3 on request; the
+benchmark's own distractors keep `make_distractor`).
 Users with a real collection point the experiment at a folder instead (`user_batch`).
 
 `distractor_stats` measures what matters: each query's most similar distractor against its most
@@ -31,14 +32,14 @@ def synthetic_name(i: int) -> str:
     return f"dis{i:08d}.jpg"
 
 
-GENERATOR = 3  # the default of `retrieval.synthetic.GENERATORS`, the versions of the images (an experiment's parameter: never mixed)
+GENERATOR = 4  # the default of `retrieval.distractor_images.GENERATORS`, the versions of the images (an experiment's parameter: never mixed)
 _CHUNK = 256  # images a worker writes per task
 _maker = None  # the worker process's DistractorMaker
 
 
 def _init_worker(generator: int) -> None:
     global _maker
-    from retrieval.synthetic import DistractorMaker
+    from retrieval.distractor_images import DistractorMaker
 
     from .benchmark_data import DISTRACTOR_SOURCES, load_photo
 
@@ -58,7 +59,7 @@ def _write_chunk(folder: Path, indices: list[int], seed: int, size: int, generat
 def write_synthetic(folder: Path, start: int, stop: int, *, seed: int, size: int = 288, workers: int = 0,
                     generator: int = GENERATOR) -> Path:
     """Distractors start..stop-1 as JPEGs in `folder` (those already there are kept) by `generator`
-    (one of `retrieval.synthetic.GENERATORS`, `DistractorMaker`), in `workers` processes (0: one per CPU) when there are
+    (one of `retrieval.distractor_images.GENERATORS`, `DistractorMaker`), in `workers` processes (0: one per CPU) when there are
     more than a chunk of them."""
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed

@@ -41,7 +41,7 @@ class DistractorConfig:
     source: str = _path()  # "" = synthetic distractors; else a folder of your own (taken in sorted path order)
     seed: int = 1
     image_size: int = _min(288, 16)  # synthetic distractors: longer side in pixels
-    generator: int = GENERATOR  # synthetic distractors: 3, or 2 (the images of earlier experiments; retrieval.synthetic.GENERATORS)
+    generator: int = GENERATOR  # synthetic distractors: 4, or 2 / 3 (the images of earlier experiments; retrieval.distractor_images.GENERATORS)
 
 
 @dataclass
@@ -65,7 +65,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         raise ConfigError(f"experiment: base = {cfg.base!r}: file not found")
     if not cfg.levels or any(b <= a for a, b in zip(cfg.levels, cfg.levels[1:])):
         raise ConfigError(f"experiment: levels must be a non-empty, strictly increasing list of distractor counts; got {cfg.levels}")
-    from retrieval.synthetic import GENERATORS
+    from retrieval.distractor_images import GENERATORS
 
     if cfg.distractors.generator not in GENERATORS:
         raise ConfigError(f"experiment: distractors.generator must be one of {', '.join(map(str, GENERATORS))}; "

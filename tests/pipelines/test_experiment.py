@@ -103,7 +103,7 @@ def test_bad_experiment_configs_are_refused_with_the_key_named(tmp_path, tiny_be
     with pytest.raises(ConfigError, match=r"methods\[1\] must be one of"):
         load_experiment(p)
     p.write_text(p.read_text().replace("difusion", "diffusion").replace("seed = 3", "seed = 3\ngenerator = 1"))
-    with pytest.raises(ConfigError, match=r"distractors\.generator must be one of 2, 3; got 1"):
+    with pytest.raises(ConfigError, match=r"distractors\.generator must be one of 2, 3, 4; got 1"):
         load_experiment(p)
     p.write_text(p.read_text().replace("generator = 1", "generator = 2").replace("base.toml", "missing.toml"))
     with pytest.raises(ConfigError, match=r"base = .*missing.toml.*not found"):
@@ -166,40 +166,63 @@ def test_synthetic_distractors_are_the_same_whatever_the_batches_and_workers(tmp
 
 def test_another_distractor_generator_is_not_mixed_into_an_experiment(tmp_path, tiny_benchmark):
     path = _write(tmp_path, tiny_benchmark, "gen", [0])
-    assert load_experiment(path).distractors.generator == 3  # the default
+    assert load_experiment(path).distractors.generator == 4  # the default
     run_experiment(load_experiment(path))
     path.write_text(path.read_text() + "generator = 2\n")  # [distractors] is the file's last table
     with pytest.raises(ConfigError, match="synthetic distractors' generator"):
         run_experiment(load_experiment(path))
 
 
-@pytest.mark.parametrize("generator", [2, 3])
+@pytest.mark.parametrize("generator", [2, 3, 4])
 def test_each_generator_draws_its_own_images_the_same_for_the_same_seed(generator):
     from pipelines.benchmark_data import DISTRACTOR_SOURCES, load_photo
-    from retrieval.synthetic import DistractorMaker
+    from retrieval.distractor_images import DistractorMaker
 
     maker = DistractorMaker([load_photo(n) for n in DISTRACTOR_SOURCES[:3]], generator)
     ims = [maker(np.random.default_rng([4, i]), 64) for i in range(30)]
     assert all(im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3 and 64 in im.shape[:2] for im in ims)
     again = DistractorMaker([load_photo(n) for n in DISTRACTOR_SOURCES[:3]], generator)
     assert all(np.array_equal(im, again(np.random.default_rng([4, i]), 64)) for i, im in enumerate(ims))
-    other = DistractorMaker([load_photo(n) for n in DISTRACTOR_SOURCES[:3]], 5 - generator)
-    assert sum(np.array_equal(im, other(np.random.default_rng([4, i]), 64)) for i, im in enumerate(ims)) == 0
+    for g in {2, 3, 4} - {generator}:
+        other = DistractorMaker([load_photo(n) for n in DISTRACTOR_SOURCES[:3]], g)
+        assert sum(np.array_equal(im, other(np.random.default_rng([4, i]), 64)) for i, im in enumerate(ims)) == 0
     assert len({im.tobytes() for im in ims}) == 30 and np.std([im.std() for im in ims]) > 3
-    with pytest.raises(ValueError, match=r"generator must be one of \(2, 3\)"):
-        DistractorMaker([], 4)
+    with pytest.raises(ValueError, match=r"generator must be one of \(2, 3, 4\)"):
+        DistractorMaker([], 5)
 
 
-def test_generator_3_draws_every_kind_of_layer(monkeypatch):
-    from retrieval.synthetic import DistractorMaker
+@pytest.mark.parametrize("generator", [3, 4])
+def test_generators_3_and_4_draw_every_kind_of_layer(monkeypatch, generator):
+    from retrieval.distractor_images import DistractorMaker
 
-    maker = DistractorMaker([np.random.default_rng(0).uniform(size=(40, 50, 3))], 3)
-    for kind in DistractorMaker.KINDS:  # each kind alone, as the whole image and as patches
+    maker = DistractorMaker([np.random.default_rng(0).uniform(size=(40, 50, 3))], generator)
+    for kind in DistractorMaker.KINDS:  # each kind alone, as the whole image, a region and as patches
         p = tuple(float(k == kind) for k in DistractorMaker.KINDS)
-        monkeypatch.setattr(DistractorMaker, "BASE_P", p)
-        monkeypatch.setattr(DistractorMaker, "PATCH_P", p)
-        im = maker(np.random.default_rng(1), 48)
-        assert im.shape[2] == 3 and im.dtype == np.uint8 and im.std() > 1, kind
+        for odds in ("BASE_P", "PATCH_P", "REGION_P"):
+            monkeypatch.setattr(DistractorMaker, odds, p)
+        for seed in range(4):  # generator 4's fractal transfers: as is, ridged, banded
+            im = maker(np.random.default_rng(seed), 48)
+            assert im.shape[2] == 3 and im.dtype == np.uint8 and im.std() > 1, kind
+
+
+def test_generator_4_fills_the_frame_with_2_to_4_regions(monkeypatch):
+    """Each Voronoi cell of generator 4's base gets its own layer: a solid colour per layer here."""
+    from PIL import Image
+
+    from retrieval.distractor_images import DistractorMaker
+
+    colours = iter(range(10, 250, 10))
+    monkeypatch.setattr(DistractorMaker, "_layer3", lambda self, rng, w, h, p: Image.new("RGB", (w, h), (next(colours),) * 3))
+    maker = DistractorMaker([], 4)
+    counts = []
+    for seed in range(12):
+        colours = iter(range(10, 250, 10))
+        im = np.asarray(maker._regions(np.random.default_rng(seed), 60, 40))
+        assert im.shape == (40, 60, 3)
+        values, area = np.unique(im[..., 0], return_counts=True)
+        counts.append(len(values))
+        assert set(values) <= set(range(10, 50, 10)) and area.min() >= 1
+    assert min(counts) >= 2 and max(counts) <= 4 and len(set(counts)) > 1
 
 
 def test_a_child_step_reports_through_its_result_file_whatever_it_prints(tmp_path, monkeypatch, capsys):
