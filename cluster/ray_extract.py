@@ -160,8 +160,14 @@ def extract_shards_ray(
     # the stage draws its own progress bar: Ray Data's bars and plan printouts would repeat it
     data_ctx.enable_progress_bars = False
     data_ctx.print_on_execution_start = False
+    # Ray 2.60's Parquet reader (DataSourceV2) starts a pool of footer-reading actors, one worker
+    # process each, before the first block: 16 processes started one after another took ~20 s of a
+    # 2-core machine before the first descriptors (157 shards); the V1 reader lists the files in the
+    # driver (BENCHMARKS.md: extraction's start-up). A no-op on a Ray without the flag.
+    data_ctx.use_datasource_v2 = False
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we know
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.datasource.parquet_datasource").setLevel(logging.WARNING)  # its size estimates
     ds = ray.data.read_parquet([str(by_name[n]) for n in expected], include_paths=True).select_columns(columns + ["path"])
     ds = ds.map_batches(_Decode(prepare), num_cpus=decode_num_cpus, batch_size=batch_size, batch_format="numpy")
     ds = map_batches_actor_pool(
