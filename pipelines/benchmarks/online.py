@@ -112,6 +112,11 @@ def graph_setting(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _graph_of(res: dict) -> dict:
+    """The [graph] settings of a results file (files from before `--graph` name only k and the index)."""
+    return res.get("graph", {"k": res["k"], "index": res["index"]})
+
+
 def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, variants: list[str], batch: int = 0,
           graph_extra: dict | None = None) -> dict:
     from pipelines.benchmarks.scale import step_gen
@@ -128,7 +133,7 @@ def bench(out: Path, n: int, nq: int, index: str, k: int, exact_queries: int, va
     res: dict = {"n": n, "queries": nq, "index": index, "k": k, "graph": graph, "stages": {}, "methods": {}}
     if (data / "online.json").is_file():  # a rerun keeps the stage times it reuses and the variants it does not run again
         before = json.loads((data / "online.json").read_text())
-        if before.get("graph", {"k": before["k"], "index": before["index"]}) != graph:
+        if _graph_of(before) != graph:
             raise SystemExit(f"online: {data} holds a graph built with {before.get('graph')}, not {graph}: use another --out")
         res["stages"], res["methods"] = before.get("stages", {}), before.get("methods", {})
     runs = {"all": (data / "run", nq)}
@@ -207,7 +212,7 @@ def markdown_run(res: dict) -> str:
 
 def markdown(res: dict) -> str:
     first = next((v["queries"] for v in res["methods"].values() if v["queries"] < res["queries"]), res["queries"])
-    graph = ", ".join(f"{k} {v}" for k, v in res.get("graph", {"k": res["k"], "index": res["index"]}).items())
+    graph = ", ".join(f"{k} {v}" for k, v in _graph_of(res).items())
     rows = [f"N = {res['n']}, graph ({graph}), {res['queries']} new queries, top-1000", "",
             "| stage | seconds | peak RSS GiB |", "|---|---|---|"]
     rows += [f"| {s} | {v['seconds']:.1f} | {v['peak_rss_gib']:.2f} |" for s, v in res["stages"].items()]

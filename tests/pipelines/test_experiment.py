@@ -211,18 +211,22 @@ def test_generator_4_fills_the_frame_with_2_to_4_regions(monkeypatch):
 
     from retrieval.distractor_images import DistractorMaker
 
-    colours = iter(range(10, 250, 10))
-    monkeypatch.setattr(DistractorMaker, "_layer3", lambda self, rng, w, h, p: Image.new("RGB", (w, h), (next(colours),) * 3))
+    drawn: list[int] = []  # the colour of each layer drawn, in order
+
+    def solid(self, rng, w, h, p):
+        drawn.append(10 * (len(drawn) + 1))
+        return Image.new("RGB", (w, h), (drawn[-1],) * 3)
+
+    monkeypatch.setattr(DistractorMaker, "_layer3", solid)
     maker = DistractorMaker([], 4)
     counts = []
     for seed in range(12):
-        colours = iter(range(10, 250, 10))
+        drawn.clear()
         im = np.asarray(maker._regions(np.random.default_rng(seed), 60, 40))
         assert im.shape == (40, 60, 3)
-        values, area = np.unique(im[..., 0], return_counts=True)
-        counts.append(len(values))
-        assert set(values) <= set(range(10, 50, 10)) and area.min() >= 1
-    assert min(counts) >= 2 and max(counts) <= 4 and len(set(counts)) > 1
+        assert sorted(np.unique(im[..., 0]).tolist()) == drawn  # every layer drawn shows in its own cell
+        counts.append(len(drawn))
+    assert min(counts) == 2 and max(counts) <= 4 and len(set(counts)) > 1
 
 
 def test_a_child_step_reports_through_its_result_file_whatever_it_prints(tmp_path, monkeypatch, capsys):
