@@ -31,7 +31,8 @@ from retrieval.regional import katz_centrality, region_solver
 from retrieval.saliency import fs_map, os_map
 
 from .config import ExtractConfig, GraphConfig, params_hash
-from .extractor import DescriptorExtractor, to_input
+from .decode import to_input
+from .extractor import DescriptorExtractor
 from .rankers import GRAPH_ROWS_READER
 from .regions import load_region_index, load_region_whitening, run_region_graph
 from .shards import read_json, write_bytes
@@ -196,7 +197,7 @@ def saliency_html(run_dir: Path, cfg: ExtractConfig, *, n: int = 6, size: int = 
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from .extractor import prepare
+    from .decode import prepare
 
     rows = []
     for p in sorted((run_dir / "images").glob("part-*.parquet")):

@@ -44,7 +44,7 @@ def feature_params(cfg: ExtractConfig) -> str:
 def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
     """In-process reference engine: one extractor, shards in order. Yields (shard, ids, vectors,
     extra) where extra may hold "regions"/"region_boxes" and "rejects" [(id, reason)]."""
-    from .extractor import prepare
+    from .decode import prepare
 
     extractor = make_extractor()
     for p in shards:
@@ -80,7 +80,7 @@ def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bo
 def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
     from cluster.ray_extract import extract_shards_ray
 
-    from .extractor import prepare
+    from .decode import prepare
 
     yield from extract_shards_ray(
         shards,

@@ -1,7 +1,6 @@
 """Image bytes -> global descriptors with a CNN backbone and pooling (shared by every engine)."""
 from __future__ import annotations
 
-import io
 import logging
 import time
 from typing import Sequence
@@ -11,35 +10,14 @@ import torch
 from PIL import Image
 
 from retrieval.backbones import fold_batchnorm
-from retrieval.efficientnet_lite import INPUT_MEAN, INPUT_STD
 from retrieval.pooling import egm_regional, l2n, make_pooling, rmac_regional, sum_regions
 from retrieval.saliency import fs_map
 
 from .config import ExtractConfig
+from .decode import open_rgb, prepare, to_input
 from .models import load_backbone
 
 log = logging.getLogger(__name__)
-
-
-def open_rgb(data: bytes, bbox: Sequence[float] | None = None) -> Image.Image:
-    """Encoded bytes -> RGB PIL image, cropped to bbox (x0, y0, x1, y1) when given."""
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
-    if bbox is not None:
-        x0, y0, x1, y1 = (int(round(v)) for v in bbox)
-        x0, y0 = max(x0, 0), max(y0, 0)
-        x1, y1 = min(max(x1, x0 + 1), im.width), min(max(y1, y0 + 1), im.height)
-        im = im.crop((x0, y0, x1, y1))
-    return im
-
-
-def to_input(im: Image.Image, *, max_side: int, mean=INPUT_MEAN, std=INPUT_STD) -> np.ndarray:
-    """RGB image resized (aspect kept) so its longer side is max_side -> (3, H, W) float32 normalised."""
-    s = max_side / max(im.size)
-    size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
-    a = np.asarray(im.resize(size, Image.BILINEAR), dtype=np.float32) / 255.0
-    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
 def torch_device(name: str) -> torch.device:
@@ -223,18 +201,6 @@ class DescriptorExtractor:
         if self.cfg.regions:
             res["regions"], res["region_boxes"] = regions, region_boxes
         return res
-
-
-def prepare(data: bytes, bbox: Sequence[float] | None, cfg: ExtractConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Decode, crop to bbox and resize to the largest scale's side (CPU work that can run apart from
-    the model). Returns (H, W, 3) uint8 pixels and geometry (width, height, x0, y0) of the crop in
-    the original image."""
-    im = open_rgb(data, bbox)
-    side = max(8, round(cfg.max_side * max(cfg.scales)))
-    s = side / max(im.size)
-    size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
-    ox, oy = (max(0.0, float(bbox[0])), max(0.0, float(bbox[1]))) if bbox is not None else (0.0, 0.0)
-    return np.asarray(im.resize(size, Image.BILINEAR), dtype=np.uint8), np.array([im.width, im.height, ox, oy], np.float32)
 
 
 def regional(fmap: torch.Tensor, geom: Sequence[float], *, kind: str = "rmac") -> tuple[np.ndarray, np.ndarray]:

@@ -60,7 +60,7 @@ def load_pool(images_dir: Path, *, max_side: int, mean: Sequence[float], std: Se
               boxes: bool = False) -> tuple[np.ndarray, list[str], list[torch.Tensor]]:
     """Image shards -> ids (n,) int64, keys, and per image a (3, H, W) float32 normalised tensor
     (aspect kept, longer side max_side). Undecodable images are skipped with a warning."""
-    from .extractor import open_rgb, to_input
+    from .decode import open_rgb, to_input
 
     shards = list_shards(images_dir)
     if not shards:

@@ -56,7 +56,7 @@ def features(images_dir: Path, weights: str, a, *, with_boxes: bool) -> tuple[li
     same vectors, slower)."""
     import torch
 
-    from pipelines.extractor import open_rgb, to_input
+    from pipelines.decode import open_rgb, to_input
     from pipelines.models import load_backbone
     from pipelines.shards import list_shards, read_table
     from pipelines.train import embed

@@ -50,7 +50,7 @@ def saliency_precision(run: Path, cfg, gnd: dict, *, sample: int, seed: int = 0)
     import pyarrow.parquet as pq
 
     from pipelines.discover import ObjectSaliencyExtractor
-    from pipelines.extractor import prepare
+    from pipelines.decode import prepare
     from retrieval.saliency import box_precision, egm_regions
 
     boxes = dict(zip(gnd["imlist"], gnd.get("db_boxes") or [None] * len(gnd["imlist"])))

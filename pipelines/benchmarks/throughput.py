@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.benchmarks import ingested_run
     from pipelines.extract import extract_features
-    from pipelines.extractor import forward_processes, forward_threads, prepare, raw_forward_rate
+    from pipelines.decode import prepare
+    from pipelines.extractor import forward_processes, forward_threads, raw_forward_rate
     from pipelines.shards import list_shards
 
     cfg, base = ingested_run(a.config)

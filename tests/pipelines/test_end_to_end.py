@@ -71,7 +71,8 @@ def test_ray_extraction_streams_in_blocks(ray_session, local_run, monkeypatch):
     from pathlib import Path
 
     import cluster.ray_extract as rx
-    from pipelines.extractor import DescriptorExtractor, prepare
+    from pipelines.decode import prepare
+    from pipelines.extractor import DescriptorExtractor
     from pipelines.shards import list_shards
 
     cfg, _ = local_run

@@ -65,7 +65,8 @@ def test_extractor_runs_a_folded_channels_last_model_with_the_loaded_models_outp
     import numpy as np
 
     from pipelines.config import ExtractConfig
-    from pipelines.extractor import DescriptorExtractor, open_rgb, to_input
+    from pipelines.decode import open_rgb, to_input
+    from pipelines.extractor import DescriptorExtractor
     from retrieval.pooling import GeM, l2n
 
     img = _photo_bytes()
@@ -179,3 +180,28 @@ def test_raw_forward_rate_in_parallel_processes_and_their_errors():
     assert 0 < rate < float("inf")
     with pytest.raises(RuntimeError, match="a forward process failed: UnidentifiedImageError"):
         raw_forward_rate(cfg, [img, b"not an image", img, img])
+
+
+def test_decode_step_does_not_load_torch():
+    """Ray Data's decode tasks unpickle `prepare` (with its config): that must not import torch, which
+    cost each decode worker ~2 s of CPU while the model actors started. `prepare` gives the pixels
+    and crop geometry the extractor expects."""
+    import functools
+    import io
+    import pickle
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.config import ExtractConfig
+    from pipelines.decode import prepare
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 80, 3), 200, np.uint8)).save(buf, format="PNG")
+    blob = pickle.dumps((functools.partial(prepare, cfg=ExtractConfig(max_side=32)), buf.getvalue()))
+    code = ("import pickle, sys; f, b = pickle.loads(sys.stdin.buffer.read()); px, g = f(b, (10, 0, 50, 40)); "
+            "print(px.shape, g.tolist(), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, check=True).stdout.decode().strip()
+    assert out == "(32, 32, 3) [40.0, 40.0, 10.0, 0.0] False"

@@ -99,7 +99,8 @@ def test_corrupt_and_foreign_checkpoints_give_clear_errors(pool_run, tmp_path):
 
 def test_finetuned_checkpoint_is_used_by_extraction(pool_run, tmp_path):
     from pipelines.extract import run_extract
-    from pipelines.extractor import DescriptorExtractor, open_rgb, to_input
+    from pipelines.decode import open_rgb, to_input
+    from pipelines.extractor import DescriptorExtractor
     from pipelines.models import load_backbone
     from pipelines.shards import list_shards, read_table
     from retrieval.finetune_net import RetrievalNet

@@ -1,0 +1,49 @@
+"""Image bytes -> pixels: decoding, cropping and resizing, without torch.
+
+Ray Data's decode tasks import this module (through `prepare`) and nothing heavier: a decode worker
+that imported torch spent ~2 s of a 2-core machine on it while the model actors were starting
+(BENCHMARKS.md, extraction's start-up).
+"""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .config import ExtractConfig
+
+
+def open_rgb(data: bytes, bbox: Sequence[float] | None = None) -> Image.Image:
+    """Encoded bytes -> RGB PIL image, cropped to bbox (x0, y0, x1, y1) when given."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+    if bbox is not None:
+        x0, y0, x1, y1 = (int(round(v)) for v in bbox)
+        x0, y0 = max(x0, 0), max(y0, 0)
+        x1, y1 = min(max(x1, x0 + 1), im.width), min(max(y1, y0 + 1), im.height)
+        im = im.crop((x0, y0, x1, y1))
+    return im
+
+
+def to_input(im: Image.Image, *, max_side: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """RGB image resized (aspect kept) so its longer side is max_side -> (3, H, W) float32, normalised
+    by the backbone's per-channel `mean` and `std` (of pixels in [0, 1])."""
+    s = max_side / max(im.size)
+    size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
+    a = np.asarray(im.resize(size, Image.BILINEAR), dtype=np.float32) / 255.0
+    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def prepare(data: bytes, bbox: Sequence[float] | None, cfg: ExtractConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Decode, crop to bbox and resize to the largest scale's side (CPU work that can run apart from
+    the model). Returns (H, W, 3) uint8 pixels and geometry (width, height, x0, y0) of the crop in
+    the original image."""
+    im = open_rgb(data, bbox)
+    side = max(8, round(cfg.max_side * max(cfg.scales)))
+    s = side / max(im.size)
+    size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
+    ox, oy = (max(0.0, float(bbox[0])), max(0.0, float(bbox[1]))) if bbox is not None else (0.0, 0.0)
+    return np.asarray(im.resize(size, Image.BILINEAR), dtype=np.uint8), np.array([im.width, im.height, ox, oy], np.float32)
