@@ -88,15 +88,6 @@ def map_batches_actor_pool(ds, cls, *, constructor_args: tuple, actors: int, num
     )
 
 
-def map_batches_tasks(ds, fn, *, num_cpus: float, batch_size: int):
-    """`fn` over `ds` in Ray Data tasks of their own. Ray Data fuses a task map into the actor pool
-    that follows it when both ask for the same resources: with decoding and the model actors at 0.5
-    CPU each, decoding ran inside the actors, one image after the other with the model, and the
-    extraction was 1.11x slower here (BENCHMARKS.md). Stating the tasks' `max_retries` (Ray's own
-    default for tasks, 3) makes their remote arguments differ from the actors', so they are never fused."""
-    return ds.map_batches(fn, num_cpus=num_cpus, batch_size=batch_size, batch_format="numpy", max_retries=3)
-
-
 READ_TASK_CPUS = 1.0  # Ray Data's Parquet read tasks ask one CPU: 2 actors x 0.75 of 2 CPUs left 0.5 and the job hung
 
 
@@ -116,21 +107,6 @@ def extraction_fits(*, actors: int, actor_cpus: float, decode_cpus: float, clust
                 f"read tasks of {READ_TASK_CPUS:g} CPU and decode tasks of {decode_cpus:g}: lower [extract].actors or actor_num_cpus "
                 "(the actors would starve the reads and the job would hang)")
     return None
-
-
-def extraction_dataset(paths: list[str], make_extractor: Callable[[], Any], *, prepare: Callable, decode_num_cpus: float, actors: int,
-                       num_cpus: float, num_gpus: float, batch_size: int, with_boxes: bool = False):
-    """The extraction's Ray Data pipeline over Parquet image shards: read, decode (tasks of
-    `decode_num_cpus`), embed (`actors` actors of `num_cpus` CPUs and `num_gpus` GPUs). Rows:
-    path, id, vector (d,) float32, ok, reason (and the regions' flat vectors with cfg.regions)."""
-    import ray
-
-    columns = ["id", "image"] + (["bbox"] if with_boxes else [])
-    ds = ray.data.read_parquet(paths, include_paths=True).select_columns(columns + ["path"])
-    ds = map_batches_tasks(ds, _Decode(prepare), num_cpus=decode_num_cpus, batch_size=batch_size)
-    return map_batches_actor_pool(
-        ds, _EmbedActor, constructor_args=(make_extractor,), actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, batch_size=batch_size
-    )
 
 
 def extract_shards_ray(
@@ -174,6 +150,7 @@ def extract_shards_ray(
         from .errors import ClusterError
 
         raise ClusterError(f"ray extract: {why}")
+    columns = ["id", "image"] + (["bbox"] if with_boxes else [])
     # Ray Data's Parquet reader packs small files into blocks of up to target_max_block_size (128 MiB
     # by default): a thousand encoded images made one block, so decoding and the model ran one after
     # the other instead of side by side (0.78 of the raw forward throughput). Blocks of a few MiB
@@ -191,8 +168,11 @@ def extract_shards_ray(
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we know
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.datasource.parquet_datasource").setLevel(logging.WARNING)  # its size estimates
-    ds = extraction_dataset([str(by_name[n]) for n in expected], make_extractor, prepare=prepare, decode_num_cpus=decode_num_cpus,
-                            actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, batch_size=batch_size, with_boxes=with_boxes)
+    ds = ray.data.read_parquet([str(by_name[n]) for n in expected], include_paths=True).select_columns(columns + ["path"])
+    ds = ds.map_batches(_Decode(prepare), num_cpus=decode_num_cpus, batch_size=batch_size, batch_format="numpy")
+    ds = map_batches_actor_pool(
+        ds, _EmbedActor, constructor_args=(make_extractor,), actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, batch_size=batch_size
+    )
     acc_ids: dict[str, list[np.ndarray]] = defaultdict(list)
     acc_vec: dict[str, list[np.ndarray]] = defaultdict(list)
     acc_reg: dict[str, list] = defaultdict(list)

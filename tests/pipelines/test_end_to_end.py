@@ -89,29 +89,6 @@ def test_ray_extraction_streams_in_blocks(ray_session, local_run, monkeypatch):
     np.testing.assert_allclose(np.stack([got[i] for i in ref_ids.tolist()]), ref, atol=1e-5)
 
 
-def test_ray_extraction_decodes_in_tasks_apart_from_the_model_actors(ray_session, local_run):
-    """Ray Data fuses a task map into the actor pool after it when both ask for the same resources;
-    the extraction keeps decoding in tasks of its own (inside the actors it ran one image after the
-    other with the model: 1.11x slower, BENCHMARKS.md), with decoding and the actors at 0.5 CPU."""
-    import functools
-    from pathlib import Path
-
-    import cluster.ray_extract as rx
-    from pipelines.decode import prepare
-    from pipelines.extractor import DescriptorExtractor
-    from pipelines.shards import list_shards, read_table
-
-    cfg, _ = local_run
-    shard = list_shards(Path(cfg.out) / "images")[0]
-    ds = rx.extraction_dataset([str(shard)], functools.partial(DescriptorExtractor, cfg.extract),
-                               prepare=functools.partial(prepare, cfg=cfg.extract), decode_num_cpus=0.5, actors=1, num_cpus=0.5,
-                               num_gpus=0.0, batch_size=4)
-    rows = sum(len(b["id"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
-    assert rows == read_table(shard, ["id"]).num_rows
-    stats = ds.stats()
-    assert "MapBatches(_Decode)" in stats and "MapBatches(_Decode)->" not in stats, stats
-
-
 def test_extract_crash_resumes_without_recomputing(local_run, tmp_path, tiny_benchmark, monkeypatch):
     import pipelines.extract as ex
 
