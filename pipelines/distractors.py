@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,12 @@ def synthetic_name(i: int) -> str:
 GENERATOR = 4  # the default of `retrieval.distractor_images.GENERATORS`, the versions of the images (an experiment's parameter: never mixed)
 _CHUNK = 256  # images a worker writes per task
 _maker = None  # the worker process's DistractorMaker
+_parent = None  # a pool worker's parent: the worker stops drawing when it is gone
 
 
-def _init_worker(generator: int) -> None:
-    global _maker
+def _init_worker(generator: int, parent: int | None = None) -> None:
+    global _maker, _parent
+    _parent = parent
     from retrieval.distractor_images import DistractorMaker
 
     from .benchmark_data import DISTRACTOR_SOURCES, load_photo
@@ -50,6 +53,10 @@ def _write_chunk(folder: Path, indices: list[int], seed: int, size: int, generat
     if _maker is None or _maker.generator != generator:
         _init_worker(generator)
     for i in indices:
+        if _parent is not None and os.getppid() != _parent:
+            # the caller was killed: a pool worker would finish its chunk and then wait for more work
+            # forever, an orphan beside the rerun; it exits now instead
+            os._exit(1)
         buf = io.BytesIO()
         Image.fromarray(_maker(np.random.default_rng([seed, generator, i]), size)).save(buf, format="JPEG", quality=85)
         write_bytes(buf.getvalue(), folder / synthetic_name(i))
@@ -60,8 +67,7 @@ def write_synthetic(folder: Path, start: int, stop: int, *, seed: int, size: int
                     generator: int = GENERATOR) -> Path:
     """Distractors start..stop-1 as JPEGs in `folder` (those already there are kept) by `generator`
     (one of `retrieval.distractor_images.GENERATORS`, `DistractorMaker`), in `workers` processes (0: one per CPU) when there are
-    more than a chunk of them."""
-    import os
+    more than a chunk of them. Killed, it leaves no worker drawing on: each stops at its next image."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
@@ -75,7 +81,7 @@ def write_synthetic(folder: Path, start: int, stop: int, *, seed: int, size: int
                 bar.update(_write_chunk(folder, c, seed, size, generator))
             return folder
         # spawned, not forked: the caller may hold threads (torch, Ray) that a fork would copy mid-state
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(generator,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(generator, os.getpid())) as pool:
             for f in as_completed([pool.submit(_write_chunk, folder, c, seed, size, generator) for c in chunks]):
                 bar.update(f.result())
     return folder

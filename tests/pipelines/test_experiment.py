@@ -243,3 +243,40 @@ def test_a_child_step_reports_through_its_result_file_whatever_it_prints(tmp_pat
     assert ex.main(["--child", "graph", "--run-config", str(tmp_path / "run.toml"), "--result", str(tmp_path / "r.json")]) == 0
     got = json.loads((tmp_path / "r.json").read_text())
     assert got["measured"] == 3 and got["peak_rss_gib"] > 0 and "raylet" in capsys.readouterr().out
+
+
+def test_killed_distractor_drawing_leaves_no_worker_behind(tmp_path):
+    """An experiment killed while it draws distractors: its spawned workers stop at their next image
+    (a pool worker would finish its chunk, then wait for more work forever, an orphan beside the rerun)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    def stat(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split(), open(f"/proc/{pid}/cmdline").read()
+        except OSError:
+            return None, ""
+
+    out = tmp_path / "d"
+    code = ("import sys; from pathlib import Path; from pipelines.distractors import write_synthetic; "
+            "write_synthetic(Path(sys.argv[1]), 0, 4000, seed=0, size=224, workers=2)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(out)])
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.jpg")) if out.is_dir() else []) < 4:
+        time.sleep(0.1)
+    workers = [int(d) for d in os.listdir("/proc") if d.isdigit()
+               for st, cmd in [stat(d)] if st and int(st[1]) == p.pid and "spawn_main" in cmd]
+    assert workers, "no drawing worker started"
+    p.kill()
+    p.wait()
+
+    def alive(pid):
+        st, _ = stat(pid)
+        return st is not None and st[0] != "Z"
+
+    deadline = time.time() + 15
+    while time.time() < deadline and any(alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(alive(w) for w in workers)
