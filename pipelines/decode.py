@@ -1,8 +1,9 @@
 """Image bytes -> pixels: decoding, cropping and resizing, without torch.
 
-Ray Data's decode tasks import this module (through `prepare`) and nothing heavier: a decode worker
-that imported torch spent ~2 s of a 2-core machine on it while the model actors were starting
-(BENCHMARKS.md, extraction's start-up).
+Ray Data's decode tasks import this module (through `prepare`) and nothing heavier: importing torch
+costs a fresh process 1.75-2.5 s here, which a worker that only decodes does not need (BENCHMARKS.md,
+extraction's start-up: where decoding is fused into the model actors, which load torch anyway, the
+start-up did not change).
 """
 from __future__ import annotations
 

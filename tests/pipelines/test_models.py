@@ -183,9 +183,9 @@ def test_raw_forward_rate_in_parallel_processes_and_their_errors():
 
 
 def test_decode_step_does_not_load_torch():
-    """Ray Data's decode tasks unpickle `prepare` (with its config): that must not import torch, which
-    cost each decode worker ~2 s of CPU while the model actors started. `prepare` gives the pixels
-    and crop geometry the extractor expects."""
+    """Ray Data's decode tasks unpickle `prepare` (with its config): that must not import torch (about
+    2 s of a fresh process's start here). `prepare` gives the pixels and crop geometry the extractor
+    expects."""
     import functools
     import io
     import pickle
