@@ -51,7 +51,7 @@ def _init_worker(generator: int, parent: int | None = None) -> None:
 
 def _write_chunk(folder: Path, indices: list[int], seed: int, size: int, generator: int) -> int:
     if _maker is None or _maker.generator != generator:
-        _init_worker(generator)
+        _init_worker(generator, _parent)
     for i in indices:
         if _parent is not None and os.getppid() != _parent:
             # the caller was killed: a pool worker would finish its chunk and then wait for more work
