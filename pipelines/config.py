@@ -131,9 +131,10 @@ class ExtractConfig:
     # fs_egm / os_egm: "equal" sums the EGM regions' vectors (as R-MAC), "mass" weights each by its
     # component's share of the saliency (BENCHMARKS.md, "Object discovery": why it matters in clutter)
     egm_weighting: str = _choice("equal", ("equal", "mass"))
-    # os_egm: the region graph's solves (Katz centrality, each image's local search): "auto" (block CG,
-    # truncated diffusion past 200,000 region nodes) or "petsc" (os_petsc_ranks MPI ranks on the stored graph)
-    os_solver: str = _choice("auto", ("auto", "petsc"))
+    # os_egm: each image's local search on the region graph: "auto" (block CG up to 20,000 region nodes,
+    # truncated diffusion above: the exact solve's cost grows with the graph, once per image),
+    # "exact", "truncated", or "petsc" (os_petsc_ranks MPI ranks on the stored graph, Katz centrality too)
+    os_solver: str = _choice("auto", ("auto", "exact", "truncated", "petsc"))
     os_petsc_ranks: int = _min(2, 1)
     # which regions: "rmac" (the R-MAC grid) or "fs_egm" (EGM regions of the FS saliency map)
     region_kind: str = _choice("rmac", ("rmac", "fs_egm"))

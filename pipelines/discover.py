@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 OS_NEIGHBOURS = 10  # |N_p|: region neighbours of each position
 OS_KQ = 5  # region nodes seeded per query region (queries only; database images seed their own)
 OS_ALPHA = 0.99
+# region graphs up to this many nodes get the exact local search under os_solver = "auto": it costs
+# O(graph) per batch of images (2.4 s for 16 images at 150,000 nodes against 0.04 s truncated:
+# BENCHMARKS.md, "The OS pass at 10^5 images"), so the whole pass would grow as N^2
+OS_EXACT_MAX = 20_000
 
 
 def first_pass(cfg: ExtractConfig) -> ExtractConfig:
@@ -98,8 +102,9 @@ class ObjectSaliencyExtractor:
 
             self.solver = PetscScores(run_dir / "regions" / "graph", len(idx.V), reader=GRAPH_ROWS_READER, keep=len(idx.V),
                                       ranks=cfg.os_petsc_ranks, alpha=OS_ALPHA)
-        else:  # exact local search on region graphs up to retrieval.regional.EXACT_MAX nodes, truncated above
-            self.solver = region_solver(self.rknn, idx.V, idx.W, alpha=OS_ALPHA, kq=OS_KQ)
+        else:  # exact local search on region graphs up to OS_EXACT_MAX nodes ("auto"), truncated above
+            self.solver = region_solver(self.rknn, idx.V, idx.W, alpha=OS_ALPHA, kq=OS_KQ, exact_max=OS_EXACT_MAX,
+                                        solver=cfg.os_solver)
         self.g = centrality(run_dir, cfg)
         self.white = load_region_whitening(run_dir)
         starts = np.searchsorted(self.owner, np.arange(len(self.ids) + 1))

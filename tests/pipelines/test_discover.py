@@ -104,6 +104,29 @@ def test_regional_vectors_round_trip_through_a_shard_column_wise(tmp_path, rng):
     np.testing.assert_array_equal(got[1], regs[0])
 
 
+def test_os_local_search_is_truncated_past_the_exact_limit_and_equal_where_it_covers_the_graph(os_run, monkeypatch):
+    """`[extract].os_solver`: "auto" solves each image's local search exactly on small region graphs
+    and by truncated diffusion past `OS_EXACT_MAX` nodes (the exact solve costs the whole graph per
+    batch); on a region graph smaller than the truncated subgraph both give the same scores."""
+    import pipelines.discover as discover
+
+    cfg, _ = os_run
+    out = Path(cfg.out)
+    exact = discover.ObjectSaliencyExtractor(cfg.extract, out, own=True)
+    assert type(exact.solver).__name__ == "DiffusionRanker"
+    n = len(exact.rknn.X)
+    assert n < 2000  # the truncated subgraph (m = 2000) covers the whole toy region graph
+    monkeypatch.setattr(discover, "OS_EXACT_MAX", n - 1)
+    auto = discover.ObjectSaliencyExtractor(cfg.extract, out, own=True)
+    forced = discover.ObjectSaliencyExtractor(dataclasses.replace(cfg.extract, os_solver="truncated"), out, own=True)
+    assert type(auto.solver).__name__ == type(forced.solver).__name__ == "TruncatedScores"
+    D, I = exact.rknn.search(exact.rknn.X[:4], 5)
+    S_exact, _ = exact.solver.solve(D, I)
+    S_trunc, st = auto.solver.solve(D, I)
+    assert st.converged.all()
+    np.testing.assert_allclose(S_trunc, S_exact, rtol=1e-3, atol=1e-5 * np.abs(S_exact).max())
+
+
 @pytest.mark.mpi
 def test_os_solves_on_petsc_ranks_equal_the_in_process_ones(os_run, tmp_path):
     """`[extract].os_solver = "petsc"`: Katz centrality and the local search of the OS maps solved on
