@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import ConfigError, RunConfig, absolute_paths, load_config
 from .config_toml import config_to_toml
+from .logs import setup_logging
 
 log = logging.getLogger("retrieval")
 STAGE_ORDER = ["ingest", "extract", "graph", "query", "evaluate"]
@@ -134,9 +135,7 @@ def _job_workdir(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _job_workdir(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # faiss logs each CPU-specific build it tries and cannot load (a dynamic-dispatch wheel): noise
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    setup_logging()
     try:
         return _command(args)
     except Exception as e:

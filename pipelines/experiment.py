@@ -30,6 +30,7 @@ from .config import (
 )
 from .config_toml import config_to_toml
 from .distractors import GENERATOR
+from .logs import setup_logging
 from .shards import read_json, read_json_or, write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,9 @@ def _extraction(ecfg: ExperimentConfig, cfg_path: Path, cfg: RunConfig, run: Pat
     ex = read_json_or(run / "extract.json", {})
     n, sec = ex.get("images") or 0, ex.get("seconds") or 0.0
     out = {"images": n, "img_s": n / sec if n and sec else None, "steady_img_s": ex.get("steady_img_s")}
+    osp = ex.get("os") or {}
+    if osp.get("images") and osp.get("seconds"):  # os_egm: the OS.EGM pass (img_s above: the FS.EGM pass) and the region index
+        out.update(os_img_s=osp["images"] / osp["seconds"], os_steady_img_s=osp.get("steady_img_s"), regions_s=ex.get("regions_s"))
     if n and ecfg.raw_forward_images > 0:
         raw = _measured(ecfg, cfg_path, cfg, "raw", str(ecfg.raw_forward_images))
         rate = raw.get("raw_forward_img_s")
@@ -283,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--result", required=True)
     ap.add_argument("--images")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    setup_logging()  # as the CLI's (each stage of a level runs here, in its own process)
     from cluster.errors import ClusterError
 
     from .errors import WeightsError

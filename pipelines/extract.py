@@ -299,7 +299,9 @@ def run_extract(out_dir: Path, cfg: ExtractConfig, *, with_boxes: bool = False, 
         from .discover import first_pass, os_pass
 
         summary = extract_features(out_dir / "images", out_dir, first_pass(cfg), with_boxes=with_boxes)
+        t0 = time.perf_counter()
         make, extra = os_pass(run_dir or out_dir, out_dir, cfg, gcfg or GraphConfig(), features=feature_params(first_pass(cfg)))
+        summary["regions_s"] = time.perf_counter() - t0  # the region index grown or built, its centrality solved
         summary["os"] = extract_features(out_dir / "images", out_dir, cfg, with_boxes=with_boxes, make=make, folder="os_features",
                                          extra_params=extra)
         summary["manifest"] = finalize_descriptors(out_dir, cfg, whitening=whitening, learn=learn, run_dir=run_dir, features="os_features")

@@ -289,7 +289,8 @@ def _append_new(spec, sources: list[Source], out_dir: Path, cfg: IngestConfig, e
     si = len(list_shards(img_dir))
     next_id = max(known.values(), default=-1) + 1
     if new:
-        log.info("ingest: %d new image(s) in %s: appended from id %d, existing ids unchanged", len(new), spec, next_id)
+        where = f"{spec} and {len(added)} added batch(es), the last {added[-1]}" if added else spec
+        log.info("ingest: %d new image(s) in %s: appended from id %d, existing ids unchanged", len(new), where, next_id)
     for i in tqdm(range(0, len(new), cfg.shard_size), desc="ingest (new images)", unit="shard", disable=not new):
         _, _, next_id = _write_chunk(new[i:i + cfg.shard_size], si, next_id, img_dir, rej_dir, cfg, exts, boxes,
                                      params=f"append:{cfg_hash}:{si}:{next_id}")

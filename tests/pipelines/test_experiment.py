@@ -110,7 +110,7 @@ def test_bad_experiment_configs_are_refused_with_the_key_named(tmp_path, tiny_be
         load_experiment(p)
 
 
-def test_isolated_stages_run_in_child_processes_and_report_their_memory(tmp_path, tiny_benchmark):
+def test_isolated_stages_run_in_child_processes_and_report_their_memory(tmp_path, tiny_benchmark, capfd):
     path = _write(tmp_path, tiny_benchmark, "iso", [2])
     path.write_text(path.read_text().replace("isolate = false", "isolate = true"))
     (rec,) = run_experiment(load_experiment(path))
@@ -118,6 +118,8 @@ def test_isolated_stages_run_in_child_processes_and_report_their_memory(tmp_path
     assert all(s["isolated"] and 0.05 < s["peak_rss_gib"] < 8 for s in rec["stages"].values())
     assert rec["database"] == rec["base_images"] + 2
     assert rec["extraction"]["images"] == rec["database"] and rec["extraction"]["raw_forward_img_s"] > 0  # measured in a child too
+    err = capfd.readouterr().err  # the children log as the CLI does: faiss's loader attempts are not shown
+    assert "pipelines.graph" in err and "swigfaiss" not in err and "faiss.loader" not in err
 
 
 def test_a_user_error_in_an_isolated_stage_is_one_line(tmp_path, tiny_benchmark, capfd):
@@ -280,3 +282,18 @@ def test_killed_distractor_drawing_leaves_no_worker_behind(tmp_path):
     while time.time() < deadline and any(alive(w) for w in workers):
         time.sleep(0.1)
     assert not any(alive(w) for w in workers)
+
+
+def test_an_os_egm_levels_record_carries_both_passes_rates(tmp_path):
+    """pooling = "os_egm" extracts twice: the level's record gives the FS.EGM pass's rate, the OS.EGM
+    pass's and the region index's time (run/extract.json, as `stage_extract` writes it)."""
+    from pipelines.experiment import ExperimentConfig, _extraction
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "extract.json").write_text(json.dumps({"images": 100, "seconds": 2.0, "steady_img_s": 60.0, "regions_s": 3.5,
+                                                  "os": {"images": 100, "seconds": 4.0, "steady_img_s": 30.0}}))
+    ex = _extraction(ExperimentConfig(raw_forward_images=0), tmp_path / "exp.toml", None, run)
+    assert ex["img_s"] == 50.0 and ex["os_img_s"] == 25.0 and ex["os_steady_img_s"] == 30.0 and ex["regions_s"] == 3.5
+    (run / "extract.json").write_text(json.dumps({"images": 100, "seconds": 2.0}))  # any other pooling: one pass
+    assert "os_img_s" not in _extraction(ExperimentConfig(raw_forward_images=0), tmp_path / "exp.toml", None, run)
