@@ -177,7 +177,10 @@ def os_pass(run_dir: Path, out_dir: Path, cfg: ExtractConfig, gcfg: GraphConfig,
     # earlier images keep the OS descriptors of the smaller collection, as they keep its whitening,
     # and only new images are forwarded again; queries are keyed by the index as it is now
     regions = (rman.get("lineage") or rman.get("params")) if own else rman.get("params")
-    return make, params_hash({"regions": regions, "own": own, "k": OS_NEIGHBOURS, "kq": OS_KQ})
+    key = {"regions": regions, "own": own, "k": OS_NEIGHBOURS, "kq": OS_KQ}
+    if cfg.os_solver != "auto":  # a solver set by hand: its descriptors are redone (PETSc's solve is the exact one);
+        key["solver"] = "exact" if cfg.os_solver == "petsc" else cfg.os_solver  # "auto" keeps the keys it always had
+    return make, params_hash(key)
 
 
 def _heat(img: np.ndarray, S: np.ndarray) -> np.ndarray:

@@ -44,6 +44,8 @@ def test_os_egm_run_writes_both_passes_the_region_index_and_every_method(os_run)
     man = json.loads((out / "regions" / "manifest.json").read_text())
     assert man["images"] == len(fs_ids) and man["regions"] >= len(fs_ids) and man["kind"] == "fs_egm"
     assert np.load(out / "regions" / "centrality.npz")["g"].shape == (man["regions"],)
+    rec = json.loads((out / "extract.json").read_text())  # both passes timed (the experiment's extraction rates)
+    assert rec["images"] == rec["os"]["images"] == len(fs_ids) and rec["os"]["seconds"] > 0 and rec["regions_s"] > 0
     assert set(json.loads((out / "metrics.json").read_text())) == {"knn", "diffusion", "regional"}
     t = pq.read_table(out / "ranks" / "regional.parquet")
     assert t.num_rows == len(load_descriptors(out / "queries" / "descriptors")[0])
@@ -122,6 +124,13 @@ def test_os_local_search_is_truncated_past_the_exact_limit_and_equal_where_it_co
     assert type(auto.solver).__name__ == type(forced.solver).__name__ == "TruncatedScores"
     D, I = exact.rknn.search(exact.rknn.X[:4], 5)
     S_exact, _ = exact.solver.solve(D, I)
+    # a solver set by hand keys the OS shards (they are redone); PETSc's is the exact solve; "auto" keeps its key
+    from pipelines.extract import feature_params
+
+    features = feature_params(discover.first_pass(cfg.extract))
+    key = {s: discover.os_pass(out, out, dataclasses.replace(cfg.extract, os_solver=s), cfg.graph, features=features)[1]
+           for s in ("auto", "exact", "truncated", "petsc")}
+    assert key["petsc"] == key["exact"] and len({key["auto"], key["exact"], key["truncated"]}) == 3
     S_trunc, st = auto.solver.solve(D, I)
     assert st.converged.all()
     np.testing.assert_allclose(S_trunc, S_exact, rtol=1e-3, atol=1e-5 * np.abs(S_exact).max())
