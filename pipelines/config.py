@@ -131,9 +131,8 @@ class ExtractConfig:
     # fs_egm / os_egm: "equal" sums the EGM regions' vectors (as R-MAC), "mass" weights each by its
     # component's share of the saliency (BENCHMARKS.md, "Object discovery": why it matters in clutter)
     egm_weighting: str = _choice("equal", ("equal", "mass"))
-    # os_egm: each image's local search on the region graph: "auto" (block CG up to 20,000 region nodes,
-    # truncated diffusion above: the exact solve's cost grows with the graph, once per image),
-    # "exact", "truncated", or "petsc" (os_petsc_ranks MPI ranks on the stored graph, Katz centrality too)
+    # os_egm: each image's local search: "auto" (block CG up to 20,000 region nodes, truncated diffusion above:
+    # the exact solve costs the whole graph per image), "exact", "truncated", or "petsc" (MPI ranks, Katz too)
     os_solver: str = _choice("auto", ("auto", "exact", "truncated", "petsc"))
     os_petsc_ranks: int = _min(2, 1)
     # which regions: "rmac" (the R-MAC grid) or "fs_egm" (EGM regions of the FS saliency map)
