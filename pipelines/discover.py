@@ -43,8 +43,8 @@ OS_NEIGHBOURS = 10  # |N_p|: region neighbours of each position
 OS_KQ = 5  # region nodes seeded per query region (queries only; database images seed their own)
 OS_ALPHA = 0.99
 # region graphs up to this many nodes get the exact local search under os_solver = "auto": it costs
-# O(graph) per batch of images (2.4 s for 16 images at 150,000 nodes against 0.04 s truncated:
-# BENCHMARKS.md, "The OS pass at 10^5 images"), so the whole pass would grow as N^2
+# O(graph) per batch of images (at 149,198 region nodes 16 images' OS embedding took 3.96 s with it,
+# 0.55 s truncated: BENCHMARKS.md, "Object discovery at 10^5 images"), so the pass would grow as N^2
 OS_EXACT_MAX = 20_000
 
 

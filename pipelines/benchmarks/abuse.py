@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.logs import setup_logging
+
 log = logging.getLogger("abuse")
 
 
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.attack:
         sys.stdout.write(json.dumps(attack(args.attack, args.port, args.seconds, args.stalled, args.bad_interval, args.dim)))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
 
     from cluster.listeners import tree_listeners
     from cluster.local_cluster import free_port

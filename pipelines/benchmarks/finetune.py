@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.logs import setup_logging
+
 log = logging.getLogger("finetune-benchmark")
 
 
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=["pretrained", "manifold", "random"])
     ap.add_argument("--throughput", action="store_true", help="also time 1 vs 2 Ray Train workers (one epoch, seed 0 pool)")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     import torch
 
     torch.set_num_threads(2)

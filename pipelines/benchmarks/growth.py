@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.logs import setup_logging
+
 log = logging.getLogger("growth")
 
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=50)
     ap.add_argument("--out", type=Path, default=Path("runs/growth"))
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     print(markdown(run(a.out, a.n, a.index, a.grow, a.k)))
     return 0
 

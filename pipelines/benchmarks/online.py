@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.logs import setup_logging
+
 log = logging.getLogger("online")
 
 TRUNC = {"truncate_m": 2000, "truncate_hops": 8, "truncate_beam": 1000, "seed_search": "exact"}
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, help="instead: a finished run directory (descriptors, queries, graph) ...")
     ap.add_argument("--gnd", type=Path, help="... and its ground truth (any format `retrieval evaluate` reads)")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    setup_logging()
     labels = list(VARIANTS)
     chosen = [labels[i] for i in a.variants] if a.variants else labels
     if a.run:

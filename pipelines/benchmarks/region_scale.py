@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.logs import setup_logging
+
 log = logging.getLogger("region_scale")
 
 
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--query-only", action="store_true", help="rank on the region index already in OUT")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    setup_logging()
     if a.child:
         print(json.dumps(build_index(a.out, a.index)))
         return 0

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.logs import setup_logging
+
 log = logging.getLogger("serve_load")
 
 
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="[query] settings of the index (JSON values), e.g. seed_search='\"index\"' truncate_hops=10; kept in the run's "
                          "config.resolved.json, which the service and the in-process reference read")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    setup_logging()
 
     # the in-process reference in the replica's environment (cluster.ray_serve.REPLICA_ENV), set before OpenMP loads with faiss
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
