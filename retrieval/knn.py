@@ -11,6 +11,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from . import row_blocks
 from .scan import SCAN_MAX, scan_scores
 
 log = logging.getLogger(__name__)
@@ -203,29 +204,22 @@ def search_width(index: faiss.Index, k: int) -> int:
     return min(math.ceil(REFINE * k) if quantized(index) else int(k), index.ntotal)
 
 
-def refine_exact(queries: np.ndarray, database: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact re-scoring of candidate lists: each query's inner products with its candidate rows
-    (faiss `fvec_inner_products_by_idx`, threaded), the top k of them by similarity (ties in
-    candidate order). queries (nq, d) float32; database (n, d) contiguous float32; I (nq, c)
-    candidate rows (-1: none; a row past the database is refused, faiss would read past its end).
-    Returns (D, I) (nq, min(k, c)): float32 descending (-inf where none) and ids of I's dtype (-1
-    where none)."""
+def refine_exact(queries: np.ndarray, database, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact re-scoring of candidate lists: each query's inner products with its candidate rows,
+    the top k of them by similarity (ties in candidate order), REFINE_CHUNK queries per pass over
+    the database (`retrieval.row_blocks.refine`). queries (nq, d) float32; database (n, d) float32
+    rows: an array, or a row source read a block at a time (`pipelines.row_file.RowFile`); I (nq, c)
+    candidate rows (-1: none; a row past the database is refused). Returns (D, I) (nq, min(k, c)):
+    float32 descending (-inf where none) and ids of I's dtype (-1 where none)."""
     q = _as_f32(queries, "queries")
-    if database.dtype != np.float32 or not database.flags.c_contiguous or database.shape[1] != q.shape[1]:
-        raise ValueError("refine_exact: the database must be contiguous float32 of the queries' dimension")
+    if len(database.shape) != 2 or database.shape[1] != q.shape[1]:
+        raise ValueError("refine_exact: the database must be (n, d) rows of the queries' dimension")
     nq, c = I.shape
     k = min(int(k), c)
     D_out, I_out = np.empty((nq, k), np.float32), np.empty((nq, k), I.dtype)
     for a in range(0, nq, REFINE_CHUNK):
         b = min(nq, a + REFINE_CHUNK)
-        ids = np.ascontiguousarray(I[a:b], dtype=np.int64)
-        if ids.size and ids.max() >= len(database):
-            raise ValueError(f"refine_exact: candidate row {int(ids.max())} is past the database's {len(database)} rows")
-        S = np.empty(ids.shape, np.float32)
-        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(S), faiss.swig_ptr(q[a:b]), faiss.swig_ptr(database), faiss.swig_ptr(ids),
-                                         q.shape[1], b - a, c)
-        top = np.argsort(-S, axis=1, kind="stable")[:, :k]
-        D_out[a:b], I_out[a:b] = np.take_along_axis(S, top, 1), np.take_along_axis(ids, top, 1)
+        D_out[a:b], I_out[a:b] = row_blocks.refine(q[a:b], database, I[a:b], k)
     return D_out, I_out
 
 
@@ -323,13 +317,16 @@ def search_shards(
 
 
 def _by_shards(search, n: int, k: int, bounds: list[tuple[int, int]], progress, ids: type) -> tuple[np.ndarray, np.ndarray]:
-    """(D, I) (n, k) filled shard by shard from search(a, b, k) -> the rows [a, b)'s (D, I)."""
+    """(D, I) (n, k) filled shard by shard from search(a, b, k) -> the rows [a, b)'s (D, I), at
+    most REFINE_CHUNK rows per call (a shard's search buffers stay O(chunk x candidates))."""
     D = np.empty((n, k), dtype=np.float32)
     I = np.empty((n, k), dtype=ids)
     for a, b in bounds:
-        D[a:b], I[a:b] = search(a, b, k)
-        if progress:
-            progress(b - a)
+        for c0 in range(a, b, REFINE_CHUNK):
+            c1 = min(b, c0 + REFINE_CHUNK)
+            D[c0:c1], I[c0:c1] = search(c0, c1, k)
+            if progress:
+                progress(c1 - c0)
     return D, I
 
 
