@@ -116,14 +116,16 @@ def build_graph(
     return graph_from_knn(D, I, gamma=gamma, reciprocal=reciprocal)
 
 
-def graph_from_knn(D: np.ndarray, I: np.ndarray, *, gamma: float = 3.0, reciprocal: bool = True) -> tuple[sp.csr_matrix, GraphStats]:
+def graph_from_knn(D: np.ndarray, I: np.ndarray, *, gamma: float = 3.0, reciprocal: bool = True,
+                   overwrite: bool = False) -> tuple[sp.csr_matrix, GraphStats]:
     """W and its stats from self-kNN lists (D, I) of shape (n, k+1) (I int32 or int64). The
     reciprocal graph is built by compiled passes over the lists (`retrieval.graph_compiled`, O(n k)
-    memory), tested equal to `affinity_from_knn` + `normalize_symmetric`, which build the other."""
+    memory; in the lists' own arrays with `overwrite`, which leaves them sorted by id and D holding
+    weights), tested equal to `affinity_from_knn` + `normalize_symmetric`, which build the other."""
     if reciprocal:
         from .graph_compiled import reciprocal_graph
 
-        W, deg = reciprocal_graph(D, I, gamma=gamma)
+        W, deg = reciprocal_graph(D, I, gamma=gamma, overwrite=overwrite)
     else:
         W, deg = normalize_symmetric(affinity_from_knn(D, I, gamma=gamma, reciprocal=False, n=D.shape[0]))
     return W, graph_stats(W, deg)

@@ -34,10 +34,14 @@ def _weight(s: float, gamma: float) -> np.float32:
 @njit(cache=True, nogil=True)
 def _sort_rows(D, I, gamma, r0, r1, S, SW, dup):
     """Rows [r0, r1): S[i] = I[i] ascending (ties in list order), SW[i] their weights
-    max(s, 0)^gamma in the same order; dup[i] = the list names a neighbour twice."""
+    max(s, 0)^gamma in the same order; dup[i] = the list names a neighbour twice. S may be I and
+    SW may be D (sorted in place: each row of D is read into a buffer first)."""
     k = I.shape[1]
     pos = np.empty(k, np.int64)
+    row = np.empty(k, np.float32)
     for i in range(r0, r1):
+        for t in range(k):
+            row[t] = D[i, t]
         for t in range(k):  # insertion sort: k is small, the row in cache
             v = I[i, t]
             q = t
@@ -49,7 +53,7 @@ def _sort_rows(D, I, gamma, r0, r1, S, SW, dup):
             pos[q] = t
         d = False
         for q in range(k):
-            SW[i, q] = _weight(D[i, pos[q]], gamma)
+            SW[i, q] = _weight(row[pos[q]], gamma)
             if q > 0 and S[i, q] == S[i, q - 1] and S[i, q] >= 0:
                 d = True
         dup[i] = d
@@ -128,13 +132,16 @@ def _normalise(indptr, indices, data, inv, r0, r1):
             data[e] = np.float32(data[e] * inv[i] * inv[indices[e]])
 
 
-def reciprocal_graph(D: np.ndarray, I: np.ndarray, *, gamma: float = 3.0, threads: int | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
+def reciprocal_graph(D: np.ndarray, I: np.ndarray, *, gamma: float = 3.0, threads: int | None = None,
+                     overwrite: bool = False) -> tuple[sp.csr_matrix, np.ndarray]:
     """W = D^-1/2 A D^-1/2 of the mutual-kNN affinity A, and the degrees of A.
 
     Args:
         D: (n, k) float32 similarities; I: (n, k) int32/int64 neighbour rows (row i = the list of
            i; self matches and -1 padding are dropped).
         gamma: power applied to positive similarities.
+        overwrite: the lists may be overwritten (each sorted by id, D turned into the weights):
+            contiguous float32 D and contiguous I are worked on in place, O(n k) less memory.
     Returns: W (n, n) float32 CSR, int32 column ids sorted per row, exactly symmetric, zero
     diagonal, isolated nodes as empty rows; degrees (n,) float64.
     """
@@ -143,7 +150,8 @@ def reciprocal_graph(D: np.ndarray, I: np.ndarray, *, gamma: float = 3.0, thread
         raise ValueError(f"reciprocal_graph: lists of {k} neighbours; at most {2**15 - 1}")
     D = np.ascontiguousarray(D, dtype=np.float32)
     I = np.ascontiguousarray(I)
-    S, SW, dup = np.empty_like(I), np.empty((n, k), np.float32), np.empty(n, np.bool_)
+    S, SW = (I, D) if overwrite else (np.empty_like(I), np.empty((n, k), np.float32))
+    dup = np.empty(n, np.bool_)
     in_ranges(lambda a, b: _sort_rows(D, I, np.float32(gamma), a, b, S, SW, dup), n, threads)
     where = np.empty((n, k), np.int16)
     counts = np.empty(n, np.int64)

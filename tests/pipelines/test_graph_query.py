@@ -215,7 +215,8 @@ def test_approximate_graph_of_a_grown_collection_is_updated_through_its_kept_ind
     the recall of the updated lists is measured like a build's and stays close to it, the kept
     index grows with the graph (for the next update and for the seeds of new queries), and a
     missing kept index means a rebuild, not a failure. A quantized index (sq8) the same, its
-    lists' similarities the exact ones."""
+    lists' similarities the exact ones (re-scored on the rows read back from a scratch file, gone
+    afterwards)."""
     from pipelines.config import GraphConfig
     from pipelines.descriptors import write_descriptors
     from pipelines.graph import SEARCH_INDEX, SEARCH_INDEX_META, run_graph
@@ -238,6 +239,7 @@ def test_approximate_graph_of_a_grown_collection_is_updated_through_its_kept_ind
     with caplog.at_level(logging.INFO, logger="pipelines.graph"):
         man = run_graph(run, cfg)
     assert "grew from 2000 to 3000 rows" in caplog.text and man["updated_from_rows"] == 2000 and man["n"] == 3000
+    assert built["rows_on_disk"] == man["rows_on_disk"] == (storage == "sq8") and not (run / "graph" / "rows.tmp.npy").exists()
     assert man["recall_at_k"] > 0.9 and man["recall_at_k"] > built["recall_at_k"] - 0.05, (man["recall_at_k"], built["recall_at_k"])
     meta = read_json(run / "graph" / SEARCH_INDEX_META)
     assert meta["n"] == 3000 and meta["graph"] == man["params"] and man["hnsw"]["storage"] == storage
@@ -358,8 +360,9 @@ def test_graph_keeps_its_approximate_index_and_new_queries_seed_from_it(imported
 @pytest.mark.parametrize("storage", ["float", "sq8"])
 def test_graph_stage_holds_the_rows_once(tmp_path, monkeypatch, storage):
     """Issue 15 (offline memory): given a loader, the graph build drops the loaded rows once an
-    HNSW-flat index holds them (its own copy serves as the queries), and builds the same graph; a
-    quantized index keeps them (its lists are re-scored on them)."""
+    index holds them, and builds the same graph as from rows held in memory: an HNSW-flat index's
+    own copy serves as the queries; a quantized index's lists are re-scored on the rows read back
+    from a scratch file a block at a time (gone once the search is done)."""
     import gc
     import weakref
 
@@ -382,12 +385,14 @@ def test_graph_stage_holds_the_rows_once(tmp_path, monkeypatch, storage):
     def spy(folder, index, spec, params):  # called once the search is done, the index still alive
         gc.collect()
         seen["loaded rows alive"] = refs[0]() is not None
+        seen["rows on disk"] = (folder / pg.ROWS_SCRATCH).is_file()
         real(folder, index, spec, params)
 
     monkeypatch.setattr(pg, "save_search_index", spy)
     cfg = GraphConfig(k=8, index="hnsw", recall_sample=100, hnsw_storage=storage)
     W, stats, info = pg.build_graph_sharded(load, cfg, gdir=tmp_path / "g", params="p")
-    assert seen == {"loaded rows alive": storage != "float"} and info["recall_at_k"] >= 0.95
+    assert seen == {"loaded rows alive": False, "rows on disk": storage == "sq8"} and info["recall_at_k"] >= 0.95
+    assert info["rows_on_disk"] == (storage == "sq8") and not (tmp_path / "g" / pg.ROWS_SCRATCH).exists()
     W_ref, _, _ = pg.build_graph_sharded(X, cfg)
     assert (W != W_ref).nnz == 0 and W.nnz > 0
     with np.load(tmp_path / "g" / "knn.npz") as z:
