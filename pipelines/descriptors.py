@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from retrieval.whitening import Whitening
 
-from .shards import list_shards, read_table, write_bytes, write_table
+from .shards import list_shards, write_bytes, write_table
 
 
 class DescriptorError(ValueError):

@@ -23,7 +23,7 @@ from retrieval.whitening import Whitening, l2_normalize, learn_lw_whitening, lea
 from .config import WHITENINGS, ExtractConfig, GraphConfig, params_hash
 from .descriptors import load_descriptors, load_whitening, save_whitening, write_descriptors
 from .extractor import DescriptorExtractor
-from .shards import list_shards, read_table, shard_done, write_bytes, write_json, write_table
+from .shards import list_shards, read_table, shard_done, write_json, write_table
 
 EXTRACT_REJECT_SCHEMA = pa.schema([("id", pa.int64()), ("key", pa.string()), ("reason", pa.string())])
 
