@@ -3,7 +3,8 @@
 A quantized index's candidate lists are re-scored with the float rows (`refine`), and the recall
 of approximate lists is measured against an exact search (`exact_topk`). Both only need the rows
 a block at a time: `rows[a:b]` of any row source, a numpy array (a view: nothing copied) or a
-reader of rows kept on disk (read into one reused buffer through its `read_into(a, b, buffer)`) (`pipelines.row_file.RowFile`: the graph stage's 10^6 x 128 float rows,
+reader of rows kept on disk (read into one reused buffer through its `read_into(a, b, buffer)`;
+contiguous float32 arrays are scored in one pass without blocks, by the same sum) (`pipelines.row_file.RowFile`: the graph stage's 10^6 x 128 float rows,
 0.48 GiB, then stay out of its memory). Each call passes once over the rows in blocks of
 `block_bytes`; the candidates are grouped by block first (a counting sort of their ids), so each
 block is read once and every candidate in it scored while it is in cache (numba, the GIL released,
@@ -58,6 +59,33 @@ def _score(queries, rows, lo, flat, order, c, s0, s1, out):
         out[p] = acc
 
 
+@njit(cache=True, nogil=True, fastmath=True)
+def _score_all(queries, rows, flat, c, p0, p1, out):
+    """out[p] = <queries[p // c], rows[flat[p]]> for p in [p0, p1) where flat[p] >= 0 (rows in
+    memory: no blocks; the same sum, in the same order, as `_score`)."""
+    d = queries.shape[1]
+    for p in range(p0, p1):
+        if flat[p] < 0:
+            continue
+        q = queries[p // c]
+        r = rows[flat[p]]
+        acc = np.float32(0.0)
+        for j in range(d):
+            acc += q[j] * r[j]
+        out[p] = acc
+
+
+PARALLEL_MIN = 1 << 15  # fewer candidates than this are scored on the calling thread (starting threads costs more)
+
+
+def _run(fn, m: int, threads: int | None) -> None:
+    """fn(a, b) over [0, m): in a thread per core (`in_ranges`) for large m, else here."""
+    if m < PARALLEL_MIN:
+        fn(0, m)
+    else:
+        in_ranges(fn, m, threads)
+
+
 def _block(rows, a: int, b: int, buffer: np.ndarray | None) -> np.ndarray:
     """rows[a:b] as contiguous float32: read into `buffer` by a source that can (`read_into`),
     else sliced (an array's view)."""
@@ -83,6 +111,9 @@ def candidate_scores(queries: np.ndarray, rows, ids: np.ndarray, *, block_bytes:
     if flat.size and flat.max() >= n:
         raise ValueError(f"candidate_scores: candidate row {int(flat.max())} is past the database's {n} rows")
     out = np.full(flat.size, -np.inf, np.float32)
+    if isinstance(rows, np.ndarray) and rows.dtype == np.float32 and rows.flags.c_contiguous:  # in memory: one pass, no blocks
+        _run(lambda a, e: _score_all(queries, rows, flat, c, a, e, out), flat.size, threads)
+        return out.reshape(nq, c)
     step = block_rows(d, block_bytes)
     order, starts = _by_block(flat, step, max(1, -(-n // step)))
     buffer = np.empty((min(step, n), d), np.float32) if hasattr(rows, "read_into") else None
@@ -92,7 +123,7 @@ def candidate_scores(queries: np.ndarray, rows, ids: np.ndarray, *, block_bytes:
             continue
         lo = b * step
         block = _block(rows, lo, min(n, lo + step), buffer)
-        in_ranges(lambda a, e: _score(queries, block, lo, flat, order, c, s0 + a, s0 + e, out), s1 - s0, threads)
+        _run(lambda a, e: _score(queries, block, lo, flat, order, c, s0 + a, s0 + e, out), s1 - s0, threads)
     return out.reshape(nq, c)
 
 
