@@ -1,13 +1,14 @@
 """Command-line interface: `retrieval run CONFIG` or one stage at a time.
 
 An error the user can act on (a bad configuration or input, a refused token, a port in use: the
-project's error types, `ValueError` and `FileNotFoundError`) is printed as one line `error: ...`
-with exit status 2; any other exception is a bug and shows its traceback. `--debug` shows the
+project's error types, `ValueError` and `FileNotFoundError`; a full disk, an exceeded quota, a
+read-only or refused path) is printed as one line `error: ...` with exit status 2; any other exception is a bug and shows its traceback. `--debug` shows the
 traceback of every error.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import traceback
@@ -112,7 +113,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, IngestError, DescriptorError, WeightsError, GroundTruthError, ClusterError, ValueError, FileNotFoundError)
 
 
-def _one_line(e: BaseException) -> str:
+# OS errors that are the user's to fix (space, quota, a read-only file system, permissions), not bugs:
+# the graph stage's scratch rows (n x d x 4 bytes) or a shard may not fit on a full disk
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def is_user_error(e: BaseException) -> bool:
+    return isinstance(e, user_errors()) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
+
+
+def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
@@ -139,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _command(args)
     except Exception as e:
-        if not isinstance(e, user_errors()):
+        if not is_user_error(e):
             raise  # a bug: its traceback shows
         if args.debug:
             traceback.print_exc()
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

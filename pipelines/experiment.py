@@ -288,14 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images")
     a = ap.parse_args(argv)
     setup_logging()  # as the CLI's (each stage of a level runs here, in its own process)
-    from cluster.errors import ClusterError
-
-    from .errors import WeightsError
+    from .cli import is_user_error, one_line
 
     try:
         got = _stage(load_config(a.run_config), a.child, a.images)
-    except (ValueError, FileNotFoundError, WeightsError, ClusterError) as e:  # the CLI's user errors (pipelines.cli.user_errors)
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    except Exception as e:
+        if not is_user_error(e):  # the CLI's user errors, on one line; a bug shows its traceback
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     write_json({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **got}, Path(a.result))
     return 0

@@ -269,3 +269,31 @@ def test_serve_on_a_port_in_use_is_one_line_and_starts_no_ray(tmp_path, capsys, 
     assert error_line(capsys) == f"error: serve: port {port} on 127.0.0.1 is already in use; choose another with --port"
     assert main(["serve", str(tmp_path / "nothing"), "--port", str(port)]) == 2
     assert "has no descriptors/" in error_line(capsys)
+
+
+# --- the machine's limits: a full disk, a quota, a read-only or refused path --------------------------------------
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EROFS", "EACCES"])
+def test_a_full_disk_or_refused_path_is_one_line_and_other_os_errors_are_bugs(tmp_path, capsys, monkeypatch, code):
+    """A stage that cannot write (the graph stage's scratch rows on a full disk, a read-only run
+    folder) stops with one line naming the path; an OS error the user cannot act on stays a bug."""
+    import errno
+    import os
+
+    import pipelines.import_descriptors as imp
+
+    def full(*args, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(tmp_path / "run" / "graph" / "rows.tmp.npy"))
+
+    monkeypatch.setattr(imp, "import_descriptors", full)
+    np.save(tmp_path / "X.npy", np.eye(4, dtype=np.float32))
+    assert main(["import-descriptors", str(tmp_path / "X.npy"), "--out", str(tmp_path / "run")]) == 2
+    line = error_line(capsys)
+    assert os.strerror(getattr(errno, code)) in line and "rows.tmp.npy" in line
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(imp, "import_descriptors", broken)
+    with pytest.raises(OSError, match="Input/output"):
+        main(["import-descriptors", str(tmp_path / "X.npy"), "--out", str(tmp_path / "run")])
