@@ -2,8 +2,8 @@
 
 An error the user can act on (a bad configuration or input, a refused token, a port in use: the
 project's error types, `ValueError` and `FileNotFoundError`; a full disk, an exceeded quota, a
-read-only or refused path) is printed as one line `error: ...` with exit status 2; any other exception is a bug and shows its traceback. `--debug` shows the
-traceback of every error.
+read-only or refused path) is printed as one line `error: ...` with exit status 2; any other
+exception is a bug and shows its traceback. `--debug` shows the traceback of every error.
 """
 from __future__ import annotations
 

@@ -353,6 +353,7 @@ def run_graph(run_dir: Path, cfg: GraphConfig) -> dict:
     desc_manifest = read_json(run_dir / "manifest.json")
     phash = params_hash({"cfg": cfg, "descriptors": desc_manifest.get("descriptors_sha256_16")})
     gdir = run_dir / "graph"
+    (gdir / ROWS_SCRATCH).unlink(missing_ok=True)  # a killed search's scratch rows (n x d x 4 bytes): never read again
     if (gdir / "manifest.json").is_file() and read_json(gdir / "manifest.json").get("params") == phash:
         log.info("graph: up to date, skipping")
         return read_json(gdir / "manifest.json")

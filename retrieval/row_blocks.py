@@ -3,12 +3,13 @@
 A quantized index's candidate lists are re-scored with the float rows (`refine`), and the recall
 of approximate lists is measured against an exact search (`exact_topk`). Both only need the rows
 a block at a time: `rows[a:b]` of any row source, a numpy array (a view: nothing copied) or a
-reader of rows kept on disk (read into one reused buffer through its `read_into(a, b, buffer)`;
-contiguous float32 arrays are scored in one pass without blocks, by the same sum) (`pipelines.row_file.RowFile`: the graph stage's 10^6 x 128 float rows,
-0.48 GiB, then stay out of its memory). Each call passes once over the rows in blocks of
-`block_bytes`; the candidates are grouped by block first (a counting sort of their ids), so each
-block is read once and every candidate in it scored while it is in cache (numba, the GIL released,
-a thread per core). Arrays in, arrays out: reading is the row source's business.
+reader of rows kept on disk (`pipelines.row_file.RowFile`, read into one reused buffer through
+its `read_into(a, b, buffer)`: the graph stage's 10^6 x 128 float rows, 0.48 GiB, then stay out
+of its memory). Each call passes once over the rows in blocks of `block_bytes`; the candidates
+are grouped by block first (a counting sort of their ids), so each block is read once and every
+candidate in it scored while it is in cache (numba, the GIL released, a thread per core for large
+work). Contiguous float32 arrays are scored in one pass without blocks, by the same sum. Arrays
+in, arrays out: reading is the row source's business.
 """
 from __future__ import annotations
 

@@ -235,6 +235,8 @@ def test_approximate_graph_of_a_grown_collection_is_updated_through_its_kept_ind
     cfg = GraphConfig(k=10, index="hnsw", hnsw_m=16, ef_construction=40, ef_search=64, recall_sample=300, hnsw_storage=storage)
     grow_to(2000, 0)
     built = run_graph(run, cfg)
+    (run / "graph" / "rows.tmp.npy").write_bytes(b"scratch rows left by a killed search")
+    assert run_graph(run, cfg)["params"] == built["params"] and not (run / "graph" / "rows.tmp.npy").exists()  # skipped, leftover gone
     grow_to(3000, 2000)
     with caplog.at_level(logging.INFO, logger="pipelines.graph"):
         man = run_graph(run, cfg)
