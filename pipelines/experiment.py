@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from .config import (
 from .config_toml import config_to_toml
 from .distractors import GENERATOR
 from .logs import setup_logging
+from .peak_memory import own_peak_gib
 from .shards import read_json, read_json_or, write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,7 @@ def _measured(ecfg: ExperimentConfig, cfg_path: Path, cfg: RunConfig, stage: str
     t0 = time.perf_counter()
     if not ecfg.isolate:
         got = _stage(cfg, stage, images)
-        return {"seconds": time.perf_counter() - t0, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                "isolated": False, **got}
+        return {"seconds": time.perf_counter() - t0, "peak_rss_gib": own_peak_gib(), "isolated": False, **got}
     result = cfg_path.parent / f".{stage}.result.json"  # the child's measurements: a file, as libraries may print to stdout
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pipelines.experiment", "--child", stage, "--run-config", str(cfg_path), "--result", str(result)]
@@ -297,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    write_json({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, **got}, Path(a.result))
+    write_json({"peak_rss_gib": own_peak_gib(), **got}, Path(a.result))  # its own: not the runner's RSS it was forked with
     return 0
 
 

@@ -5,7 +5,7 @@ CLI (issue 13). On the scale benchmark's manifold at N x (1 + grow) rows:
      then all rows imported into A (ids appended) and `retrieval graph` again: an update;
   B: all rows imported into a fresh run and built from scratch.
 
-Each `retrieval graph` is its own process, timed (wall) with its peak RSS (wait4). Writes
+Each `retrieval graph` is its own process, timed (wall) with its own peak RSS (`pipelines.peak_memory`). Writes
 OUT/growth-N-INDEX.json and prints a markdown table:
 
     python -m pipelines.benchmarks.growth --n 100000 --index flat
@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +29,13 @@ log = logging.getLogger("growth")
 
 
 def _cli(*args: str) -> dict:
-    """One `retrieval` command in its own process: wall seconds and peak RSS (GiB)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"retrieval {' '.join(args)} failed:\n{err.decode()[-3000:]}")
-    return {"wall_s": round(time.perf_counter() - t0, 2), "peak_gib": round(usage.ru_maxrss / 2**20, 3)}
+    """One `retrieval` command in its own process: wall seconds and its own peak RSS (GiB)."""
+    from pipelines.peak_memory import run_measured
+
+    res = run_measured([sys.executable, "-m", "pipelines.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if res["returncode"] != 0:
+        raise RuntimeError(f"retrieval {' '.join(args)} failed:\n{res['stderr'].decode()[-3000:]}")
+    return {"wall_s": round(res["seconds"], 2), "peak_gib": round(res["peak_rss_gib"], 3)}
 
 
 def _graph(run: Path, index: str, k: int) -> dict:

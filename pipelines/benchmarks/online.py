@@ -26,7 +26,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,14 +79,13 @@ def _toml(out: Path, graph: dict, query: dict) -> str:
 
 
 def run_child(cmd: list[str]) -> dict:
-    """Run one CLI command; its wall seconds and peak RSS (os.wait4's rusage of that child)."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError(f"online: {' '.join(cmd)} exited {p.returncode}")
-    return {"seconds": time.perf_counter() - t0, "peak_rss_gib": ru.ru_maxrss / 2**20}
+    """Run one CLI command; its wall seconds and its own peak RSS (`pipelines.peak_memory`)."""
+    from pipelines.peak_memory import run_measured
+
+    res = run_measured(cmd, stdout=subprocess.DEVNULL)
+    if res["returncode"] != 0:
+        raise RuntimeError(f"online: {' '.join(cmd)} exited {res['returncode']}")
+    return {"seconds": res["seconds"], "peak_rss_gib": res["peak_rss_gib"]}
 
 
 def _map(run: Path, method: str, gnd: list[dict], first: int) -> tuple[float, float]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import subprocess
 import sys
 import time
@@ -46,13 +45,13 @@ def write_features(out: Path, images: int, regions: int, *, dim: int, shard_imag
 def build_index(out: Path, index: str) -> dict:
     """The product's region index over OUT/features (run in the measured child process)."""
     from pipelines.config import ExtractConfig, GraphConfig
+    from pipelines.peak_memory import own_peak_gib
     from pipelines.regions import run_region_graph
 
     t0 = time.perf_counter()
     man = run_region_graph(out, GraphConfig(k=50, index=index), ExtractConfig(whitening_dim=0, whitening_shrinkage=1.0),
                            features="synthetic")
-    return {"seconds": time.perf_counter() - t0, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "manifest": man}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_gib": own_peak_gib(), "manifest": man}
 
 
 def query_step(out: Path, queries: int, solvers: list[str], *, petsc_ranks: int = 2, seed: int = 1) -> dict:

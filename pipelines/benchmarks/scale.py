@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import resource
 import subprocess
 import sys
 import time
@@ -28,7 +27,9 @@ log = logging.getLogger("scale")
 
 
 def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    from pipelines.peak_memory import own_peak_gib
+
+    return own_peak_gib()
 
 
 def _spec(n: int, nq: int):
