@@ -190,7 +190,7 @@ _QUANTIZERS = {"fp16": "QT_fp16", "sq8": "QT_8bit"}
 # a quantized index is searched for REFINE x k candidates, re-scored exactly: at 10^6 x 128 (HNSW
 # M 24, sq8) the self-kNN's recall@51 is 0.948 with 51 candidates and 0.953 with 64 (flat: 0.954)
 REFINE = 1.25
-REFINE_CHUNK = 1 << 16  # rows re-scored per step (their int64 ids and scores: 2 x 4 MB at 64 candidates)
+REFINE_CHUNK = 1 << 15  # rows searched and re-scored per step
 
 
 def quantized(index: faiss.Index) -> bool:
