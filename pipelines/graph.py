@@ -15,13 +15,13 @@ from retrieval.knn import (
     IndexSpec, build_index, knn_search, quantized, read_index, recall_at_k, search_self, set_search_effort, shard_bounds, stored_vectors,
     write_index,
 )
-from retrieval.row_blocks import exact_topk
 from retrieval.knn_update import extend_knn, extend_knn_searched, grown_lists
+from retrieval.row_blocks import exact_topk
 
 from .config import GraphConfig, params_hash
 from .descriptors import load_descriptors
-from .row_file import RowFile
 from .knn_lists import UNREADABLE, first_line, rows_hashes, save_knn, saved_header
+from .row_file import RowFile
 from .shards import read_json, read_json_or, write_bytes, write_json, write_with
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,8 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str, *, owned:
     if saved is not None:
         n0, index, spec = saved
         t0 = time.perf_counter()
+        on_disk = _rows_to_disk(X, index, cfg, gdir, owned)  # a quantized index's rows: on disk before the index grows
+        X = X if on_disk is None else on_disk
         if index is not None:
             new_rows = np.array(X[n0:], dtype=np.float32, order="C")
             if stored_vectors(index) is not None:  # the index stores plain vectors: the loaded rows go before it grows
@@ -215,11 +217,9 @@ def _knn_lists(load, cfg: GraphConfig, gdir: Path | None, params: str, *, owned:
             index.add(new_rows)
             del new_rows
             X = stored_vectors(index) if X is None else X  # the index's copy (a view)
-        on_disk = _rows_to_disk(X, index, cfg, gdir, owned)
-        X = X if on_disk is None else on_disk
         try:
             with np.load(gdir / "knn.npz", allow_pickle=False) as z:  # read after the index grew: its growth copies its storage
-                D, I = grown_lists(z["D"], z["I"], n)
+                D, I = grown_lists(lambda: z["D"], lambda: z["I"], n)  # one old array at a time
         except UNREADABLE as e:
             log.warning("graph: the saved kNN lists %s are unreadable (%s): building the graph again", gdir / "knn.npz", first_line(e))
             _remove(on_disk)

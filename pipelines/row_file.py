@@ -37,8 +37,12 @@ class RowFile:
         X = np.ascontiguousarray(X, dtype=np.float32)
         if X.ndim != 2:
             raise ValueError(f"RowFile: rows must be 2-D (n, d), got shape {X.shape}")
-        with open(path, "wb") as f:
-            np.lib.format.write_array(f, X, allow_pickle=False)
+        try:
+            with open(path, "wb") as f:
+                np.lib.format.write_array(f, X, allow_pickle=False)
+        except BaseException:
+            Path(path).unlink(missing_ok=True)  # a disk that filled up keeps no half-written file
+            raise
         return cls(path)
 
     def __len__(self) -> int:

@@ -173,13 +173,23 @@ def _merge(D, I, starts, cj, cs, r0, r1):
                 b += 1
 
 
-def grown_lists(D_old: np.ndarray, I_old: np.ndarray, N: int) -> tuple[np.ndarray, np.ndarray]:
+def grown_lists(D_old, I_old, N: int) -> tuple[np.ndarray, np.ndarray]:
     """(D, I): (N, kk) float32 / int32 (int64 past 2^31 rows) lists with the old rows' lists
     (n_old, kk) in their first rows, the rest to be filled by `extend_knn` or
-    `extend_knn_searched` (which work in place: the lists of a grown collection are held once)."""
-    D = np.empty((N, D_old.shape[1]), np.float32)
-    I = np.empty((N, D_old.shape[1]), ids_dtype(N))
-    D[: len(D_old)], I[: len(I_old)] = D_old, I_old
+    `extend_knn_searched` (which work in place: the lists of a grown collection are held once).
+    D_old / I_old: arrays, or functions returning them (e.g. an .npz file's members): each is then
+    loaded only when it is copied and dropped after, so at most one old array is held beside the
+    new ones (at 10^6 x 51, 0.19 GiB less)."""
+    D_old = D_old() if callable(D_old) else D_old
+    n_old, kk = D_old.shape
+    D = np.empty((N, kk), np.float32)
+    D[:n_old] = D_old
+    del D_old
+    I_old = I_old() if callable(I_old) else I_old
+    if I_old.shape != (n_old, kk):
+        raise ValueError(f"grown_lists: ids of shape {I_old.shape} for similarities of shape {(n_old, kk)}")
+    I = np.empty((N, kk), ids_dtype(N))
+    I[:n_old] = I_old
     return D, I
 
 

@@ -67,3 +67,17 @@ def test_blocked_scores_and_topk_equal_the_in_memory_reference(rows, block_bytes
     np.testing.assert_array_equal(Df, Da)
     with pytest.raises(ValueError, match="past the database"):
         candidate_scores(Q, f[:100], cand, block_bytes=block_bytes)
+
+
+def test_a_row_file_that_does_not_fit_leaves_nothing(tmp_path, monkeypatch):
+    """A disk that fills up while the rows are written: the error propagates, no half file stays."""
+    import errno
+
+    def full(f, X, allow_pickle=False):
+        f.write(b"\x93NUMPY partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "write_array", full)
+    with pytest.raises(OSError, match="No space"):
+        RowFile.create(tmp_path / "rows.npy", np.zeros((10, 4), np.float32))
+    assert not (tmp_path / "rows.npy").exists()

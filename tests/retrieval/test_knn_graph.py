@@ -146,6 +146,11 @@ def test_extended_knn_graph_equals_a_rebuild():
         extend_knn(D, I, X[:n0 + 5], n0)
     with pytest.raises(ValueError, match="an update needs full old lists"):
         extend_knn(*grown_lists(D0[:2, :3], I0[:2, :3], 4), X[:4], 2)
+    Dl, Il = grown_lists(lambda: D0, lambda: I0, len(X))  # loaded one at a time (an .npz's members): the same old rows
+    np.testing.assert_array_equal(Dl[:n0], D0)
+    np.testing.assert_array_equal(Il[:n0], I0)
+    with pytest.raises(ValueError, match="ids of shape"):
+        grown_lists(D0, I0[:, :3], len(X))
 
 
 def test_extended_knn_takes_a_hub_that_enters_many_old_lists():
