@@ -8,15 +8,15 @@ exception is a bug and shows its traceback. `--debug` shows the traceback of eve
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import sys
 import traceback
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, absolute_paths, load_config
+from .config import RunConfig, absolute_paths, load_config
 from .config_toml import config_to_toml
 from .logs import setup_logging
+from .user_errors import is_user_error, one_line
 
 log = logging.getLogger("retrieval")
 STAGE_ORDER = ["ingest", "extract", "graph", "query", "evaluate"]
@@ -98,32 +98,6 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--transpose", action="store_true", help="the file stores one descriptor per column (d x n)")
     imp.add_argument("--shard-size", type=int, default=100_000)
     return p
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that are the user's to fix, reported on one line: the project's own, and
-    ValueError / FileNotFoundError, which its stages raise with a message for bad input."""
-    from cluster.errors import ClusterError
-
-    from .descriptors import DescriptorError
-    from .errors import WeightsError
-    from .groundtruth import GroundTruthError
-    from .ingest import IngestError
-
-    return (ConfigError, IngestError, DescriptorError, WeightsError, GroundTruthError, ClusterError, ValueError, FileNotFoundError)
-
-
-# OS errors that are the user's to fix (space, quota, a read-only file system, permissions), not bugs:
-# the graph stage's scratch rows (n x d x 4 bytes) or a shard may not fit on a full disk
-USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
-
-
-def is_user_error(e: BaseException) -> bool:
-    return isinstance(e, user_errors()) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _job_workdir(args: argparse.Namespace) -> None:

@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images")
     a = ap.parse_args(argv)
     setup_logging()  # as the CLI's (each stage of a level runs here, in its own process)
-    from .cli import is_user_error, one_line
+    from .user_errors import is_user_error, one_line
 
     try:
         got = _stage(load_config(a.run_config), a.child, a.images)
