@@ -47,33 +47,29 @@ def _by_block(flat, rows_per_block, nblocks):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
+def _dot(q, r):
+    """float32 inner product, summed in one order for every caller (from a file or an array)."""
+    acc = np.float32(0.0)
+    for j in range(q.shape[0]):
+        acc += q[j] * r[j]
+    return acc
+
+
+@njit(cache=True, nogil=True)
 def _score(queries, rows, lo, flat, order, c, s0, s1, out):
     """out[p] = <queries[p // c], rows[flat[p] - lo]> for p in order[s0:s1]."""
-    d = queries.shape[1]
     for t in range(s0, s1):
         p = order[t]
-        q = queries[p // c]
-        r = rows[flat[p] - lo]
-        acc = np.float32(0.0)
-        for j in range(d):
-            acc += q[j] * r[j]
-        out[p] = acc
+        out[p] = _dot(queries[p // c], rows[flat[p] - lo])
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True)
 def _score_all(queries, rows, flat, c, p0, p1, out):
     """out[p] = <queries[p // c], rows[flat[p]]> for p in [p0, p1) where flat[p] >= 0 (rows in
-    memory: no blocks; the same sum, in the same order, as `_score`)."""
-    d = queries.shape[1]
+    memory: no blocks)."""
     for p in range(p0, p1):
-        if flat[p] < 0:
-            continue
-        q = queries[p // c]
-        r = rows[flat[p]]
-        acc = np.float32(0.0)
-        for j in range(d):
-            acc += q[j] * r[j]
-        out[p] = acc
+        if flat[p] >= 0:
+            out[p] = _dot(queries[p // c], rows[flat[p]])
 
 
 PARALLEL_MIN = 1 << 15  # fewer candidates than this are scored on the calling thread (starting threads costs more)

@@ -21,15 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.peak_memory import own_peak_gib
+
 from .spmm import spmm_bound, step_spmm
 
 log = logging.getLogger("scale")
-
-
-def _peak_rss_gib() -> float:
-    from pipelines.peak_memory import own_peak_gib
-
-    return own_peak_gib()
 
 
 def _spec(n: int, nq: int):
@@ -66,7 +62,7 @@ def step_graph(out: Path, index: str, k: int, nprobe: int, nlist: int, hnsw_m: i
     write_graph(W, out / f"graph-{index}", block_rows=GraphConfig().block_rows, manifest={"n": n, "nnz": int(W.nnz), "k": k})
     return {"index": info["index"], "nlist": info["nlist"], "nprobe": info["nprobe"], "hnsw": info["hnsw"],
             "k": k, "seconds_index": info["seconds_index"], "seconds_search": info["seconds_search"], "seconds_total": info["seconds"],
-            "recall_at_k": info.get("recall_at_k", 1.0), "nnz": int(W.nnz), "isolated": st.isolated, "peak_rss_gib": _peak_rss_gib()}
+            "recall_at_k": info.get("recall_at_k", 1.0), "nnz": int(W.nnz), "isolated": st.isolated, "peak_rss_gib": own_peak_gib()}
 
 
 def step_recall(out: Path, nlists: list[int], nprobes: list[int], rows: int = 1000) -> dict:
@@ -190,7 +186,7 @@ def step_methods(out: Path, graph: str, nq: int, topk: int, loop_queries: int, p
             ids.append(topk_columns(x[:, None], topk)[0][0])
         record("scipy cg loop (reference)", ids, time.perf_counter() - t0, m)
     res["spmm"] = spmm_bound(W, base.alpha)
-    res["peak_rss_gib"] = _peak_rss_gib()
+    res["peak_rss_gib"] = own_peak_gib()
     return res
 
 
