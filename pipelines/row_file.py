@@ -2,9 +2,9 @@
 
 `RowFile.create(path, X)` writes X ((n, d) float32) as a .npy file; the returned reader answers
 `shape`, `dtype`, `len()`, `rows[a:b]` (a contiguous range, or an array of row numbers) and
-`read_into(a, b, buffer)` by reading only those rows (`os.pread` into a fresh array: no memory map, so rows once read do not
-stay in the process; the kernel's page cache may keep the file, as it keeps any file, and gives
-it back under pressure). `retrieval.row_blocks` takes such a reader wherever it takes an array.
+`read_into(a, b, buffer)` by reading only those rows (`os.preadv` into a fresh array or the given
+buffer: no memory map, so rows once read do not stay in the process; the kernel's page cache may
+keep the file, as it keeps any file, and gives it back under pressure). `retrieval.row_blocks` takes such a reader wherever it takes an array.
 """
 from __future__ import annotations
 
