@@ -88,6 +88,68 @@ def map_batches_actor_pool(ds, cls, *, constructor_args: tuple, actors: int, num
     )
 
 
+def shard_rows(shards: list[Path]) -> tuple[dict[str, int], dict[str, Path]]:
+    """Rows of each shard (from its Parquet footer) and its path, both by file name."""
+    return {Path(p).name: pq.read_metadata(p).num_rows for p in shards}, {Path(p).name: Path(p) for p in shards}
+
+
+class ShardAssembler:
+    """Rows of many shards arriving in any order and any grouping -> each shard whole, once its
+    expected row count is in: (shard path, ids sorted, vectors, extra) as the engines yield them,
+    extra["rejects"] the (id, reason) of its images that could not be decoded and, with regions, the
+    good images' "regions" / "region_boxes" lists."""
+
+    def __init__(self, expected: dict[str, int], paths: dict[str, Path], progress: Callable[[int], None] | None = None):
+        self.expected, self.paths, self.progress = expected, paths, progress
+        self.got: dict[str, int] = defaultdict(int)
+        self.parts: dict[str, list[tuple]] = defaultdict(list)
+
+    def add(self, name: str, ids: np.ndarray, vec: np.ndarray, ok: np.ndarray, reasons: list[str],
+            regions: list[np.ndarray] | None = None, boxes: list[np.ndarray] | None = None
+            ) -> Iterator[tuple[Path, np.ndarray, np.ndarray, dict]]:
+        """Take n rows of shard `name` (ids (n,), vectors (n, d) float32, ok (n,) bool, n reasons,
+        optional per-row regions (r, d) and boxes (r, 4)); yields the shard if it is now whole."""
+        self.parts[name].append((ids, vec, ok, reasons, regions, boxes))
+        self.got[name] += len(ids)
+        if self.progress:
+            self.progress(len(ids))
+        if self.got[name] > self.expected[name]:
+            raise RuntimeError(f"ray extract: shard {name} produced {self.got[name]} rows, expected {self.expected[name]}")
+        if self.got[name] < self.expected[name]:
+            return
+        parts = self.parts.pop(name)
+        ids = np.concatenate([p[0] for p in parts]).astype(np.int64)
+        vec = np.concatenate([p[1] for p in parts]).astype(np.float32)
+        ok = np.concatenate([p[2] for p in parts])
+        why = [r for p in parts for r in p[3]]
+        order = np.argsort(ids, kind="stable")
+        good = order[ok[order]]
+        extra: dict[str, Any] = {"rejects": [(int(ids[i]), why[i]) for i in order if not ok[i]]}
+        if parts[0][4] is not None:
+            regs, bxs = [r for p in parts for r in p[4]], [b for p in parts for b in p[5]]
+            extra.update(regions=[regs[i] for i in good], region_boxes=[bxs[i] for i in good])
+        yield self.paths[name], ids[good], vec[good], extra
+
+    def add_batch(self, batch: dict[str, np.ndarray]) -> Iterator[tuple[Path, np.ndarray, np.ndarray, dict]]:
+        """Take one batch as the model actors return it (`_EmbedActor`'s columns, rows of any shards)."""
+        names = np.array([Path(str(p)).name for p in batch["path"]])
+        regs = boxes = None
+        if "regions_flat" in batch:
+            d = batch["vector"].shape[1]
+            regs = [np.asarray(r, np.float32).reshape(-1, d) for r in batch["regions_flat"]]
+            boxes = [np.asarray(b, np.float32).reshape(-1, 4) for b in batch["region_boxes_flat"]]
+        for name in np.unique(names):
+            sel = np.flatnonzero(names == name)
+            yield from self.add(name, batch["id"][sel], batch["vector"][sel], np.asarray(batch["ok"], bool)[sel],
+                                [batch["reason"][i] for i in sel], None if regs is None else [regs[i] for i in sel],
+                                None if boxes is None else [boxes[i] for i in sel])
+
+    def check_complete(self) -> None:
+        missing = {n: self.expected[n] - self.got.get(n, 0) for n in self.expected if self.got.get(n, 0) != self.expected[n]}
+        if missing:
+            raise RuntimeError(f"ray extract: incomplete shards (rows missing): {missing}")
+
+
 READ_TASK_CPUS = 1.0  # Ray Data's Parquet read tasks ask one CPU: 2 actors x 0.75 of 2 CPUs left 0.5 and the job hung
 
 
@@ -134,12 +196,10 @@ def extract_shards_ray(
     if not shards:
         return
     require_ray("extraction (extract engine = ray)")
-    expected = {Path(p).name: pq.read_metadata(p).num_rows for p in shards}
-    by_name = {Path(p).name: Path(p) for p in shards}
-    for name, n in list(expected.items()):
-        if n == 0:
-            yield by_name[name], np.zeros(0, np.int64), np.zeros((0, 0), np.float32), {}
-            del expected[name]
+    expected, by_name = shard_rows(shards)
+    for name in [n for n, rows in expected.items() if rows == 0]:
+        yield by_name[name], np.zeros(0, np.int64), np.zeros((0, 0), np.float32), {}
+        del expected[name]
     if not expected:
         return
     resources = ray.cluster_resources()
@@ -173,43 +233,7 @@ def extract_shards_ray(
     ds = map_batches_actor_pool(
         ds, _EmbedActor, constructor_args=(make_extractor,), actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, batch_size=batch_size
     )
-    acc_ids: dict[str, list[np.ndarray]] = defaultdict(list)
-    acc_vec: dict[str, list[np.ndarray]] = defaultdict(list)
-    acc_reg: dict[str, list] = defaultdict(list)
-    acc_box: dict[str, list] = defaultdict(list)
-    acc_ok: dict[str, list[np.ndarray]] = defaultdict(list)
-    acc_why: dict[str, list] = defaultdict(list)
-    got: dict[str, int] = defaultdict(int)
+    shards_out = ShardAssembler(expected, by_name, progress)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        names = np.array([Path(str(p)).name for p in batch["path"]])
-        for name in np.unique(names):
-            sel = names == name
-            acc_ids[name].append(batch["id"][sel])
-            acc_vec[name].append(batch["vector"][sel])
-            acc_ok[name].append(np.asarray(batch["ok"], bool)[sel])
-            acc_why[name].extend(batch["reason"][sel].tolist())
-            if "regions_flat" in batch:
-                d = batch["vector"].shape[1]
-                for j in np.flatnonzero(sel):
-                    acc_reg[name].append(np.asarray(batch["regions_flat"][j], np.float32).reshape(-1, d))
-                    acc_box[name].append(np.asarray(batch["region_boxes_flat"][j], np.float32).reshape(-1, 4))
-            got[name] += int(sel.sum())
-            if progress:
-                progress(int(sel.sum()))
-            if got[name] == expected[name]:
-                ids = np.concatenate(acc_ids.pop(name)).astype(np.int64)
-                vec = np.concatenate(acc_vec.pop(name)).astype(np.float32)
-                ok = np.concatenate(acc_ok.pop(name))
-                why = acc_why.pop(name)
-                order = np.argsort(ids, kind="stable")
-                good = order[ok[order]]
-                extra = {"rejects": [(int(ids[i]), why[i]) for i in order if not ok[i]]}
-                if name in acc_reg:
-                    regs, boxes = acc_reg.pop(name), acc_box.pop(name)
-                    extra.update(regions=[regs[i] for i in good], region_boxes=[boxes[i] for i in good])
-                yield by_name[name], ids[good], vec[good], extra
-            elif got[name] > expected[name]:
-                raise RuntimeError(f"ray extract: shard {name} produced {got[name]} rows, expected {expected[name]}")
-    missing = {n: expected[n] - got.get(n, 0) for n in expected if got.get(n, 0) != expected[n]}
-    if missing:
-        raise RuntimeError(f"ray extract: incomplete shards (rows missing): {missing}")
+        yield from shards_out.add_batch(batch)
+    shards_out.check_complete()

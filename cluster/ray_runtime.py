@@ -148,6 +148,21 @@ def require_ray(what: str) -> None:
                            "cluster.ray_runtime.init_ray(ray_address) (the pipeline does so for every stage that needs it)")
 
 
+def ray_is_up() -> bool:
+    """Whether Ray is started (or joined) in this process."""
+    import ray
+
+    return ray.is_initialized()
+
+
+def cluster_address() -> str:
+    """The address other processes join this process's Ray at (host:port of its GCS)."""
+    import ray
+
+    require_ray("cluster_address")
+    return ray.get_runtime_context().gcs_address
+
+
 def shutdown_ray() -> None:
     import ray
 

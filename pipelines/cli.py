@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import RunConfig, absolute_paths, load_config
+from .config import EXTRACT_ENGINES, RunConfig, absolute_paths, load_config
 from .config_toml import config_to_toml
 from .logs import setup_logging
 from .user_errors import is_user_error, one_line
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("config", help="TOML run configuration (see deploy/configs/demo.toml)")
         sp.add_argument("--out", help="run directory (overrides `out` in the config)")
         if name in ("run", "extract"):
-            sp.add_argument("--engine", choices=["ray", "local"], help="extraction engine (overrides [extract].engine)")
+            sp.add_argument("--engine", choices=list(EXTRACT_ENGINES), help="extraction engine (overrides [extract].engine)")
         elif name == "graph":
             sp.add_argument("--engine", choices=["ray", "local"], help="graph engine (overrides [graph].engine)")
         if name == "query":

@@ -25,7 +25,7 @@ from typing import Any, Sequence, TypeVar
 log = logging.getLogger(__name__)
 
 # Allowed values of the string options whose registry is the dispatch of a stage or engine.
-EXTRACT_ENGINES: tuple[str, ...] = ("local", "ray")
+EXTRACT_ENGINES: tuple[str, ...] = ("local", "ray", "ray_actors")
 WHITENINGS: tuple[str, ...] = ("pca", "lw", "none")
 GRAPH_INDEXES: tuple[str, ...] = ("flat", "ivf", "hnsw", "auto")
 GRAPH_ENGINES: tuple[str, ...] = ("local", "ray")
@@ -89,12 +89,10 @@ class BenchmarkConfig:
     distractors: int = _min(400, 0)
     image_size: int = _min(288, 16)
     train_landmarks: list[str] = field(default_factory=lambda: ["chelsea", "immunohistochemistry", "retina", "moon", "page"])
-    test_landmarks: list[str] = field(
-        default_factory=lambda: ["astronaut", "coffee", "rocket", "motorcycle", "camera", "coins", "clock", "hubble_deep_field"]
-    )
-    # "views": each landmark seen large (the demo); "clutter": small objects (object_coverage of the
-    # frame) at random places in busy scenes that many images share, distractors included (INSTRE-like)
-    mode: str = _choice("views", ("views", "clutter"))
+    test_landmarks: list[str] = field(default_factory=lambda: [
+        "astronaut", "coffee", "rocket", "motorcycle", "camera", "coins", "clock", "hubble_deep_field"])
+    mode: str = _choice("views", ("views", "clutter"))  # "views": each landmark seen large (the demo); "clutter":
+    # small objects (object_coverage of the frame) at random places in busy scenes that many images share (INSTRE-like)
     scenes: int = _min(16, 1)  # clutter mode: background scenes shared by all images
     object_coverage: list[float] = field(default_factory=lambda: [0.05, 0.25])  # clutter mode: [min, max] fraction of the frame
 
@@ -113,8 +111,7 @@ class IngestConfig:
     shard_size: int = _min(256, 1)
     max_pixels: int = _min(40_000_000, 1)  # larger images are rejected (decompression-bomb guard)
     extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"])
-    # a folder's symbolic links that lead outside it are recorded as rejects unless this is true
-    follow_symlinks: bool = False
+    follow_symlinks: bool = False  # a folder's symbolic links that lead outside it are rejects unless this is true
 
 
 @dataclass
@@ -139,10 +136,13 @@ class ExtractConfig:
     region_kind: str = _choice("rmac", ("rmac", "fs_egm"))
     region_whitening: bool = False  # R-MAC from regional vectors PCA-whitened before summing (needs regions = true)
     batch_size: int = _min(16, 1)
-    engine: str = _choice("ray", EXTRACT_ENGINES)  # "ray" (actor pool) or "local" (in-process)
+    # "ray" (Ray Data: read + decode tasks, an actor pool per extraction), "ray_actors" (named model actors that
+    # decode too, reused while alive: cluster/extract_actors.py) or "local" (in-process)
+    engine: str = _choice("ray", EXTRACT_ENGINES)
     actors: int = _min(1, 1)
     actor_num_cpus: float = 1.0
-    decode_num_cpus: float = 0.5  # CPUs per Ray decode task (decoding runs apart from the model actors)
+    decode_num_cpus: float = 0.5  # CPUs per Ray decode task (decoding runs apart from the model actors; "ray" engine)
+    keep_actors: bool = False  # "ray_actors": leave the model actors in the cluster after the stage, for the next one
     torch_threads: int = _min(0, 0)  # 0: leave torch's default
     # where the model runs: "auto" = the GPU when the process sees one (a Ray actor given a GPU), else CPU
     device: str = _choice("auto", ("auto", "cpu", "cuda"))

@@ -201,11 +201,8 @@ def _extraction(ecfg: ExperimentConfig, cfg_path: Path, cfg: RunConfig, run: Pat
 
 def run_experiment(ecfg: ExperimentConfig) -> list[dict]:
     """Every level of the experiment (skipping recorded ones); returns the level records."""
-    from .run import resolve_dataset
-
     out = Path(ecfg.out).resolve()
     cfg = run_config(ecfg)
-    run = Path(cfg.out)
     d = ecfg.distractors  # the generator of synthetic distractors does not matter for a folder of one's own
     eparams = params_hash({"run": config_to_dict(cfg), "distractors": dataclasses.replace(d, generator=0) if d.source else d})
     meta = read_json_or(out / "experiment.json", {})
@@ -215,12 +212,68 @@ def run_experiment(ecfg: ExperimentConfig) -> list[dict]:
                           "use another out, or delete it to start again")
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "run.toml"
-    write_bytes(config_to_toml(cfg).encode(), cfg_path)
+    pending = any(_recorded(out, level, eparams) is None for level in ecfg.levels)
+    shared = _shared_ray(ecfg, cfg) if pending else None
+    try:
+        write_bytes(config_to_toml(cfg).encode(), cfg_path)  # what each stage's process loads
+        return _levels(ecfg, cfg, cfg_path, eparams, shared)
+    finally:
+        if shared:
+            from cluster.extract_actors import stop_pool
+            from cluster.ray_runtime import shutdown_ray
+
+            stop_pool()  # the model actors kept across levels
+            if shared["ray_started"]:
+                shutdown_ray()
+
+
+def _recorded(out: Path, level: int, eparams: str) -> dict | None:
+    """The record of `level` when that level is done with these settings, else None."""
+    rec = read_json_or(out / "levels" / f"{level:09d}.json", None)
+    return rec if isinstance(rec, dict) and rec.get("params") == eparams else None
+
+
+def _shared_ray(ecfg: ExperimentConfig, cfg: RunConfig) -> dict | None:
+    """One Ray for every stage of every level, started here, when the stages run in processes of their
+    own on the embedded Ray: each stage joins it instead of starting its own (~4 s each), and with
+    the ray_actors engine the model actors are started once, before the first level, and kept warm
+    across levels (the extraction's first descriptors in 0.3 s instead of 6.5-8: BENCHMARKS.md).
+    Sets the stages' `ray_address` (and `extract.keep_actors`) in `cfg`; returns the start-up
+    times, or None (stages start their own Ray, or join the cluster the base config names)."""
+    from .run import ray_users
+
+    if not ecfg.isolate or cfg.ray_address or not ray_users(cfg, list(STAGES)):
+        return None
+    from cluster.ray_runtime import cluster_address, init_ray, ray_is_up
+
+    t0 = time.perf_counter()
+    if cfg.extract.engine != "local":
+        import torch  # noqa: F401 (before Ray: see run.start_engines)
+    started = not ray_is_up()  # else this process's Ray (a caller's) is joined, and left running
+    init_ray()
+    cfg.ray_address = cluster_address()
+    shared = {"ray_start_s": time.perf_counter() - t0, "ray_started": started}
+    if cfg.extract.engine == "ray_actors":
+        from .extract import warm_model_actors
+
+        t0 = time.perf_counter()
+        cfg.extract.keep_actors = True
+        warm_model_actors(cfg.extract)
+        shared["model_actors_start_s"] = time.perf_counter() - t0
+    log.info("experiment: one Ray for every stage at %s (%s)", cfg.ray_address,
+             ", ".join(f"{k} {v:.1f} s" for k, v in shared.items() if k.endswith("_s")))
+    return shared
+
+
+def _levels(ecfg: ExperimentConfig, cfg: RunConfig, cfg_path: Path, eparams: str, shared: dict | None) -> list[dict]:
+    from .run import resolve_dataset
+
+    out, run = Path(ecfg.out).resolve(), Path(cfg.out)
     records, prev = [], 0
     for li, level in enumerate(ecfg.levels):
         rec_path = out / "levels" / f"{level:09d}.json"
-        rec = read_json_or(rec_path, None)
-        if isinstance(rec, dict) and rec.get("params") == eparams:
+        rec = _recorded(out, level, eparams)
+        if rec is not None:
             log.info("experiment: level %d recorded, skipping", level)
             records.append(rec)
             prev = level
@@ -250,7 +303,7 @@ def run_experiment(ecfg: ExperimentConfig) -> list[dict]:
             "metrics": {m: {p: {"map": v["map"], "mpk": v.get("mpk", {})} for p, v in e.items()} for m, e in evaluation["methods"].items()},
             "queries_per_s": {m: (s.get("queries") / s["seconds"] if s.get("seconds") else None) for m, s in stats.items() if isinstance(s, dict)},
             "distraction": _distraction(cfg, run, n_base), "extraction": extraction,
-            "run": str(run), "snapshot": f"levels/{level:09d}", "params": eparams,
+            "run": str(run), "snapshot": f"levels/{level:09d}", "params": eparams, "shared_ray": shared,
         }
         _snapshot(run, out / "levels" / f"{level:09d}")
         write_json(rec, rec_path)  # the level counts as done only now

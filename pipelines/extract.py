@@ -78,10 +78,12 @@ def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bo
 
 
 def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
+    from cluster.extract_actors import stop_pool
     from cluster.ray_extract import extract_shards_ray
 
     from .decode import prepare
 
+    stop_pool()  # model actors kept by the ray_actors engine would hold the CPUs Ray Data's read tasks need
     yield from extract_shards_ray(
         shards,
         make_extractor,
@@ -95,7 +97,34 @@ def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool
     )
 
 
-ENGINES = {"local": local_engine, "ray": ray_engine}
+def ray_actors_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
+    from cluster.extract_actors import extract_shards_actors
+
+    from .decode import prepare
+
+    yield from extract_shards_actors(
+        shards, make_extractor, prepare=functools.partial(prepare, cfg=cfg), actors=cfg.actors, num_cpus=cfg.actor_num_cpus,
+        batch_size=cfg.batch_size, with_boxes=with_boxes, keep=cfg.keep_actors, progress=progress,
+    )
+
+
+def warm_model_actors(cfg: ExtractConfig) -> list[int]:
+    """Start the ray_actors engine's model actors for the extraction `cfg` runs first (the FS.EGM pass
+    for os_egm), kept in the cluster, and wait until they are built: a later extract stage on this
+    Ray finds them warm. Returns their process ids."""
+    from cluster.extract_actors import warm_pool
+
+    from .decode import prepare
+
+    if cfg.pooling == "os_egm":
+        from .discover import first_pass
+
+        cfg = first_pass(cfg)
+    return warm_pool(functools.partial(DescriptorExtractor, cfg), functools.partial(prepare, cfg=cfg), actors=cfg.actors,
+                     num_cpus=cfg.actor_num_cpus)
+
+
+ENGINES = {"local": local_engine, "ray": ray_engine, "ray_actors": ray_actors_engine}
 
 
 def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, with_boxes: bool = False, make: Callable | None = None,

@@ -153,7 +153,7 @@ def _discovery_html(cfg: RunConfig, run_dir: Path) -> str:
 
 def ray_users(cfg: RunConfig, stages: list[str]) -> list[str]:
     """The stages of this run that use Ray with this configuration (each names why)."""
-    uses = {"extract": cfg.extract.engine == "ray", "graph": cfg.graph.engine == "ray", "train": cfg.train.engine == "ray",
+    uses = {"extract": cfg.extract.engine != "local", "graph": cfg.graph.engine == "ray", "train": cfg.train.engine == "ray",
             "query": "petsc" in cfg.query.methods and cfg.query.petsc_launch == "ray"}
     return [s for s in stages if uses.get(s)]
 

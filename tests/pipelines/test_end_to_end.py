@@ -49,9 +49,10 @@ def test_pipeline_outputs(local_run):
     assert all(ranks["converged"])
 
 
-def test_ray_extraction_equals_in_process(ray_session, local_run, tmp_path, tiny_benchmark):
+@pytest.mark.parametrize("engine", ["ray", "ray_actors"])
+def test_ray_extraction_equals_in_process(engine, ray_session, local_run, tmp_path, tiny_benchmark):
     cfg_local, _ = local_run
-    cfg = _cfg(tmp_path, tiny_benchmark, "ray", engine="ray")
+    cfg = _cfg(tmp_path, tiny_benchmark, engine, engine=engine)
     run_stages(cfg, ["ingest", "extract"])
     from pathlib import Path
 
@@ -178,7 +179,7 @@ def test_regional_descriptors_stored_and_equal_across_engines(ray_session, tmp_p
     from pipelines.extract import extract_features
 
     outs = {}
-    for engine in ("local", "ray"):
+    for engine in ("local", "ray", "ray_actors"):
         cfg = _cfg(tmp_path, tiny_benchmark, f"regions-{engine}", engine=engine)
         run_stages(cfg, ["ingest"])
         from pathlib import Path
@@ -189,18 +190,20 @@ def test_regional_descriptors_stored_and_equal_across_engines(ray_session, tmp_p
         t = pq.read_table(sorted((out / "features").glob("part-*.parquet"))[0])
         assert {"regions", "region_boxes"} <= set(t.column_names)
         outs[engine] = t.to_pydict()
-    a, b = outs["local"], outs["ray"]
-    assert a["id"] == b["id"]
-    for ra, rb, boxes, w in zip(a["regions"], b["regions"], a["region_boxes"], a["id"]):
-        ra, rb = np.array(ra), np.array(rb)
-        assert ra.shape == rb.shape and ra.shape[0] >= 3 and ra.shape[1] == 1280
-        np.testing.assert_allclose(ra, rb, atol=1e-5)
-        np.testing.assert_allclose(np.linalg.norm(ra, axis=1), 1.0, atol=1e-4)
-        bx = np.array(boxes)
-        assert (bx[:, 2] > bx[:, 0]).all() and (bx[:, 3] > bx[:, 1]).all() and bx.min() >= 0
+    a = outs["local"]
+    for b in (outs["ray"], outs["ray_actors"]):
+        assert a["id"] == b["id"]
+        for ra, rb, boxes, bb in zip(a["regions"], b["regions"], a["region_boxes"], b["region_boxes"]):
+            ra, rb = np.array(ra), np.array(rb)
+            assert ra.shape == rb.shape and ra.shape[0] >= 3 and ra.shape[1] == 1280
+            np.testing.assert_allclose(ra, rb, atol=1e-5)
+            np.testing.assert_allclose(np.linalg.norm(ra, axis=1), 1.0, atol=1e-4)
+            bx = np.array(boxes)
+            assert (bx[:, 2] > bx[:, 0]).all() and (bx[:, 3] > bx[:, 1]).all() and bx.min() >= 0
+            np.testing.assert_allclose(np.array(bb), bx, atol=1e-4)
 
 
-@pytest.mark.parametrize("engine", ["local", "ray"])
+@pytest.mark.parametrize("engine", ["local", "ray", "ray_actors"])
 def test_corrupt_image_inside_a_shard_is_rejected_at_extract(engine, ray_session, tmp_path, tiny_benchmark):
     from pathlib import Path
 
@@ -247,7 +250,8 @@ class _CrashOnceExtractor:
         return self.inner.embed(pixels, geoms, ids=ids)
 
 
-def test_ray_worker_killed_mid_run_loses_and_duplicates_nothing(ray_session, local_run, tmp_path, tiny_benchmark, monkeypatch):
+@pytest.mark.parametrize("engine", ["ray", "ray_actors"])
+def test_ray_worker_killed_mid_run_loses_and_duplicates_nothing(engine, ray_session, local_run, tmp_path, tiny_benchmark, monkeypatch):
     import functools
     import sys
     from pathlib import Path
@@ -257,7 +261,7 @@ def test_ray_worker_killed_mid_run_loses_and_duplicates_nothing(ray_session, loc
     import pipelines.extract as ex
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    cfg = _cfg(tmp_path, tiny_benchmark, "killed", engine="ray")
+    cfg = _cfg(tmp_path, tiny_benchmark, f"killed-{engine}", engine=engine)
     run_stages(cfg, ["ingest"])
     marker = tmp_path / "crash-marker"
     monkeypatch.setattr(ex, "DescriptorExtractor", functools.partial(_CrashOnceExtractor, marker=str(marker)))

@@ -14,10 +14,10 @@ from pipelines.experiment import load_experiment, run_experiment
 from tests.conftest import tiny_run_config
 
 
-def _write(tmp_path, tiny_benchmark, name, levels, **extra) -> Path:
+def _write(tmp_path, tiny_benchmark, name, levels, engine="local", **extra) -> Path:
     d = tmp_path / name
     (d / "exp").mkdir(parents=True)
-    base = tiny_run_config(d / "base-run")
+    base = tiny_run_config(d / "base-run", engine=engine)
     (d / "base.toml").write_text(config_to_toml(base))
     # the benchmark is already built: copy it where the experiment's run will look for it
     shutil.copytree(tiny_benchmark, d / "exp" / "run" / "benchmark")
@@ -110,16 +110,30 @@ def test_bad_experiment_configs_are_refused_with_the_key_named(tmp_path, tiny_be
         load_experiment(p)
 
 
+@pytest.mark.timeout(400)
 def test_isolated_stages_run_in_child_processes_and_report_their_memory(tmp_path, tiny_benchmark, capfd):
-    path = _write(tmp_path, tiny_benchmark, "iso", [2])
+    """Each stage in a process of its own, all on one Ray the runner starts, the model actors started
+    before the first level and found warm by every extraction (the base's and each level's)."""
+    path = _write(tmp_path, tiny_benchmark, "iso", [0, 2], engine="ray_actors")
     path.write_text(path.read_text().replace("isolate = false", "isolate = true"))
-    (rec,) = run_experiment(load_experiment(path))
-    assert set(rec["stages"]) == {"ingest", "add", "extract", "graph", "query", "evaluate"}
+    recs = run_experiment(load_experiment(path))
+    rec = recs[1]
+    assert set(recs[0]["stages"]) == {"ingest", "extract", "graph", "query", "evaluate"}
+    assert set(rec["stages"]) == {"add", "extract", "graph", "query", "evaluate"}
     assert all(s["isolated"] and 0.05 < s["peak_rss_gib"] < 8 for s in rec["stages"].values())
     assert rec["database"] == rec["base_images"] + 2
-    assert rec["extraction"]["images"] == rec["database"] and rec["extraction"]["raw_forward_img_s"] > 0  # measured in a child too
+    assert rec["extraction"]["images"] == 2 and rec["extraction"]["raw_forward_img_s"] > 0  # measured in a child too
+    assert rec["shared_ray"]["model_actors_start_s"] > 0 and rec["shared_ray"]["ray_started"] in (True, False)
     err = capfd.readouterr().err  # the children log as the CLI does: faiss's loader attempts are not shown
     assert "pipelines.graph" in err and "swigfaiss" not in err and "faiss.loader" not in err
+    # database and queries at level 0, the new images at level 2: every time the one actor started before level 0
+    assert err.count("extract: 1 model actors (1 warm") == 3 and "(0 warm" not in err
+    from cluster.ray_runtime import ray_is_up
+
+    if ray_is_up():  # the runner joined this process's Ray (the test session's) and left it running, its actors stopped
+        from cluster.extract_actors import pool_names
+
+        assert pool_names() == []
 
 
 def test_a_user_error_in_an_isolated_stage_is_one_line(tmp_path, tiny_benchmark, capfd):

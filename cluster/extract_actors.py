@@ -1,0 +1,187 @@
+"""Descriptor extraction on warm model actors: named Ray actors that can outlive the stage.
+
+Ray Data builds a new actor pool for every dataset: each extraction pays for new worker processes,
+torch's import and the model's construction (6.5-8 s here before the first descriptors, most of
+a 1,000-image level: BENCHMARKS.md). This engine (`[extract] engine = "ray_actors"`) runs the same
+decode + model step (`ray_extract._Decode` then `_EmbedActor`, fused as Ray Data fuses them) in
+named actors of the namespace `NAMESPACE`: the driver reads the image shards, deals chunks of
+`batch_size` images to the actors (two in flight per actor, so none waits for the next) and
+assembles each shard whole. With `keep = True` the actors are detached: they stay in the cluster,
+idle, and the next extraction with the same extractor (hash of the pickled constructor) reuses
+them; an extraction with another extractor replaces them. On the embedded Ray they end with the
+stage's process either way; `retrieval experiment` runs every level's stages on one Ray of its
+own, so its levels share one warm pool (and it ends with the experiment).
+
+An actor that dies is restarted by Ray and its chunks retried (`max_restarts`, `max_task_retries`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .ray_extract import ShardAssembler, _Decode, _EmbedActor, shard_rows
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "retrieval-extract"
+IN_FLIGHT = 2  # chunks queued per actor: the next one is there when an actor finishes
+RESTARTS = 3  # restarts of a dead actor (its chunks retried), per actor
+
+
+class _ModelActor:
+    """Decode + model, as Ray Data's fused pool runs them (`_Decode` then `_EmbedActor`)."""
+
+    def __init__(self, make_extractor: Callable[[], Any], prepare: Callable, key: str):
+        self.decode, self.embed, self.key = _Decode(prepare), _EmbedActor(make_extractor), key
+
+    def params(self) -> str:
+        return self.key
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.embed(self.decode(batch))
+
+
+def pool_key(*parts: Any) -> str:
+    """Hash of the pickled extractor constructor, decode function and placement: actors built from
+    the same ones are interchangeable."""
+    import ray.cloudpickle
+
+    return hashlib.sha256(ray.cloudpickle.dumps(parts)).hexdigest()[:16]
+
+
+def pool_names() -> list[str]:
+    """Names of the model actors alive in this cluster (any extractor)."""
+    import ray.util
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE)
+
+
+def stop_pool(names: list[str] | None = None) -> None:
+    """Kill the named model actors (every one when `names` is None)."""
+    import ray
+
+    if not ray.is_initialized():  # no Ray in this process: no actors of ours to stop (and Ray is not started for it)
+        return
+    for name in pool_names() if names is None else names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:  # gone already
+            pass
+
+
+def model_actors(make_extractor: Callable, prepare: Callable, *, actors: int, num_cpus: float, num_gpus: float, keep: bool) -> tuple[list, str]:
+    """`actors` model actors for this extractor: the ones alive in the cluster when their key matches,
+    else new ones (detached when `keep`); the pool of any other extractor is killed first, so it does
+    not hold the CPUs the new one needs. Returns (handles, key)."""
+    import ray
+
+    key = pool_key(make_extractor, prepare, num_cpus, num_gpus)
+    names = [f"model-{key}-{i}" for i in range(actors)]
+    stale = [n for n in pool_names() if n not in names]
+    if stale:
+        log.info("extract: replacing %d model actors of another extractor", len(stale))
+        stop_pool(stale)
+    cls = ray.remote(_ModelActor)
+    reused = set(pool_names())
+    handles = [cls.options(name=n, namespace=NAMESPACE, get_if_exists=True, lifetime="detached" if keep else None, num_cpus=num_cpus,
+                           num_gpus=num_gpus or None, max_restarts=RESTARTS, max_task_retries=RESTARTS).remote(make_extractor, prepare, key)
+               for n in names]
+    log.info("extract: %d model actors (%d warm, %s)", actors, len(reused & set(names)), "kept after the stage" if keep else "stopped after it")
+    return handles, key
+
+
+def warm_pool(make_extractor: Callable, prepare: Callable, *, actors: int, num_cpus: float) -> list[int]:
+    """Start (or find) the kept model actors `extract_shards_actors(..., keep=True)` will use for this
+    extractor and wait until each has built its model; returns their process ids."""
+    import ray
+
+    res = ray.cluster_resources()
+    handles, _ = model_actors(make_extractor, prepare, actors=actors, num_cpus=num_cpus,
+                              num_gpus=1.0 if res.get("GPU", 0) >= 1 else 0.0, keep=True)
+    return ray.get([h.pid.remote() for h in handles])
+
+
+def _chunks(shards: list[Path], batch_size: int, with_boxes: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `batch_size` rows as Ray Data hands them to `_Decode`: path, id, image (bytes), bbox."""
+    import pyarrow.parquet as pq
+
+    cols = ["id", "image"] + (["bbox"] if with_boxes else [])
+    for p in shards:
+        t = pq.read_table(p, columns=cols)
+        ids, images = t.column("id").to_numpy().astype(np.int64), t.column("image").to_pylist()
+        boxes = t.column("bbox").to_pylist() if with_boxes else None
+        for i in range(0, len(ids), batch_size):
+            j = min(i + batch_size, len(ids))
+            batch = {"path": np.array([str(p)] * (j - i), dtype=object), "id": ids[i:j],
+                     "image": np.array(images[i:j] + [None], dtype=object)[:-1]}
+            if boxes is not None:
+                batch["bbox"] = np.array(boxes[i:j] + [None], dtype=object)[:-1]
+            yield batch
+
+
+def extract_shards_actors(
+    shards: list[Path],
+    make_extractor: Callable[[], Any],
+    *,
+    prepare: Callable[[bytes, Any], tuple[np.ndarray, np.ndarray]],
+    actors: int = 1,
+    num_cpus: float = 1.0,
+    batch_size: int = 16,
+    with_boxes: bool = False,
+    keep: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[tuple[Path, np.ndarray, np.ndarray, dict]]:
+    """Yield (shard path, ids (n,) int64, vectors (n, d) float32 sorted by id, extra) per finished
+    shard, as `ray_extract.extract_shards_ray` does, from `actors` warm model actors (`num_cpus`
+    each, one GPU each when the cluster has GPUs). The actors decode too: nothing else runs on Ray,
+    so they may take every CPU of the cluster."""
+    import ray
+
+    from .errors import ClusterError
+    from .ray_runtime import require_ray
+
+    if not shards:
+        return
+    require_ray("extraction (extract engine = ray_actors)")
+    expected, by_name = shard_rows(shards)
+    for name in [n for n, rows in expected.items() if rows == 0]:
+        yield by_name[name], np.zeros(0, np.int64), np.zeros((0, 0), np.float32), {}
+        del expected[name]
+    if not expected:
+        return
+    res = ray.cluster_resources()
+    num_gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
+    if num_gpus and actors > res["GPU"]:
+        raise ClusterError(f"ray_actors extract: {actors} model actors need one GPU each and the cluster has {res['GPU']:g}: "
+                           f"set [extract].actors <= {int(res['GPU'])}")
+    if actors * num_cpus > res.get("CPU", 0.0):
+        raise ClusterError(f"ray_actors extract: {actors} model actors x {num_cpus:g} CPUs do not fit the cluster's "
+                           f"{res.get('CPU', 0.0):g} CPUs: lower [extract].actors or actor_num_cpus")
+    handles, _ = model_actors(make_extractor, prepare, actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, keep=keep)
+    out = ShardAssembler(expected, by_name, progress)
+    todo = _chunks([by_name[n] for n in expected], batch_size, with_boxes)
+    owner: dict[Any, Any] = {}  # chunk result ref -> the actor working on it
+    try:
+        for h in handles:
+            for batch in [b for _, b in zip(range(IN_FLIGHT), todo)]:
+                owner[h.run.remote(batch)] = h
+        while owner:
+            [ref], _ = ray.wait(list(owner), num_returns=1)
+            h = owner.pop(ref)
+            nxt = next(todo, None)
+            if nxt is not None:
+                owner[h.run.remote(nxt)] = h
+            yield from out.add_batch(ray.get(ref))
+        out.check_complete()
+    finally:
+        if not keep:
+            stop_pool()

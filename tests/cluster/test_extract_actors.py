@@ -1,0 +1,77 @@
+"""The warm model actors (`engine = "ray_actors"`): kept actors are reused, another extractor replaces
+them, nothing is left behind unless asked, and the Ray Data engine frees their CPUs."""
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.descriptors import load_descriptors
+from pipelines.extract import extract_features, warm_model_actors
+from pipelines.run import run_stages
+from tests.conftest import tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, tiny_benchmark):
+    out = tmp_path_factory.mktemp("actors") / "run"
+    out.mkdir()
+    shutil.copytree(tiny_benchmark, out / "benchmark")
+    cfg = tiny_run_config(out, engine="ray_actors")
+    run_stages(cfg, ["ingest"])
+    return cfg
+
+
+def _extract(cfg, tmp_path, name, **changes):
+    """extract_features on a fresh copy of the run's image shards (nothing done yet)."""
+    run = tmp_path / name
+    shutil.copytree(Path(cfg.out) / "images", run / "images")
+    summary = extract_features(run / "images", run, dataclasses.replace(cfg.extract, **changes))
+    return summary, load_descriptors(run / "features")
+
+
+def _pids():
+    import ray
+
+    from cluster.extract_actors import NAMESPACE, pool_names
+
+    return {n: ray.get(ray.get_actor(n, namespace=NAMESPACE).pid.remote()) for n in pool_names()}
+
+
+@pytest.mark.timeout(300)
+def test_kept_actors_are_reused_and_replaced_by_another_extractor(ray_session, ingested, tmp_path):
+    from cluster.extract_actors import stop_pool
+
+    cfg = ingested
+    try:
+        started = warm_model_actors(dataclasses.replace(cfg.extract, keep_actors=True))
+        before = _pids()
+        assert sorted(before.values()) == sorted(started) and len(before) == cfg.extract.actors
+        s1, a = _extract(cfg, tmp_path, "one", keep_actors=True)
+        s2, b = _extract(cfg, tmp_path, "two", keep_actors=True)
+        assert _pids() == before  # the same processes: found warm, not started again
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[2], b[2])
+        # another extractor (other pooling): the kept pool is replaced, not added to (it would hold the CPUs)
+        _extract(cfg, tmp_path, "mac", keep_actors=True, pooling="mac")
+        after = _pids()
+        assert len(after) == cfg.extract.actors and not set(after) & set(before)
+        # not kept: the stage's actors are gone when it ends
+        _extract(cfg, tmp_path, "unkept", keep_actors=False)
+        assert _pids() == {}
+        # the Ray Data engine stops kept actors first: its read tasks need their CPUs (else it hangs)
+        _extract(cfg, tmp_path, "kept-again", keep_actors=True)
+        assert _pids()
+        _, c = _extract(cfg, tmp_path, "ray-data", engine="ray")
+        assert _pids() == {}
+        np.testing.assert_allclose(c[2], a[2], atol=1e-5)
+    finally:
+        stop_pool()
+
+
+def test_actors_that_do_not_fit_the_cluster_are_refused_with_the_settings_named(ray_session, ingested, tmp_path):
+    from cluster.errors import ClusterError
+
+    with pytest.raises(ClusterError, match=r"3 model actors x 1 CPUs do not fit the cluster's 2 CPUs"):
+        _extract(ingested, tmp_path, "big", actors=3, actor_num_cpus=1.0)
