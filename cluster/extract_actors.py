@@ -16,8 +16,12 @@ An actor that dies is restarted by Ray and its chunks retried (`max_restarts`, `
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
+import json
 import logging
+import types
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -50,12 +54,31 @@ class _ModelActor:
         return self.embed(self.decode(batch))
 
 
-def pool_key(*parts: Any) -> str:
-    """Hash of the pickled extractor constructor, decode function and placement: actors built from
-    the same ones are interchangeable."""
+def _canonical(x: Any) -> Any:
+    """A JSON-able form of an extractor constructor and its arguments that is equal for equal values
+    (pickled bytes are not: pickle shares repeated strings by identity, so two equal configurations
+    loaded in different processes pickled differently); anything else by its pickled bytes."""
+    if isinstance(x, functools.partial):
+        return ["partial", _canonical(x.func), [_canonical(a) for a in x.args], {k: _canonical(v) for k, v in x.keywords.items()}]
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return [_canonical(type(x)), {f.name: _canonical(getattr(x, f.name)) for f in dataclasses.fields(x)}]
+    if isinstance(x, (type, types.FunctionType)):
+        return f"{x.__module__}.{x.__qualname__}"
+    if isinstance(x, (list, tuple)):
+        return [_canonical(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _canonical(v) for k, v in x.items()}
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
     import ray.cloudpickle
 
-    return hashlib.sha256(ray.cloudpickle.dumps(parts)).hexdigest()[:16]
+    return "pickle:" + hashlib.sha256(ray.cloudpickle.dumps(x)).hexdigest()
+
+
+def pool_key(*parts: Any) -> str:
+    """Key of the extractor constructor, decode function and placement: actors built from equal ones
+    are interchangeable."""
+    return hashlib.sha256(json.dumps(_canonical(parts), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def pool_names() -> list[str]:
