@@ -50,6 +50,10 @@ class _ModelActor:
 
         return os.getpid()
 
+    def device(self) -> str:
+        """Where the model runs ("cpu", "cuda:0", ...)."""
+        return str(getattr(self.embed.extract, "device", "cpu"))
+
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.embed(self.decode(batch))
 

@@ -13,6 +13,7 @@ from retrieval.backbones import fold_batchnorm
 from retrieval.pooling import egm_regional, l2n, make_pooling, rmac_regional, sum_regions
 from retrieval.saliency import fs_map
 
+from .allocator import keep_freed_memory
 from .config import ExtractConfig
 from .decode import open_rgb, prepare, to_input
 from .models import load_backbone
@@ -130,6 +131,7 @@ class DescriptorExtractor:
 
     def __init__(self, cfg: ExtractConfig):
         self.cfg = cfg
+        keep_freed_memory()  # else each image's activations are paged in afresh (pipelines/allocator.py)
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
         self.model, self.info = load_backbone(cfg.backbone, cfg.weights)

@@ -3,7 +3,8 @@
     python -m pytest tests/cluster/test_gpu.py          # on a GPU machine (CUDA build of torch)
 
 Extraction on the GPU equals extraction on the CPU; a Ray extraction actor given a GPU runs the
-model there; a Ray Train worker with use_gpu gets a CUDA device.
+model there, and so do the warm model actors (`engine = "ray_actors"`), with the CPU's descriptors;
+a Ray Train worker with use_gpu gets a CUDA device.
 """
 from __future__ import annotations
 
@@ -64,6 +65,37 @@ def test_ray_extraction_actor_runs_on_its_gpu(ray_session):
         return str(next(DescriptorExtractor(ExtractConfig(max_side=64)).model.parameters()).device)
 
     assert ray.get(device_of_extractor.remote(), timeout=300).startswith("cuda")
+
+
+def test_warm_model_actors_run_on_their_gpus_and_match_the_cpu(ray_session):
+    """The ray_actors engine: each model actor gets a GPU (one per actor) and its descriptors equal
+    the CPU's."""
+    import functools
+
+    import ray
+
+    from cluster.extract_actors import NAMESPACE, pool_names, stop_pool, warm_pool
+    from pipelines.config import ExtractConfig
+    from pipelines.decode import prepare
+    from pipelines.extractor import DescriptorExtractor
+
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the embedded Ray sees no GPU")
+    cfg = ExtractConfig(max_side=96, engine="ray_actors", actors=1, actor_num_cpus=0.5, keep_actors=True)
+    try:
+        warm_pool(functools.partial(DescriptorExtractor, cfg), functools.partial(prepare, cfg=cfg), actors=1, num_cpus=0.5)
+        (name,) = pool_names()
+        actor = ray.get_actor(name, namespace=NAMESPACE)
+        assert ray.get(actor.device.remote(), timeout=300).startswith("cuda")
+        imgs = _images()
+        batch = {"path": np.array(["x"] * len(imgs), dtype=object), "id": np.arange(len(imgs)),
+                 "image": np.array(imgs + [None], dtype=object)[:-1]}
+        got = ray.get(actor.run.remote(batch), timeout=300)
+        cpu = DescriptorExtractor(ExtractConfig(max_side=96, device="cpu")).extract(imgs)
+        assert got["ok"].all()
+        np.testing.assert_allclose(got["vector"], cpu["vector"], atol=2e-3)
+    finally:
+        stop_pool()
 
 
 def test_ray_train_worker_gets_a_cuda_device(ray_session, tmp_path):
