@@ -79,6 +79,9 @@ def raw_forward_rate(cfg: ExtractConfig, images: Sequence[bytes], *, threads: in
     return sum(g[0] for g in got) / (max(g[2] for g in got) - min(g[1] for g in got))
 
 
+BARRIER_TIMEOUT_S = 600.0  # the forward processes wait this long for each other to be ready
+
+
 def _next_result(results, workers) -> tuple[int, float, float] | str:
     """The next worker's result; a clear error when every worker has exited without one."""
     import queue
@@ -104,8 +107,8 @@ def _timed_forward(cfg: ExtractConfig, images: Sequence[bytes], threads: int, ba
     try:
         with torch.no_grad():
             ex.features(inputs[0])
-            if barrier is not None:
-                barrier.wait()
+            if barrier is not None:  # a sibling that never arrives (killed with its parent) breaks it, not waits forever
+                barrier.wait(timeout=BARRIER_TIMEOUT_S)
             t0 = time.time()
             for x in inputs:
                 l2n(ex.pool(ex.features(x)))
