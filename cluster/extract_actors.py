@@ -137,21 +137,27 @@ def warm_pool(make_extractor: Callable, prepare: Callable, *, actors: int, num_c
     return ray.get([h.pid.remote() for h in handles])
 
 
-def _chunks(shards: list[Path], batch_size: int, with_boxes: bool) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of `batch_size` rows as Ray Data hands them to `_Decode`: path, id, image (bytes), bbox."""
+def _chunks(shards: list[Path], batch_size: int, with_boxes: bool, tail_rows: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of `batch_size` rows as Ray Data hands them to `_Decode`: path, id, image (bytes), bbox.
+    The last `tail_rows` rows go in chunks a quarter that size, so the actors finish together (a
+    whole chunk queued on one actor while another has nothing left idled that one for a chunk's time)."""
     import pyarrow.parquet as pq
 
     cols = ["id", "image"] + (["bbox"] if with_boxes else [])
+    left = sum(pq.read_metadata(p).num_rows for p in shards)
     for p in shards:
         t = pq.read_table(p, columns=cols)
         ids, images = t.column("id").to_numpy().astype(np.int64), t.column("image").to_pylist()
         boxes = t.column("bbox").to_pylist() if with_boxes else None
-        for i in range(0, len(ids), batch_size):
-            j = min(i + batch_size, len(ids))
+        i = 0
+        while i < len(ids):
+            j = min(i + (batch_size if left > tail_rows else max(1, batch_size // 4)), len(ids))
             batch = {"path": np.array([str(p)] * (j - i), dtype=object), "id": ids[i:j],
                      "image": np.array(images[i:j] + [None], dtype=object)[:-1]}
             if boxes is not None:
                 batch["bbox"] = np.array(boxes[i:j] + [None], dtype=object)[:-1]
+            left -= j - i
+            i = j
             yield batch
 
 
@@ -195,7 +201,7 @@ def extract_shards_actors(
                            f"{res.get('CPU', 0.0):g} CPUs: lower [extract].actors or actor_num_cpus")
     handles, _ = model_actors(make_extractor, prepare, actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, keep=keep)
     out = ShardAssembler(expected, by_name, progress)
-    todo = _chunks([by_name[n] for n in expected], batch_size, with_boxes)
+    todo = _chunks([by_name[n] for n in expected], batch_size, with_boxes, tail_rows=len(handles) * IN_FLIGHT * batch_size)
     owner: dict[Any, Any] = {}  # chunk result ref -> the actor working on it
     try:
         for h in handles:
