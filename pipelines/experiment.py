@@ -5,7 +5,9 @@
 One run directory (`OUT/run`) grows level by level: each level adds only its new distractor images
 (`ingest_added`: stable ids, new shards), extracts only them, updates the graph (exact index: one
 product of the new rows with all; HNSW/IVF: through the index kept with the graph), and ranks and evaluates every method. Each stage of a
-level runs in its own process (`isolate = true`) so its wall time and peak RSS are its own. A level
+level runs in its own process (`isolate = true`) so its wall time and peak RSS are its own; they all
+join one Ray the runner starts, with the model actors of the ray_actors engine kept warm across
+levels (`_shared_ray`). A level
 is recorded (`OUT/levels/<distractors>.json` plus a snapshot of its metrics, evaluation, timings,
 config and report in `OUT/levels/<distractors>/`) only when all its stages are done: a killed
 experiment reruns from the first unrecorded level, and inside it every stage skips what it
