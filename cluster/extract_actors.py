@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .ray_extract import ShardAssembler, _Decode, _EmbedActor, shard_rows
+from .ray_extract import ShardAssembler, _Decode, _EmbedActor, no_rows, shard_rows
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +185,8 @@ def extract_shards_actors(
     if not shards:
         return
     require_ray("extraction (extract engine = ray_actors)")
-    expected, by_name = shard_rows(shards)
-    for name in [n for n, rows in expected.items() if rows == 0]:
-        yield by_name[name], np.zeros(0, np.int64), np.zeros((0, 0), np.float32), {}
-        del expected[name]
+    expected, by_name, empty = shard_rows(shards)
+    yield from map(no_rows, empty)
     if not expected:
         return
     res = ray.cluster_resources()

@@ -88,9 +88,16 @@ def map_batches_actor_pool(ds, cls, *, constructor_args: tuple, actors: int, num
     )
 
 
-def shard_rows(shards: list[Path]) -> tuple[dict[str, int], dict[str, Path]]:
-    """Rows of each shard (from its Parquet footer) and its path, both by file name."""
-    return {Path(p).name: pq.read_metadata(p).num_rows for p in shards}, {Path(p).name: Path(p) for p in shards}
+def shard_rows(shards: list[Path]) -> tuple[dict[str, int], dict[str, Path], list[Path]]:
+    """Rows of each shard that has any (from its Parquet footer) and its path, both by file name;
+    and the shards with no rows."""
+    rows = {Path(p).name: pq.read_metadata(p).num_rows for p in shards}
+    return {n: r for n, r in rows.items() if r}, {Path(p).name: Path(p) for p in shards}, [Path(p) for p in shards if not rows[Path(p).name]]
+
+
+def no_rows(path: Path) -> tuple[Path, np.ndarray, np.ndarray, dict]:
+    """What an engine yields for a shard with no rows."""
+    return path, np.zeros(0, np.int64), np.zeros((0, 0), np.float32), {}
 
 
 class ShardAssembler:
@@ -196,10 +203,8 @@ def extract_shards_ray(
     if not shards:
         return
     require_ray("extraction (extract engine = ray)")
-    expected, by_name = shard_rows(shards)
-    for name in [n for n, rows in expected.items() if rows == 0]:
-        yield by_name[name], np.zeros(0, np.int64), np.zeros((0, 0), np.float32), {}
-        del expected[name]
+    expected, by_name, empty = shard_rows(shards)
+    yield from map(no_rows, empty)
     if not expected:
         return
     resources = ray.cluster_resources()
