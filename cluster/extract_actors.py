@@ -105,12 +105,23 @@ def stop_pool(names: list[str] | None = None) -> None:
             pass
 
 
-def model_actors(make_extractor: Callable, prepare: Callable, *, actors: int, num_cpus: float, num_gpus: float, keep: bool) -> tuple[list, str]:
-    """`actors` model actors for this extractor: the ones alive in the cluster when their key matches,
-    else new ones (detached when `keep`); the pool of any other extractor is killed first, so it does
-    not hold the CPUs the new one needs. Returns (handles, key)."""
+def model_actors(make_extractor: Callable, prepare: Callable, *, actors: int, num_cpus: float, keep: bool) -> list:
+    """`actors` model actors for this extractor (`num_cpus` each, one GPU each when the cluster has
+    GPUs): the ones alive in the cluster when their key matches, else new ones (detached when
+    `keep`); the pool of any other extractor is killed first, so it does not hold the CPUs the new
+    one needs. A pool that does not fit the cluster is refused (ClusterError)."""
     import ray
 
+    from .errors import ClusterError
+
+    res = ray.cluster_resources()
+    num_gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
+    if num_gpus and actors > res["GPU"]:
+        raise ClusterError(f"ray_actors extract: {actors} model actors need one GPU each and the cluster has {res['GPU']:g}: "
+                           f"set [extract].actors <= {int(res['GPU'])}")
+    if actors * num_cpus > res.get("CPU", 0.0):
+        raise ClusterError(f"ray_actors extract: {actors} model actors x {num_cpus:g} CPUs do not fit the cluster's "
+                           f"{res.get('CPU', 0.0):g} CPUs: lower [extract].actors or actor_num_cpus")
     key = pool_key(make_extractor, prepare, num_cpus, num_gpus)
     names = [f"model-{key}-{i}" for i in range(actors)]
     stale = [n for n in pool_names() if n not in names]
@@ -123,7 +134,7 @@ def model_actors(make_extractor: Callable, prepare: Callable, *, actors: int, nu
                            num_gpus=num_gpus or None, max_restarts=RESTARTS, max_task_retries=RESTARTS).remote(make_extractor, prepare, key)
                for n in names]
     log.info("extract: %d model actors (%d warm, %s)", actors, len(reused & set(names)), "kept after the stage" if keep else "stopped after it")
-    return handles, key
+    return handles
 
 
 def warm_pool(make_extractor: Callable, prepare: Callable, *, actors: int, num_cpus: float) -> list[int]:
@@ -131,10 +142,7 @@ def warm_pool(make_extractor: Callable, prepare: Callable, *, actors: int, num_c
     extractor and wait until each has built its model; returns their process ids."""
     import ray
 
-    res = ray.cluster_resources()
-    handles, _ = model_actors(make_extractor, prepare, actors=actors, num_cpus=num_cpus,
-                              num_gpus=1.0 if res.get("GPU", 0) >= 1 else 0.0, keep=True)
-    return ray.get([h.pid.remote() for h in handles])
+    return ray.get([h.pid.remote() for h in model_actors(make_extractor, prepare, actors=actors, num_cpus=num_cpus, keep=True)])
 
 
 def _chunks(shards: list[Path], batch_size: int, with_boxes: bool, tail_rows: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -179,7 +187,6 @@ def extract_shards_actors(
     so they may take every CPU of the cluster."""
     import ray
 
-    from .errors import ClusterError
     from .ray_runtime import require_ray
 
     if not shards:
@@ -189,15 +196,7 @@ def extract_shards_actors(
     yield from map(no_rows, empty)
     if not expected:
         return
-    res = ray.cluster_resources()
-    num_gpus = 1.0 if res.get("GPU", 0) >= 1 else 0.0
-    if num_gpus and actors > res["GPU"]:
-        raise ClusterError(f"ray_actors extract: {actors} model actors need one GPU each and the cluster has {res['GPU']:g}: "
-                           f"set [extract].actors <= {int(res['GPU'])}")
-    if actors * num_cpus > res.get("CPU", 0.0):
-        raise ClusterError(f"ray_actors extract: {actors} model actors x {num_cpus:g} CPUs do not fit the cluster's "
-                           f"{res.get('CPU', 0.0):g} CPUs: lower [extract].actors or actor_num_cpus")
-    handles, _ = model_actors(make_extractor, prepare, actors=actors, num_cpus=num_cpus, num_gpus=num_gpus, keep=keep)
+    handles = model_actors(make_extractor, prepare, actors=actors, num_cpus=num_cpus, keep=keep)
     out = ShardAssembler(expected, by_name, progress)
     todo = _chunks([by_name[n] for n in expected], batch_size, with_boxes, tail_rows=len(handles) * IN_FLIGHT * batch_size)
     owner: dict[Any, Any] = {}  # chunk result ref -> the actor working on it
