@@ -77,17 +77,28 @@ def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bo
         yield p, np.array(ok_ids, np.int64), V, extra
 
 
+def default_extractor(cfg: ExtractConfig) -> Callable[[], DescriptorExtractor]:
+    """What builds the extractor in each worker unless a stage passes its own."""
+    return functools.partial(DescriptorExtractor, cfg)
+
+
+def decoder(cfg: ExtractConfig) -> Callable:
+    """`prepare(bytes, bbox)` for `cfg`, as the Ray engines' workers decode (the warm actors' key
+    includes it: the warm-up and the extraction must build it alike)."""
+    from .decode import prepare
+
+    return functools.partial(prepare, cfg=cfg)
+
+
 def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
     from cluster.extract_actors import stop_pool
     from cluster.ray_extract import extract_shards_ray
-
-    from .decode import prepare
 
     stop_pool()  # model actors kept by the ray_actors engine would hold the CPUs Ray Data's read tasks need
     yield from extract_shards_ray(
         shards,
         make_extractor,
-        prepare=functools.partial(prepare, cfg=cfg),
+        prepare=decoder(cfg),
         decode_num_cpus=cfg.decode_num_cpus,
         actors=cfg.actors,
         num_cpus=cfg.actor_num_cpus,
@@ -100,10 +111,8 @@ def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool
 def ray_actors_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
     from cluster.extract_actors import extract_shards_actors
 
-    from .decode import prepare
-
     yield from extract_shards_actors(
-        shards, make_extractor, prepare=functools.partial(prepare, cfg=cfg), actors=cfg.actors, num_cpus=cfg.actor_num_cpus,
+        shards, make_extractor, prepare=decoder(cfg), actors=cfg.actors, num_cpus=cfg.actor_num_cpus,
         batch_size=cfg.batch_size, with_boxes=with_boxes, keep=cfg.keep_actors, progress=progress,
     )
 
@@ -114,14 +123,11 @@ def warm_model_actors(cfg: ExtractConfig) -> list[int]:
     Ray finds them warm. Returns their process ids."""
     from cluster.extract_actors import warm_pool
 
-    from .decode import prepare
-
     if cfg.pooling == "os_egm":
         from .discover import first_pass
 
         cfg = first_pass(cfg)
-    return warm_pool(functools.partial(DescriptorExtractor, cfg), functools.partial(prepare, cfg=cfg), actors=cfg.actors,
-                     num_cpus=cfg.actor_num_cpus)
+    return warm_pool(default_extractor(cfg), decoder(cfg), actors=cfg.actors, num_cpus=cfg.actor_num_cpus)
 
 
 ENGINES = {"local": local_engine, "ray": ray_engine, "ray_actors": ray_actors_engine}
@@ -147,7 +153,7 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
     log.info("extract: %d of %d shards to do (engine=%s)", len(todo), len(shards), cfg.engine)
     total = sum(read_table(p, ["id"]).num_rows for p in todo)
     t0 = time.perf_counter()
-    make = make or functools.partial(DescriptorExtractor, cfg)
+    make = make or default_extractor(cfg)
     first: list[tuple[float, int]] = []  # (seconds, images) at the first descriptors out: start-up cost
 
     with tqdm(total=total, desc="extract", unit="img") as bar:

@@ -38,7 +38,7 @@ def forward_threads(cfg: ExtractConfig, processes: int = 1) -> int:
 
 
 def forward_processes(cfg: ExtractConfig) -> int:
-    """Forward passes the extraction runs side by side: one per model actor for the Ray engine on a
+    """Forward passes the extraction runs side by side: one per model actor for the Ray engines on a
     CPU (on a GPU the actors sit on different devices, so one process is the reference), else one."""
     return cfg.actors if cfg.engine != "local" and torch_device(cfg.device).type == "cpu" else 1
 

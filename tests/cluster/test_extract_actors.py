@@ -80,20 +80,17 @@ def test_actors_that_do_not_fit_the_cluster_are_refused_with_the_settings_named(
 def test_equal_extractors_loaded_apart_share_a_pool_key(tmp_path):
     """The experiment warms the actors from its configuration and each stage loads the written copy:
     their pickles differ (pickle shares equal strings by identity), their pool keys must not."""
-    import functools
-
     from cluster.extract_actors import pool_key
     from pipelines.config import load_config
     from pipelines.config_toml import config_to_toml
-    from pipelines.decode import prepare
-    from pipelines.extractor import DescriptorExtractor
+    from pipelines.extract import decoder, default_extractor
 
     cfg = load_config("deploy/configs/demo-224.toml")
     (tmp_path / "run.toml").write_text(config_to_toml(cfg))
     copy = load_config(tmp_path / "run.toml")
 
     def key(c):
-        return pool_key(functools.partial(DescriptorExtractor, c), functools.partial(prepare, cfg=c), 0.5, 0.0)
+        return pool_key(default_extractor(c), decoder(c), 0.5, 0.0)
 
     assert key(cfg.extract) == key(copy.extract)
     assert key(dataclasses.replace(copy.extract, gem_p=2.0)) != key(cfg.extract)
