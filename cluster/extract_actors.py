@@ -7,7 +7,7 @@ decode + model step (`ray_extract._Decode` then `_EmbedActor`, fused as Ray Data
 named actors of the namespace `NAMESPACE`: the driver reads the image shards, deals chunks of
 `batch_size` images to the actors (two in flight per actor, so none waits for the next) and
 assembles each shard whole. With `keep = True` the actors are detached: they stay in the cluster,
-idle, and the next extraction with the same extractor (hash of the pickled constructor) reuses
+idle, and the next extraction with the same extractor (a canonical form of its constructor: `pool_key`) reuses
 them; an extraction with another extractor replaces them. On the embedded Ray they end with the
 stage's process either way; `retrieval experiment` runs every level's stages on one Ray of its
 own, so its levels share one warm pool (and it ends with the experiment).
@@ -56,6 +56,11 @@ class _ModelActor:
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.embed(self.decode(batch))
+
+    def forward_clock(self) -> tuple[float, int] | None:
+        """The extractor's `forward_clock()` (CPU seconds in its forward passes, images), None if it has none."""
+        clock = getattr(self.embed.extract, "forward_clock", None)
+        return clock() if clock else None
 
 
 def _canonical(x: Any) -> Any:
@@ -180,11 +185,13 @@ def extract_shards_actors(
     with_boxes: bool = False,
     keep: bool = False,
     progress: Callable[[int], None] | None = None,
+    clocks: list | None = None,
 ) -> Iterator[tuple[Path, np.ndarray, np.ndarray, dict]]:
     """Yield (shard path, ids (n,) int64, vectors (n, d) float32 sorted by id, extra) per finished
     shard, as `ray_extract.extract_shards_ray` does, from `actors` warm model actors (`num_cpus`
     each, one GPU each when the cluster has GPUs). The actors decode too: nothing else runs on Ray,
-    so they may take every CPU of the cluster."""
+    so they may take every CPU of the cluster. When every shard is done, `clocks` (if given) gets
+    each actor's (before, after) `forward_clock()` readings of this extraction."""
     import ray
 
     from .ray_runtime import require_ray
@@ -200,6 +207,7 @@ def extract_shards_actors(
     out = ShardAssembler(expected, by_name, progress)
     todo = _chunks([by_name[n] for n in expected], batch_size, with_boxes, tail_rows=len(handles) * IN_FLIGHT * batch_size)
     owner: dict[Any, Any] = {}  # chunk result ref -> the actor working on it
+    before = [h.forward_clock.remote() for h in handles]  # an actor runs its calls in order: read before its first chunk
     try:
         for h in handles:
             for batch in [b for _, b in zip(range(IN_FLIGHT), todo)]:
@@ -212,6 +220,8 @@ def extract_shards_actors(
                 owner[h.run.remote(nxt)] = h
             yield from out.add_batch(ray.get(ref))
         out.check_complete()
+        if clocks is not None:
+            clocks += zip(ray.get(before), ray.get([h.forward_clock.remote() for h in handles]))
     finally:
         if not keep:
             stop_pool()

@@ -182,11 +182,15 @@ def _distraction(cfg: RunConfig, run: Path, n_base: int) -> dict:
 
 def _extraction(ecfg: ExperimentConfig, cfg_path: Path, cfg: RunConfig, run: Path) -> dict:
     """The level's extraction rate (its new images only: run/extract.json), end to end and from its
-    first descriptors on, against the forward pass alone on a sample of the same images (a step of
-    its own, `raw_forward_images` of them; ratios >= 0.85 are the scaling target)."""
+    first descriptors on, against two references of the forward pass alone (ratios >= 0.85 are the
+    scaling target): `model_ratio`, the model actors' own forward rate during this extraction (their
+    CPU time in the forward pass: the machine's drift slows both alike), and `ratio`, a step of its
+    own that times the forward pass alone on `raw_forward_images` of the same images afterwards."""
     ex = read_json_or(run / "extract.json", {})
     n, sec = ex.get("images") or 0, ex.get("seconds") or 0.0
     out = {"images": n, "img_s": n / sec if n and sec else None, "steady_img_s": ex.get("steady_img_s")}
+    if out["img_s"] and ex.get("model_img_s"):  # against the model actors' own forward rate during this extraction
+        out.update(model_img_s=ex["model_img_s"], model_ratio=out["img_s"] / ex["model_img_s"])
     osp = ex.get("os") or {}
     if osp.get("images") and osp.get("seconds"):  # os_egm: the OS.EGM pass (img_s above: the FS.EGM pass) and the region index
         out.update(os_img_s=osp["images"] / osp["seconds"], os_steady_img_s=osp.get("steady_img_s"), regions_s=ex.get("regions_s"))
@@ -196,8 +200,10 @@ def _extraction(ecfg: ExperimentConfig, cfg_path: Path, cfg: RunConfig, run: Pat
         out.update(raw_forward_img_s=rate, raw_images=raw.get("raw_images"),
                    ratio=out["img_s"] / rate if rate and out["img_s"] else None,
                    steady_ratio=out["steady_img_s"] / rate if rate and out["steady_img_s"] else None)
-        log.info("experiment: extraction %.1f img/s end to end (%s from its first descriptors on), forward pass alone %.1f img/s",
-                 out["img_s"] or 0.0, f"{out['steady_img_s']:.1f}" if out["steady_img_s"] else "-", rate or 0.0)
+        log.info("experiment: extraction %.1f img/s end to end (%s from its first descriptors on), the model actors' forward passes "
+                 "%s img/s meanwhile, the forward pass alone %.1f img/s afterwards", out["img_s"] or 0.0,
+                 f"{out['steady_img_s']:.1f}" if out["steady_img_s"] else "-", f"{out['model_img_s']:.1f}" if "model_img_s" in out else "-",
+                 rate or 0.0)
     return out
 
 

@@ -39,7 +39,9 @@ def results_html(records: list[dict]) -> str:
                 + (f"; {sets['groups']} sets around a centre, largest {sets['largest']}" if sets else "")) if dup else "-"
         maps = " ".join(f"{m} {r['metrics'][m]['H' if 'H' in r['metrics'][m] else next(iter(r['metrics'][m]))]['map']:.2f}" for m in methods)
         ex = r.get("extraction") or {}
-        rate = (f"{ex['img_s']:.1f} img/s" + (f", {ex['ratio']:.2f}x of the forward pass alone" if ex.get("ratio") else "")
+        rate = (f"{ex['img_s']:.1f} img/s"
+                + (f", {ex['model_ratio']:.3f}x of the model actors' own forward rate meanwhile" if ex.get("model_ratio") else "")
+                + (f", {ex['ratio']:.2f}x of the forward pass alone" if ex.get("ratio") else "")
                 + (f" ({ex['steady_ratio']:.2f}x after start-up)" if ex.get("steady_ratio") else "")
                 + (f"; OS.EGM pass {ex['os_img_s']:.1f} img/s, region index {ex['regions_s'] or 0:.1f} s" if ex.get("os_img_s") else "")
                 ) if ex.get("img_s") else "-"

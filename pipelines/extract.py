@@ -41,12 +41,16 @@ def feature_params(cfg: ExtractConfig) -> str:
     return params_hash(params)
 
 
-def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
+def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig,
+                 clocks: list) -> Iterator[ShardResult]:
     """In-process reference engine: one extractor, shards in order. Yields (shard, ids, vectors,
-    extra) where extra may hold "regions"/"region_boxes" and "rejects" [(id, reason)]."""
+    extra) where extra may hold "regions"/"region_boxes" and "rejects" [(id, reason)]. Every engine
+    appends to `clocks`, when all is done, each extractor's (before, after) `forward_clock()`
+    readings where it can read them (`model_rate`)."""
     from .decode import prepare
 
     extractor = make_extractor()
+    before = _clock(extractor)
     for p in shards:
         t = read_table(p, ["id", "image"] + (["bbox"] if with_boxes else []))
         all_ids = t.column("id").to_numpy().astype(np.int64)
@@ -75,6 +79,28 @@ def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bo
         if cfg.regions:
             extra.update(regions=regs, region_boxes=rboxes)
         yield p, np.array(ok_ids, np.int64), V, extra
+    clocks.append((before, _clock(extractor)))
+
+
+def _clock(extractor) -> tuple[float, int] | None:
+    clock = getattr(extractor, "forward_clock", None)
+    return clock() if clock else None
+
+
+def model_rate(clocks: list) -> float | None:
+    """Images/s the extraction's model passes alone reached while it ran: the sum over its extractors
+    (side by side) of images over CPU seconds in the forward pass between their (before, after)
+    `forward_clock()` readings. None when a reading is missing (Ray Data's anonymous actors, a GPU,
+    torch on several threads) or inconsistent (an actor restarted between them)."""
+    rate = 0.0
+    for before, after in clocks:
+        if before is None or after is None:
+            return None
+        sec, n = after[0] - before[0], after[1] - before[1]
+        if n < 0 or sec < 0:
+            return None
+        rate += n / sec if n and sec > 0 else 0.0
+    return rate if clocks and rate > 0 else None
 
 
 def default_extractor(cfg: ExtractConfig) -> Callable[[], DescriptorExtractor]:
@@ -90,7 +116,9 @@ def decoder(cfg: ExtractConfig) -> Callable:
     return functools.partial(prepare, cfg=cfg)
 
 
-def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
+def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig,
+               clocks: list) -> Iterator[ShardResult]:
+    """Ray Data's pipeline (its actors are anonymous: no `clocks` readings)."""
     from cluster.extract_actors import stop_pool
     from cluster.ray_extract import extract_shards_ray
 
@@ -108,12 +136,13 @@ def ray_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool
     )
 
 
-def ray_actors_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig) -> Iterator[ShardResult]:
+def ray_actors_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig,
+                      clocks: list) -> Iterator[ShardResult]:
     from cluster.extract_actors import extract_shards_actors
 
     yield from extract_shards_actors(
         shards, make_extractor, prepare=decoder(cfg), actors=cfg.actors, num_cpus=cfg.actor_num_cpus,
-        batch_size=cfg.batch_size, with_boxes=with_boxes, keep=cfg.keep_actors, progress=progress,
+        batch_size=cfg.batch_size, with_boxes=with_boxes, keep=cfg.keep_actors, progress=progress, clocks=clocks,
     )
 
 
@@ -155,6 +184,7 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
     t0 = time.perf_counter()
     make = make or default_extractor(cfg)
     first: list[tuple[float, int]] = []  # (seconds, images) at the first descriptors out: start-up cost
+    clocks: list = []  # the extractors' forward clocks before and after (`model_rate`)
 
     with tqdm(total=total, desc="extract", unit="img") as bar:
         def progress(n: int) -> None:
@@ -162,7 +192,7 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
                 first.append((time.perf_counter() - t0, n))
             bar.update(n)
 
-        for path, ids, vecs, extra in ENGINES[cfg.engine](todo, make, with_boxes=with_boxes, progress=progress, cfg=cfg):
+        for path, ids, vecs, extra in ENGINES[cfg.engine](todo, make, with_boxes=with_boxes, progress=progress, cfg=cfg, clocks=clocks):
             src = read_table(path, ["id", "key"])
             keys, src_ids = src.column("key").to_pylist(), src.column("id").to_numpy()
             rejects = extra.get("rejects", [])
@@ -184,11 +214,13 @@ def extract_features(images_dir: Path, out_dir: Path, cfg: ExtractConfig, *, wit
     write_table(rej_t.replace_schema_metadata(None), out_dir / "extract_rejects.parquet", params=phash)
     for k, r in zip(rej_t.column("key").to_pylist()[:20], rej_t.column("reason").to_pylist()[:20]):
         log.warning("extract: rejected %s: %s", k, r)
-    log.info("extract: %d images in %.1f s (%.1f img/s), %d rejects", total, dt, total / dt if dt > 0 and total else 0.0, len(rej_t))
+    model = model_rate(clocks)
+    log.info("extract: %d images in %.1f s (%.1f img/s; the model's forward passes alone %s img/s meanwhile), %d rejects", total, dt,
+             total / dt if dt > 0 and total else 0.0, f"{model:.1f}" if model else "-", len(rej_t))
     start_s, start_n = first[0] if first else (dt, total)
     steady = (total - start_n) / (dt - start_s) if dt > start_s and total > start_n else None
     return {"images": total, "seconds": dt, "params": phash, "rejects": len(rej_t), "first_result_s": start_s,
-            "steady_img_s": steady, "shards": [p.name for p in todo]}
+            "steady_img_s": steady, "model_img_s": model, "shards": [p.name for p in todo]}
 
 
 def _features_hash(ids: np.ndarray, F: np.ndarray, n: int) -> str:

@@ -154,11 +154,26 @@ class DescriptorExtractor:
         if not cfg.scales or any(s <= 0 for s in cfg.scales):
             raise ValueError(f"extract: scales must be positive, got {cfg.scales}")
         self._egm_once = head is None and cfg.pooling == "fs_egm" and cfg.region_kind == "fs_egm"
+        self._forward_cpu_s, self._forward_images = 0.0, 0  # see `forward_clock`
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(1, 3, H, W) normalised RGB (any device, any layout) -> the backbone's (1, C, h, w) maps on
         the extractor's device, in the ordinary contiguous layout."""
-        return self.model.features(x.to(self.device).contiguous(memory_format=self.layout)).contiguous()
+        t = time.thread_time()
+        out = self.model.features(x.to(self.device).contiguous(memory_format=self.layout)).contiguous()
+        self._forward_cpu_s += time.thread_time() - t
+        return out
+
+    def forward_clock(self) -> tuple[float, int] | None:
+        """(CPU seconds spent in the backbone's forward passes, images embedded) since this extractor
+        was built: the model's own rate in the middle of an extraction, which the machine's drift
+        slows exactly as it slows the extraction around it (a process that other work preempts
+        keeps its CPU time). None where that CPU time is not the forward pass's cost: on a GPU
+        (kernels run asynchronously) or with torch on several threads (the calling thread's clock
+        misses the others')."""
+        if self.device.type != "cpu" or torch.get_num_threads() != 1:
+            return None
+        return self._forward_cpu_s, self._forward_images
 
     @property
     def dim(self) -> int:
@@ -202,6 +217,7 @@ class DescriptorExtractor:
                 else:
                     vs.append(l2n(self.pool(fmap))[0])
             out[i] = combine_scales(torch.stack(vs), p=self.cfg.scale_p).cpu().numpy()
+        self._forward_images += len(pixels)
         res = {"vector": out}
         if self.cfg.regions:
             res["regions"], res["region_boxes"] = regions, region_boxes

@@ -59,7 +59,7 @@ def stage_extract(cfg: RunConfig, run_dir: Path) -> dict:
     out = {"database": run_extract(run_dir, cfg.extract, learn=True, gcfg=cfg.graph)}
     db = out["database"]  # what the last extraction that did work took (only new shards after `add`): rates per experiment level
     if db.get("images"):  # a rerun with every shard done keeps the record of the run that did them
-        keys = ("images", "seconds", "first_result_s", "steady_img_s", "shards")
+        keys = ("images", "seconds", "first_result_s", "steady_img_s", "model_img_s", "shards")
         rec = {k: db.get(k) for k in keys}
         if "os" in db:  # os_egm: the first (FS.EGM) pass above, the region index and the OS.EGM pass
             rec.update(regions_s=db.get("regions_s"), os={k: db["os"].get(k) for k in keys if k != "shards"})

@@ -51,6 +51,7 @@ def test_kept_actors_are_reused_and_replaced_by_another_extractor(ray_session, i
         s1, a = _extract(cfg, tmp_path, "one", keep_actors=True)
         s2, b = _extract(cfg, tmp_path, "two", keep_actors=True)
         assert _pids() == before  # the same processes: found warm, not started again
+        assert s1["model_img_s"] > 0 and s2["model_img_s"] > 0  # the actors' forward clocks, read around each extraction
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[2], b[2])
         # another extractor (other pooling): the kept pool is replaced, not added to (it would hold the CPUs)
@@ -63,8 +64,8 @@ def test_kept_actors_are_reused_and_replaced_by_another_extractor(ray_session, i
         # the Ray Data engine stops kept actors first: its read tasks need their CPUs (else it hangs)
         _extract(cfg, tmp_path, "kept-again", keep_actors=True)
         assert _pids()
-        _, c = _extract(cfg, tmp_path, "ray-data", engine="ray")
-        assert _pids() == {}
+        s3, c = _extract(cfg, tmp_path, "ray-data", engine="ray")
+        assert _pids() == {} and s3["model_img_s"] is None  # Ray Data's actors are anonymous: no clock to read
         np.testing.assert_allclose(c[2], a[2], atol=1e-5)
     finally:
         stop_pool()

@@ -122,7 +122,9 @@ def test_isolated_stages_run_in_child_processes_and_report_their_memory(tmp_path
     assert set(rec["stages"]) == {"add", "extract", "graph", "query", "evaluate"}
     assert all(s["isolated"] and 0.05 < s["peak_rss_gib"] < 8 for s in rec["stages"].values())
     assert rec["database"] == rec["base_images"] + 2
-    assert rec["extraction"]["images"] == 2 and rec["extraction"]["raw_forward_img_s"] > 0  # measured in a child too
+    ex = rec["extraction"]
+    assert ex["images"] == 2 and ex["raw_forward_img_s"] > 0  # measured in a child too
+    assert ex["model_img_s"] > 0 and ex["model_ratio"] == pytest.approx(ex["img_s"] / ex["model_img_s"])  # the actors' own clocks
     assert rec["shared_ray"]["model_actors_start_s"] > 0 and rec["shared_ray"]["ray_started"] in (True, False)
     err = capfd.readouterr().err  # the children log as the CLI does: faiss's loader attempts are not shown
     assert "pipelines.graph" in err and "swigfaiss" not in err and "faiss.loader" not in err

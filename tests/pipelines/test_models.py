@@ -182,6 +182,34 @@ def test_raw_forward_rate_in_parallel_processes_and_their_errors():
         raw_forward_rate(cfg, [img, b"not an image", img, img])
 
 
+def test_the_forward_clock_counts_images_and_the_forward_passes_cpu_time():
+    """`forward_clock`: images embedded and CPU seconds in the backbone (one torch thread); no reading
+    where the calling thread's clock is not the forward's cost (several threads). `model_rate` sums
+    extractors side by side and refuses a clock that went back (a restarted actor)."""
+    import time
+
+    from pipelines.config import ExtractConfig
+    from pipelines.extract import model_rate
+    from pipelines.extractor import DescriptorExtractor
+
+    img, prev = _photo_bytes(), torch.get_num_threads()
+    try:
+        ex = DescriptorExtractor(ExtractConfig(max_side=96, torch_threads=1))
+        assert ex.forward_clock() == (0.0, 0)
+        t = time.thread_time()
+        ex([img] * 3)
+        spent = time.thread_time() - t
+        sec, n = ex.forward_clock()
+        assert n == 3 and 0 < sec <= spent
+        torch.set_num_threads(2)
+        assert ex.forward_clock() is None
+    finally:
+        torch.set_num_threads(prev)
+    assert model_rate([((1.0, 10), (2.0, 60)), ((0.0, 0), (0.5, 25))]) == 50 + 50
+    assert model_rate([((1.0, 10), (2.0, 60)), (None, (0.5, 25))]) is None
+    assert model_rate([((5.0, 100), (0.5, 25))]) is None and model_rate([]) is None
+
+
 def test_decode_step_does_not_load_torch():
     """Ray Data's decode tasks unpickle `prepare` (with its config): that must not import torch (about
     2 s of a fresh process's start here). `prepare` gives the pixels and crop geometry the extractor
