@@ -4,9 +4,12 @@ Ray Data builds a new actor pool for every dataset: each extraction pays for new
 torch's import and the model's construction (6.5-8 s here before the first descriptors, most of
 a 1,000-image level: BENCHMARKS.md). This engine (`[extract] engine = "ray_actors"`) runs the same
 decode + model step (`ray_extract._Decode` then `_EmbedActor`, fused as Ray Data fuses them) in
-named actors of the namespace `NAMESPACE`: the driver reads the image shards, deals chunks of
-`batch_size` images to the actors (two in flight per actor, so none waits for the next) and
-assembles each shard whole. With `keep = True` the actors are detached: they stay in the cluster,
+named actors of the namespace `NAMESPACE`: the driver deals row ranges of the image shards,
+`batch_size` rows each, to the actors (two in flight per actor, so none waits for the next), each
+actor reads its rows from the shard file itself, and the driver assembles each shard whole. No image
+crosses the driver or the object store (every node must see the run's folder, as Ray Data's read
+tasks must): shipping each chunk's bytes through them cost the pipeline ~1% of its rate here on two
+cores (BENCHMARKS.md), and on a cluster it would pass every image through the driver's node. With `keep = True` the actors are detached: they stay in the cluster,
 idle, and the next extraction with the same extractor (a canonical form of its constructor: `pool_key`) reuses
 them; an extraction with another extractor replaces them. On the embedded Ray they end with the
 stage's process either way; `retrieval experiment` runs every level's stages on one Ray of its
@@ -41,6 +44,7 @@ class _ModelActor:
 
     def __init__(self, make_extractor: Callable[[], Any], prepare: Callable, key: str):
         self.decode, self.embed, self.key = _Decode(prepare), _EmbedActor(make_extractor), key
+        self._shard: tuple[str, Any] = ("", None)  # the last shard read (path, table): chunks come in shard order
 
     def params(self) -> str:
         return self.key
@@ -56,6 +60,15 @@ class _ModelActor:
 
     def run(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.embed(self.decode(batch))
+
+    def run_rows(self, path: str, start: int, stop: int, with_boxes: bool) -> dict[str, np.ndarray]:
+        """`run` on rows [start, stop) of the image shard at `path`, read here (the last shard read is
+        kept: an actor's chunks come in shard order, so it reads each shard once)."""
+        import pyarrow.parquet as pq
+
+        if self._shard[0] != path:
+            self._shard = (path, pq.read_table(path, columns=["id", "image"] + (["bbox"] if with_boxes else [])))
+        return self.run(rows_batch(path, self._shard[1].slice(start, stop - start), with_boxes))
 
     def forward_clock(self) -> tuple[float, int] | None:
         """The extractor's `forward_clock()` (CPU seconds in its forward passes, images), None if it has none."""
@@ -150,28 +163,49 @@ def warm_pool(make_extractor: Callable, prepare: Callable, *, actors: int, num_c
     return ray.get([h.pid.remote() for h in model_actors(make_extractor, prepare, actors=actors, num_cpus=num_cpus, keep=True)])
 
 
-def _chunks(shards: list[Path], batch_size: int, with_boxes: bool, tail_rows: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of `batch_size` rows as Ray Data hands them to `_Decode`: path, id, image (bytes), bbox.
-    The last `tail_rows` rows go in chunks a quarter that size, so the actors finish together (a
-    whole chunk queued on one actor while another has nothing left idled that one for a chunk's time)."""
-    import pyarrow.parquet as pq
+def rows_batch(path: str, t, with_boxes: bool) -> dict[str, np.ndarray]:
+    """Rows of an image shard (a pyarrow table of id, image and, `with_boxes`, bbox) as Ray Data hands
+    them to `_Decode`: path, id, image (bytes), bbox."""
+    batch = {"path": np.array([path] * t.num_rows, dtype=object), "id": t.column("id").to_numpy().astype(np.int64),
+             "image": _objects(t.column("image").to_pylist())}
+    if with_boxes:
+        batch["bbox"] = _objects(t.column("bbox").to_pylist())
+    return batch
 
-    cols = ["id", "image"] + (["bbox"] if with_boxes else [])
-    left = sum(pq.read_metadata(p).num_rows for p in shards)
-    for p in shards:
-        t = pq.read_table(p, columns=cols)
-        ids, images = t.column("id").to_numpy().astype(np.int64), t.column("image").to_pylist()
-        boxes = t.column("bbox").to_pylist() if with_boxes else None
+
+def _objects(values: list) -> np.ndarray:
+    """A 1-d object array of `values`, even when they are sequences of one length (boxes)."""
+    return np.array(values + [None], dtype=object)[:-1]
+
+
+def _row_ranges(shards: list[Path], rows: list[int], batch_size: int, tail_rows: int = 0) -> Iterator[tuple[str, int, int]]:
+    """(shard path, start, stop): `batch_size` rows at a time, in shard order (`rows`: each shard's
+    row count). The last `tail_rows` rows go in ranges a quarter that size, so the actors finish
+    together (a whole chunk queued on one actor while another has nothing left idled that one for a
+    chunk's time)."""
+    left = sum(rows)
+    for p, n in zip(shards, rows):
         i = 0
-        while i < len(ids):
-            j = min(i + (batch_size if left > tail_rows else max(1, batch_size // 4)), len(ids))
-            batch = {"path": np.array([str(p)] * (j - i), dtype=object), "id": ids[i:j],
-                     "image": np.array(images[i:j] + [None], dtype=object)[:-1]}
-            if boxes is not None:
-                batch["bbox"] = np.array(boxes[i:j] + [None], dtype=object)[:-1]
+        while i < n:
+            j = min(i + (batch_size if left > tail_rows else max(1, batch_size // 4)), n)
             left -= j - i
+            yield str(p), i, j
             i = j
-            yield batch
+
+
+def _result(ref, path: str) -> dict[str, np.ndarray]:
+    """A chunk's result; a shard its actor could not read is one clear error (ClusterError)."""
+    import ray
+
+    from .errors import ClusterError
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, OSError):
+            raise ClusterError(f"ray_actors extract: a model actor cannot read {path}: {e.cause}; the actors read the image shards "
+                               "themselves, so every node must see the run's folder (shared storage)") from None
+        raise
 
 
 def extract_shards_actors(
@@ -205,20 +239,20 @@ def extract_shards_actors(
         return
     handles = model_actors(make_extractor, prepare, actors=actors, num_cpus=num_cpus, keep=keep)
     out = ShardAssembler(expected, by_name, progress)
-    todo = _chunks([by_name[n] for n in expected], batch_size, with_boxes, tail_rows=len(handles) * IN_FLIGHT * batch_size)
-    owner: dict[Any, Any] = {}  # chunk result ref -> the actor working on it
+    todo = _row_ranges([by_name[n] for n in expected], list(expected.values()), batch_size, tail_rows=len(handles) * IN_FLIGHT * batch_size)
+    owner: dict[Any, tuple[Any, str]] = {}  # chunk result ref -> (the actor working on it, its shard)
     before = [h.forward_clock.remote() for h in handles]  # an actor runs its calls in order: read before its first chunk
     try:
         for h in handles:
-            for batch in [b for _, b in zip(range(IN_FLIGHT), todo)]:
-                owner[h.run.remote(batch)] = h
+            for rng in [r for _, r in zip(range(IN_FLIGHT), todo)]:
+                owner[h.run_rows.remote(*rng, with_boxes)] = (h, rng[0])
         while owner:
             [ref], _ = ray.wait(list(owner), num_returns=1)
-            h = owner.pop(ref)
+            h, path = owner.pop(ref)
             nxt = next(todo, None)
             if nxt is not None:
-                owner[h.run.remote(nxt)] = h
-            yield from out.add_batch(ray.get(ref))
+                owner[h.run_rows.remote(*nxt, with_boxes)] = (h, nxt[0])
+            yield from out.add_batch(_result(ref, path))
         out.check_complete()
         if clocks is not None:
             clocks += zip(ray.get(before), ray.get([h.forward_clock.remote() for h in handles]))

@@ -78,6 +78,43 @@ def test_actors_that_do_not_fit_the_cluster_are_refused_with_the_settings_named(
         _extract(ingested, tmp_path, "big", actors=3, actor_num_cpus=1.0)
 
 
+@pytest.mark.timeout(300)
+def test_the_actors_read_their_rows_and_a_shard_they_cannot_read_is_one_clear_error(ray_session, ingested, tmp_path):
+    """The driver deals row ranges; the actors read the shards. A shard gone before its actor reads it
+    (a node that does not see the run's folder) is a ClusterError naming it, not a task traceback."""
+    from cluster.errors import ClusterError
+    from pipelines.shards import list_shards
+
+    run = tmp_path / "gone"
+    shutil.copytree(Path(ingested.out) / "images", run / "images")
+    last = list_shards(run / "images")[-1]
+    assert len(list_shards(run / "images")) >= 2
+
+    def progress(n):  # the first results are in: the last shard has not been read yet (one row per chunk)
+        last.unlink(missing_ok=True)
+
+    from pipelines.extract import decoder, default_extractor
+    from cluster.extract_actors import extract_shards_actors
+
+    ecfg = dataclasses.replace(ingested.extract, batch_size=1)
+    with pytest.raises(ClusterError, match=rf"a model actor cannot read .*{last.name}: .*every node must see the run's folder"):
+        for _ in extract_shards_actors(list_shards(run / "images"), default_extractor(ecfg), prepare=decoder(ecfg), actors=1,
+                                       num_cpus=0.5, batch_size=1, progress=progress):
+            pass
+
+
+def test_row_ranges_cover_every_row_once_and_end_in_quarter_chunks():
+    from cluster.extract_actors import _row_ranges
+
+    got = list(_row_ranges([Path("a"), Path("b")], [10, 7], 4, tail_rows=6))
+    # whole chunks while more than tail_rows rows are left, then quarter chunks (and no range across shards)
+    assert [(p, j - i) for p, i, j in got] == [("a", 4), ("a", 4), ("a", 2), ("b", 4), ("b", 1), ("b", 1), ("b", 1)]
+    assert [(i, j) for p, i, j in got if p == "a"][:2] == [(0, 4), (4, 8)]
+    for name, n in (("a", 10), ("b", 7)):
+        rs = [(i, j) for p, i, j in got if p == name]
+        assert rs[0][0] == 0 and rs[-1][1] == n and all(a[1] == b[0] for a, b in zip(rs, rs[1:]))
+
+
 def test_equal_extractors_loaded_apart_share_a_pool_key(tmp_path):
     """The experiment warms the actors from its configuration and each stage loads the written copy:
     their pickles differ (pickle shares equal strings by identity), their pool keys must not."""
