@@ -159,14 +159,12 @@ class DescriptorExtractor:
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(1, 3, H, W) normalised RGB (any device, any layout) -> the backbone's (1, C, h, w) maps on
         the extractor's device, in the ordinary contiguous layout."""
-        t = time.thread_time()
-        out = self.model.features(x.to(self.device).contiguous(memory_format=self.layout)).contiguous()
-        self._forward_cpu_s += time.thread_time() - t
-        return out
+        return self.model.features(x.to(self.device).contiguous(memory_format=self.layout)).contiguous()
 
     def forward_clock(self) -> tuple[float, int] | None:
-        """(CPU seconds spent in the backbone's forward passes, images embedded) since this extractor
-        was built: the model's own rate in the middle of an extraction, which the machine's drift
+        """(CPU seconds spent in the forward passes and the global pooling, as `raw_forward_rate` times
+        them, images embedded) since this extractor was built: the model's own rate in the middle of
+        an extraction, which the machine's drift
         slows exactly as it slows the extraction around it (a process that other work preempts
         keeps its CPU time). None where that CPU time is not the forward pass's cost: on a GPU
         (kernels run asynchronously) or with torch on several threads (the calling thread's clock
@@ -203,19 +201,19 @@ class DescriptorExtractor:
             for si, s in enumerate(self.cfg.scales):
                 x = torch.from_numpy(to_input(im, max_side=max(8, round(self.cfg.max_side * s)),
                                               mean=self.model.input_mean, std=self.model.input_std))[None]
+                t = time.thread_time()  # the forward pass and the global vector's pooling: `forward_clock`
                 fmap = self.features(x)
-                if self.cfg.regions and si == 0:
-                    if self._egm_once:  # the FS.EGM vector is the sum of these very regions: one EGM fit serves both
-                        vecs, regs, wts = egm_regional(fmap, fs_map(fmap), weights=True)
-                        vs.append(l2n(sum_regions(vecs, wts, weighting=self.cfg.egm_weighting))[0])
-                        r, b = region_boxes_of(fmap, vecs[0], regs[0], geom)
-                    else:
-                        vs.append(l2n(self.pool(fmap))[0])
-                        r, b = regional(fmap, geom, kind=self.cfg.region_kind)
-                    regions.append(r)
-                    region_boxes.append(b)
+                egm = self.cfg.regions and si == 0 and self._egm_once
+                if egm:  # the FS.EGM vector is the sum of these very regions: one EGM fit serves both
+                    vecs, regs, wts = egm_regional(fmap, fs_map(fmap), weights=True)
+                    vs.append(l2n(sum_regions(vecs, wts, weighting=self.cfg.egm_weighting))[0])
                 else:
                     vs.append(l2n(self.pool(fmap))[0])
+                self._forward_cpu_s += time.thread_time() - t
+                if self.cfg.regions and si == 0:
+                    r, b = region_boxes_of(fmap, vecs[0], regs[0], geom) if egm else regional(fmap, geom, kind=self.cfg.region_kind)
+                    regions.append(r)
+                    region_boxes.append(b)
             out[i] = combine_scales(torch.stack(vs), p=self.cfg.scale_p).cpu().numpy()
         self._forward_images += len(pixels)
         res = {"vector": out}
