@@ -6,12 +6,13 @@ a 1,000-image level: BENCHMARKS.md). This engine (`[extract] engine = "ray_actor
 decode + model step (`ray_extract._Decode` then `_EmbedActor`, fused as Ray Data fuses them) in
 named actors of the namespace `NAMESPACE`: the driver deals row ranges of the image shards,
 `batch_size` rows each, to the actors (two in flight per actor, so none waits for the next), each
-actor reads its rows from the shard file itself, and the driver assembles each shard whole. No image
-crosses the driver or the object store (every node must see the run's folder, as Ray Data's read
-tasks must): shipping each chunk's bytes through them cost the pipeline ~1% of its rate here on two
-cores (BENCHMARKS.md), and on a cluster it would pass every image through the driver's node. With `keep = True` the actors are detached: they stay in the cluster,
-idle, and the next extraction with the same extractor (a canonical form of its constructor: `pool_key`) reuses
-them; an extraction with another extractor replaces them. On the embedded Ray they end with the
+actor reads its rows from the shard file itself, and the driver assembles each shard whole. No
+image crosses the driver or the object store (every node must see the run's folder, as Ray Data's
+read tasks must): shipping each chunk's bytes through them cost the pipeline ~1% of its rate here
+on two cores (BENCHMARKS.md), and on a cluster it would pass every image through the driver's
+node. With `keep = True` the actors are detached: they stay in the cluster, idle, and the next
+extraction with the same extractor (a canonical form of its constructor: `pool_key`) reuses them;
+an extraction with another extractor replaces them. On the embedded Ray they end with the
 stage's process either way; `retrieval experiment` runs every level's stages on one Ray of its
 own, so its levels share one warm pool (and it ends with the experiment).
 

@@ -44,9 +44,9 @@ def feature_params(cfg: ExtractConfig) -> str:
 def local_engine(shards: list[Path], make_extractor: Callable, *, with_boxes: bool, progress, cfg: ExtractConfig,
                  clocks: list) -> Iterator[ShardResult]:
     """In-process reference engine: one extractor, shards in order. Yields (shard, ids, vectors,
-    extra) where extra may hold "regions"/"region_boxes" and "rejects" [(id, reason)]. Every engine
-    appends to `clocks`, when all is done, each extractor's (before, after) `forward_clock()`
-    readings where it can read them (`model_rate`)."""
+    extra) where extra may hold "regions"/"region_boxes" and "rejects" [(id, reason)]. When all is
+    done an engine appends to `clocks` each of its extractors' (before, after) `forward_clock()`
+    readings, where it can read them (`model_rate`; Ray Data's anonymous actors cannot)."""
     from .decode import prepare
 
     extractor = make_extractor()

@@ -10,8 +10,8 @@ the warm model actors, `ray_actors`, whose first run starts them and whose later
 the in-process engine once for reference), each reported end to end and from its first descriptors
 on (the steady rate, without the one-time start of the actors and of Ray Data's tasks). Ratios are
 against the mean of the raw rate measured before and after the runs, and (`ratio_to_model`) against
-the rate of the model's forward passes during the same run, read from the warm actors' clocks. Also decoding's rate on one
-CPU (what a decode task does), which sizes the CPUs a GPU needs.
+the rate of the model's forward passes during the same run, read from the warm actors' clocks.
+Also decoding's rate on one CPU (what a decode task does), which sizes the CPUs a GPU needs.
 """
 from __future__ import annotations
 
