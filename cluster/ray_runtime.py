@@ -127,7 +127,6 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> None:
             if auth_token() and "RAY_AUTH_MODE" not in os.environ:
                 _token_auth_on()
         ray.init(address=address, **kwargs)
-        ray.put(None)  # Ray builds its serialization context on first use (0.08-0.14 s of imports here): now, not in a stage's first task
     else:
         log.info("ray: starting embedded local Ray")
         ensure_auth_token()
@@ -136,6 +135,7 @@ def init_ray(address: str = "", *, num_cpus: int | None = None) -> None:
         loopback_node()
         os.environ.update(serve_node_env())
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    ray.put(None)  # Ray builds its serialization context on first use (0.08-0.14 s of imports here): now, not in a stage's first task
 
 
 def require_ray(what: str) -> None:

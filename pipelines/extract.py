@@ -100,7 +100,7 @@ def model_rate(clocks: list) -> float | None:
         if n < 0 or sec < 0:
             return None
         rate += n / sec if n and sec > 0 else 0.0
-    return rate if clocks and rate > 0 else None
+    return rate if rate > 0 else None
 
 
 def default_extractor(cfg: ExtractConfig) -> Callable[[], DescriptorExtractor]:

@@ -203,14 +203,15 @@ class DescriptorExtractor:
                                               mean=self.model.input_mean, std=self.model.input_std))[None]
                 t = time.thread_time()  # the forward pass and the global vector's pooling: `forward_clock`
                 fmap = self.features(x)
-                egm = self.cfg.regions and si == 0 and self._egm_once
+                regional_here = self.cfg.regions and si == 0
+                egm = regional_here and self._egm_once
                 if egm:  # the FS.EGM vector is the sum of these very regions: one EGM fit serves both
                     vecs, regs, wts = egm_regional(fmap, fs_map(fmap), weights=True)
                     vs.append(l2n(sum_regions(vecs, wts, weighting=self.cfg.egm_weighting))[0])
                 else:
                     vs.append(l2n(self.pool(fmap))[0])
                 self._forward_cpu_s += time.thread_time() - t
-                if self.cfg.regions and si == 0:
+                if regional_here:
                     r, b = region_boxes_of(fmap, vecs[0], regs[0], geom) if egm else regional(fmap, geom, kind=self.cfg.region_kind)
                     regions.append(r)
                     region_boxes.append(b)
