@@ -35,3 +35,29 @@ def test_loading_descriptors_does_not_import_pandas(tmp_path):
             "assert 'pandas' not in sys.modules, 'pandas imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_float_columns_are_written_without_dictionary_encoding(tmp_path):
+    """Descriptor vectors and regional vectors are written plain (a dictionary of 10^5 distinct floats
+    costs 9x the write's CPU and makes the file larger); the other columns keep Parquet's dictionary;
+    the values read back are the same bits."""
+    import pyarrow.parquet as pq
+
+    from pipelines.descriptors import load_descriptors, write_descriptors
+    from pipelines.shards import shard_done
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(64, 96)).astype(np.float32)
+    regs = [rng.normal(size=(k, 96)).astype(np.float32) for k in rng.integers(0, 4, 64)]
+    boxes = [rng.uniform(0, 99, size=(len(r), 4)).astype(np.float32) for r in regs]
+    path = tmp_path / "d" / "part-00000.parquet"
+    write_descriptors(path, np.arange(64), [f"k{i % 5}" for i in range(64)], X, params="p", regions={"regions": regs, "region_boxes": boxes})
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    dictionary = {meta.column(i).path_in_schema: meta.column(i).has_dictionary_page for i in range(meta.num_columns)}
+    assert dictionary["key"] and dictionary["id"]
+    floats = [c for c in dictionary if c not in ("id", "key")]
+    assert len(floats) >= 3 and not any(dictionary[c] for c in floats), dictionary
+    assert shard_done(path, params="p")
+    ids, keys, back = load_descriptors(path.parent)
+    assert ids.tolist() == list(range(64)) and keys[:6] == ["k0", "k1", "k2", "k3", "k4", "k0"]
+    assert back.tobytes() == X.tobytes()
