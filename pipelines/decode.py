@@ -19,7 +19,10 @@ from .config import ExtractConfig
 def open_rgb(data: bytes, bbox: Sequence[float] | None = None) -> Image.Image:
     """Encoded bytes -> RGB PIL image, cropped to bbox (x0, y0, x1, y1) when given."""
     with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB")
+        if im.mode == "RGB":  # decoded as it is (convert would return a copy)
+            im.load()
+        else:
+            im = im.convert("RGB")
     if bbox is not None:
         x0, y0, x1, y1 = (int(round(v)) for v in bbox)
         x0, y0 = max(x0, 0), max(y0, 0)
@@ -28,13 +31,15 @@ def open_rgb(data: bytes, bbox: Sequence[float] | None = None) -> Image.Image:
     return im
 
 
-def to_input(im: Image.Image, *, max_side: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """RGB image resized (aspect kept) so its longer side is max_side -> (3, H, W) float32, normalised
-    by the backbone's per-channel `mean` and `std` (of pixels in [0, 1])."""
-    s = max_side / max(im.size)
-    size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
-    if size != im.size:
-        im = im.resize(size, Image.BILINEAR)
+def to_input(im: Image.Image | np.ndarray, *, max_side: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """RGB image (PIL, or (H, W, 3) uint8 pixels as `prepare` gives them) resized (aspect kept) so its
+    longer side is max_side -> (3, H, W) float32, normalised by the backbone's per-channel `mean` and
+    `std` (of pixels in [0, 1]). Pixels already at that size go to the arithmetic as they are."""
+    w, h = (im.shape[1], im.shape[0]) if isinstance(im, np.ndarray) else im.size
+    s = max_side / max(w, h)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    if size != (w, h):
+        im = (Image.fromarray(im) if isinstance(im, np.ndarray) else im).resize(size, Image.BILINEAR)
     # channels first before the arithmetic, in place: each channel is one contiguous plane (broadcasting
     # over a last axis of 3 took twice as long); the same operations, so the same bits
     a = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32, order="C")
@@ -53,4 +58,5 @@ def prepare(data: bytes, bbox: Sequence[float] | None, cfg: ExtractConfig) -> tu
     s = side / max(im.size)
     size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
     ox, oy = (max(0.0, float(bbox[0])), max(0.0, float(bbox[1]))) if bbox is not None else (0.0, 0.0)
-    return np.asarray(im.resize(size, Image.BILINEAR), dtype=np.uint8), np.array([im.width, im.height, ox, oy], np.float32)
+    out = im.resize(size, Image.BILINEAR) if size != im.size else im
+    return np.asarray(out, dtype=np.uint8), np.array([im.width, im.height, ox, oy], np.float32)

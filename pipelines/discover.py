@@ -129,13 +129,10 @@ class ObjectSaliencyExtractor:
     @torch.no_grad()
     def saliency(self, pixels: Sequence[np.ndarray], ids: Sequence[int] | None = None) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
         """Per image: its feature map (1, C, H, W), FS map (H, W) and OS map (H, W) float64."""
-        from PIL import Image
-
         m = self.base.model
         fmaps, fsmaps, seeds = [], [], []
         for j, px in enumerate(pixels):
-            im = Image.fromarray(np.asarray(px, dtype=np.uint8))
-            x = torch.from_numpy(to_input(im, max_side=self.cfg.max_side, mean=m.input_mean, std=m.input_std))[None]
+            x = torch.from_numpy(to_input(np.asarray(px, dtype=np.uint8), max_side=self.cfg.max_side, mean=m.input_mean, std=m.input_std))[None]
             fmap = self.base.features(x)
             fmaps.append(fmap)
             fsmaps.append(fs_map(fmap))

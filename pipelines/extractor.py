@@ -7,7 +7,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from retrieval.backbones import fold_batchnorm
 from retrieval.pooling import egm_regional, l2n, make_pooling, rmac_regional, sum_regions
@@ -196,7 +195,7 @@ class DescriptorExtractor:
         out = np.empty((len(pixels), self.dim), dtype=np.float32)
         regions, region_boxes = [], []
         for i, (px, geom) in enumerate(zip(pixels, geoms)):
-            im = Image.fromarray(np.asarray(px, dtype=np.uint8))
+            im = np.asarray(px, dtype=np.uint8)  # to_input resizes it only for a scale that needs it
             vs = []
             for si, s in enumerate(self.cfg.scales):
                 x = torch.from_numpy(to_input(im, max_side=max(8, round(self.cfg.max_side * s)),

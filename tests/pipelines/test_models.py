@@ -233,3 +233,31 @@ def test_decode_step_does_not_load_torch():
             "print(px.shape, g.tolist(), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, check=True).stdout.decode().strip()
     assert out == "(32, 32, 3) [40.0, 40.0, 10.0, 0.0] False"
+
+
+def test_pixels_go_to_the_model_as_the_pil_image_would():
+    """`to_input` takes `prepare`'s uint8 pixels directly (no round trip through PIL when no resize is
+    needed) and gives the bits the PIL image gives, with and without a resize; `open_rgb` decodes
+    every mode to RGB as `convert("RGB")` does."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.decode import open_rgb, to_input
+
+    rng = np.random.default_rng(3)
+    px = rng.integers(0, 256, size=(168, 224, 3), dtype=np.uint8)
+    kw = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    for side in (224, 160, 300):
+        a, b = to_input(px, max_side=side, **kw), to_input(Image.fromarray(px), max_side=side, **kw)
+        assert a.shape == b.shape and a.tobytes() == b.tobytes()
+    assert to_input(px, max_side=224, **kw).shape == (3, 168, 224)
+    for mode, fmt in (("RGB", "JPEG"), ("L", "JPEG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("P", "PNG")):
+        im = Image.fromarray(px).convert(mode)
+        buf = io.BytesIO()
+        im.save(buf, format=fmt)
+        got = open_rgb(buf.getvalue(), (5, 7, 120, 90))
+        with Image.open(io.BytesIO(buf.getvalue())) as ref:
+            want = ref.convert("RGB").crop((5, 7, 120, 90))
+        assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(want)), mode
