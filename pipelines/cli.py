@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import EXTRACT_ENGINES, RunConfig, absolute_paths, load_config
+from .config import EXTRACT_ENGINES, GRAPH_ENGINES, TRAIN_ENGINES, RunConfig, absolute_paths, load_config
 from .config_toml import config_to_toml
 from .logs import setup_logging
 from .user_errors import is_user_error, one_line
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("run", "extract"):
             sp.add_argument("--engine", choices=list(EXTRACT_ENGINES), help="extraction engine (overrides [extract].engine)")
         elif name == "graph":
-            sp.add_argument("--engine", choices=["ray", "local"], help="graph engine (overrides [graph].engine)")
+            sp.add_argument("--engine", choices=list(GRAPH_ENGINES), help="graph engine (overrides [graph].engine)")
         if name == "query":
             sp.add_argument("--queries", help="batch query job: Parquet file of queries (`key`, optional `vector` or `image`)")
             sp.add_argument("--methods", help="comma-separated methods for the batch job (default: [query].methods)")
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     tr = add("train", help="unsupervised fine-tuning ([train]); resumes from the latest checkpoint")
     tr.add_argument("config", help="TOML run configuration")
     tr.add_argument("--out", help="run directory (overrides `out` in the config)")
-    tr.add_argument("--engine", choices=["ray", "local"], help="training engine (overrides [train].engine)")
+    tr.add_argument("--engine", choices=list(TRAIN_ENGINES), help="training engine (overrides [train].engine)")
     tr.add_argument("--workers", type=int, help="Ray Train workers (overrides [train].num_workers)")
     srv = add("serve", help="query service on Ray Serve over a finished run directory")
     srv.add_argument("run_dir", help="a finished run directory (descriptors, and the graph for diffusion)")

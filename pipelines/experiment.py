@@ -43,7 +43,7 @@ STAGES = ("extract", "graph", "query", "evaluate")
 class DistractorConfig:
     source: str = _path()  # "" = synthetic distractors; else a folder of your own (taken in sorted path order)
     seed: int = 1
-    image_size: int = _min(288, 16)  # synthetic distractors: longer side in pixels
+    image_size: int = _min(288, 16)  # synthetic distractors: the side in pixels each is drawn at (the other 0.75x, 1x or 1.33x it)
     generator: int = GENERATOR  # synthetic distractors: 4, or 2 / 3 (the images of earlier experiments; retrieval.distractor_images.GENERATORS)
 
 
