@@ -50,7 +50,7 @@ def _has_floats(t: pa.DataType) -> bool:
     """Whether a column type holds floating-point values (at any depth of lists/structs). Parquet's
     default dictionary encoding hashes every value and, with as many distinct values as floats have,
     gives up for plain encoding after a page: on a shard of 128 descriptors of 1280 dimensions it took
-    9x the CPU time of a plain write and made the file 1.56x larger (BENCHMARKS.md)."""
+    7-9x the CPU time of a plain write and made the file 1.56x larger (BENCHMARKS.md)."""
     if pa.types.is_floating(t):
         return True
     return any(_has_floats(t.field(i).type) for i in range(t.num_fields))

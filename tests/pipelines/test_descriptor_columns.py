@@ -39,7 +39,7 @@ def test_loading_descriptors_does_not_import_pandas(tmp_path):
 
 def test_float_columns_are_written_without_dictionary_encoding(tmp_path):
     """Descriptor vectors and regional vectors are written plain (a dictionary of 10^5 distinct floats
-    costs 9x the write's CPU and makes the file larger); the other columns keep Parquet's dictionary;
+    costs 7-9x the write's CPU and makes the file larger); the other columns keep Parquet's dictionary;
     the values read back are the same bits."""
     import pyarrow.parquet as pq
 
