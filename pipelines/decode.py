@@ -31,13 +31,18 @@ def open_rgb(data: bytes, bbox: Sequence[float] | None = None) -> Image.Image:
     return im
 
 
+def fit(w: int, h: int, side: int) -> tuple[int, int]:
+    """(width, height) of a w x h image scaled, aspect kept, so that its longer side is `side`."""
+    s = side / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
 def to_input(im: Image.Image | np.ndarray, *, max_side: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """RGB image (PIL, or (H, W, 3) uint8 pixels as `prepare` gives them) resized (aspect kept) so its
     longer side is max_side -> (3, H, W) float32, normalised by the backbone's per-channel `mean` and
     `std` (of pixels in [0, 1]). Pixels already at that size go to the arithmetic as they are."""
     w, h = (im.shape[1], im.shape[0]) if isinstance(im, np.ndarray) else im.size
-    s = max_side / max(w, h)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
+    size = fit(w, h, max_side)
     if size != (w, h):
         im = (Image.fromarray(im) if isinstance(im, np.ndarray) else im).resize(size, Image.BILINEAR)
     # channels first before the arithmetic, in place: each channel is one contiguous plane (broadcasting
@@ -55,8 +60,7 @@ def prepare(data: bytes, bbox: Sequence[float] | None, cfg: ExtractConfig) -> tu
     the original image."""
     im = open_rgb(data, bbox)
     side = max(8, round(cfg.max_side * max(cfg.scales)))
-    s = side / max(im.size)
-    size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
+    size = fit(im.width, im.height, side)
     ox, oy = (max(0.0, float(bbox[0])), max(0.0, float(bbox[1]))) if bbox is not None else (0.0, 0.0)
     out = im.resize(size, Image.BILINEAR) if size != im.size else im
     return np.asarray(out, dtype=np.uint8), np.array([im.width, im.height, ox, oy], np.float32)
