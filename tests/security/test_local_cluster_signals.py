@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.listeners import listeners, process_tree
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -43,38 +45,6 @@ def _processes() -> dict[int, tuple[int, int]]:
 
 def _in_groups(pgids: set[int]) -> list[int]:
     return [pid for pid, (_, pgid) in _processes().items() if pgid in pgids]
-
-
-def _family(root: int) -> set[int]:
-    """`root` and every live process descending from it."""
-    procs, out = _processes(), {root}
-    while True:
-        more = {pid for pid, (ppid, _) in procs.items() if ppid in out} - out
-        if not more:
-            return out
-        out |= more
-
-
-def _listeners(port: int) -> set[int]:
-    """Processes with a TCP socket listening on `port` (from /proc/net/tcp, tcp6 and each process's fds)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            f = row.split()
-            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # local address's port; state LISTEN
-                inodes.add(f"socket:[{f[9]}]")
-    pids = set()
-    for pid in _processes() if inodes else ():
-        try:
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
-                pids.add(pid)
-        except OSError:
-            pass
-    return pids
 
 
 def _accepts(port: int) -> bool:
@@ -108,8 +78,8 @@ def test_a_termination_signal_stops_every_node(sig):
         # the nodes: `ray start` processes started by the cluster program, each leading its own process group
         pgids = {pid for pid, (ppid, pgid) in _processes().items() if ppid == p.pid and pgid == pid}
         assert pgids and len(_in_groups(pgids)) > len(pgids)  # the head's raylet, GCS, ... run in its group
-        ours = _family(p.pid) | set(_in_groups(pgids))
-        assert _listeners(port) & ours  # the head's GCS
+        ours = process_tree([p.pid]) | set(_in_groups(pgids))
+        assert [s for s in listeners(ours) if s.port == port]  # the head's GCS
 
         p.send_signal(sig)
         p.wait(timeout=120)
@@ -119,8 +89,8 @@ def test_a_termination_signal_stops_every_node(sig):
         assert not _in_groups(pgids), [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in _in_groups(pgids)]
         # the freed port is in the ephemeral range: another process (a worker of this test session's own
         # Ray) may have been given it since, so the check is that none of the cluster's processes listens
-        listeners = _listeners(port) if _accepts(port) else set()
-        assert not listeners & ours, [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in listeners]
+        held = [s for s in listeners(ours) if s.port == port]
+        assert not held, held
         assert p.returncode == 128 + sig
     finally:
         for pg in pgids | ({p.pid} if p.poll() is None else set()):  # what this test started, if the check failed
